@@ -1,0 +1,59 @@
+"""The fixed-size record that the hot path writes and the drainer reads.
+
+Both backends produce exactly this layout: the C ring copies its slots into an array of
+``RECORD_DTYPE`` and the pure-Python ring builds one from tuples, so everything downstream of the
+ring sees the same numpy structured array. ``ringbuf.c`` static-asserts the same size and offsets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Extra counter slots per record. Their meaning is given by the active counter set
+#: (see ``inferscope.counters``); unused slots hold 0.
+COUNTER_SLOTS = 4
+
+RECORD_DTYPE = np.dtype(
+    [
+        ("key", "<u4"),  # interned key: model/version/stage path (see _keys.py)
+        ("error", "<u2"),  # interned error.type; 0 = the call succeeded
+        ("flags", "<u2"),  # FLAG_* bits
+        ("start_ns", "<i8"),  # CLOCK_MONOTONIC at entry
+        ("wall_ns", "<i8"),  # wall-clock duration
+        ("cpu_ns", "<i8"),  # thread CPU time spent, or CPU_NOT_MEASURED
+        ("counters", "<i8", (COUNTER_SLOTS,)),
+    ]
+)
+assert RECORD_DTYPE.itemsize == 56
+
+#: The generator or async generator was closed (or collected) before it was exhausted.
+FLAG_ABANDONED = 1
+
+#: ``cpu_ns`` when the active counter set does not read the thread CPU clock.
+CPU_NOT_MEASURED = -1
+
+#: Key 0 is the root for stages entered outside any tracked inference.
+NO_MODEL_KEY = 0
+#: Key 1 collects everything interned past the key cap.
+OVERFLOW_KEY = 1
+
+#: Error id 0 means "no error"; id 1 collects error types past the error-type cap.
+NO_ERROR = 0
+OTHER_ERROR = 1
+
+#: Counter bit: read the thread CPU clock around every inference and stage.
+COUNTER_THREAD_CPU = 1
+
+#: Why a record was dropped instead of aggregated; exported as the ``reason`` attribute of
+#: ``inferscope.sdk.records.dropped``.
+DROP_RING_FULL = "ring_full"
+DROP_STACK_DEPTH = "stack_depth"
+
+#: Stages deeper than this (per inference, per context) are not recorded and are counted as
+#: ``stack_depth`` drops.
+MAX_STACK_DEPTH = 32
+
+
+def empty_records(count: int) -> np.ndarray:
+    """A zeroed record array, the buffer that ``Ring.drain`` fills."""
+    return np.zeros(count, dtype=RECORD_DTYPE)
