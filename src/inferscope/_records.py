@@ -24,7 +24,7 @@ RECORD_DTYPE = np.dtype(
         ("counters", "<i8", (COUNTER_SLOTS,)),
     ]
 )
-assert RECORD_DTYPE.itemsize == 56
+assert RECORD_DTYPE.itemsize == 64
 
 #: The generator or async generator was closed (or collected) before it was exhausted.
 FLAG_ABANDONED = 1

@@ -1,0 +1,25 @@
+"""The C backend. Importing this package fails when the extension was not built."""
+
+from ._ringbuf import (
+    MAX_STACK_DEPTH,
+    RECORD_SIZE,
+    Frame,
+    Ring,
+    Runtime,
+    Stage,
+    Tracked,
+    monotonic_ns,
+    thread_cpu_ns,
+)
+
+__all__ = [
+    "MAX_STACK_DEPTH",
+    "RECORD_SIZE",
+    "Frame",
+    "Ring",
+    "Runtime",
+    "Stage",
+    "Tracked",
+    "monotonic_ns",
+    "thread_cpu_ns",
+]

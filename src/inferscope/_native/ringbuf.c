@@ -1,0 +1,1357 @@
+/* inferscope's hot path in C.
+ *
+ *   Ring      the record ring (ringcore.h) as a Python object, with drain() into a numpy buffer
+ *   Runtime   the clocks, the ring, the counter set and the per-context frames
+ *   Tracked   a sync callable wrapper for @track_inference (vectorcall, method descriptor)
+ *   Stage     `with stage("x")`: one shared object per name; its state lives in the frame
+ *
+ * The hot path (Tracked.__call__, Stage.__enter__/__exit__) reads clocks, pushes onto a fixed
+ * stack in the current frame, and pushes one fixed-size record into the ring. It never takes a
+ * lock, never formats a string, never calls OTel, and never raises into user code: internal
+ * failures are counted in Runtime.internal_errors. Python objects are only touched with the GIL
+ * held; the ring itself does not rely on the GIL (see ringcore.h).
+ *
+ * Frames. A frame is a small stack of open entries, one frame per contextvars.Context, held in a
+ * ContextVar. It is reused for every later inference in that context, so the steady state does no
+ * ContextVar.set. A frame records which Context created it (tstate->context, compared by identity
+ * only, never dereferenced): an asyncio task inherits its parent's frame through the copied
+ * context, sees that it does not own it, and starts its own frame rooted at the parent's innermost
+ * key. See docs/architecture.md.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <time.h>
+
+#include "ringcore.h"
+
+#define MAX_STACK_DEPTH 32
+#define COUNTER_THREAD_CPU 1
+#define NO_MODEL_KEY 0
+#define STAGE_CACHE_LIMIT 10000
+#define FLAG_ABANDONED 1
+
+static inline int64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline int64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Ring                                                                                       */
+
+typedef struct {
+    PyObject_HEAD
+    inferscope_ring *core; /* separately allocated so its 64-byte alignment holds */
+} RingObject;
+
+static PyTypeObject Ring_Type;
+
+static int Ring_init(RingObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"capacity", NULL};
+    Py_ssize_t capacity;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:Ring", kwlist, &capacity)) {
+        return -1;
+    }
+    if (capacity < 2 || capacity > (1LL << 26) || (capacity & (capacity - 1)) != 0) {
+        PyErr_Format(PyExc_ValueError, "Ring capacity must be a power of two from 2 to %lld, got %zd",
+                     1LL << 26, capacity);
+        return -1;
+    }
+    if (self->core != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring is already initialised");
+        return -1;
+    }
+    inferscope_ring *core = aligned_alloc(64, sizeof(inferscope_ring));
+    if (core == NULL || !inferscope_ring_init(core, (uint64_t)capacity)) {
+        free(core);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->core = core;
+    return 0;
+}
+
+static void Ring_dealloc(RingObject *self)
+{
+    if (self->core != NULL) {
+        inferscope_ring_free(self->core);
+        free(self->core);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int ring_ready(RingObject *self)
+{
+    if (self->core == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ring was not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *Ring_push(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!ring_ready(self)) {
+        return NULL;
+    }
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "push(key, error, flags, start_ns, wall_ns, cpu_ns) takes 6 arguments");
+        return NULL;
+    }
+    inferscope_record rec = {0};
+    unsigned long key = PyLong_AsUnsignedLong(args[0]);
+    unsigned long error = PyLong_AsUnsignedLong(args[1]);
+    unsigned long flags = PyLong_AsUnsignedLong(args[2]);
+    rec.start_ns = PyLong_AsLongLong(args[3]);
+    rec.wall_ns = PyLong_AsLongLong(args[4]);
+    rec.cpu_ns = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (key > UINT32_MAX || error > UINT16_MAX || flags > UINT16_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "key must fit 32 bits, error and flags 16 bits");
+        return NULL;
+    }
+    rec.key = (uint32_t)key;
+    rec.error = (uint16_t)error;
+    rec.flags = (uint16_t)flags;
+    return PyBool_FromLong(inferscope_ring_push(self->core, &rec));
+}
+
+static PyObject *Ring_drain(RingObject *self, PyObject *out)
+{
+    if (!ring_ready(self)) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(out, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    size_t max = (size_t)view.len / sizeof(inferscope_record);
+    size_t n;
+    /* The copy can be a few MB; let serving threads run meanwhile. The ring needs no GIL. */
+    Py_BEGIN_ALLOW_THREADS
+    n = inferscope_ring_drain(self->core, (inferscope_record *)view.buf, max);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromSize_t(n);
+}
+
+static PyObject *Ring_reset(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!ring_ready(self)) {
+        return NULL;
+    }
+    inferscope_ring_clear(self->core);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t Ring_len(RingObject *self)
+{
+    if (!ring_ready(self)) {
+        return -1;
+    }
+    return (Py_ssize_t)inferscope_ring_len(self->core);
+}
+
+static PyObject *Ring_get_capacity(RingObject *self, void *closure)
+{
+    if (!ring_ready(self)) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(self->core->mask + 1);
+}
+
+static PyObject *Ring_get_dropped(RingObject *self, void *closure)
+{
+    if (!ring_ready(self)) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(atomic_load_explicit(&self->core->dropped, memory_order_relaxed));
+}
+
+static PyMethodDef Ring_methods[] = {
+    {"push", (PyCFunction)(void (*)(void))Ring_push, METH_FASTCALL,
+     "push(key, error, flags, start_ns, wall_ns, cpu_ns) -> bool: queue one record; False if full"},
+    {"drain", (PyCFunction)Ring_drain, METH_O,
+     "drain(out) -> int: move up to len(out) records into a writable RECORD_DTYPE buffer"},
+    {"reset", (PyCFunction)Ring_reset, METH_NOARGS, "reset(): discard every record and zero the drop count"},
+    {NULL}};
+
+static PyGetSetDef Ring_getset[] = {
+    {"capacity", (getter)Ring_get_capacity, NULL, "slots in the ring", NULL},
+    {"dropped", (getter)Ring_get_dropped, NULL, "records dropped because the ring was full", NULL},
+    {NULL}};
+
+static PySequenceMethods Ring_as_sequence = {.sq_length = (lenfunc)Ring_len};
+
+static PyTypeObject Ring_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "inferscope._native.Ring",
+    .tp_basicsize = sizeof(RingObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Ring(capacity): bounded multi-producer ring of fixed-size records.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Ring_init,
+    .tp_dealloc = (destructor)Ring_dealloc,
+    .tp_methods = Ring_methods,
+    .tp_getset = Ring_getset,
+    .tp_as_sequence = &Ring_as_sequence,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Frame                                                                                      */
+
+typedef struct {
+    PyObject *owner; /* borrowed, identity only: the Tracked, Stage or Python owner that pushed it */
+    uint32_t key;
+    int64_t start_ns;
+    int64_t cpu_ns;
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *context; /* identity of the owning contextvars.Context; never dereferenced */
+    uint64_t generation;
+    uint32_t root_key;
+    int depth;
+    int overflow; /* entries that did not fit; their exits are absorbed */
+    Entry stack[MAX_STACK_DEPTH];
+} FrameObject;
+
+static PyTypeObject Frame_Type;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Runtime                                                                                    */
+
+typedef struct {
+    PyObject_HEAD
+    RingObject *ring;
+    PyObject *registry;  /* has stage_key(parent, name) -> int and error_id(type) -> int */
+    PyObject *var;       /* ContextVar holding this runtime's frame */
+    PyObject *stages;    /* name -> Stage */
+    PyObject *decorate;  /* Python callable: decorate(stage, func) for @stage("x") */
+    int counters;
+    int enabled;
+    uint64_t generation; /* bumped at fork: entries opened before it are never recorded */
+    uint64_t epoch;      /* bumped when the registry changes: stage caches are dropped */
+    uint64_t depth_dropped;
+    uint64_t internal_errors;
+} RuntimeObject;
+
+static PyTypeObject Runtime_Type;
+
+static FrameObject *new_frame(RuntimeObject *rt, uint32_t root_key)
+{
+    FrameObject *f = PyObject_New(FrameObject, &Frame_Type);
+    if (f == NULL) {
+        return NULL;
+    }
+    f->context = NULL;
+    f->generation = rt->generation;
+    f->root_key = root_key;
+    f->depth = 0;
+    f->overflow = 0;
+    return f;
+}
+
+static inline uint32_t frame_top_key(FrameObject *f)
+{
+    return f->depth > 0 ? f->stack[f->depth - 1].key : f->root_key;
+}
+
+/* Installs `f` as the frame of the current context. */
+static int install_frame(RuntimeObject *rt, FrameObject *f)
+{
+    PyObject *token = PyContextVar_Set(rt->var, (PyObject *)f);
+    if (token == NULL) {
+        return -1;
+    }
+    Py_DECREF(token);
+    /* Setting a variable makes sure the thread has a current context. */
+    f->context = PyThreadState_Get()->context;
+    return 0;
+}
+
+/* The frame of the current context, as a new reference; creates one on first use. NULL with an
+ * exception set on failure. */
+static FrameObject *current_frame(RuntimeObject *rt)
+{
+    PyObject *value = NULL;
+    if (PyContextVar_Get(rt->var, NULL, &value) < 0) {
+        return NULL;
+    }
+    uint32_t root = NO_MODEL_KEY;
+    if (value != NULL) {
+        FrameObject *f = (FrameObject *)value;
+        if (Py_IS_TYPE(value, &Frame_Type) && f->generation == rt->generation) {
+            if (f->context == PyThreadState_Get()->context) {
+                return f;
+            }
+            /* Inherited through a copied context (an asyncio task, Context.run in a thread). */
+            root = frame_top_key(f);
+        }
+        Py_DECREF(value);
+    }
+    FrameObject *f = new_frame(rt, root);
+    if (f == NULL) {
+        return NULL;
+    }
+    if (install_frame(rt, f) < 0) {
+        Py_DECREF(f);
+        return NULL;
+    }
+    return f;
+}
+
+static void count_internal_error(RuntimeObject *rt)
+{
+    rt->internal_errors++;
+    PyErr_Clear();
+}
+
+static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner, uint32_t key)
+{
+    if (f->depth >= MAX_STACK_DEPTH) {
+        f->overflow++;
+        rt->depth_dropped++;
+        return;
+    }
+    Entry *e = &f->stack[f->depth++];
+    e->owner = owner;
+    e->key = key;
+    e->cpu_ns = (rt->counters & COUNTER_THREAD_CPU) ? thread_cpu_ns() : -1;
+    /* Read last so that our own bookkeeping falls outside the measured window. */
+    e->start_ns = monotonic_ns();
+}
+
+/* Removes the most recent entry pushed by `owner` (normally the top one; not when a generator
+ * yielded inside a stage) and stores it in *out. Returns 0 when there is none to record. */
+static inline int entry_take(FrameObject *f, PyObject *owner, Entry *out)
+{
+    /* Entries that overflowed the stack were pushed last, so they are closed first. */
+    if (f->overflow > 0) {
+        f->overflow--;
+        return 0;
+    }
+    for (int i = f->depth - 1; i >= 0; i--) {
+        if (f->stack[i].owner == owner) {
+            *out = f->stack[i];
+            if (i != f->depth - 1) {
+                memmove(&f->stack[i], &f->stack[i + 1], (size_t)(f->depth - 1 - i) * sizeof(Entry));
+            }
+            f->depth--;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    int64_t end_ns;
+    int64_t cpu_end;
+} EndClocks;
+
+/* Read first on every exit, before any bookkeeping, so that it stays outside the window. */
+static inline EndClocks read_end_clocks(RuntimeObject *rt)
+{
+    EndClocks c;
+    c.end_ns = monotonic_ns();
+    c.cpu_end = (rt->counters & COUNTER_THREAD_CPU) ? thread_cpu_ns() : -1;
+    return c;
+}
+
+static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *owner, EndClocks c, uint16_t error,
+                                uint16_t flags)
+{
+    int64_t end_ns = c.end_ns;
+    int64_t cpu_end = c.cpu_end;
+    Entry e;
+    if (!entry_take(f, owner, &e) || f->generation != rt->generation) {
+        return;
+    }
+    inferscope_record rec = {0};
+    rec.key = e.key;
+    rec.error = error;
+    rec.flags = flags;
+    rec.start_ns = e.start_ns;
+    rec.wall_ns = end_ns - e.start_ns;
+    rec.cpu_ns = (e.cpu_ns >= 0 && cpu_end >= 0) ? cpu_end - e.cpu_ns : -1;
+    inferscope_ring_push(rt->ring->core, &rec);
+}
+
+/* error id for an exception type; must be called with no exception set. Never fails: an
+ * unknown type on a registry failure counts as an internal error and maps to the _OTHER id. */
+static uint16_t error_id_for(RuntimeObject *rt, PyObject *exc_type)
+{
+    if (exc_type == NULL || exc_type == Py_None) {
+        return 0;
+    }
+    PyObject *id = PyObject_CallMethod(rt->registry, "error_id", "O", exc_type);
+    if (id == NULL) {
+        count_internal_error(rt);
+        return 1;
+    }
+    long v = PyLong_AsLong(id);
+    Py_DECREF(id);
+    if (v < 0 || v > UINT16_MAX) {
+        count_internal_error(rt);
+        return 1;
+    }
+    return (uint16_t)v;
+}
+
+/* error id of the exception currently being raised, keeping it raised. */
+static uint16_t pending_error_id(RuntimeObject *rt)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+    uint16_t id = error_id_for(rt, exc ? (PyObject *)Py_TYPE(exc) : NULL);
+    PyErr_SetRaisedException(exc);
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    uint16_t id = error_id_for(rt, type);
+    PyErr_Restore(type, value, tb);
+#endif
+    return id;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tracked: the sync @track_inference wrapper                                                 */
+
+typedef struct {
+    PyObject_HEAD
+    RuntimeObject *runtime;
+    PyObject *func;
+    PyObject *dict;
+    PyObject *weakrefs;
+    vectorcallfunc vectorcall;
+    uint32_t key;
+} TrackedObject;
+
+static PyTypeObject Tracked_Type;
+
+static PyObject *Tracked_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    TrackedObject *self = (TrackedObject *)callable;
+    RuntimeObject *rt = self->runtime;
+    if (!rt->enabled) {
+        return PyObject_Vectorcall(self->func, args, nargsf, kwnames);
+    }
+    FrameObject *f = current_frame(rt);
+    if (f == NULL) {
+        count_internal_error(rt);
+        return PyObject_Vectorcall(self->func, args, nargsf, kwnames);
+    }
+    entry_push(rt, f, callable, self->key);
+    PyObject *result = PyObject_Vectorcall(self->func, args, nargsf, kwnames);
+    EndClocks c = read_end_clocks(rt);
+    entry_record(rt, f, callable, c, result == NULL ? pending_error_id(rt) : 0, 0);
+    Py_DECREF(f);
+    return result;
+}
+
+static PyObject *Tracked_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyErr_SetString(PyExc_TypeError, "use Runtime.track(func, key)");
+    return NULL;
+}
+
+static int Tracked_traverse(TrackedObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->runtime);
+    Py_VISIT(self->func);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int Tracked_clear(TrackedObject *self)
+{
+    Py_CLEAR(self->runtime);
+    Py_CLEAR(self->func);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void Tracked_dealloc(TrackedObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    Tracked_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Tracked_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *Tracked_repr(TrackedObject *self)
+{
+    return PyUnicode_FromFormat("<inferscope tracked %R>", self->func);
+}
+
+/* Pickle by qualified name, as for a plain function (multiprocessing spawn pickles targets). */
+static PyObject *Tracked_reduce(TrackedObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyObject_GetAttrString((PyObject *)self, "__qualname__");
+}
+
+static PyObject *Tracked_get_key(TrackedObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLong(self->key);
+}
+
+static PyMethodDef Tracked_methods[] = {
+    {"__reduce__", (PyCFunction)Tracked_reduce, METH_NOARGS, NULL},
+    {NULL}};
+
+
+static PyGetSetDef Tracked_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {"inferscope_key", (getter)Tracked_get_key, NULL, "the interned key of this inference", NULL},
+    {NULL}};
+
+static PyTypeObject Tracked_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "inferscope._native.Tracked",
+    .tp_basicsize = sizeof(TrackedObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "A function wrapped by @track_inference.",
+    .tp_new = Tracked_new,
+    .tp_dealloc = (destructor)Tracked_dealloc,
+    .tp_traverse = (traverseproc)Tracked_traverse,
+    .tp_clear = (inquiry)Tracked_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TrackedObject, vectorcall),
+    .tp_descr_get = Tracked_descr_get,
+    .tp_dictoffset = offsetof(TrackedObject, dict),
+    .tp_weaklistoffset = offsetof(TrackedObject, weakrefs),
+    .tp_repr = (reprfunc)Tracked_repr,
+    .tp_methods = Tracked_methods,
+    .tp_getset = Tracked_getset,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Stage                                                                                      */
+
+typedef struct {
+    uint32_t parent; /* UINT32_MAX: empty */
+    uint32_t key;
+} CacheSlot;
+
+typedef struct {
+    PyObject_HEAD
+    RuntimeObject *runtime;
+    PyObject *name;
+    PyObject *weakrefs;
+    uint64_t epoch;
+    uint32_t cache_mask;
+    uint32_t cache_used;
+    CacheSlot *cache; /* open addressing: parent key -> this stage's key under that parent */
+} StageObject;
+
+static PyTypeObject Stage_Type;
+
+static void cache_reset(StageObject *s)
+{
+    for (uint32_t i = 0; i <= s->cache_mask; i++) {
+        s->cache[i].parent = UINT32_MAX;
+    }
+    s->cache_used = 0;
+    s->epoch = s->runtime->epoch;
+}
+
+static int cache_insert(StageObject *s, uint32_t parent, uint32_t key)
+{
+    if ((s->cache_used + 1) * 2 > s->cache_mask + 1) {
+        uint32_t old_size = s->cache_mask + 1;
+        CacheSlot *old = s->cache;
+        CacheSlot *grown = PyMem_Malloc(sizeof(CacheSlot) * old_size * 2);
+        if (grown == NULL) {
+            return -1;
+        }
+        s->cache = grown;
+        s->cache_mask = old_size * 2 - 1;
+        for (uint32_t i = 0; i <= s->cache_mask; i++) {
+            s->cache[i].parent = UINT32_MAX;
+        }
+        s->cache_used = 0;
+        for (uint32_t i = 0; i < old_size; i++) {
+            if (old[i].parent != UINT32_MAX) {
+                cache_insert(s, old[i].parent, old[i].key);
+            }
+        }
+        PyMem_Free(old);
+    }
+    uint32_t i = (parent * 2654435761u) & s->cache_mask;
+    while (s->cache[i].parent != UINT32_MAX) {
+        i = (i + 1) & s->cache_mask;
+    }
+    s->cache[i].parent = parent;
+    s->cache[i].key = key;
+    s->cache_used++;
+    return 0;
+}
+
+/* The key of this stage under `parent`; UINT32_MAX with an exception set on failure. */
+static uint32_t stage_key(StageObject *s, uint32_t parent)
+{
+    if (s->epoch != s->runtime->epoch) {
+        cache_reset(s);
+    }
+    uint32_t i = (parent * 2654435761u) & s->cache_mask;
+    while (s->cache[i].parent != UINT32_MAX) {
+        if (s->cache[i].parent == parent) {
+            return s->cache[i].key;
+        }
+        i = (i + 1) & s->cache_mask;
+    }
+    PyObject *key_obj = PyObject_CallMethod(s->runtime->registry, "stage_key", "kO", (unsigned long)parent, s->name);
+    if (key_obj == NULL) {
+        return UINT32_MAX;
+    }
+    unsigned long key = PyLong_AsUnsignedLong(key_obj);
+    Py_DECREF(key_obj);
+    if (PyErr_Occurred()) {
+        return UINT32_MAX;
+    }
+    if (key >= UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "stage key out of range");
+        return UINT32_MAX;
+    }
+    if (cache_insert(s, parent, (uint32_t)key) < 0) {
+        return UINT32_MAX;
+    }
+    return (uint32_t)key;
+}
+
+static PyObject *Stage_enter(StageObject *self, PyObject *Py_UNUSED(ignored))
+{
+    RuntimeObject *rt = self->runtime;
+    if (rt->enabled) {
+        FrameObject *f = current_frame(rt);
+        if (f == NULL) {
+            count_internal_error(rt);
+        }
+        else {
+            uint32_t key = stage_key(self, frame_top_key(f));
+            if (key == UINT32_MAX) {
+                count_internal_error(rt);
+            }
+            else {
+                entry_push(rt, f, (PyObject *)self, key);
+            }
+            Py_DECREF(f);
+        }
+    }
+    return Py_NewRef(self);
+}
+
+static PyObject *Stage_exit(StageObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    RuntimeObject *rt = self->runtime;
+    if (rt->enabled) {
+        EndClocks c = read_end_clocks(rt);
+        FrameObject *f = current_frame(rt);
+        if (f == NULL) {
+            count_internal_error(rt);
+        }
+        else {
+            PyObject *exc_type = nargs > 0 ? args[0] : Py_None;
+            entry_record(rt, f, (PyObject *)self, c, error_id_for(rt, exc_type), 0);
+            Py_DECREF(f);
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Stage_call(StageObject *self, PyObject *args, PyObject *kwargs)
+{
+    if (self->runtime->decorate == NULL || self->runtime->decorate == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "stage objects are not callable here");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    PyObject *full = PyTuple_New(n + 1);
+    if (full == NULL) {
+        return NULL;
+    }
+    PyTuple_SET_ITEM(full, 0, Py_NewRef(self));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyTuple_SET_ITEM(full, i + 1, Py_NewRef(PyTuple_GET_ITEM(args, i)));
+    }
+    PyObject *result = PyObject_Call(self->runtime->decorate, full, kwargs);
+    Py_DECREF(full);
+    return result;
+}
+
+static int Stage_traverse(StageObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->runtime);
+    return 0;
+}
+
+static int Stage_clear(StageObject *self)
+{
+    Py_CLEAR(self->runtime);
+    return 0;
+}
+
+static void Stage_dealloc(StageObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    Stage_clear(self);
+    Py_CLEAR(self->name);
+    PyMem_Free(self->cache);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Stage_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyErr_SetString(PyExc_TypeError, "use inferscope.stage(name)");
+    return NULL;
+}
+
+static PyObject *Stage_repr(StageObject *self)
+{
+    return PyUnicode_FromFormat("<inferscope stage %R>", self->name);
+}
+
+static PyObject *Stage_get_name(StageObject *self, void *closure)
+{
+    return Py_NewRef(self->name);
+}
+
+static PyMethodDef Stage_methods[] = {
+    {"__enter__", (PyCFunction)Stage_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Stage_exit, METH_FASTCALL, NULL},
+    {NULL}};
+
+static PyGetSetDef Stage_getset[] = {{"name", (getter)Stage_get_name, NULL, "the stage name", NULL}, {NULL}};
+
+static PyTypeObject Stage_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "inferscope._native.Stage",
+    .tp_basicsize = sizeof(StageObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A pipeline stage: a context manager and a decorator. Get one with inferscope.stage(name).",
+    .tp_new = Stage_new,
+    .tp_dealloc = (destructor)Stage_dealloc,
+    .tp_traverse = (traverseproc)Stage_traverse,
+    .tp_clear = (inquiry)Stage_clear,
+    .tp_call = (ternaryfunc)Stage_call,
+    .tp_weaklistoffset = offsetof(StageObject, weakrefs),
+    .tp_repr = (reprfunc)Stage_repr,
+    .tp_methods = Stage_methods,
+    .tp_getset = Stage_getset,
+};
+
+static StageObject *make_stage(RuntimeObject *rt, PyObject *name)
+{
+    StageObject *s = PyObject_GC_New(StageObject, &Stage_Type);
+    if (s == NULL) {
+        return NULL;
+    }
+    s->runtime = (RuntimeObject *)Py_NewRef(rt);
+    s->name = Py_NewRef(name);
+    s->weakrefs = NULL;
+    s->cache_mask = 7;
+    s->cache = PyMem_Malloc(sizeof(CacheSlot) * 8);
+    if (s->cache == NULL) {
+        Py_DECREF(s);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    cache_reset(s);
+    PyObject_GC_Track(s);
+    return s;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Runtime methods                                                                            */
+
+static int Runtime_init(RuntimeObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"ring", "registry", NULL};
+    PyObject *ring, *registry;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O:Runtime", kwlist, &Ring_Type, &ring, &registry)) {
+        return -1;
+    }
+    if (!ring_ready((RingObject *)ring)) {
+        return -1;
+    }
+    Py_XSETREF(self->ring, (RingObject *)Py_NewRef(ring));
+    Py_XSETREF(self->registry, Py_NewRef(registry));
+    if (self->var == NULL) {
+        self->var = PyContextVar_New("inferscope_frame", NULL);
+        if (self->var == NULL) {
+            return -1;
+        }
+    }
+    if (self->stages == NULL) {
+        self->stages = PyDict_New();
+        if (self->stages == NULL) {
+            return -1;
+        }
+    }
+    self->enabled = 1;
+    self->epoch++;
+    return 0;
+}
+
+static int Runtime_traverse(RuntimeObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->ring);
+    Py_VISIT(self->registry);
+    Py_VISIT(self->var);
+    Py_VISIT(self->stages);
+    Py_VISIT(self->decorate);
+    return 0;
+}
+
+static int Runtime_clear(RuntimeObject *self)
+{
+    Py_CLEAR(self->ring);
+    Py_CLEAR(self->registry);
+    Py_CLEAR(self->var);
+    Py_CLEAR(self->stages);
+    Py_CLEAR(self->decorate);
+    return 0;
+}
+
+static void Runtime_dealloc(RuntimeObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Runtime_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int runtime_ready(RuntimeObject *self)
+{
+    if (self->ring == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Runtime was not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *Runtime_track(RuntimeObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "track(func, key) takes 2 arguments");
+        return NULL;
+    }
+    if (!PyCallable_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "track() needs a callable, got %R", args[0]);
+        return NULL;
+    }
+    unsigned long key = PyLong_AsUnsignedLong(args[1]);
+    if (key == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (key >= UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "key must fit 32 bits");
+        return NULL;
+    }
+    TrackedObject *t = PyObject_GC_New(TrackedObject, &Tracked_Type);
+    if (t == NULL) {
+        return NULL;
+    }
+    t->runtime = (RuntimeObject *)Py_NewRef(self);
+    t->func = Py_NewRef(args[0]);
+    t->dict = NULL;
+    t->weakrefs = NULL;
+    t->vectorcall = Tracked_vectorcall;
+    t->key = (uint32_t)key;
+    PyObject_GC_Track(t);
+    return (PyObject *)t;
+}
+
+static PyObject *Runtime_stage(RuntimeObject *self, PyObject *name)
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    /* Fast path: the name was seen before. */
+    PyObject *found = PyDict_GetItemWithError(self->stages, name);
+    if (found != NULL) {
+        return Py_NewRef(found);
+    }
+    if (PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    if (!PyUnicode_Check(name)) {
+        if (PyCallable_Check(name)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "stage() needs a name: write @stage(\"preprocess\"), not @stage "
+                            "(did you forget the brackets and the name?)");
+        }
+        else {
+            PyErr_Format(PyExc_TypeError, "stage name must be a str, got %R", name);
+        }
+        return NULL;
+    }
+    if (PyUnicode_GET_LENGTH(name) == 0) {
+        PyErr_SetString(PyExc_ValueError, "stage name must not be empty, e.g. stage(\"preprocess\")");
+        return NULL;
+    }
+    if (PyUnicode_FindChar(name, '/', 0, PyUnicode_GET_LENGTH(name), 1) >= 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "stage name %R must not contain '/': nest stages instead, the path is built for you",
+                     name);
+        return NULL;
+    }
+    StageObject *s = make_stage(self, name);
+    if (s == NULL) {
+        return NULL;
+    }
+    /* Past the cap, names still work (their keys fold into the overflow key) but are not cached,
+     * so a stage name built from request data cannot grow this dict without bound. */
+    if (PyDict_GET_SIZE(self->stages) < STAGE_CACHE_LIMIT && PyDict_SetItem(self->stages, name, (PyObject *)s) < 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    return (PyObject *)s;
+}
+
+/* enter(owner, key, stash=None): open an entry; then reopen the entries that a previous
+ * exit_segment(owner) stashed (the stages a generator was inside when it yielded). */
+static PyObject *Runtime_enter(RuntimeObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "enter(owner, key, stash=None) takes 2 or 3 arguments");
+        return NULL;
+    }
+    PyObject *stash = nargs == 3 ? args[2] : Py_None;
+    if (stash != Py_None && !PyBytes_Check(stash)) {
+        PyErr_SetString(PyExc_TypeError, "stash must be None or what exit_segment() returned");
+        return NULL;
+    }
+    if (!runtime_ready(self) || !self->enabled) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    unsigned long key = PyLong_AsUnsignedLong(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    FrameObject *f = current_frame(self);
+    if (f == NULL) {
+        count_internal_error(self);
+        Py_RETURN_NONE;
+    }
+    entry_push(self, f, args[0], (uint32_t)key);
+    if (stash != Py_None) {
+        Py_ssize_t n = PyBytes_GET_SIZE(stash) / (Py_ssize_t)sizeof(Entry);
+        const Entry *saved = (const Entry *)PyBytes_AS_STRING(stash);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (f->depth >= MAX_STACK_DEPTH) {
+                f->overflow++;
+                self->depth_dropped++;
+                continue;
+            }
+            f->stack[f->depth++] = saved[i];
+        }
+    }
+    Py_DECREF(f);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Runtime_exit(RuntimeObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "exit(owner, exc_type, flags=0) takes 2 or 3 arguments");
+        return NULL;
+    }
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    long flags = nargs == 3 ? PyLong_AsLong(args[2]) : 0;
+    if (flags == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!self->enabled) {
+        Py_RETURN_NONE;
+    }
+    EndClocks c = read_end_clocks(self);
+    FrameObject *f = current_frame(self);
+    if (f == NULL) {
+        count_internal_error(self);
+        Py_RETURN_NONE;
+    }
+    entry_record(self, f, args[0], c, error_id_for(self, args[1]), (uint16_t)flags);
+    Py_DECREF(f);
+    Py_RETURN_NONE;
+}
+
+/* exit_segment(owner) -> (start_ns, wall_ns, cpu_ns, stash) | None: close owner's most recent entry
+ * without recording it. Entries opened above it (a generator yielding inside a stage) are removed
+ * too and returned as `stash` (bytes, or None when there were none) for enter() to reopen, so the
+ * consumer's own stages between two items never nest under the generator's stages. */
+static PyObject *Runtime_exit_segment(RuntimeObject *self, PyObject *owner)
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    if (!self->enabled) {
+        Py_RETURN_NONE;
+    }
+    int64_t end_ns = monotonic_ns();
+    int64_t cpu_end = (self->counters & COUNTER_THREAD_CPU) ? thread_cpu_ns() : -1;
+    FrameObject *f = current_frame(self);
+    if (f == NULL) {
+        count_internal_error(self);
+        Py_RETURN_NONE;
+    }
+    int i = f->depth - 1;
+    while (i >= 0 && f->stack[i].owner != owner) {
+        i--;
+    }
+    if (i < 0 || f->generation != self->generation) {
+        Py_DECREF(f);
+        Py_RETURN_NONE;
+    }
+    Entry e = f->stack[i];
+    PyObject *stash = Py_None;
+    int above = f->depth - 1 - i;
+    if (above > 0) {
+        stash = PyBytes_FromStringAndSize((const char *)&f->stack[i + 1], (Py_ssize_t)(above * sizeof(Entry)));
+        if (stash == NULL) {
+            count_internal_error(self);
+            stash = Py_None;
+        }
+    }
+    f->depth = i;
+    Py_DECREF(f);
+    long long cpu = (e.cpu_ns >= 0 && cpu_end >= 0) ? cpu_end - e.cpu_ns : -1;
+    PyObject *result = Py_BuildValue("LLLO", (long long)e.start_ns, (long long)(end_ns - e.start_ns), cpu, stash);
+    if (stash != Py_None) {
+        Py_DECREF(stash);
+    }
+    return result;
+}
+
+/* record(key, exc_type, flags, start_ns, wall_ns, cpu_ns): push a finished record. */
+static PyObject *Runtime_record(RuntimeObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "record(key, exc_type, flags, start_ns, wall_ns, cpu_ns) takes 6 arguments");
+        return NULL;
+    }
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    inferscope_record rec = {0};
+    unsigned long key = PyLong_AsUnsignedLong(args[0]);
+    long flags = PyLong_AsLong(args[2]);
+    rec.start_ns = PyLong_AsLongLong(args[3]);
+    rec.wall_ns = PyLong_AsLongLong(args[4]);
+    rec.cpu_ns = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!self->enabled) {
+        Py_RETURN_NONE;
+    }
+    rec.key = (uint32_t)key;
+    rec.flags = (uint16_t)flags;
+    rec.error = error_id_for(self, args[1]);
+    inferscope_ring_push(self->ring->core, &rec);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Runtime_current_key(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    FrameObject *f = current_frame(self);
+    if (f == NULL) {
+        return NULL;
+    }
+    uint32_t key = frame_top_key(f);
+    Py_DECREF(f);
+    return PyLong_FromUnsignedLong(key);
+}
+
+/* use_frame(root_key): start a fresh frame in the current context, rooted at root_key. */
+static PyObject *Runtime_use_frame(RuntimeObject *self, PyObject *root)
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    unsigned long key = PyLong_AsUnsignedLong(root);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    FrameObject *f = new_frame(self, (uint32_t)key);
+    if (f == NULL) {
+        return NULL;
+    }
+    int rc = install_frame(self, f);
+    Py_DECREF(f);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* active_depth() -> int: open entries in the current context's frame (0 when it has none). */
+static PyObject *Runtime_active_depth(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    PyObject *value = NULL;
+    if (PyContextVar_Get(self->var, NULL, &value) < 0) {
+        return NULL;
+    }
+    long depth = 0;
+    if (value != NULL) {
+        FrameObject *f = (FrameObject *)value;
+        if (Py_IS_TYPE(value, &Frame_Type) && f->generation == self->generation &&
+            f->context == PyThreadState_Get()->context) {
+            depth = f->depth + f->overflow;
+        }
+        Py_DECREF(value);
+    }
+    return PyLong_FromLong(depth);
+}
+
+static PyObject *Runtime_after_fork_in_child(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    self->generation++;
+    self->depth_dropped = 0;
+    self->internal_errors = 0;
+    inferscope_ring_clear(self->ring->core);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Runtime_get_ring(RuntimeObject *self, void *closure)
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    return Py_NewRef(self->ring);
+}
+
+static int Runtime_set_ring(RuntimeObject *self, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyObject_TypeCheck(value, &Ring_Type)) {
+        PyErr_SetString(PyExc_TypeError, "ring must be a Ring");
+        return -1;
+    }
+    if (!ring_ready((RingObject *)value)) {
+        return -1;
+    }
+    Py_XSETREF(self->ring, (RingObject *)Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *Runtime_get_registry(RuntimeObject *self, void *closure)
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    return Py_NewRef(self->registry);
+}
+
+static int Runtime_set_registry(RuntimeObject *self, PyObject *value, void *closure)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "cannot delete registry");
+        return -1;
+    }
+    Py_XSETREF(self->registry, Py_NewRef(value));
+    self->epoch++;
+    return 0;
+}
+
+static PyObject *Runtime_get_decorate(RuntimeObject *self, void *closure)
+{
+    return Py_NewRef(self->decorate ? self->decorate : Py_None);
+}
+
+static int Runtime_set_decorate(RuntimeObject *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->decorate, Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *Runtime_get_counters(RuntimeObject *self, void *closure)
+{
+    return PyLong_FromLong(self->counters);
+}
+
+static int Runtime_set_counters(RuntimeObject *self, PyObject *value, void *closure)
+{
+    long v = value ? PyLong_AsLong(value) : -1;
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v < 0 || v > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "counters must be a non-negative bitmask");
+        return -1;
+    }
+    self->counters = (int)v;
+    return 0;
+}
+
+static PyObject *Runtime_get_enabled(RuntimeObject *self, void *closure)
+{
+    return PyBool_FromLong(self->enabled);
+}
+
+static int Runtime_set_enabled(RuntimeObject *self, PyObject *value, void *closure)
+{
+    int v = value ? PyObject_IsTrue(value) : -1;
+    if (v < 0) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "cannot delete enabled");
+        }
+        return -1;
+    }
+    self->enabled = v;
+    return 0;
+}
+
+static PyObject *Runtime_get_depth_dropped(RuntimeObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->depth_dropped);
+}
+
+static PyObject *Runtime_get_internal_errors(RuntimeObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->internal_errors);
+}
+
+static PyMethodDef Runtime_methods[] = {
+    {"track", (PyCFunction)(void (*)(void))Runtime_track, METH_FASTCALL,
+     "track(func, key) -> callable: wrap a sync callable as a tracked inference"},
+    {"stage", (PyCFunction)Runtime_stage, METH_O, "stage(name) -> Stage: the stage called `name`"},
+    {"enter", (PyCFunction)(void (*)(void))Runtime_enter, METH_FASTCALL,
+     "enter(owner, key, stash=None): open an inference entry owned by `owner`"},
+    {"exit", (PyCFunction)(void (*)(void))Runtime_exit, METH_FASTCALL,
+     "exit(owner, exc_type, flags=0): close owner's most recent entry and record it"},
+    {"exit_segment", (PyCFunction)Runtime_exit_segment, METH_O,
+     "exit_segment(owner) -> (start_ns, wall_ns, cpu_ns, stash) | None: close without recording"},
+    {"record", (PyCFunction)(void (*)(void))Runtime_record, METH_FASTCALL,
+     "record(key, exc_type, flags, start_ns, wall_ns, cpu_ns): push a finished record"},
+    {"current_key", (PyCFunction)Runtime_current_key, METH_NOARGS, "the innermost open key in this context"},
+    {"use_frame", (PyCFunction)Runtime_use_frame, METH_O, "use_frame(root_key): start a fresh frame here"},
+    {"active_depth", (PyCFunction)Runtime_active_depth, METH_NOARGS, "open entries in this context"},
+    {"after_fork_in_child", (PyCFunction)Runtime_after_fork_in_child, METH_NOARGS,
+     "forget everything recorded or opened before fork()"},
+    {NULL}};
+
+static PyGetSetDef Runtime_getset[] = {
+    {"ring", (getter)Runtime_get_ring, (setter)Runtime_set_ring, NULL, NULL},
+    {"registry", (getter)Runtime_get_registry, (setter)Runtime_set_registry, NULL, NULL},
+    {"decorate", (getter)Runtime_get_decorate, (setter)Runtime_set_decorate, NULL, NULL},
+    {"counters", (getter)Runtime_get_counters, (setter)Runtime_set_counters, NULL, NULL},
+    {"enabled", (getter)Runtime_get_enabled, (setter)Runtime_set_enabled, NULL, NULL},
+    {"depth_dropped", (getter)Runtime_get_depth_dropped, NULL, NULL, NULL},
+    {"internal_errors", (getter)Runtime_get_internal_errors, NULL, NULL, NULL},
+    {NULL}};
+
+static PyTypeObject Runtime_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "inferscope._native.Runtime",
+    .tp_basicsize = sizeof(RuntimeObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Runtime(ring, registry): the hot-path state shared by every tracked call and stage.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Runtime_init,
+    .tp_dealloc = (destructor)Runtime_dealloc,
+    .tp_traverse = (traverseproc)Runtime_traverse,
+    .tp_clear = (inquiry)Runtime_clear,
+    .tp_methods = Runtime_methods,
+    .tp_getset = Runtime_getset,
+};
+
+static PyTypeObject Frame_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "inferscope._native.Frame",
+    .tp_basicsize = sizeof(FrameObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The open inference and stage entries of one context.",
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Module                                                                                     */
+
+static PyObject *mod_monotonic_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLongLong(monotonic_ns());
+}
+
+static PyObject *mod_thread_cpu_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLongLong(thread_cpu_ns());
+}
+
+static PyMethodDef module_methods[] = {
+    {"monotonic_ns", mod_monotonic_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns: the clock of start_ns"},
+    {"thread_cpu_ns", mod_thread_cpu_ns, METH_NOARGS, "CLOCK_THREAD_CPUTIME_ID in ns"},
+    {NULL}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "inferscope._native._ringbuf",
+    .m_doc = "inferscope's C hot path: ring, runtime, tracked calls and stages.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__ringbuf(void)
+{
+    PyTypeObject *types[] = {&Ring_Type, &Runtime_Type, &Tracked_Type, &Stage_Type, &Frame_Type};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        if (PyType_Ready(types[i]) < 0) {
+            return NULL;
+        }
+    }
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL) {
+        return NULL;
+    }
+    const char *names[] = {"Ring", "Runtime", "Tracked", "Stage", "Frame"};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        if (PyModule_AddObjectRef(m, names[i], (PyObject *)types[i]) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    if (PyModule_AddIntConstant(m, "MAX_STACK_DEPTH", MAX_STACK_DEPTH) < 0 ||
+        PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(inferscope_record)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,153 @@
+/* The record ring: a bounded multi-producer, single-consumer queue in plain C11.
+ *
+ * This header has no Python dependency so that tests/c/ring_stress.c can run it with pthread
+ * producers under ThreadSanitizer. The algorithm is Dmitry Vyukov's bounded queue: every slot
+ * carries a sequence number that says whose turn it is.
+ *
+ *   slot.seq == pos          the slot is free for the producer that claims position `pos`
+ *   slot.seq == pos + 1      the record at `pos` is published and may be read
+ *   slot.seq == pos + size   the consumer has read it; free for the next lap
+ *
+ * Why this is safe without the GIL: a producer owns a slot only after winning the CAS on `tail`,
+ * writes the record with plain stores, and publishes it with a release store of `seq`. The consumer
+ * reads the record only after an acquire load of `seq` shows it published, so the plain record
+ * stores happen-before the plain record loads. The consumer hands the slot back with another
+ * release store, which the next producer's acquire load pairs with. No producer ever waits for
+ * another: a full ring is reported, counted and the record dropped.
+ */
+#ifndef INFERSCOPE_RINGCORE_H
+#define INFERSCOPE_RINGCORE_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INFERSCOPE_COUNTER_SLOTS 4
+
+typedef struct {
+    uint32_t key;
+    uint16_t error;
+    uint16_t flags;
+    int64_t start_ns;
+    int64_t wall_ns;
+    int64_t cpu_ns;
+    int64_t counters[INFERSCOPE_COUNTER_SLOTS];
+} inferscope_record;
+
+/* Must match RECORD_DTYPE in _records.py. */
+_Static_assert(sizeof(inferscope_record) == 64, "record layout changed: update _records.py");
+_Static_assert(offsetof(inferscope_record, start_ns) == 8, "record layout changed: update _records.py");
+_Static_assert(offsetof(inferscope_record, counters) == 32, "record layout changed: update _records.py");
+
+typedef struct {
+    _Atomic uint64_t seq;
+    inferscope_record rec;
+} inferscope_slot;
+
+typedef struct {
+    /* Producers hammer `tail`; the consumer owns `head`. Separate cache lines avoid false sharing. */
+    _Alignas(64) _Atomic uint64_t tail;
+    _Alignas(64) _Atomic uint64_t head;
+    _Atomic int consumer_busy;
+    _Atomic uint64_t dropped;
+    uint64_t mask;
+    inferscope_slot *slots;
+} inferscope_ring;
+
+static inline void inferscope_ring_clear(inferscope_ring *r)
+{
+    for (uint64_t i = 0; i <= r->mask; i++) {
+        atomic_store_explicit(&r->slots[i].seq, i, memory_order_relaxed);
+    }
+    atomic_store_explicit(&r->tail, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->head, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->dropped, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->consumer_busy, 0, memory_order_release);
+}
+
+/* capacity must be a power of two >= 2. Returns 0 on allocation failure. */
+static inline int inferscope_ring_init(inferscope_ring *r, uint64_t capacity)
+{
+    r->slots = aligned_alloc(64, capacity * sizeof(inferscope_slot));
+    if (r->slots == NULL) {
+        return 0;
+    }
+    memset(r->slots, 0, capacity * sizeof(inferscope_slot));
+    r->mask = capacity - 1;
+    inferscope_ring_clear(r);
+    return 1;
+}
+
+static inline void inferscope_ring_free(inferscope_ring *r)
+{
+    free(r->slots);
+    r->slots = NULL;
+}
+
+/* Returns 1 if the record was queued, 0 if the ring was full (the drop is counted). Never blocks. */
+static inline int inferscope_ring_push(inferscope_ring *r, const inferscope_record *rec)
+{
+    uint64_t pos = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    for (;;) {
+        inferscope_slot *slot = &r->slots[pos & r->mask];
+        uint64_t seq = atomic_load_explicit(&slot->seq, memory_order_acquire);
+        int64_t turn = (int64_t)(seq - pos);
+        if (turn == 0) {
+            /* On failure the CAS reloads `pos`; retry with the new position. */
+            if (atomic_compare_exchange_weak_explicit(&r->tail, &pos, pos + 1, memory_order_relaxed,
+                                                      memory_order_relaxed)) {
+                slot->rec = *rec;
+                atomic_store_explicit(&slot->seq, pos + 1, memory_order_release);
+                return 1;
+            }
+        }
+        else if (turn < 0) {
+            /* The slot still holds last lap's record: the ring is full. */
+            atomic_fetch_add_explicit(&r->dropped, 1, memory_order_relaxed);
+            return 0;
+        }
+        else {
+            /* Another producer claimed `pos` already; catch up. */
+            pos = atomic_load_explicit(&r->tail, memory_order_relaxed);
+        }
+    }
+}
+
+/* Copies up to `max` published records into `out`, oldest first. Single consumer: a second
+ * concurrent caller gets 0 instead of corrupting the queue. Stops at the first slot that is claimed
+ * but not yet published; that record is read by the next drain. */
+static inline size_t inferscope_ring_drain(inferscope_ring *r, inferscope_record *out, size_t max)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong_explicit(&r->consumer_busy, &expected, 1, memory_order_acquire,
+                                                 memory_order_relaxed)) {
+        return 0;
+    }
+    uint64_t pos = atomic_load_explicit(&r->head, memory_order_relaxed);
+    size_t n = 0;
+    while (n < max) {
+        inferscope_slot *slot = &r->slots[pos & r->mask];
+        uint64_t seq = atomic_load_explicit(&slot->seq, memory_order_acquire);
+        if ((int64_t)(seq - (pos + 1)) < 0) {
+            break;
+        }
+        out[n++] = slot->rec;
+        atomic_store_explicit(&slot->seq, pos + r->mask + 1, memory_order_release);
+        pos++;
+    }
+    atomic_store_explicit(&r->head, pos, memory_order_relaxed);
+    atomic_store_explicit(&r->consumer_busy, 0, memory_order_release);
+    return n;
+}
+
+/* Records claimed but not yet drained (approximate while producers run). */
+static inline uint64_t inferscope_ring_len(inferscope_ring *r)
+{
+    uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    return tail > head ? tail - head : 0;
+}
+
+#endif

@@ -1,0 +1,419 @@
+"""The pure-Python backend: the same names, semantics and errors as ``inferscope._native``.
+
+It is a product path, not a stub: CI runs the whole suite on it (``INFERSCOPE_NO_EXTENSION=1``) and
+benchmarks/overhead.py measures it. See ``_native/__init__.pyi`` for the contract.
+
+Differences in mechanism (not in behaviour) from the C backend:
+- The ring is a ``deque`` with a capacity check. ``append`` and ``popleft`` are atomic under the
+  GIL, so producers take no lock; the check may overshoot the capacity by one record per thread
+  that is between the check and the append at the same moment.
+- Open entries form a linked list whose head lives in a ``ContextVar``; every enter and exit sets
+  it. There is no ``Context`` identity to compare in pure Python, and the copy that asyncio makes
+  of the context per task gives each task its own head, which is what frames do in C.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections import deque
+from collections.abc import Callable
+from time import perf_counter_ns as monotonic_ns  # CLOCK_MONOTONIC on Linux, the clock the C backend reads
+from time import thread_time_ns as thread_cpu_ns
+from typing import Any
+
+import numpy as np
+
+from ._records import COUNTER_THREAD_CPU, MAX_STACK_DEPTH, NO_MODEL_KEY, RECORD_DTYPE
+
+__all__ = [
+    "MAX_STACK_DEPTH",
+    "RECORD_SIZE",
+    "Ring",
+    "Runtime",
+    "Stage",
+    "monotonic_ns",
+    "thread_cpu_ns",
+]
+
+RECORD_SIZE = RECORD_DTYPE.itemsize
+_MAX_CAPACITY = 1 << 26
+_STAGE_CACHE_LIMIT = 10000
+_TUPLE_DTYPE = np.dtype(
+    [("key", "<u4"), ("error", "<u2"), ("flags", "<u2"), ("start_ns", "<i8"), ("wall_ns", "<i8"), ("cpu_ns", "<i8")]
+)
+
+
+class _ThreadCounter:
+    """An exact counter without a lock: each thread increments only its own cell."""
+
+    def __init__(self) -> None:
+        self._cells: dict[int, list[int]] = {}
+
+    def add(self) -> None:
+        ident = threading.get_ident()
+        cell = self._cells.get(ident)
+        if cell is None:
+            cell = self._cells.setdefault(ident, [0])
+        cell[0] += 1
+
+    @property
+    def value(self) -> int:
+        return sum(cell[0] for cell in list(self._cells.values()))
+
+    def reset(self) -> None:
+        self._cells = {}
+
+
+class Ring:
+    """Ring(capacity): bounded multi-producer ring of fixed-size records."""
+
+    def __init__(self, capacity: int) -> None:
+        if not isinstance(capacity, int) or isinstance(capacity, bool):
+            raise TypeError(f"Ring capacity must be an int, got {capacity!r}")
+        if capacity < 2 or capacity > _MAX_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"Ring capacity must be a power of two from 2 to {_MAX_CAPACITY}, got {capacity}")
+        self._capacity = capacity
+        self._queue: deque[tuple[int, int, int, int, int, int]] = deque()
+        self._dropped = _ThreadCounter()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped.value
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, key: int, error: int, flags: int, start_ns: int, wall_ns: int, cpu_ns: int, /) -> bool:
+        if key < 0 or key > 0xFFFFFFFF or error < 0 or error > 0xFFFF or flags < 0 or flags > 0xFFFF:
+            raise OverflowError("key must fit 32 bits, error and flags 16 bits")
+        return self._push((key, error, flags, start_ns, wall_ns, cpu_ns))
+
+    def _push(self, record: tuple[int, int, int, int, int, int]) -> bool:
+        if len(self._queue) >= self._capacity:
+            self._dropped.add()
+            return False
+        self._queue.append(record)
+        return True
+
+    def drain(self, out: Any, /) -> int:
+        view = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=RECORD_DTYPE)
+        if view.dtype != RECORD_DTYPE:
+            view = view.view(RECORD_DTYPE)
+        popleft = self._queue.popleft
+        batch = []
+        try:
+            for _ in range(len(view)):
+                batch.append(popleft())
+        except IndexError:
+            pass
+        n = len(batch)
+        if n:
+            columns = np.array(batch, dtype=_TUPLE_DTYPE)
+            target = view[:n]
+            for name in _TUPLE_DTYPE.names or ():
+                target[name] = columns[name]
+            target["counters"] = 0
+        return n
+
+    def reset(self) -> None:
+        self._queue.clear()
+        self._dropped.reset()
+
+
+class _Entry:
+    """One open inference or stage; ``parent`` links to the enclosing one."""
+
+    __slots__ = ("cpu_ns", "depth", "generation", "key", "overflow", "owner", "parent", "start_ns")
+
+    def __init__(
+        self,
+        owner: object,
+        key: int,
+        parent: _Entry | None,
+        depth: int,
+        generation: int,
+        start_ns: int = 0,
+        cpu_ns: int = -1,
+    ) -> None:
+        self.owner = owner
+        self.key = key
+        self.parent = parent
+        self.depth = depth
+        self.generation = generation
+        self.start_ns = start_ns
+        self.cpu_ns = cpu_ns
+        self.overflow = 0
+
+
+_ROOT_OWNER = object()
+
+
+class Stage:
+    """A pipeline stage: a context manager and a decorator. Get one with inferscope.stage(name)."""
+
+    __slots__ = ("__weakref__", "_cache", "_epoch", "_runtime", "name")
+
+    def __init__(self, runtime: Runtime, name: str) -> None:
+        self._runtime = runtime
+        self.name = name
+        self._cache: dict[int, int] = {}
+        self._epoch = runtime._epoch
+
+    def __repr__(self) -> str:
+        return f"<inferscope stage {self.name!r}>"
+
+    def _key(self, parent: int) -> int:
+        if self._epoch != self._runtime._epoch:
+            self._cache = {}
+            self._epoch = self._runtime._epoch
+        key = self._cache.get(parent)
+        if key is None:
+            key = int(self._runtime.registry.stage_key(parent, self.name))
+            self._cache[parent] = key
+        return key
+
+    def __enter__(self) -> Stage:
+        rt = self._runtime
+        if rt.enabled:
+            try:
+                top = rt._top()
+                rt._push(self, self._key(top.key if top is not None else NO_MODEL_KEY), top)
+            except Exception:
+                rt._internal_errors.add()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object, /) -> bool:
+        rt = self._runtime
+        if rt.enabled:
+            rt.exit(self, exc_type)
+        return False
+
+    def __call__(self, func: Callable[..., Any], /) -> Callable[..., Any]:
+        decorate = self._runtime.decorate
+        if decorate is None:
+            raise TypeError("stage objects are not callable here")
+        result: Callable[..., Any] = decorate(self, func)
+        return result
+
+
+class Runtime:
+    """Runtime(ring, registry): the hot-path state shared by every tracked call and stage."""
+
+    def __init__(self, ring: Ring, registry: Any) -> None:
+        if not isinstance(ring, Ring):
+            raise TypeError(f"Runtime() argument 'ring' must be a Ring, not {type(ring).__name__}")
+        self._ring = ring
+        self._registry = registry
+        self.decorate: Callable[..., Any] | None = None
+        self.counters = 0
+        self.enabled = True
+        self._var: contextvars.ContextVar[_Entry | None] = contextvars.ContextVar("inferscope_entry", default=None)
+        self._stages: dict[str, Stage] = {}
+        self._generation = 0
+        self._epoch = 0
+        self._depth_dropped = _ThreadCounter()
+        self._internal_errors = _ThreadCounter()
+
+    # -- attributes with the same names and checks as the C type --------------------------------
+
+    @property
+    def ring(self) -> Ring:
+        return self._ring
+
+    @ring.setter
+    def ring(self, value: Ring) -> None:
+        if not isinstance(value, Ring):
+            raise TypeError("ring must be a Ring")
+        self._ring = value
+
+    @property
+    def registry(self) -> Any:
+        return self._registry
+
+    @registry.setter
+    def registry(self, value: Any) -> None:
+        self._registry = value
+        self._epoch += 1
+
+    @property
+    def depth_dropped(self) -> int:
+        return self._depth_dropped.value
+
+    @property
+    def internal_errors(self) -> int:
+        return self._internal_errors.value
+
+    # -- frames -----------------------------------------------------------------------------------
+
+    def _top(self) -> _Entry | None:
+        top = self._var.get()
+        if top is not None and top.generation != self._generation:
+            return None
+        return top
+
+    def _push(self, owner: object, key: int, top: _Entry | None) -> None:
+        depth = top.depth + 1 if top is not None else 1
+        if depth > MAX_STACK_DEPTH:
+            assert top is not None
+            top.overflow += 1
+            self._depth_dropped.add()
+            return
+        cpu = thread_cpu_ns() if self.counters & COUNTER_THREAD_CPU else -1
+        entry = _Entry(owner, key, top, depth, self._generation, 0, cpu)
+        self._var.set(entry)
+        entry.start_ns = monotonic_ns()
+
+    def _take(self, owner: object) -> _Entry | None:
+        top = self._var.get()
+        if top is None:
+            return None
+        if top.overflow:
+            top.overflow -= 1
+            return None
+        if top.owner is owner:
+            self._var.set(top.parent)
+            return top if top.generation == self._generation else None
+        # Out of order: a generator yielded inside a stage. Unlink that entry in place.
+        below = top
+        node = top.parent
+        while node is not None and node.owner is not owner:
+            below = node
+            node = node.parent
+        if node is None or node.owner is _ROOT_OWNER:
+            return None
+        below.parent = node.parent
+        return node if node.generation == self._generation else None
+
+    # -- the contract -----------------------------------------------------------------------------
+
+    def track(self, func: Callable[..., Any], key: int, /) -> Callable[..., Any]:
+        if not callable(func):
+            raise TypeError(f"track() needs a callable, got {func!r}")
+        if not isinstance(key, int) or key < 0 or key >= 0xFFFFFFFF:
+            raise OverflowError("key must fit 32 bits")
+        enter = self.enter
+        exit_ = self.exit
+
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            if not self.enabled:
+                return func(*args, **kwargs)
+            enter(tracked, key)
+            try:
+                result = func(*args, **kwargs)
+            except BaseException as exc:
+                exit_(tracked, type(exc))
+                raise
+            exit_(tracked, None)
+            return result
+
+        tracked.inferscope_key = key  # type: ignore[attr-defined]
+        return tracked
+
+    def stage(self, name: str, /) -> Stage:
+        found = self._stages.get(name) if isinstance(name, str) else None
+        if found is not None:
+            return found
+        if not isinstance(name, str):
+            if callable(name):
+                raise TypeError(
+                    'stage() needs a name: write @stage("preprocess"), not @stage '
+                    "(did you forget the brackets and the name?)"
+                )
+            raise TypeError(f"stage name must be a str, got {name!r}")
+        if not name:
+            raise ValueError('stage name must not be empty, e.g. stage("preprocess")')
+        if "/" in name:
+            raise ValueError(f"stage name {name!r} must not contain '/': nest stages instead, the path is built for you")
+        created = Stage(self, name)
+        if len(self._stages) < _STAGE_CACHE_LIMIT:
+            self._stages[name] = created
+        return created
+
+    def enter(self, owner: object, key: int, stash: list[_Entry] | None = None, /) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._push(owner, key, self._top())
+            if stash:
+                self._reopen(stash)
+        except Exception:
+            self._internal_errors.add()
+
+    def _reopen(self, stash: list[_Entry]) -> None:
+        top = self._var.get()
+        for entry in stash:  # outermost first
+            depth = top.depth + 1 if top is not None else 1
+            if depth > MAX_STACK_DEPTH:
+                assert top is not None
+                top.overflow += 1
+                self._depth_dropped.add()
+                continue
+            entry.parent, entry.depth, entry.overflow = top, depth, 0
+            top = entry
+        self._var.set(top)
+
+    def exit(self, owner: object, exc_type: type[BaseException] | None, flags: int = 0, /) -> None:
+        if not self.enabled:
+            return
+        end_ns = monotonic_ns()
+        cpu_end = thread_cpu_ns() if self.counters & COUNTER_THREAD_CPU else -1
+        try:
+            entry = self._take(owner)
+            if entry is None:
+                return
+            cpu = cpu_end - entry.cpu_ns if entry.cpu_ns >= 0 and cpu_end >= 0 else -1
+            error = self._registry.error_id(exc_type) if exc_type is not None else 0
+            self._ring._push((entry.key, error, flags, entry.start_ns, end_ns - entry.start_ns, cpu))
+        except Exception:
+            self._internal_errors.add()
+
+    def exit_segment(self, owner: object, /) -> tuple[int, int, int, list[_Entry] | None] | None:
+        if not self.enabled:
+            return None
+        end_ns = monotonic_ns()
+        cpu_end = thread_cpu_ns() if self.counters & COUNTER_THREAD_CPU else -1
+        top = self._top()
+        above: list[_Entry] = []
+        node = top
+        while node is not None and node.owner is not owner and node.owner is not _ROOT_OWNER:
+            above.append(node)
+            node = node.parent
+        if node is None or node.owner is not owner:
+            return None
+        self._var.set(node.parent)
+        above.reverse()
+        cpu = cpu_end - node.cpu_ns if node.cpu_ns >= 0 and cpu_end >= 0 else -1
+        return node.start_ns, end_ns - node.start_ns, cpu, above or None
+
+    def record(
+        self, key: int, exc_type: type[BaseException] | None, flags: int, start_ns: int, wall_ns: int, cpu_ns: int, /
+    ) -> None:
+        if not self.enabled:
+            return
+        try:
+            error = self._registry.error_id(exc_type) if exc_type is not None else 0
+            self._ring._push((key, error, flags, start_ns, wall_ns, cpu_ns))
+        except Exception:
+            self._internal_errors.add()
+
+    def current_key(self) -> int:
+        top = self._top()
+        return top.key if top is not None else NO_MODEL_KEY
+
+    def use_frame(self, root_key: int, /) -> None:
+        self._var.set(_Entry(_ROOT_OWNER, int(root_key), None, 0, self._generation))
+
+    def active_depth(self) -> int:
+        top = self._top()
+        return top.depth + top.overflow if top is not None else 0
+
+    def after_fork_in_child(self) -> None:
+        self._generation += 1
+        self._depth_dropped.reset()
+        self._internal_errors.reset()
+        self._ring.reset()

@@ -1,0 +1,332 @@
+"""``track_inference``, ``stage`` and ``bind``: what serving code writes.
+
+Sync callables get the backend's tracked-call type (in C: vectorcall, clocks read in C). Coroutine
+functions, generators and async generators get a Python wrapper that still pushes through the ring.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, overload
+
+from ._keys import ERROR_TYPE, MODEL_NAME, MODEL_VERSION, OVERFLOW_ATTRIBUTE, STAGE_NAME
+from ._records import FLAG_ABANDONED
+from ._runtime import REGISTRY, RUNTIME
+
+__all__ = ["bind", "stage", "track_inference"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_RESERVED_ATTRIBUTES = {MODEL_NAME, MODEL_VERSION, STAGE_NAME, ERROR_TYPE, OVERFLOW_ATTRIBUTE}
+
+#: ``stage(name)`` returns the shared Stage object for ``name``: a context manager and a decorator.
+#:
+#: >>> with stage("preprocess"):
+#: ...     pass
+stage = RUNTIME.stage
+
+
+@overload
+def track_inference(func: F, /) -> F: ...
+@overload
+def track_inference(
+    model: str | None = None,
+    /,
+    *,
+    version: str | int | None = None,
+    attributes: Mapping[str, str | int | float | bool] | None = None,
+) -> Callable[[F], F]: ...
+@overload
+def track_inference(
+    *,
+    model: str | None = None,
+    version: str | int | None = None,
+    attributes: Mapping[str, str | int | float | bool] | None = None,
+) -> Callable[[F], F]: ...
+
+
+def track_inference(
+    func: Any = None,
+    /,
+    *,
+    model: str | None = None,
+    version: str | int | None = None,
+    attributes: Mapping[str, str | int | float | bool] | None = None,
+) -> Any:
+    """Track every call of a model: latency, CPU time, errors, and the stages inside it.
+
+    Works bare or with arguments, on functions, methods, staticmethods, classmethods,
+    ``async def`` functions, generators and async generators::
+
+        @inferscope.track_inference(model="fraud", version="3")
+        def predict(batch):
+            with inferscope.stage("preprocess"):
+                x = featurize(batch)
+            with inferscope.stage("infer"):
+                return clf.predict(x)
+
+    ``model`` defaults to the function's qualified name. ``attributes`` are static: never put
+    request data or user ids in them. The caller's exceptions pass through unchanged and are
+    counted with ``error.type``.
+    """
+    if isinstance(func, str):
+        if model is not None:
+            raise TypeError("track_inference() got the model name twice (positionally and as model=)")
+        model, func = func, None
+    model = _check_model(model)
+    version_text = _check_version(version)
+    attrs = _check_attributes(attributes)
+    if func is None:
+        return lambda f: _wrap(f, model, version_text, attrs)
+    return _wrap(func, model, version_text, attrs)
+
+
+def _check_model(model: object) -> str | None:
+    if model is None:
+        return None
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"track_inference(model=...) must be a non-empty str, got {model!r}")
+    return model
+
+
+def _check_version(version: object) -> str | None:
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, (str, int)) or version == "":
+        raise TypeError(f"track_inference(version=...) must be a non-empty str or an int, got {version!r}")
+    return str(version)
+
+
+def _check_attributes(attributes: object) -> dict[str, str]:
+    if attributes is None:
+        return {}
+    if not isinstance(attributes, Mapping):
+        raise TypeError(f"track_inference(attributes=...) must be a mapping of str to str/int/float/bool, got {attributes!r}")
+    checked: dict[str, str] = {}
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"attribute names must be non-empty str, got {key!r}")
+        if key in _RESERVED_ATTRIBUTES:
+            raise ValueError(f"attribute {key!r} is set by inferscope itself; choose another name")
+        if not isinstance(value, (str, int, float, bool)):
+            raise TypeError(f"attribute {key!r} must be a str, int, float or bool, got {value!r}")
+        checked[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return checked
+
+
+def _wrap(func: Any, model: str | None, version: str | None, attributes: dict[str, str]) -> Any:
+    if isinstance(func, staticmethod):
+        return staticmethod(_wrap(func.__func__, model, version, attributes))
+    if isinstance(func, classmethod):
+        return classmethod(_wrap(func.__func__, model, version, attributes))
+    if not callable(func):
+        raise TypeError(f"track_inference() decorates a callable, got {func!r}")
+    name = model or getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or type(func).__qualname__
+    key = REGISTRY.inference_key(name, version, attributes)
+    if inspect.isasyncgenfunction(func):
+        wrapper = _track_async_generator(func, key)
+    elif inspect.isgeneratorfunction(func):
+        wrapper = _track_generator(func, key)
+    elif inspect.iscoroutinefunction(func):
+        wrapper = _track_coroutine(func, key)
+    else:
+        wrapper = RUNTIME.track(func, key)
+    try:
+        functools.update_wrapper(wrapper, func)
+    except AttributeError:
+        pass  # a callable object without a writable __dict__ is tracked all the same
+    return wrapper
+
+
+def _track_coroutine(func: Callable[..., Any], key: int) -> Callable[..., Any]:
+    enter, exit_ = RUNTIME.enter, RUNTIME.exit
+
+    async def tracked(*args: Any, **kwargs: Any) -> Any:
+        # The entry lives in the frame of the awaiting task, so it spans every await of this call.
+        enter(tracked, key)
+        try:
+            result = await func(*args, **kwargs)
+        except BaseException as exc:
+            exit_(tracked, type(exc))
+            raise
+        exit_(tracked, None)
+        return result
+
+    return tracked
+
+
+class _Segments:
+    """Accumulates the resumptions of a generator: wall time from the first resume to the end,
+    CPU time only while the generator body ran (not while the consumer did)."""
+
+    __slots__ = ("cpu_ns", "stash", "start_ns")
+
+    def __init__(self) -> None:
+        self.start_ns: int | None = None
+        self.cpu_ns = 0
+        #: The stages the generator was inside when it yielded; reopened when it resumes.
+        self.stash: Any = None
+
+    def add(self, segment: tuple[int, int, int, Any] | None) -> None:
+        if segment is None:
+            self.stash = None
+            return
+        start_ns, _wall_ns, cpu_ns, self.stash = segment
+        if self.start_ns is None:
+            self.start_ns = start_ns
+        if cpu_ns < 0 or self.cpu_ns < 0:
+            self.cpu_ns = -1
+        else:
+            self.cpu_ns += cpu_ns
+
+    def record(self, key: int, exc_type: type[BaseException] | None, flags: int) -> None:
+        if self.start_ns is not None:
+            RUNTIME.record(key, exc_type, flags, self.start_ns, _now_ns() - self.start_ns, self.cpu_ns)
+
+
+def _now_ns() -> int:
+    from ._backend import monotonic_ns
+
+    return monotonic_ns()
+
+
+def _track_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
+    enter, exit_segment = RUNTIME.enter, RUNTIME.exit_segment
+
+    def tracked(*args: Any, **kwargs: Any) -> Any:
+        gen = func(*args, **kwargs)
+        segments = _Segments()
+        exc_type: type[BaseException] | None = None
+        flags = 0
+        to_send: Any = None
+        to_throw: BaseException | None = None
+        try:
+            while True:
+                # Each resumption is an entry of its own, so stages inside the body nest under this
+                # inference and the consumer's own stages between items do not.
+                enter(tracked, key, segments.stash)
+                try:
+                    if to_throw is not None:
+                        item, to_throw = gen.throw(to_throw), None
+                    else:
+                        item = gen.send(to_send)
+                except StopIteration as stop:
+                    segments.add(exit_segment(tracked))
+                    return stop.value
+                except BaseException as exc:
+                    segments.add(exit_segment(tracked))
+                    exc_type = type(exc)
+                    raise
+                segments.add(exit_segment(tracked))
+                try:
+                    to_send = yield item
+                except GeneratorExit:
+                    flags = FLAG_ABANDONED
+                    gen.close()
+                    raise
+                except BaseException as exc:
+                    to_throw, to_send = exc, None
+        finally:
+            segments.record(key, exc_type, flags)
+
+    return tracked
+
+
+def _track_async_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
+    enter, exit_segment = RUNTIME.enter, RUNTIME.exit_segment
+
+    async def tracked(*args: Any, **kwargs: Any) -> Any:
+        agen = func(*args, **kwargs)
+        segments = _Segments()
+        exc_type: type[BaseException] | None = None
+        flags = 0
+        to_send: Any = None
+        to_throw: BaseException | None = None
+        try:
+            while True:
+                enter(tracked, key, segments.stash)
+                try:
+                    if to_throw is not None:
+                        item, to_throw = await agen.athrow(to_throw), None
+                    else:
+                        item = await agen.asend(to_send)
+                except StopAsyncIteration:
+                    segments.add(exit_segment(tracked))
+                    return
+                except BaseException as exc:
+                    segments.add(exit_segment(tracked))
+                    exc_type = type(exc)
+                    raise
+                segments.add(exit_segment(tracked))
+                try:
+                    to_send = yield item
+                except GeneratorExit:
+                    flags = FLAG_ABANDONED
+                    await agen.aclose()
+                    raise
+                except BaseException as exc:
+                    to_throw, to_send = exc, None
+        finally:
+            segments.record(key, exc_type, flags)
+
+    return tracked
+
+
+def _decorate_stage(stage_obj: Any, func: Any = None, *extra: Any, **kwargs: Any) -> Any:
+    """``@stage("x")``: run every call of ``func`` inside the stage."""
+    if extra or kwargs or func is None:
+        raise TypeError(f'@stage("{stage_obj.name}") decorates one function: use it as @stage("{stage_obj.name}")')
+    if not callable(func):
+        raise TypeError(f'@stage("{stage_obj.name}") decorates a callable, got {func!r}')
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError(
+            f'@stage("{stage_obj.name}") cannot decorate the generator function {func.__qualname__}: '
+            f'write `with inferscope.stage("{stage_obj.name}"):` inside it instead'
+        )
+    if inspect.iscoroutinefunction(func):
+
+        @functools.wraps(func)
+        async def async_staged(*args: Any, **kw: Any) -> Any:
+            with stage_obj:
+                return await func(*args, **kw)
+
+        return async_staged
+
+    @functools.wraps(func)
+    def staged(*args: Any, **kw: Any) -> Any:
+        with stage_obj:
+            return func(*args, **kw)
+
+    return staged
+
+
+RUNTIME.decorate = _decorate_stage
+
+
+def bind(func: F) -> F:
+    """Carry the current inference and stage into another thread.
+
+    Threads do not inherit context variables, so work submitted to a pool would otherwise be
+    recorded outside any inference. ``bind`` captures the context now (including the current
+    OpenTelemetry context) and runs ``func`` in a copy of it on every call::
+
+        with inferscope.stage("infer"):
+            futures = [pool.submit(inferscope.bind(score), shard) for shard in shards]
+    """
+    root = RUNTIME.current_key()
+    captured = contextvars.copy_context()
+
+    @functools.wraps(func)
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        # One copy per call: a Context can be entered by one thread at a time.
+        return captured.copy().run(_run_in_frame, root, func, args, kwargs)
+
+    return bound  # type: ignore[return-value]
+
+
+def _run_in_frame(root: int, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    RUNTIME.use_frame(root)
+    return func(*args, **kwargs)
