@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._records import COUNTER_THREAD_CPU, MAX_STACK_DEPTH, NO_MODEL_KEY, RECORD_DTYPE
+from ._records import COUNTER_THREAD_CPU, MAX_STACK_DEPTH, NO_ERROR, NO_MODEL_KEY, OTHER_ERROR, RECORD_DTYPE
 
 __all__ = [
     "MAX_STACK_DEPTH",
@@ -367,7 +367,7 @@ class Runtime:
             if entry is None:
                 return
             cpu = cpu_end - entry.cpu_ns if entry.cpu_ns >= 0 and cpu_end >= 0 else -1
-            error = self._registry.error_id(exc_type) if exc_type is not None else 0
+            error = self._error_id(exc_type)
             self._ring._push((entry.key, error, flags, entry.start_ns, end_ns - entry.start_ns, cpu))
         except Exception:
             self._internal_errors.add()
@@ -396,10 +396,20 @@ class Runtime:
         if not self.enabled:
             return
         try:
-            error = self._registry.error_id(exc_type) if exc_type is not None else 0
+            error = self._error_id(exc_type)
             self._ring._push((key, error, flags, start_ns, wall_ns, cpu_ns))
         except Exception:
             self._internal_errors.add()
+
+    def _error_id(self, exc_type: type[BaseException] | None) -> int:
+        if exc_type is None:
+            return NO_ERROR
+        try:
+            return int(self._registry.error_id(exc_type))
+        except Exception:
+            # As in C: the call is still recorded, as an error of type _OTHER.
+            self._internal_errors.add()
+            return OTHER_ERROR
 
     def current_key(self) -> int:
         top = self._top()

@@ -1,0 +1,42 @@
+"""inferscope: what each inference costs, per model and per stage, exported through OpenTelemetry.
+
+>>> import inferscope
+>>> @inferscope.track_inference(model="demo")
+... def predict(x):
+...     with inferscope.stage("infer"):
+...         return x * 2
+>>> predict(21)
+42
+"""
+
+from ._backend import BACKEND_REASON, backend
+from ._keys import KeyInfo
+from ._pipeline import configure, current_settings, prometheus_port, shutdown, snapshot
+from .aggregate import Snapshot, StatsRow
+from .config import ConfigError, Settings
+from .tracking import bind, stage, track_inference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_REASON",
+    "ConfigError",
+    "KeyInfo",
+    "Settings",
+    "Snapshot",
+    "StatsRow",
+    "__version__",
+    "backend",
+    "bind",
+    "configure",
+    "current_settings",
+    "prometheus_port",
+    "shutdown",
+    "snapshot",
+    "stage",
+    "track_inference",
+]
+
+from ._pipeline import autoconfigure as _autoconfigure  # noqa: E402
+
+_autoconfigure()

@@ -1,0 +1,408 @@
+"""Lifecycle: the drainer thread, the export pipeline, ``configure()``, ``shutdown()`` and fork.
+
+Everything here runs off the hot path. The runtime and registry (``_runtime.py``) live for the whole
+process; ``configure()`` rebuilds what hangs off them and keeps the aggregates and keys.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+from ._backend import BACKEND
+from ._records import DROP_RING_FULL, DROP_STACK_DEPTH, empty_records
+from ._runtime import REGISTRY, RUNTIME
+from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
+from .config import ConfigError, Settings, load_settings
+from .export.metrics import (
+    AggregatesExporter,
+    PrometheusCollector,
+    PrometheusServer,
+    export_empty_collections,
+    start_prometheus_server,
+    unwrap_meter_provider,
+    wrap_meter_provider,
+)
+
+_logger = logging.getLogger("inferscope")
+
+#: How often the drainer looks at the ring's fill level between full drains.
+_POLL_MILLIS = 10
+_DRAIN_BATCH = 16384
+#: shutdown() at interpreter exit waits at most this long for exporters.
+_EXIT_TIMEOUT_MILLIS = 5000
+
+AGGREGATOR = Aggregator(REGISTRY)
+
+
+class Drainer:
+    """Moves records from the ring into the aggregator: every ``interval_millis`` from a daemon
+    thread, sooner when the ring is half full, and on demand (``drain()``) before any read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = empty_records(_DRAIN_BATCH)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._retired_ring_drops = 0
+        self.interval_millis = 100
+        self.errors = 0
+
+    def drain(self) -> int:
+        """Drain everything queued now; returns the number of records aggregated."""
+        total = 0
+        with self._lock:
+            ring = RUNTIME.ring
+            while True:
+                n = ring.drain(self._buffer)
+                if n:
+                    AGGREGATOR.add(self._buffer[:n])
+                    total += n
+                if n < len(self._buffer):
+                    break
+            self._publish_counts(ring)
+        return total
+
+    def retire_ring(self, old_ring: Any) -> None:
+        """Drain a ring that the runtime no longer writes to, and keep its drop count."""
+        with self._lock:
+            while True:
+                n = old_ring.drain(self._buffer)
+                if n:
+                    AGGREGATOR.add(self._buffer[:n])
+                if n < len(self._buffer):
+                    break
+            self._retired_ring_drops += old_ring.dropped
+            self._publish_counts(RUNTIME.ring)
+
+    def _publish_counts(self, ring: Any) -> None:
+        AGGREGATOR.set_dropped(DROP_RING_FULL, self._retired_ring_drops + ring.dropped)
+        AGGREGATOR.set_dropped(DROP_STACK_DEPTH, RUNTIME.depth_dropped)
+        AGGREGATOR.set_internal_errors(RUNTIME.internal_errors + self.errors)
+
+    def start(self, interval_millis: int) -> None:
+        self.stop()
+        self.interval_millis = interval_millis
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="inferscope-drainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_millis: float = 5000) -> None:
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_millis / 1e3)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self, stop: threading.Event) -> None:
+        next_due = time.monotonic() + self.interval_millis / 1e3
+        poll = min(_POLL_MILLIS, self.interval_millis) / 1e3
+        while not stop.wait(poll):
+            ring = RUNTIME.ring
+            if time.monotonic() < next_due and len(ring) < ring.capacity // 2:
+                continue
+            next_due = time.monotonic() + self.interval_millis / 1e3
+            try:
+                self.drain()
+            except Exception:
+                self.errors += 1
+                _log_once_a_minute("inferscope: draining the ring failed")
+
+    def after_fork_in_child(self) -> None:
+        # Only the forking thread survives fork(): the lock may be held by a thread that is gone.
+        self._lock = threading.Lock()
+        self._retired_ring_drops = 0
+        self.errors = 0
+        self._thread = None
+        self._stop = threading.Event()
+
+
+_last_logged = 0.0
+
+
+def _log_once_a_minute(message: str) -> None:
+    global _last_logged
+    now = time.monotonic()
+    if now - _last_logged >= 60:
+        _last_logged = now
+        _logger.error(message, exc_info=True)
+
+
+DRAINER = Drainer()
+
+
+def collect_view() -> AggregateView:
+    """Drain the ring, then return the aggregates: what every exporter and reader sees."""
+    DRAINER.drain()
+    return AGGREGATOR.view()
+
+
+class Exports:
+    """The export side built from one ``Settings``: our MeterProvider, a wrapped user provider,
+    and the Prometheus endpoint."""
+
+    def __init__(self, settings: Settings, *, serve_prometheus: bool = True) -> None:
+        self.settings = settings
+        self.resource = _resource(settings)
+        self.own_wrappers: list[AggregatesExporter] = []
+        self.meter_provider: MeterProvider | None = None
+        self.user_provider: Any = settings.meter_provider
+        self.prometheus: PrometheusServer | None = None
+        histogram = {
+            "aggregation": settings.histogram_aggregation,
+            "boundaries": settings.histogram_boundaries,
+            "max_buckets": settings.histogram_max_buckets,
+        }
+        exporters = [_make_exporter(name, settings) for name in settings.metrics_exporters if name != "prometheus"]
+        exporters += list(settings.metric_exporters)  # type: ignore[arg-type]
+        if exporters:
+            readers = []
+            for exporter in exporters:
+                wrapper = AggregatesExporter(exporter, collect_view, resource=self.resource, **histogram)  # type: ignore[arg-type]
+                self.own_wrappers.append(wrapper)
+                readers.append(
+                    PeriodicExportingMetricReader(
+                        wrapper,
+                        export_interval_millis=settings.export_interval_millis,
+                        export_timeout_millis=settings.export_timeout_millis,
+                    )
+                )
+            # shutdown_on_exit=False: our own atexit hook drains the ring first, then shuts this down.
+            self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers, shutdown_on_exit=False)
+            for reader in readers:
+                export_empty_collections(reader)
+        if self.user_provider is not None:
+            # Idempotent: after fork the child keeps the wrappers its parent installed.
+            wrap_meter_provider(self.user_provider, collect_view, **histogram)  # type: ignore[arg-type]
+        if serve_prometheus and "prometheus" in settings.metrics_exporters:
+            collector = PrometheusCollector(collect_view, settings.histogram_boundaries)
+            self.prometheus = start_prometheus_server(collector, settings.prometheus_host, settings.prometheus_port)
+            _logger.info(
+                "inferscope: serving Prometheus metrics on http://%s:%d/metrics", self.prometheus.host, self.prometheus.port
+            )
+
+    def shutdown(self, timeout_millis: float) -> None:
+        deadline = time.monotonic() + timeout_millis / 1e3
+
+        def left() -> float:
+            return max(0.0, (deadline - time.monotonic()) * 1e3)
+
+        if self.meter_provider is not None:
+            try:
+                # The readers' final collection exports everything aggregated so far.
+                self.meter_provider.shutdown(timeout_millis=left())
+            except Exception:
+                _logger.warning("inferscope: shutting down the metric exporters failed", exc_info=True)
+        if self.user_provider is not None:
+            try:
+                self.user_provider.force_flush(timeout_millis=left())
+            except Exception:
+                _logger.warning("inferscope: flushing the application's MeterProvider failed", exc_info=True)
+            unwrap_meter_provider(self.user_provider)
+        if self.prometheus is not None:
+            self.prometheus.shutdown(timeout_millis=left())
+
+    def detach_after_fork(self) -> None:
+        """In a forked child: stop contributing to the parent's exporters and endpoint.
+
+        The SDK restarts its reader threads in the child; our wrappers then add nothing and skip
+        their delegate, so the parent's connections are never used from the child. A user's own
+        MeterProvider keeps exporting the child's data, since the application owns it.
+        """
+        for wrapper in self.own_wrappers:
+            wrapper.active = False
+        self.prometheus = None  # the parent's socket and thread; not ours to close
+
+
+def _resource(settings: Settings) -> Resource:
+    attributes: dict[str, Any] = {
+        "service.instance.id": str(uuid.uuid4()),
+        "host.name": socket.gethostname(),
+        "process.pid": os.getpid(),
+    }
+    if settings.service_name is not None:
+        attributes["service.name"] = settings.service_name
+    # Resource.create adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME; explicit settings win.
+    return Resource.create(attributes)
+
+
+def _make_exporter(name: str, settings: Settings) -> MetricExporter:
+    if name == "console":
+        return ConsoleMetricExporter()
+    if name != "otlp":
+        raise ConfigError("metrics_exporters", name, "otlp, console, prometheus")
+    timeout_s = settings.export_timeout_millis / 1e3
+    if settings.otlp_protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+        endpoint = settings.otlp_endpoint
+        if endpoint is not None and not endpoint.rstrip("/").endswith("/v1/metrics"):
+            endpoint = endpoint.rstrip("/") + "/v1/metrics"
+        return HttpExporter(endpoint=endpoint, timeout=timeout_s)
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+    endpoint = settings.otlp_endpoint
+    insecure = None if endpoint is None else endpoint.startswith("http://")
+    return GrpcExporter(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
+
+
+_lock = threading.RLock()
+_settings: Settings | None = None
+_exports: Exports | None = None
+
+
+def configure(**settings: Any) -> Settings:
+    """Configure inferscope; optional, since environment variables work alone.
+
+    Idempotent and safe to call again: the pipeline is rebuilt from the new settings while
+    aggregates and keys are kept. Raises ``ConfigError`` naming any invalid setting, the value it
+    got and what it accepts; then nothing changes.
+
+    >>> import inferscope
+    >>> inferscope.configure(counters="minimal", metrics_exporters=["prometheus"])  # doctest: +SKIP
+    """
+    new = load_settings(settings)
+    with _lock:
+        _apply(new)
+    return new
+
+
+def _apply(settings: Settings) -> None:
+    global _settings, _exports
+    previous, _exports = _exports, None
+    DRAINER.stop()
+    if previous is not None:
+        DRAINER.drain()
+        previous.shutdown(settings.export_timeout_millis)
+    REGISTRY.max_keys = settings.max_keys
+    RUNTIME.counters = settings.counter_mask
+    if RUNTIME.ring.capacity != settings.ring_capacity:
+        from ._backend import Ring
+
+        old_ring = RUNTIME.ring
+        RUNTIME.ring = Ring(settings.ring_capacity)
+        DRAINER.retire_ring(old_ring)
+    _settings = settings
+    RUNTIME.enabled = settings.enabled
+    if not settings.enabled:
+        return
+    DRAINER.start(settings.drain_interval_millis)
+    _exports = Exports(settings)
+
+
+def shutdown(timeout_millis: float = 30_000) -> None:
+    """Flush everything recorded so far to every exporter, then stop. Also runs at exit.
+
+    Calls made after ``shutdown()`` are passed straight through, unrecorded, until the next
+    ``configure()``. Never raises; a backend that is down costs at most ``timeout_millis``.
+    """
+    global _exports
+    with _lock:
+        try:
+            DRAINER.stop(timeout_millis)
+            RUNTIME.enabled = False
+            DRAINER.drain()
+            exports, _exports = _exports, None
+            if exports is not None:
+                exports.shutdown(timeout_millis)
+        except Exception:
+            _logger.error("inferscope: shutdown failed", exc_info=True)
+
+
+def snapshot() -> Snapshot:
+    """Per model and per stage: count, errors, p50/p90/p95/p99, max, mean, CPU time and CPU/wall.
+
+    >>> import inferscope
+    >>> snap = inferscope.snapshot()
+    >>> isinstance(snap.table(), str)
+    True
+    """
+    return build_snapshot(collect_view(), BACKEND)
+
+
+def current_settings() -> Settings | None:
+    """The settings in force, or None before the first (automatic or explicit) configuration."""
+    return _settings
+
+
+def prometheus_port() -> int | None:
+    """The port the Prometheus endpoint is bound to, if one is being served."""
+    exports = _exports
+    return exports.prometheus.port if exports is not None and exports.prometheus is not None else None
+
+
+def _after_fork_in_child() -> None:
+    RUNTIME.after_fork_in_child()
+    AGGREGATOR.reset()
+    DRAINER.after_fork_in_child()
+    global _lock
+    _lock = threading.RLock()
+    settings, exports = _settings, _exports
+    if settings is None or not settings.enabled:
+        return
+    if exports is not None:
+        exports.detach_after_fork()
+    # Threads do not survive fork(). Building exporters (gRPC channels) inside the fork handler
+    # is unsafe, so a new thread rebuilds them with this process's identity, then drains.
+    threading.Thread(target=_rebuild_after_fork, args=(settings,), name="inferscope-fork-init", daemon=True).start()
+
+
+def _rebuild_after_fork(settings: Settings) -> None:
+    global _exports
+    with _lock:
+        try:
+            DRAINER.start(settings.drain_interval_millis)
+            # The parent owns the Prometheus port; a child serves none unless configure() asks.
+            _exports = Exports(settings, serve_prometheus=False)
+        except Exception:
+            _logger.error("inferscope: rebuilding exporters after fork failed", exc_info=True)
+
+
+def autoconfigure() -> None:
+    """Configure from the environment at import. Never raises: an invalid variable is logged at
+    ERROR and inferscope stays off (calls pass straight through) until configure() succeeds."""
+    try:
+        settings = load_settings({})
+    except ConfigError as exc:
+        RUNTIME.enabled = False
+        _logger.error("inferscope is disabled: %s", exc)
+        return
+    try:
+        with _lock:
+            _apply(settings)
+    except Exception:
+        RUNTIME.enabled = False
+        _logger.error("inferscope is disabled: starting it failed", exc_info=True)
+
+
+def reset_aggregates() -> None:
+    """Drain the ring and forget every aggregate (keys stay). For tests: each starts from zero."""
+    DRAINER.drain()
+    AGGREGATOR.reset()
+
+
+def _shutdown_at_exit() -> None:
+    shutdown(_EXIT_TIMEOUT_MILLIS)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_shutdown_at_exit)
+
+
+def dropped() -> Mapping[str, int]:
+    """Records dropped so far, by reason (``ring_full``, ``stack_depth``)."""
+    return collect_view().dropped

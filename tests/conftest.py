@@ -1,0 +1,68 @@
+"""Shared fixtures. Every test starts from empty aggregates and must leave no stage open."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import inferscope
+from inferscope import _pipeline
+from inferscope._runtime import RUNTIME
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    """No global state leaks between tests: aggregates start empty, and after the test no stage
+    or inference is left open and nothing recorded is left in the ring."""
+    _pipeline.reset_aggregates()
+    yield
+    depth = RUNTIME.active_depth()
+    assert depth == 0, f"{depth} inference/stage entries were left open by the test"
+    _pipeline.DRAINER.drain()
+    assert len(RUNTIME.ring) == 0, "records were left in the ring"
+
+
+@pytest.fixture
+def seeded_random(request):
+    """A seeded Random whose seed is printed when the test fails."""
+    seed = int(os.environ.get("INFERSCOPE_TEST_SEED", random.randrange(2**32)))
+    yield random.Random(seed)
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(f"\nseeded_random: INFERSCOPE_TEST_SEED={seed}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with the same backend selection; a crash fails the test
+    instead of killing pytest."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def snapshot_row():
+    """Look up one row of a fresh snapshot."""
+
+    def get(model, stage=None):
+        return inferscope.snapshot().row(model, stage)
+
+    return get
