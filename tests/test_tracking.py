@@ -628,8 +628,9 @@ def test_minimal_counters_skip_cpu_and_default_measures_it():
         inferscope.configure(counters="default")
         spin()
         row = inferscope.snapshot().row("cpu")
-        assert row.cpu_seconds is not None and row.cpu_seconds >= 0.003
-        assert 0.5 < row.cpu_ratio <= 1.2
+        # A busy loop runs on the CPU unless another process takes it; bounds allow for that.
+        assert row.cpu_seconds is not None and row.cpu_seconds >= 0.001
+        assert 0.2 < row.cpu_ratio <= 1.2
     finally:
         inferscope.configure(**_as_arguments(settings))
 
@@ -647,8 +648,8 @@ def test_cpu_time_separates_waiting_from_working():
     inferscope.configure(counters="default")
     predict()
     snap = inferscope.snapshot()
-    assert snap.row("wait-vs-work", "wait").cpu_ratio < 0.3
-    assert snap.row("wait-vs-work", "work").cpu_ratio > 0.5
+    assert snap.row("wait-vs-work", "wait").cpu_ratio < 0.2
+    assert snap.row("wait-vs-work", "work").cpu_ratio > 0.3
 
 
 def test_wrapped_callable_objects_and_partials():

@@ -279,14 +279,16 @@ class Runtime:
             self._var.set(top.parent)
             return top if top.generation == self._generation else None
         # Out of order: a generator yielded inside a stage. Unlink that entry in place.
-        below = top
+        above = [top]
         node = top.parent
         while node is not None and node.owner is not owner:
-            below = node
+            above.append(node)
             node = node.parent
         if node is None or node.owner is _ROOT_OWNER:
             return None
-        below.parent = node.parent
+        above[-1].parent = node.parent
+        for entry in above:
+            entry.depth -= 1
         return node if node.generation == self._generation else None
 
     # -- the contract -----------------------------------------------------------------------------

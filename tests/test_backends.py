@@ -1,0 +1,318 @@
+"""Parity: the C backend and the pure-Python backend implement one contract (_native/__init__.pyi).
+
+Each test builds its own Ring, KeyRegistry and Runtime from the backend module under test, so both
+run in the same process whatever INFERSCOPE_NO_EXTENSION says.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from inferscope import _purepy
+from inferscope._keys import KeyRegistry
+from inferscope._records import COUNTER_THREAD_CPU, FLAG_ABANDONED, MAX_STACK_DEPTH, NO_MODEL_KEY, empty_records
+
+try:
+    from inferscope import _native
+except ImportError:  # pragma: no cover - only without a compiler
+    _native = None
+
+BACKENDS = [pytest.param(_purepy, id="python")]
+if _native is not None:
+    BACKENDS.append(pytest.param(_native, id="c"))
+elif os.environ.get("CI"):
+    raise RuntimeError("CI builds the C extension; it must be importable")
+
+
+@pytest.fixture(params=BACKENDS)
+def impl(request):
+    return request.param
+
+
+@pytest.fixture
+def env(impl):
+    registry = KeyRegistry(max_keys=100)
+    runtime = impl.Runtime(impl.Ring(1024), registry)
+    return impl, runtime, registry
+
+
+def drain(runtime):
+    buf = empty_records(4096)
+    n = runtime.ring.drain(buf)
+    return buf[:n]
+
+
+class Owner:
+    """Stands for a tracked function: any long-lived object can own entries."""
+
+
+# -- Ring ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 3, 1000, 1 << 27])
+def test_ring_rejects_bad_capacity_the_same_way(impl, capacity):
+    with pytest.raises(ValueError, match="power of two"):
+        impl.Ring(capacity)
+
+
+def test_ring_round_trip_keeps_fields_and_order(impl):
+    ring = impl.Ring(8)
+    for i in range(5):
+        assert ring.push(i + 2, i % 3, i % 2, 1000 + i, 10 * i, -1 if i % 2 else i)
+    assert len(ring) == 5
+    out = drain_ring(ring, 16)
+    assert out["key"].tolist() == [2, 3, 4, 5, 6]
+    assert out["error"].tolist() == [0, 1, 2, 0, 1]
+    assert out["flags"].tolist() == [0, 1, 0, 1, 0]
+    assert out["start_ns"].tolist() == [1000, 1001, 1002, 1003, 1004]
+    assert out["wall_ns"].tolist() == [0, 10, 20, 30, 40]
+    assert out["cpu_ns"].tolist() == [0, -1, 2, -1, 4]
+    assert out["counters"].tolist() == [[0, 0, 0, 0]] * 5
+    assert len(ring) == 0
+
+
+def drain_ring(ring, size):
+    buf = empty_records(size)
+    return buf[: ring.drain(buf)]
+
+
+def test_full_ring_drops_and_counts_never_blocks(impl):
+    ring = impl.Ring(4)
+    results = [ring.push(1, 0, 0, i, 1, 1) for i in range(10)]
+    assert results == [True] * 4 + [False] * 6
+    assert ring.dropped == 6
+    assert drain_ring(ring, 2)["start_ns"].tolist() == [0, 1]  # a small buffer drains part
+    assert ring.push(1, 0, 0, 99, 1, 1)
+    assert drain_ring(ring, 16)["start_ns"].tolist() == [2, 3, 99]
+    ring.reset()
+    assert (ring.dropped, len(ring)) == (0, 0)
+
+
+def test_ring_wraps_around_many_times(impl):
+    ring = impl.Ring(4)
+    seen = []
+    for lap in range(50):
+        for i in range(3):
+            assert ring.push(1, 0, 0, lap * 3 + i, 0, 0)
+        seen += drain_ring(ring, 8)["start_ns"].tolist()
+    assert seen == list(range(150))
+
+
+def test_ring_push_rejects_out_of_range_fields(impl):
+    ring = impl.Ring(4)
+    with pytest.raises(OverflowError):
+        ring.push(1 << 32, 0, 0, 0, 0, 0)
+    with pytest.raises(OverflowError):
+        ring.push(1, 1 << 16, 0, 0, 0, 0)
+
+
+# -- Runtime ------------------------------------------------------------------------------------
+
+
+def test_enter_exit_records_key_error_and_times(env):
+    impl, rt, reg = env
+    key = reg.inference_key("m", "1")
+    owner = Owner()
+    before = impl.monotonic_ns()
+    rt.enter(owner, key)
+    time.sleep(0.002)
+    rt.exit(owner, None)
+    rt.enter(owner, key)
+    rt.exit(owner, KeyError)
+    after = impl.monotonic_ns()
+    out = drain(rt)
+    assert out["key"].tolist() == [key, key]
+    assert out["error"].tolist() == [0, reg.error_id(KeyError)]
+    assert reg.error_name(int(out["error"][1])) == "KeyError"
+    assert out["wall_ns"][0] >= 2_000_000
+    assert before <= out["start_ns"][0] <= out["start_ns"][1] <= after
+    assert out["cpu_ns"].tolist() == [-1, -1]  # counters=0: no CPU clock
+
+
+def test_thread_cpu_counter(env):
+    impl, rt, reg = env
+    rt.counters = COUNTER_THREAD_CPU
+    owner = Owner()
+    rt.enter(owner, reg.inference_key("m"))
+    end = time.perf_counter() + 0.003
+    while time.perf_counter() < end:
+        pass
+    rt.exit(owner, None)
+    out = drain(rt)
+    # Other processes may take the CPU meanwhile, so only the bounds are certain.
+    assert 0 < out["cpu_ns"][0] <= out["wall_ns"][0] + 1_000_000
+    assert out["wall_ns"][0] >= 3_000_000
+
+
+def test_stages_resolve_paths_through_the_registry(env):
+    impl, rt, reg = env
+    model = reg.inference_key("m")
+    owner = Owner()
+    rt.enter(owner, model)
+    with rt.stage("pre"), rt.stage("tok"):
+        assert rt.current_key() == reg.stage_key(reg.stage_key(model, "pre"), "tok")
+    with rt.stage("pre"):
+        pass
+    rt.exit(owner, None)
+    with rt.stage("pre"):
+        pass
+    out = drain(rt)
+    paths = [(reg.info(int(k)).model, reg.info(int(k)).stage) for k in out["key"]]
+    assert paths == [("m", "pre/tok"), ("m", "pre"), ("m", "pre"), ("m", None), (None, "pre")]
+    assert rt.stage("pre") is rt.stage("pre")
+    assert rt.stage("pre").name == "pre"
+
+
+def test_stage_errors_and_misuse_match(env):
+    impl, rt, reg = env
+    with pytest.raises(ZeroDivisionError), rt.stage("s"):
+        1 / 0  # noqa: B018
+    assert reg.error_name(int(drain(rt)["error"][0])) == "ZeroDivisionError"
+    with pytest.raises(ValueError, match="must not be empty"):
+        rt.stage("")
+    with pytest.raises(ValueError, match="must not contain '/'"):
+        rt.stage("a/b")
+    with pytest.raises(TypeError, match="did you forget the brackets"):
+        rt.stage(print)
+    with pytest.raises(TypeError, match="must be a str"):
+        rt.stage(3)
+
+
+def test_out_of_order_exit_closes_the_right_entry(env):
+    impl, rt, reg = env
+    outer, inner = rt.stage("outer"), rt.stage("inner")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # e.g. a generator suspended inside `inner`
+    assert rt.active_depth() == 1
+    inner.__exit__(None, None, None)
+    assert rt.active_depth() == 0
+    keys = [reg.info(int(k)).stage for k in drain(rt)["key"]]
+    assert keys == ["outer", "outer/inner"]
+
+
+def test_exit_without_enter_is_ignored(env):
+    impl, rt, reg = env
+    rt.exit(Owner(), None)
+    rt.stage("never-entered").__exit__(None, None, None)
+    assert len(drain(rt)) == 0
+    assert rt.active_depth() == 0
+
+
+def test_depth_overflow_is_counted_and_absorbed(env):
+    impl, rt, reg = env
+    stages = [rt.stage(f"s{i}") for i in range(MAX_STACK_DEPTH + 5)]
+    for s in stages:
+        s.__enter__()
+    assert rt.depth_dropped == 5
+    for s in reversed(stages):
+        s.__exit__(None, None, None)
+    assert rt.active_depth() == 0
+    assert len(drain(rt)) == MAX_STACK_DEPTH
+
+
+def test_exit_segment_stashes_entries_above_and_enter_reopens_them(env):
+    impl, rt, reg = env
+    gen_owner = Owner()
+    key = reg.inference_key("gen")
+    rt.enter(gen_owner, key)
+    rt.stage("decode").__enter__()  # the generator body enters a stage, then yields
+    start, wall, cpu, stash = rt.exit_segment(gen_owner)
+    assert wall >= 0 and cpu == -1 and stash is not None
+    assert rt.current_key() == NO_MODEL_KEY  # the consumer sees no open generator stage
+    rt.enter(gen_owner, key, stash)
+    assert reg.info(rt.current_key()).stage == "decode"
+    rt.stage("decode").__exit__(None, None, None)
+    assert rt.exit_segment(gen_owner)[3] is None
+    rt.record(key, None, FLAG_ABANDONED, start, 5, -1)
+    out = drain(rt)
+    assert [reg.info(int(k)).stage for k in out["key"]] == ["decode", None]
+    assert out["flags"].tolist() == [0, FLAG_ABANDONED]
+    assert rt.exit_segment(gen_owner) is None
+
+
+def test_use_frame_roots_a_context_at_a_key(env):
+    import contextvars
+
+    impl, rt, reg = env
+    parent = reg.stage_key(reg.inference_key("m"), "infer")
+
+    def work():
+        rt.use_frame(parent)
+        with rt.stage("shard"):
+            return rt.current_key()
+
+    key = contextvars.copy_context().run(work)
+    assert reg.info(key).stage == "infer/shard" and reg.info(key).model == "m"
+    assert rt.current_key() == NO_MODEL_KEY
+
+
+def test_fork_generation_discards_entries_opened_before(env):
+    impl, rt, reg = env
+    owner = Owner()
+    rt.enter(owner, reg.inference_key("m"))
+    rt.ring.push(1, 0, 0, 0, 0, 0)
+    rt.after_fork_in_child()
+    assert len(rt.ring) == 0
+    rt.exit(owner, None)  # opened by the "parent": never recorded by the child
+    with rt.stage("child"):
+        pass
+    out = drain(rt)
+    assert [reg.info(int(k)).stage for k in out["key"]] == ["child"]
+    assert reg.info(int(out["key"][0])).model is None
+
+
+def test_disabled_runtime_records_nothing(env):
+    impl, rt, reg = env
+    rt.enabled = False
+    owner = Owner()
+    rt.enter(owner, reg.inference_key("m"))
+    with rt.stage("s"):
+        pass
+    rt.exit(owner, None)
+    calls = []
+    tracked = rt.track(lambda: calls.append(1) or "r", reg.inference_key("t"))
+    assert tracked() == "r" and calls == [1]
+    assert len(drain(rt)) == 0
+
+
+def test_track_wraps_and_records(env):
+    impl, rt, reg = env
+    key = reg.inference_key("t")
+    tracked = rt.track(lambda a, b=1: a + b, key)
+    assert tracked(1, b=2) == 3
+    with pytest.raises(TypeError):
+        tracked()
+    assert tracked.inferscope_key == key
+    out = drain(rt)
+    assert out["key"].tolist() == [key, key]
+    assert out["error"].tolist() == [0, reg.error_id(TypeError)]
+    with pytest.raises(TypeError, match="callable"):
+        rt.track(3, key)
+
+
+def test_same_operations_give_the_same_records_on_both_backends():
+    if _native is None:
+        pytest.skip("the C extension is not built")
+    results = []
+    for impl in (_purepy, _native):
+        reg = KeyRegistry()
+        rt = impl.Runtime(impl.Ring(256), reg)
+        owner = Owner()
+        rt.enter(owner, reg.inference_key("m", "v"))
+        for name in ("a", "b", "a"):
+            with rt.stage(name), rt.stage("x"):
+                pass
+        try:
+            with rt.stage("boom"):
+                raise OSError
+        except OSError:
+            pass
+        rt.exit(owner, ValueError, 0)
+        out = drain(rt)
+        results.append([(reg.info(int(r["key"])).stage, reg.error_name(int(r["error"])), int(r["flags"])) for r in out])
+    assert results[0] == results[1]
+    assert results[0][-1] == (None, "ValueError", 0)
