@@ -1,0 +1,661 @@
+"""Settings: ``configure()`` arguments and environment variables, validated into one frozen ``Settings``.
+
+Precedence, highest first: a ``configure()`` argument, an ``INFERSCOPE_*`` variable, the standard
+``OTEL_*`` variable that means the same thing, the default. An argument of ``None`` counts as not
+given, and so does an empty environment variable (the OTel convention).
+
+``SETTINGS`` is the one table of what each setting accepts: validation messages quote it and
+docs/configuration.md is checked against it by the test suite, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._keys import DEFAULT_MAX_KEYS
+from ._records import RECORD_DTYPE
+from .counters import COUNTER_SETS, accepted_counter_values, counter_mask
+
+__all__ = [
+    "DEFAULT_HISTOGRAM_BOUNDARIES",
+    "SETTINGS",
+    "ConfigError",
+    "SettingSpec",
+    "Settings",
+    "load_settings",
+]
+
+#: The ``source`` of a value passed to ``configure()``.
+CONFIGURE_ARGUMENT = "configure argument"
+#: The ``source`` of a value passed to ``Settings(...)`` directly.
+SETTINGS_FIELD = "Settings field"
+
+
+class ConfigError(ValueError):
+    """An invalid setting. The message names the setting, the value it got, and what is accepted.
+
+    ``source`` is the environment variable the value came from, or ``"configure argument"``; ``note``
+    says more where the accepted text alone would leave the user guessing. For example,
+    ``INFERSCOPE_RING_CAPACITY=1000`` gives (on one line)::
+
+        ring_capacity (from INFERSCOPE_RING_CAPACITY): got '1000';
+        accepted: a power of two from 1024 to 16777216
+    """
+
+    def __init__(
+        self,
+        setting: str,
+        value: object,
+        accepted: str,
+        source: str = CONFIGURE_ARGUMENT,
+        note: str | None = None,
+        *,
+        message: str | None = None,
+    ) -> None:
+        self.setting = setting
+        self.value = value
+        self.accepted = accepted
+        self.source = source
+        self.note = note
+        if message is None:
+            where = source if source in (CONFIGURE_ARGUMENT, SETTINGS_FIELD) else f"from {source}"
+            detail = f" ({note})" if note else ""
+            message = f"{setting} ({where}): got {value!r}{detail}; accepted: {accepted}"
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default reduce would call ConfigError(message) and fail; keep every attribute instead.
+        return (
+            _rebuild_config_error,
+            (self.setting, self.value, self.accepted, self.source, self.note, str(self)),
+        )
+
+
+def _rebuild_config_error(
+    setting: str, value: object, accepted: str, source: str, note: str | None, message: str
+) -> ConfigError:
+    return ConfigError(setting, value, accepted, source, note, message=message)
+
+
+class _Invalid(Exception):
+    """Raised by the converters below; turned into a ``ConfigError`` that names setting and source."""
+
+    def __init__(self, note: str | None = None) -> None:
+        super().__init__(note)
+        self.note = note
+
+
+#: Explicit histogram boundaries in seconds: 0.5 ms to 10 s, the OTel default shape scaled to seconds.
+DEFAULT_HISTOGRAM_BOUNDARIES: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+
+MIN_RING_CAPACITY = 1024
+MAX_RING_CAPACITY = 16_777_216
+RECORD_BYTES = RECORD_DTYPE.itemsize
+_DEFAULT_RING_CAPACITY = 65536
+
+_EXPORTERS = ("otlp", "console", "prometheus")
+_PROTOCOLS = {"grpc": "grpc", "http/protobuf": "http/protobuf"}
+_HISTOGRAM_AGGREGATIONS = {
+    "exponential": "exponential",
+    "explicit": "explicit",
+    "base2_exponential_bucket_histogram": "exponential",
+    "explicit_bucket_histogram": "explicit",
+}
+_TRUE_TEXT = frozenset({"true", "1", "yes", "on"})
+_FALSE_TEXT = frozenset({"false", "0", "no", "off"})
+
+_OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+
+
+# --- converters: text from an environment variable -> Python value --------------------------------
+
+
+def _text(text: str) -> object:
+    return text
+
+
+def _bool_text(text: str) -> object:
+    lowered = text.lower()
+    if lowered in _TRUE_TEXT:
+        return True
+    if lowered in _FALSE_TEXT:
+        return False
+    raise _Invalid
+
+
+def _int_text(text: str) -> object:
+    try:
+        return int(text)
+    except ValueError:
+        raise _Invalid from None
+
+
+def _list_text(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
+
+
+def _float_list_text(text: str) -> object:
+    numbers_: list[float] = []
+    for part in text.split(","):
+        try:
+            numbers_.append(float(part))
+        except ValueError:
+            raise _Invalid(f"{part.strip()!r} is not a number") from None
+    return tuple(numbers_)
+
+
+# --- checks: Python value -> normalized value (idempotent) ----------------------------------------
+
+
+def _check_bool(value: object) -> object:
+    if not isinstance(value, bool):
+        raise _Invalid
+    return value
+
+
+def _int_check(
+    minimum: int, maximum: int | None = None, *, power_of_two: bool = False
+) -> Callable[[object], object]:
+    def check(value: object) -> object:
+        # bool is an int to Python, but configure(ring_capacity=True) is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _Invalid
+        number = int(value)
+        if number < minimum or (maximum is not None and number > maximum):
+            raise _Invalid
+        if power_of_two and number & (number - 1):
+            raise _Invalid
+        return number
+
+    return check
+
+
+def _optional_name(value: object) -> object:
+    if value is None:
+        return None
+    return _name(value)
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid
+    return value.strip()
+
+
+def _host(value: object) -> object:
+    host = _name(value)
+    if any(char.isspace() for char in host):
+        raise _Invalid
+    return host
+
+
+def _choice(choices: Mapping[str, str], notes: Mapping[str, str] | None = None) -> Callable[[object], object]:
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            raise _Invalid
+        key = value.strip().lower()
+        if key in choices:
+            return choices[key]
+        raise _Invalid((notes or {}).get(key))
+
+    return check
+
+
+def _counters(value: object) -> object:
+    if not isinstance(value, str):
+        raise _Invalid
+    text = value.strip().lower()
+    try:
+        counter_mask(text)
+    except KeyError as exc:
+        unknown = exc.args[0]
+        raise _Invalid(f"unknown counter {unknown!r}" if unknown != text else None) from None
+    if text in COUNTER_SETS:
+        return text
+    return ",".join(part.strip() for part in text.split(","))
+
+
+def _items(value: object) -> tuple[object, ...]:
+    """Any finite, ordered collection; str, bytes, mappings and sets are refused."""
+    if isinstance(value, (str, bytes, bytearray, Mapping, Set)) or not isinstance(value, Iterable):
+        raise _Invalid
+    return tuple(value)
+
+
+def _exporters(value: object) -> object:
+    names = _list_text(value) if isinstance(value, str) else _items(value)
+    result: list[str] = []
+    for item in names:
+        if not isinstance(item, str):
+            raise _Invalid
+        name = item.strip().lower()
+        if name == "none":
+            if len(names) > 1:
+                raise _Invalid("'none' cannot be combined with other exporters")
+            return ()
+        if name not in _EXPORTERS:
+            if not name:
+                raise _Invalid("an entry is empty")
+            raise _Invalid(f"unknown exporter {item.strip()!r}" if len(names) > 1 else None)
+        if name not in result:
+            result.append(name)
+    return tuple(result)
+
+
+def _endpoint(value: object) -> object:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid
+    url = value.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        raise _Invalid from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise _Invalid
+    return url
+
+
+def _boundaries(value: object) -> object:
+    items = _items(value)
+    if not items:
+        raise _Invalid("no boundaries given")
+    result: list[float] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Real):
+            raise _Invalid(f"{item!r} is not a number")
+        number = float(item)
+        if not math.isfinite(number) or number <= 0:
+            raise _Invalid(f"{item!r} is not a finite number above 0")
+        if result and number <= result[-1]:
+            raise _Invalid(f"{item!r} does not follow {result[-1]!r}")
+        result.append(number)
+    return tuple(result)
+
+
+def _meter_provider(value: object) -> object:
+    if value is None:
+        return None
+    from opentelemetry.sdk.metrics import MeterProvider  # imported only when one is given
+
+    if not isinstance(value, MeterProvider):
+        raise _Invalid
+    return value
+
+
+def _metric_exporters(value: object) -> object:
+    items = _items(value)
+    if not items:
+        return ()
+    from opentelemetry.sdk.metrics.export import MetricExporter  # imported only when one is given
+
+    if not all(isinstance(item, MetricExporter) for item in items):
+        raise _Invalid
+    return items
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting: where it is read from, its default and what it accepts, as shown to users.
+
+    ``env`` lists the environment variables in precedence order; it is empty for the settings that
+    only ``configure()`` can set (Python objects).
+    """
+
+    name: str
+    env: tuple[str, ...]
+    default: str
+    accepted: str
+    description: str
+    check: Callable[[object], object] = field(repr=False, compare=False)
+    from_text: Callable[[str], object] = field(default=_text, repr=False, compare=False)
+
+    @property
+    def configure_only(self) -> bool:
+        return not self.env
+
+
+def _defaults_text(boundaries: Sequence[float]) -> str:
+    return ",".join(f"{b:g}" for b in boundaries)
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec(
+        "enabled",
+        ("INFERSCOPE_ENABLED", "OTEL_SDK_DISABLED"),
+        "true",
+        "True or False (in INFERSCOPE_ENABLED: true/false, 1/0, yes/no or on/off, in any case)",
+        "Whether inferscope measures and exports anything. OTEL_SDK_DISABLED=true (in any case) turns it off "
+        "as it does the OTel SDK; other values of OTEL_SDK_DISABLED are ignored. INFERSCOPE_ENABLED wins "
+        "when both are set.",
+        _check_bool,
+        _bool_text,
+    ),
+    SettingSpec(
+        "service_name",
+        ("INFERSCOPE_SERVICE_NAME", "OTEL_SERVICE_NAME"),
+        "unset",
+        "a non-empty string",
+        "The service.name resource attribute. Unset leaves it to the OTel Resource "
+        "(OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES).",
+        _optional_name,
+    ),
+    SettingSpec(
+        "counters",
+        ("INFERSCOPE_COUNTERS",),
+        "default",
+        accepted_counter_values(),
+        "What is read around every inference and stage. minimal reads the monotonic clock only; "
+        "default adds the thread CPU clock.",
+        _counters,
+    ),
+    SettingSpec(
+        "ring_capacity",
+        ("INFERSCOPE_RING_CAPACITY",),
+        str(_DEFAULT_RING_CAPACITY),
+        f"a power of two from {MIN_RING_CAPACITY} to {MAX_RING_CAPACITY}",
+        f"Records the ring buffer holds between drains ({RECORD_BYTES} bytes each, so the default takes "
+        f"{_DEFAULT_RING_CAPACITY * RECORD_BYTES / 2**20:g} MiB). "
+        "When it is full, new records are dropped and counted in inferscope.sdk.records.dropped.",
+        _int_check(MIN_RING_CAPACITY, MAX_RING_CAPACITY, power_of_two=True),
+        _int_text,
+    ),
+    SettingSpec(
+        "drain_interval_millis",
+        ("INFERSCOPE_DRAIN_INTERVAL_MILLIS",),
+        "100",
+        "an integer from 1 to 60000",
+        "How often the drainer thread moves records from the ring into the aggregates; "
+        "it drains sooner when the ring is half full.",
+        _int_check(1, 60_000),
+        _int_text,
+    ),
+    SettingSpec(
+        "max_keys",
+        ("INFERSCOPE_MAX_KEYS",),
+        str(DEFAULT_MAX_KEYS),
+        "an integer from 10 to 1000000",
+        "Cap on distinct (model, version, stage path, attributes) keys. Past it, new keys fold into "
+        "one overflow series marked otel.metric.overflow=true.",
+        _int_check(10, 1_000_000),
+        _int_text,
+    ),
+    SettingSpec(
+        "metrics_exporters",
+        ("INFERSCOPE_METRICS_EXPORTER", "OTEL_METRICS_EXPORTER"),
+        "none; otlp when an OTLP endpoint is set",
+        "'otlp', 'console', 'prometheus', comma-separated (or a list in configure()), or 'none' alone",
+        "Where metrics are pushed or served; duplicates are dropped. Unlike the OTel SDK, the default "
+        "sends nothing unless an OTLP endpoint is named (otlp_endpoint, OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT): inferscope never sends data to a backend you did not "
+        "name, and snapshot() and the CLI work with no exporter.",
+        _exporters,
+        _list_text,
+    ),
+    SettingSpec(
+        "otlp_protocol",
+        ("INFERSCOPE_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        "grpc",
+        "'grpc' or 'http/protobuf'",
+        "Transport of the otlp exporter.",
+        _choice(
+            _PROTOCOLS,
+            {"http/json": "the Python OTLP exporters support grpc and http/protobuf, not http/json"},
+        ),
+    ),
+    SettingSpec(
+        "otlp_endpoint",
+        ("INFERSCOPE_OTLP_ENDPOINT",),
+        "unset",
+        "an http:// or https:// URL",
+        "Where the otlp exporter sends metrics. Unset leaves it to the exporter, which reads "
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT itself (default "
+        "localhost:4317 for grpc, localhost:4318/v1/metrics for http/protobuf).",
+        _endpoint,
+    ),
+    SettingSpec(
+        "export_interval_millis",
+        ("INFERSCOPE_EXPORT_INTERVAL_MILLIS", "OTEL_METRIC_EXPORT_INTERVAL"),
+        "60000",
+        "an integer of at least 100",
+        "Time between two pushes to the metric exporters.",
+        _int_check(100),
+        _int_text,
+    ),
+    SettingSpec(
+        "export_timeout_millis",
+        ("INFERSCOPE_EXPORT_TIMEOUT_MILLIS", "OTEL_METRIC_EXPORT_TIMEOUT"),
+        "30000",
+        "an integer of at least 1",
+        "How long one push may take before it is abandoned.",
+        _int_check(1),
+        _int_text,
+    ),
+    SettingSpec(
+        "histogram_aggregation",
+        ("INFERSCOPE_HISTOGRAM_AGGREGATION", "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION"),
+        "exponential",
+        "'exponential' (or 'base2_exponential_bucket_histogram') or 'explicit' "
+        "(or 'explicit_bucket_histogram')",
+        "How duration histograms are exported: base-2 exponential buckets, or the fixed "
+        "histogram_boundaries.",
+        _choice(_HISTOGRAM_AGGREGATIONS),
+    ),
+    SettingSpec(
+        "histogram_boundaries",
+        ("INFERSCOPE_HISTOGRAM_BOUNDARIES",),
+        _defaults_text(DEFAULT_HISTOGRAM_BOUNDARIES),
+        "strictly increasing finite numbers of seconds above 0, at least one (comma-separated in the "
+        "environment, a sequence of numbers in configure())",
+        "Bucket boundaries in seconds when histogram_aggregation is explicit.",
+        _boundaries,
+        _float_list_text,
+    ),
+    SettingSpec(
+        "histogram_max_buckets",
+        ("INFERSCOPE_HISTOGRAM_MAX_BUCKETS",),
+        "320",
+        "an integer from 2 to 16384",
+        "Largest number of buckets in an exported exponential histogram; one with more is downscaled "
+        "(merged into coarser buckets) on export.",
+        _int_check(2, 16_384),
+        _int_text,
+    ),
+    SettingSpec(
+        "prometheus_host",
+        ("INFERSCOPE_PROMETHEUS_HOST", "OTEL_EXPORTER_PROMETHEUS_HOST"),
+        "127.0.0.1",
+        "a host name or address without spaces",
+        "Address the Prometheus endpoint listens on. The default serves this machine only; use 0.0.0.0 "
+        "to let a Prometheus server elsewhere scrape it.",
+        _host,
+    ),
+    SettingSpec(
+        "prometheus_port",
+        ("INFERSCOPE_PROMETHEUS_PORT", "OTEL_EXPORTER_PROMETHEUS_PORT"),
+        "9464",
+        "an integer from 0 to 65535 (0 picks a free port)",
+        "Port of the Prometheus endpoint. Used only when prometheus is one of metrics_exporters.",
+        _int_check(0, 65_535),
+        _int_text,
+    ),
+    SettingSpec(
+        "meter_provider",
+        (),
+        "unset",
+        "an opentelemetry.sdk.metrics.MeterProvider instance",
+        "A MeterProvider that your application already set up; inferscope's metrics ride along with its "
+        "readers and Resource.",
+        _meter_provider,
+    ),
+    SettingSpec(
+        "metric_exporters",
+        (),
+        "none",
+        "a sequence of opentelemetry.sdk.metrics.export.MetricExporter instances",
+        "Extra exporters to push to, next to metrics_exporters (for example an in-memory exporter in tests).",
+        _metric_exporters,
+    ),
+)
+
+_SPECS: dict[str, SettingSpec] = {spec.name: spec for spec in SETTINGS}
+
+
+def _convert(spec: SettingSpec, value: object, source: str, *, text: str | None = None) -> object:
+    """Check ``value`` (already converted from ``text`` when it came from the environment)."""
+    try:
+        if text is not None:
+            value = spec.from_text(text.strip())
+        return spec.check(value)
+    except _Invalid as exc:
+        raise ConfigError(
+            spec.name, value if text is None else text, spec.accepted, source, exc.note
+        ) from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated, normalized settings; build them with ``load_settings()``.
+
+    Constructing ``Settings(...)`` directly validates every field the same way, so an instance is
+    always valid::
+
+        >>> Settings(ring_capacity=1024, counters="minimal").counter_mask
+        0
+    """
+
+    enabled: bool = True
+    service_name: str | None = None
+    counters: str = "default"
+    counter_mask: int = field(init=False)
+    ring_capacity: int = _DEFAULT_RING_CAPACITY
+    drain_interval_millis: int = 100
+    max_keys: int = DEFAULT_MAX_KEYS
+    metrics_exporters: tuple[str, ...] = ()
+    otlp_protocol: str = "grpc"
+    otlp_endpoint: str | None = None
+    export_interval_millis: int = 60000
+    export_timeout_millis: int = 30000
+    histogram_aggregation: str = "exponential"
+    histogram_boundaries: tuple[float, ...] = DEFAULT_HISTOGRAM_BOUNDARIES
+    histogram_max_buckets: int = 320
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 9464
+    meter_provider: object | None = None
+    metric_exporters: tuple[object, ...] = ()
+
+    def __post_init__(self) -> None:
+        for spec in SETTINGS:
+            normalized = _convert(spec, getattr(self, spec.name), SETTINGS_FIELD)
+            object.__setattr__(self, spec.name, normalized)
+        object.__setattr__(self, "counter_mask", counter_mask(self.counters))
+
+
+def _unknown_setting(name: str, value: object) -> ConfigError:
+    known = ", ".join(_SPECS)
+    close = difflib.get_close_matches(name, _SPECS, n=1)
+    note = f"did you mean {close[0]!r}?" if close else None
+    hint = f"; {note} Accepted" if note else "; accepted"
+    return ConfigError(
+        name,
+        value,
+        f"one of {known}",
+        CONFIGURE_ARGUMENT,
+        note,
+        message=f"unknown setting {name!r} (configure argument){hint}: one of {known}",
+    )
+
+
+def _from_environment(spec: SettingSpec, environ: Mapping[str, str]) -> tuple[bool, object]:
+    """``(True, value)`` from the first variable of ``spec.env`` that is set, else ``(False, None)``."""
+    for variable in spec.env:
+        raw = environ.get(variable)
+        if raw is None or not raw.strip():
+            continue
+        if variable == "OTEL_SDK_DISABLED":
+            # OTel semantics: only "true" disables; any other value is ignored rather than an error.
+            if raw.strip().lower() == "true":
+                return True, False
+            continue
+        return True, _convert(spec, None, variable, text=raw)
+    return False, None
+
+
+def load_settings(
+    overrides: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Validated settings from ``configure()`` arguments over environment variables over defaults.
+
+    ``environ`` defaults to ``os.environ``. Raises ``ConfigError`` for an unknown argument and for any
+    invalid value, naming where the value came from::
+
+        >>> load_settings({"counters": "minimal"}, environ={"INFERSCOPE_MAX_KEYS": "500"}).max_keys
+        500
+    """
+    environ = os.environ if environ is None else environ
+    given = dict(overrides or {})
+    for name, value in given.items():
+        if name not in _SPECS:
+            raise _unknown_setting(name, value)
+
+    values: dict[str, Any] = {}
+    for spec in SETTINGS:
+        value = given.get(spec.name)
+        if value is not None:
+            values[spec.name] = _convert(spec, value, CONFIGURE_ARGUMENT)
+            continue
+        found, value = _from_environment(spec, environ)
+        if found:
+            values[spec.name] = value
+
+    if "metrics_exporters" not in values and (
+        values.get("otlp_endpoint") is not None
+        or any((environ.get(variable) or "").strip() for variable in _OTLP_ENDPOINT_VARIABLES)
+    ):
+        # Naming an OTLP endpoint is naming a backend: export to it without also asking for "otlp".
+        values["metrics_exporters"] = ("otlp",)
+    return Settings(**values)
+
+
+def _markdown_table() -> str:
+    """The settings table of docs/configuration.md, generated from ``SETTINGS``."""
+    rows = [
+        "| argument | environment variables | default | accepted | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in SETTINGS:
+        env = "<br>".join(f"`{name}`" for name in spec.env) if spec.env else "configure() only"
+        cells = (f"`{spec.name}`", env, spec.default, spec.accepted, spec.description)
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
