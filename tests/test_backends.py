@@ -13,7 +13,13 @@ import pytest
 
 from inferscope import _purepy
 from inferscope._keys import KeyRegistry
-from inferscope._records import COUNTER_THREAD_CPU, FLAG_ABANDONED, MAX_STACK_DEPTH, NO_MODEL_KEY, empty_records
+from inferscope._records import (
+    COUNTER_THREAD_CPU,
+    FLAG_ABANDONED,
+    MAX_STACK_DEPTH,
+    NO_MODEL_KEY,
+    empty_records,
+)
 
 try:
     from inferscope import _native
@@ -36,7 +42,7 @@ def impl(request):
 def env(impl):
     registry = KeyRegistry(max_keys=100)
     runtime = impl.Runtime(impl.Ring(1024), registry)
-    return impl, runtime, registry
+    return runtime, registry
 
 
 def drain(runtime):
@@ -112,8 +118,8 @@ def test_ring_push_rejects_out_of_range_fields(impl):
 # -- Runtime ------------------------------------------------------------------------------------
 
 
-def test_enter_exit_records_key_error_and_times(env):
-    impl, rt, reg = env
+def test_enter_exit_records_key_error_and_times(impl, env):
+    rt, reg = env
     key = reg.inference_key("m", "1")
     owner = Owner()
     before = impl.monotonic_ns()
@@ -133,7 +139,7 @@ def test_enter_exit_records_key_error_and_times(env):
 
 
 def test_thread_cpu_counter(env):
-    impl, rt, reg = env
+    rt, reg = env
     rt.counters = COUNTER_THREAD_CPU
     owner = Owner()
     rt.enter(owner, reg.inference_key("m"))
@@ -148,7 +154,7 @@ def test_thread_cpu_counter(env):
 
 
 def test_stages_resolve_paths_through_the_registry(env):
-    impl, rt, reg = env
+    rt, reg = env
     model = reg.inference_key("m")
     owner = Owner()
     rt.enter(owner, model)
@@ -167,9 +173,9 @@ def test_stages_resolve_paths_through_the_registry(env):
 
 
 def test_stage_errors_and_misuse_match(env):
-    impl, rt, reg = env
+    rt, reg = env
     with pytest.raises(ZeroDivisionError), rt.stage("s"):
-        1 / 0  # noqa: B018
+        1 / 0
     assert reg.error_name(int(drain(rt)["error"][0])) == "ZeroDivisionError"
     with pytest.raises(ValueError, match="must not be empty"):
         rt.stage("")
@@ -182,7 +188,7 @@ def test_stage_errors_and_misuse_match(env):
 
 
 def test_out_of_order_exit_closes_the_right_entry(env):
-    impl, rt, reg = env
+    rt, reg = env
     outer, inner = rt.stage("outer"), rt.stage("inner")
     outer.__enter__()
     inner.__enter__()
@@ -195,7 +201,7 @@ def test_out_of_order_exit_closes_the_right_entry(env):
 
 
 def test_exit_without_enter_is_ignored(env):
-    impl, rt, reg = env
+    rt, _ = env
     rt.exit(Owner(), None)
     rt.stage("never-entered").__exit__(None, None, None)
     assert len(drain(rt)) == 0
@@ -203,7 +209,7 @@ def test_exit_without_enter_is_ignored(env):
 
 
 def test_depth_overflow_is_counted_and_absorbed(env):
-    impl, rt, reg = env
+    rt, _ = env
     stages = [rt.stage(f"s{i}") for i in range(MAX_STACK_DEPTH + 5)]
     for s in stages:
         s.__enter__()
@@ -215,7 +221,7 @@ def test_depth_overflow_is_counted_and_absorbed(env):
 
 
 def test_exit_segment_stashes_entries_above_and_enter_reopens_them(env):
-    impl, rt, reg = env
+    rt, reg = env
     gen_owner = Owner()
     key = reg.inference_key("gen")
     rt.enter(gen_owner, key)
@@ -237,7 +243,7 @@ def test_exit_segment_stashes_entries_above_and_enter_reopens_them(env):
 def test_use_frame_roots_a_context_at_a_key(env):
     import contextvars
 
-    impl, rt, reg = env
+    rt, reg = env
     parent = reg.stage_key(reg.inference_key("m"), "infer")
 
     def work():
@@ -251,7 +257,7 @@ def test_use_frame_roots_a_context_at_a_key(env):
 
 
 def test_fork_generation_discards_entries_opened_before(env):
-    impl, rt, reg = env
+    rt, reg = env
     owner = Owner()
     rt.enter(owner, reg.inference_key("m"))
     rt.ring.push(1, 0, 0, 0, 0, 0)
@@ -266,7 +272,7 @@ def test_fork_generation_discards_entries_opened_before(env):
 
 
 def test_disabled_runtime_records_nothing(env):
-    impl, rt, reg = env
+    rt, reg = env
     rt.enabled = False
     owner = Owner()
     rt.enter(owner, reg.inference_key("m"))
@@ -280,7 +286,7 @@ def test_disabled_runtime_records_nothing(env):
 
 
 def test_track_wraps_and_records(env):
-    impl, rt, reg = env
+    rt, reg = env
     key = reg.inference_key("t")
     tracked = rt.track(lambda a, b=1: a + b, key)
     assert tracked(1, b=2) == 3
@@ -313,6 +319,8 @@ def test_same_operations_give_the_same_records_on_both_backends():
             pass
         rt.exit(owner, ValueError, 0)
         out = drain(rt)
-        results.append([(reg.info(int(r["key"])).stage, reg.error_name(int(r["error"])), int(r["flags"])) for r in out])
+        results.append(
+            [(reg.info(int(r["key"])).stage, reg.error_name(int(r["error"])), int(r["flags"])) for r in out]
+        )
     assert results[0] == results[1]
     assert results[0][-1] == (None, "ValueError", 0)

@@ -274,6 +274,8 @@ def test_snapshot_reports_the_backend():
 
 
 def test_no_extension_variable_selects_pure_python():
-    result = run_python("import inferscope; print(inferscope.backend())", env={"INFERSCOPE_NO_EXTENSION": "1"})
+    result = run_python(
+        "import inferscope; print(inferscope.backend())", env={"INFERSCOPE_NO_EXTENSION": "1"}
+    )
     assert result.stdout.strip() == "python"
     assert sys.executable

@@ -31,9 +31,24 @@ def _compiler() -> str:
 def test_ring_stress_under_sanitizer(tmp_path, sanitizer):
     binary = tmp_path / "ring_stress"
     build = subprocess.run(
-        [_compiler(), "-std=c11", "-O1", "-g", f"-fsanitize={sanitizer}", "-Wall", "-Wextra", "-Werror",
-         "-I", str(NATIVE), str(STRESS), "-o", str(binary), "-lpthread"],
-        capture_output=True, text=True,
+        [
+            _compiler(),
+            "-std=c11",
+            "-O1",
+            "-g",
+            f"-fsanitize={sanitizer}",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-I",
+            str(NATIVE),
+            str(STRESS),
+            "-o",
+            str(binary),
+            "-lpthread",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert build.returncode == 0, build.stderr
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66", ASAN_OPTIONS="detect_leaks=1")

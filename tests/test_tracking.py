@@ -57,7 +57,7 @@ def test_bare_decorator_defaults_to_qualified_name(snapshot_row):
     score()
     score()
     assert snapshot_row(score.__qualname__).count == 2
-    assert "test_bare_decorator_defaults_to_qualified_name.<locals>.score" == score.__qualname__
+    assert score.__qualname__ == "test_bare_decorator_defaults_to_qualified_name.<locals>.score"
 
 
 def test_model_name_positionally_and_static_attributes():
@@ -80,7 +80,7 @@ def test_model_name_positionally_and_static_attributes():
         ({"version": 1.5}, TypeError, "version"),
         ({"attributes": {"inferscope.model.name": "x"}}, ValueError, "set by inferscope"),
         ({"attributes": {"user": object()}}, TypeError, "'user'"),
-        ({"attributes": ["a"]}, TypeError, "mapping"),
+        ({"attributes": ["a"]}, TypeError, "must map str to scalars"),
     ],
 )
 def test_bad_decorator_arguments_are_rejected_at_definition(kwargs, error, text):
@@ -165,7 +165,10 @@ def test_methods_staticmethods_and_classmethods_in_either_order():
     assert (m.s1(2), Model.s1(2), m.s2(2), Model.s2(2)) == (4, 4, 6, 6)
     assert (m.c1(2), Model.c1(3), m.c2(20), Model.c2(30)) == (20, 30, 10, 20)
     snap = inferscope.snapshot()
-    counts = {name: snap.row(name).count for name in ("method", "static-outer", "static-inner", "class-outer", "class-inner")}
+    counts = {
+        name: snap.row(name).count
+        for name in ("method", "static-outer", "static-inner", "class-outer", "class-inner")
+    }
     assert counts == {"method": 2, "static-outer": 2, "static-inner": 2, "class-outer": 2, "class-inner": 2}
 
 

@@ -37,6 +37,6 @@ __all__ = [
     "track_inference",
 ]
 
-from ._pipeline import autoconfigure as _autoconfigure  # noqa: E402
+from ._pipeline import autoconfigure as _autoconfigure
 
 _autoconfigure()

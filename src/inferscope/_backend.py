@@ -24,7 +24,9 @@ def _select() -> tuple[ModuleType, str, str]:
     except ImportError as exc:
         from . import _purepy
 
-        _logger.warning("inferscope: the C extension is not available (%s); using the pure-Python backend", exc)
+        _logger.warning(
+            "inferscope: the C extension is not available (%s); using the pure-Python backend", exc
+        )
         return _purepy, "python", f"the C extension is not available: {exc}"
     return _native, "c", "the C extension is built and enabled"
 

@@ -115,7 +115,9 @@ class KeyRegistry:
         with self._lock:
             key = self._inference_keys.get(ident)
             if key is None:
-                key = self._add(KeyInfo, kind="inference", model=model, version=version, stage=None, attributes=attrs)
+                key = self._add(
+                    KeyInfo, kind="inference", model=model, version=version, stage=None, attributes=attrs
+                )
                 if key != OVERFLOW_KEY:
                     self._inference_keys[ident] = key
             return key

@@ -17,7 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 
 from ._backend import BACKEND
@@ -95,7 +99,9 @@ class Drainer:
         self.stop()
         self.interval_millis = interval_millis
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="inferscope-drainer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stop,), name="inferscope-drainer", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout_millis: float = 5000) -> None:
@@ -167,7 +173,9 @@ class Exports:
             "boundaries": settings.histogram_boundaries,
             "max_buckets": settings.histogram_max_buckets,
         }
-        exporters = [_make_exporter(name, settings) for name in settings.metrics_exporters if name != "prometheus"]
+        exporters = [
+            _make_exporter(name, settings) for name in settings.metrics_exporters if name != "prometheus"
+        ]
         exporters += list(settings.metric_exporters)  # type: ignore[arg-type]
         if exporters:
             readers = []
@@ -182,7 +190,9 @@ class Exports:
                     )
                 )
             # shutdown_on_exit=False: our own atexit hook drains the ring first, then shuts this down.
-            self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers, shutdown_on_exit=False)
+            self.meter_provider = MeterProvider(
+                resource=self.resource, metric_readers=readers, shutdown_on_exit=False
+            )
             for reader in readers:
                 export_empty_collections(reader)
         if self.user_provider is not None:
@@ -190,9 +200,13 @@ class Exports:
             wrap_meter_provider(self.user_provider, collect_view, **histogram)  # type: ignore[arg-type]
         if serve_prometheus and "prometheus" in settings.metrics_exporters:
             collector = PrometheusCollector(collect_view, settings.histogram_boundaries)
-            self.prometheus = start_prometheus_server(collector, settings.prometheus_host, settings.prometheus_port)
+            self.prometheus = start_prometheus_server(
+                collector, settings.prometheus_host, settings.prometheus_port
+            )
             _logger.info(
-                "inferscope: serving Prometheus metrics on http://%s:%d/metrics", self.prometheus.host, self.prometheus.port
+                "inferscope: serving Prometheus metrics on http://%s:%d/metrics",
+                self.prometheus.host,
+                self.prometheus.port,
             )
 
     def shutdown(self, timeout_millis: float) -> None:
@@ -358,7 +372,9 @@ def _after_fork_in_child() -> None:
         exports.detach_after_fork()
     # Threads do not survive fork(). Building exporters (gRPC channels) inside the fork handler
     # is unsafe, so a new thread rebuilds them with this process's identity, then drains.
-    threading.Thread(target=_rebuild_after_fork, args=(settings,), name="inferscope-fork-init", daemon=True).start()
+    threading.Thread(
+        target=_rebuild_after_fork, args=(settings,), name="inferscope-fork-init", daemon=True
+    ).start()
 
 
 def _rebuild_after_fork(settings: Settings) -> None:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from time import perf_counter_ns as monotonic_ns  # CLOCK_MONOTONIC on Linux, the clock the C backend reads
 from time import thread_time_ns as thread_cpu_ns
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,7 +40,14 @@ RECORD_SIZE = RECORD_DTYPE.itemsize
 _MAX_CAPACITY = 1 << 26
 _STAGE_CACHE_LIMIT = 10000
 _TUPLE_DTYPE = np.dtype(
-    [("key", "<u4"), ("error", "<u2"), ("flags", "<u2"), ("start_ns", "<i8"), ("wall_ns", "<i8"), ("cpu_ns", "<i8")]
+    [
+        ("key", "<u4"),
+        ("error", "<u2"),
+        ("flags", "<u2"),
+        ("start_ns", "<i8"),
+        ("wall_ns", "<i8"),
+        ("cpu_ns", "<i8"),
+    ]
 )
 
 
@@ -72,7 +79,9 @@ class Ring:
         if not isinstance(capacity, int) or isinstance(capacity, bool):
             raise TypeError(f"Ring capacity must be an int, got {capacity!r}")
         if capacity < 2 or capacity > _MAX_CAPACITY or capacity & (capacity - 1):
-            raise ValueError(f"Ring capacity must be a power of two from 2 to {_MAX_CAPACITY}, got {capacity}")
+            raise ValueError(
+                f"Ring capacity must be a power of two from 2 to {_MAX_CAPACITY}, got {capacity}"
+            )
         self._capacity = capacity
         self._queue: deque[tuple[int, int, int, int, int, int]] = deque()
         self._dropped = _ThreadCounter()
@@ -187,7 +196,7 @@ class Stage:
                 rt._internal_errors.add()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object, /) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object, /) -> Literal[False]:
         rt = self._runtime
         if rt.enabled:
             rt.exit(self, exc_type)
@@ -212,7 +221,9 @@ class Runtime:
         self.decorate: Callable[..., Any] | None = None
         self.counters = 0
         self.enabled = True
-        self._var: contextvars.ContextVar[_Entry | None] = contextvars.ContextVar("inferscope_entry", default=None)
+        self._var: contextvars.ContextVar[_Entry | None] = contextvars.ContextVar(
+            "inferscope_entry", default=None
+        )
         self._stages: dict[str, Stage] = {}
         self._generation = 0
         self._epoch = 0
@@ -330,7 +341,9 @@ class Runtime:
         if not name:
             raise ValueError('stage name must not be empty, e.g. stage("preprocess")')
         if "/" in name:
-            raise ValueError(f"stage name {name!r} must not contain '/': nest stages instead, the path is built for you")
+            raise ValueError(
+                f"stage name {name!r} must not contain '/': nest stages instead, the path is built for you"
+            )
         created = Stage(self, name)
         if len(self._stages) < _STAGE_CACHE_LIMIT:
             self._stages[name] = created
@@ -393,7 +406,14 @@ class Runtime:
         return node.start_ns, end_ns - node.start_ns, cpu, above or None
 
     def record(
-        self, key: int, exc_type: type[BaseException] | None, flags: int, start_ns: int, wall_ns: int, cpu_ns: int, /
+        self,
+        key: int,
+        exc_type: type[BaseException] | None,
+        flags: int,
+        start_ns: int,
+        wall_ns: int,
+        cpu_ns: int,
+        /,
     ) -> None:
         if not self.enabled:
             return

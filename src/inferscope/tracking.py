@@ -6,12 +6,14 @@ functions, generators and async generators get a Python wrapper that still pushe
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
+from ._backend import monotonic_ns
 from ._keys import ERROR_TYPE, MODEL_NAME, MODEL_VERSION, OVERFLOW_ATTRIBUTE, STAGE_NAME
 from ._records import FLAG_ABANDONED
 from ._runtime import REGISTRY, RUNTIME
@@ -104,7 +106,7 @@ def _check_attributes(attributes: object) -> dict[str, str]:
     if attributes is None:
         return {}
     if not isinstance(attributes, Mapping):
-        raise TypeError(f"track_inference(attributes=...) must be a mapping of str to str/int/float/bool, got {attributes!r}")
+        raise TypeError(f"track_inference(attributes=...) must map str to scalars, got {attributes!r}")
     checked: dict[str, str] = {}
     for key, value in attributes.items():
         if not isinstance(key, str) or not key:
@@ -124,7 +126,12 @@ def _wrap(func: Any, model: str | None, version: str | None, attributes: dict[st
         return classmethod(_wrap(func.__func__, model, version, attributes))
     if not callable(func):
         raise TypeError(f"track_inference() decorates a callable, got {func!r}")
-    name = model or getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or type(func).__qualname__
+    name = (
+        model
+        or getattr(func, "__qualname__", None)
+        or getattr(func, "__name__", None)
+        or type(func).__qualname__
+    )
     key = REGISTRY.inference_key(name, version, attributes)
     if inspect.isasyncgenfunction(func):
         wrapper = _track_async_generator(func, key)
@@ -134,10 +141,9 @@ def _wrap(func: Any, model: str | None, version: str | None, attributes: dict[st
         wrapper = _track_coroutine(func, key)
     else:
         wrapper = RUNTIME.track(func, key)
-    try:
+    # A callable object without a writable __dict__ is tracked all the same.
+    with contextlib.suppress(AttributeError):
         functools.update_wrapper(wrapper, func)
-    except AttributeError:
-        pass  # a callable object without a writable __dict__ is tracked all the same
     return wrapper
 
 
@@ -162,7 +168,7 @@ class _Segments:
     """Accumulates the resumptions of a generator: wall time from the first resume to the end,
     CPU time only while the generator body ran (not while the consumer did)."""
 
-    __slots__ = ("cpu_ns", "stash", "start_ns")
+    __slots__ = ("cpu_ns", "start_ns", "stash")
 
     def __init__(self) -> None:
         self.start_ns: int | None = None
@@ -188,9 +194,8 @@ class _Segments:
 
 
 def _now_ns() -> int:
-    from ._backend import monotonic_ns
-
-    return monotonic_ns()
+    now: int = monotonic_ns()
+    return now
 
 
 def _track_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
@@ -278,7 +283,9 @@ def _track_async_generator(func: Callable[..., Any], key: int) -> Callable[..., 
 def _decorate_stage(stage_obj: Any, func: Any = None, *extra: Any, **kwargs: Any) -> Any:
     """``@stage("x")``: run every call of ``func`` inside the stage."""
     if extra or kwargs or func is None:
-        raise TypeError(f'@stage("{stage_obj.name}") decorates one function: use it as @stage("{stage_obj.name}")')
+        raise TypeError(
+            f'@stage("{stage_obj.name}") decorates one function: use it as @stage("{stage_obj.name}")'
+        )
     if not callable(func):
         raise TypeError(f'@stage("{stage_obj.name}") decorates a callable, got {func!r}')
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):

@@ -1,0 +1,1 @@
+"""Exporters: aggregates to OpenTelemetry metric points (push) and Prometheus families (pull)."""

@@ -1,0 +1,801 @@
+"""Aggregates → OpenTelemetry metric points (push) and Prometheus metric families (pull).
+
+The ``Aggregator`` is the one source of truth; nothing here keeps counters of its own except the
+previous cumulative state that delta temporality needs, and the exporter's count of its own failed
+exports.
+
+OTel SDK 1.45 has no MetricProducer, so pre-aggregated points reach an OTLP (or any other)
+exporter through :class:`AggregatesExporter`, a ``MetricExporter`` that appends inferscope's
+points to every batch the SDK hands it and then delegates. Prometheus scrapes a
+:class:`PrometheusCollector` registered on a private ``CollectorRegistry``.
+
+Example::
+
+    reader = PeriodicExportingMetricReader(
+        AggregatesExporter(OTLPMetricExporter(), aggregator.view, resource=resource, boundaries=BOUNDS)
+    )
+    provider = MeterProvider(metric_readers=[reader], resource=resource)
+    export_empty_collections(reader)  # export even though the provider has no instruments of its own
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import accumulate, pairwise
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Buckets,
+    ExponentialHistogram,
+    ExponentialHistogramDataPoint,
+    HistogramDataPoint,
+    Metric,
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+    PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric as PrometheusMetric
+from prometheus_client.utils import floatToGoString
+
+from .._keys import ERROR_TYPE
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from ..aggregate import AggregateView, Histogram, Series
+
+__all__ = [
+    "EXPORTS_FAILED",
+    "INFERENCE_ABANDONED",
+    "INFERENCE_CPU_TIME",
+    "INFERENCE_DURATION",
+    "KEYS_OVERFLOWED",
+    "RECORDS_DROPPED",
+    "SDK_ERRORS",
+    "STAGE_CPU_TIME",
+    "STAGE_DURATION",
+    "AggregatesExporter",
+    "PointBuilder",
+    "PrometheusCollector",
+    "PrometheusServer",
+    "export_empty_collections",
+    "start_prometheus_server",
+    "unwrap_meter_provider",
+    "wrap_meter_provider",
+]
+
+_logger = logging.getLogger("inferscope")
+
+INFERENCE_DURATION = "inferscope.inference.duration"
+INFERENCE_CPU_TIME = "inferscope.inference.cpu.time"
+STAGE_DURATION = "inferscope.stage.duration"
+STAGE_CPU_TIME = "inferscope.stage.cpu.time"
+INFERENCE_ABANDONED = "inferscope.inference.abandoned"
+RECORDS_DROPPED = "inferscope.sdk.records.dropped"
+KEYS_OVERFLOWED = "inferscope.sdk.keys.overflowed"
+SDK_ERRORS = "inferscope.sdk.errors"
+EXPORTS_FAILED = "inferscope.sdk.exports.failed"
+
+SCOPE_NAME = "inferscope"
+AGGREGATIONS = ("exponential", "explicit")
+DROP_REASON = "reason"
+
+_HISTOGRAM_DESCRIPTIONS = {
+    INFERENCE_DURATION: "Wall-clock duration of tracked inferences.",
+    INFERENCE_CPU_TIME: "Thread CPU time spent in tracked inferences.",
+    STAGE_DURATION: "Wall-clock duration of stages within inferences.",
+    STAGE_CPU_TIME: "Thread CPU time spent in stages within inferences.",
+}
+_COUNTER_UNITS = {
+    INFERENCE_ABANDONED: "{inference}",
+    RECORDS_DROPPED: "{record}",
+    KEYS_OVERFLOWED: "{key}",
+    SDK_ERRORS: "{error}",
+    EXPORTS_FAILED: "{export}",
+}
+_COUNTER_DESCRIPTIONS = {
+    INFERENCE_ABANDONED: "Generator inferences closed before they were exhausted.",
+    RECORDS_DROPPED: "Records dropped instead of aggregated, by reason.",
+    KEYS_OVERFLOWED: "Distinct keys folded into the overflow key because of the key cap.",
+    SDK_ERRORS: "Internal instrumentation errors.",
+    EXPORTS_FAILED: "Metric exports that failed or raised.",
+}
+# Prometheus sees the standard OTel conversion: dots become underscores, the unit "s" becomes a
+# "_seconds" suffix, and counters get "_total" (added by CounterMetricFamily).
+_PROMETHEUS_HISTOGRAMS = {
+    INFERENCE_DURATION: "inferscope_inference_duration",
+    INFERENCE_CPU_TIME: "inferscope_inference_cpu_time",
+    STAGE_DURATION: "inferscope_stage_duration",
+    STAGE_CPU_TIME: "inferscope_stage_cpu_time",
+}
+
+Attributes = dict[str, "str | bool"]
+_AttributesKey = tuple[tuple[str, "str | bool"], ...]
+
+
+def _scope_version() -> str:
+    try:
+        return importlib.metadata.version("inferscope")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def _check_boundaries(boundaries: Sequence[float]) -> list[float]:
+    bounds = [float(b) for b in boundaries]
+    if any(not b < c for b, c in pairwise(bounds)):
+        raise ValueError(f"boundaries must be strictly increasing, got {list(boundaries)!r}")
+    return bounds
+
+
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def _series_attributes(series: Series) -> Attributes:
+    attrs: Attributes = dict(series.info.metric_attributes)
+    if series.error_type is not None:
+        attrs[ERROR_TYPE] = series.error_type
+    return attrs
+
+
+def _attributes_key(attrs: Mapping[str, str | bool]) -> _AttributesKey:
+    return tuple(sorted(attrs.items()))
+
+
+def _merged(histograms: list[Histogram]) -> Histogram:
+    if len(histograms) == 1:
+        return histograms[0]
+    merged = histograms[0].copy()  # never mutate the view's histograms
+    for other in histograms[1:]:
+        merged.merge(other)
+    return merged
+
+
+class _RateLimitedLog:
+    """Logs at most once per ``interval_s``; the rest are only counted by the caller."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self._interval_s = interval_s
+        self._last = -float("inf")
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *, exc_info: bool = False) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self._interval_s:
+                return
+            self._last = now
+        _logger.warning(message, exc_info=exc_info)
+
+
+class PointBuilder:
+    """Turns an ``AggregateView`` into OTel ``Metric`` objects.
+
+    The aggregates are cumulative. For cumulative temporality the builder is stateless; for delta
+    it keeps, per series, the cumulative state it last exported and emits the difference.
+
+    >>> builder = PointBuilder(boundaries=[0.01, 0.1, 1.0])
+    >>> metrics = builder.build(aggregator.view(), time.time_ns())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        aggregation: str = "exponential",
+        boundaries: Sequence[float],
+        max_buckets: int = 320,
+        temporality: AggregationTemporality = AggregationTemporality.CUMULATIVE,
+    ) -> None:
+        _check_aggregation(aggregation)
+        if max_buckets < 2:
+            # One bucket cannot hold values on both sides of 1 s at any scale OTel allows.
+            raise ValueError(f"max_buckets must be at least 2, got {max_buckets!r}")
+        self.aggregation = aggregation
+        self.boundaries = _check_boundaries(boundaries)
+        self.max_buckets = max_buckets
+        self.temporality = temporality
+        # Delta state: the cumulative values of the last build, and when it ran.
+        self._previous_histograms: dict[tuple[str, int, int], Histogram] = {}
+        self._previous_counts: dict[tuple[str, _AttributesKey], int] = {}
+        self._previous_time_unix_nano: int | None = None
+        self._view_start_unix_nano: int | None = None
+
+    @property
+    def _delta(self) -> bool:
+        return self.temporality is AggregationTemporality.DELTA
+
+    def build(
+        self, view: AggregateView, time_unix_nano: int, extra_counts: Mapping[str, int] | None = None
+    ) -> list[Metric]:
+        """The metrics of ``view`` at ``time_unix_nano``.
+
+        ``extra_counts`` maps further monotonic counter names (e.g. ``EXPORTS_FAILED``) to their
+        cumulative totals; each becomes a Sum without attributes.
+        """
+        if self._delta and view.start_time_unix_nano != self._view_start_unix_nano:
+            # The aggregates were reset (e.g. after fork): nothing exported before relates to them.
+            self._previous_histograms.clear()
+            self._previous_counts.clear()
+            self._previous_time_unix_nano = None
+            self._view_start_unix_nano = view.start_time_unix_nano
+        if self._delta and self._previous_time_unix_nano is not None:
+            start_unix_nano = self._previous_time_unix_nano
+        else:
+            start_unix_nano = view.start_time_unix_nano
+
+        next_histograms: dict[tuple[str, int, int], Histogram] = {}
+        next_counts: dict[tuple[str, _AttributesKey], int] = {}
+        histograms: dict[str, dict[_AttributesKey, tuple[Attributes, list[Histogram]]]] = {
+            name: {} for name in _HISTOGRAM_DESCRIPTIONS
+        }
+        abandoned: dict[_AttributesKey, tuple[Attributes, int]] = {}
+
+        def add_histogram(name: str, series: Series, attrs: Attributes, cumulative: Histogram) -> None:
+            interval = self._interval(name, series, cumulative, next_histograms)
+            if interval is None:
+                return
+            _, group = histograms[name].setdefault(_attributes_key(attrs), (attrs, []))
+            group.append(interval)
+
+        for series in view.series:
+            attrs = _series_attributes(series)
+            is_stage = series.info.kind == "stage"
+            add_histogram(STAGE_DURATION if is_stage else INFERENCE_DURATION, series, attrs, series.duration)
+            if series.cpu is not None:
+                add_histogram(STAGE_CPU_TIME if is_stage else INFERENCE_CPU_TIME, series, attrs, series.cpu)
+            if not is_stage and series.abandoned > 0:
+                key = _attributes_key(attrs)
+                _, total = abandoned.get(key, (attrs, 0))
+                abandoned[key] = (attrs, total + int(series.abandoned))
+
+        metrics: list[Metric] = []
+        for name, groups in histograms.items():
+            points = [
+                self._histogram_point(attrs, _merged(group), start_unix_nano, time_unix_nano)
+                for attrs, group in groups.values()
+            ]
+            if points:
+                metrics.append(self._histogram_metric(name, points))
+
+        counters: list[tuple[str, Attributes, int]] = [
+            (INFERENCE_ABANDONED, attrs, total) for attrs, total in abandoned.values()
+        ]
+        counters += [(RECORDS_DROPPED, {DROP_REASON: reason}, int(n)) for reason, n in view.dropped.items()]
+        counters.append((KEYS_OVERFLOWED, {}, int(view.keys_overflowed)))
+        counters.append((SDK_ERRORS, {}, int(view.internal_errors)))
+        counters += [(name, {}, int(n)) for name, n in (extra_counts or {}).items()]
+
+        sums: dict[str, list[NumberDataPoint]] = {}
+        for name, attrs, total in counters:
+            value = self._counter_interval(name, attrs, total, next_counts)
+            # Per-series counters are skipped when nothing happened in a delta interval; the SDK's
+            # own counters are always sent so that a dashboard sees them at 0.
+            if value is None or (value == 0 and name == INFERENCE_ABANDONED):
+                continue
+            sums.setdefault(name, []).append(
+                NumberDataPoint(
+                    attributes=attrs,
+                    start_time_unix_nano=start_unix_nano,
+                    time_unix_nano=time_unix_nano,
+                    value=value,
+                )
+            )
+        for name, number_points in sums.items():
+            metrics.append(
+                Metric(
+                    name=name,
+                    description=_COUNTER_DESCRIPTIONS.get(name, ""),
+                    unit=_COUNTER_UNITS.get(name, "1"),
+                    data=Sum(
+                        data_points=number_points,
+                        aggregation_temporality=self.temporality,
+                        is_monotonic=True,
+                    ),
+                )
+            )
+
+        if self._delta:
+            self._previous_histograms = next_histograms
+            self._previous_counts = next_counts
+            self._previous_time_unix_nano = time_unix_nano
+        return metrics
+
+    def _interval(
+        self,
+        name: str,
+        series: Series,
+        cumulative: Histogram,
+        next_state: dict[tuple[str, int, int], Histogram],
+    ) -> Histogram | None:
+        """What to export for one series: the cumulative state, or its change since the last build."""
+        if not self._delta:
+            return cumulative if cumulative.count > 0 else None
+        key = (name, series.info.key, series.error_id)
+        # The view's histograms may keep changing after the view is taken; keep our own copy.
+        next_state[key] = cumulative.copy()
+        previous = self._previous_histograms.get(key)
+        if previous is None or previous.count > cumulative.count:
+            return cumulative if cumulative.count > 0 else None
+        if previous.count == cumulative.count:
+            return None
+        return cumulative.minus(previous)
+
+    def _counter_interval(
+        self,
+        name: str,
+        attrs: Attributes,
+        total: int,
+        next_state: dict[tuple[str, _AttributesKey], int],
+    ) -> int | None:
+        if not self._delta:
+            return total
+        key = (name, _attributes_key(attrs))
+        next_state[key] = total
+        previous = self._previous_counts.get(key, 0)
+        return total - previous if total >= previous else total
+
+    def _histogram_point(
+        self, attrs: Attributes, histogram: Histogram, start_unix_nano: int, time_unix_nano: int
+    ) -> ExponentialHistogramDataPoint | HistogramDataPoint:
+        if self.aggregation == "explicit":
+            return HistogramDataPoint(
+                attributes=attrs,
+                start_time_unix_nano=start_unix_nano,
+                time_unix_nano=time_unix_nano,
+                count=int(histogram.count),
+                sum=float(histogram.sum),
+                bucket_counts=[int(c) for c in histogram.explicit_bucket_counts(self.boundaries)],
+                explicit_bounds=list(self.boundaries),
+                min=float(histogram.min),
+                max=float(histogram.max),
+            )
+        histogram = histogram.downscaled(self.max_buckets)  # a copy at the same scale when it fits
+        counts = np.asarray(histogram.counts, dtype=np.int64)
+        nonzero = np.flatnonzero(counts)
+        if len(nonzero):
+            offset = int(histogram.offset) + int(nonzero[0])
+            bucket_counts = counts[nonzero[0] : nonzero[-1] + 1].tolist()
+        else:
+            offset, bucket_counts = 0, []
+        return ExponentialHistogramDataPoint(
+            attributes=attrs,
+            start_time_unix_nano=start_unix_nano,
+            time_unix_nano=time_unix_nano,
+            count=int(histogram.count),
+            sum=float(histogram.sum),
+            scale=int(histogram.scale),
+            zero_count=int(histogram.zero_count),
+            positive=Buckets(offset=offset, bucket_counts=bucket_counts),
+            negative=Buckets(offset=0, bucket_counts=[]),
+            flags=0,
+            min=float(histogram.min),
+            max=float(histogram.max),
+        )
+
+    def _histogram_metric(self, name: str, points: Sequence[Any]) -> Metric:
+        data: ExponentialHistogram | HistogramData
+        if self.aggregation == "explicit":
+            data = HistogramData(data_points=points, aggregation_temporality=self.temporality)
+        else:
+            data = ExponentialHistogram(data_points=points, aggregation_temporality=self.temporality)
+        return Metric(name=name, description=_HISTOGRAM_DESCRIPTIONS[name], unit="s", data=data)
+
+
+def _with_scope(metrics_data: MetricsData, resource: Resource, scope_metrics: ScopeMetrics) -> MetricsData:
+    """``metrics_data`` with ``scope_metrics`` added under ``resource`` (a new ResourceMetrics if absent)."""
+    resource_metrics = list(metrics_data.resource_metrics)
+    for i, found in enumerate(resource_metrics):
+        if found.resource == resource:
+            resource_metrics[i] = replace(found, scope_metrics=[*found.scope_metrics, scope_metrics])
+            break
+    else:
+        resource_metrics.append(
+            ResourceMetrics(resource=resource, scope_metrics=[scope_metrics], schema_url=resource.schema_url)
+        )
+    return MetricsData(resource_metrics=resource_metrics)
+
+
+class AggregatesExporter(MetricExporter):
+    """Wraps any ``MetricExporter``: appends inferscope's points (scope ``inferscope``) to every export.
+
+    It never raises: failures of ``source``, of building the points, or of the delegate are
+    counted in ``failed_exports`` (exported as ``inferscope.sdk.exports.failed``), logged at most
+    once a minute, and reported as ``MetricExportResult.FAILURE``. While ``active`` is False
+    (after fork, until the pipeline is rebuilt) it adds nothing and only forwards the SDK's data.
+
+    >>> exporter = AggregatesExporter(
+    ...     OTLPMetricExporter(), aggregator.view, resource=Resource.create(), boundaries=[0.1, 1.0]
+    ... )  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        delegate: MetricExporter,
+        source: Callable[[], AggregateView],
+        *,
+        resource: Resource,
+        aggregation: str = "exponential",
+        boundaries: Sequence[float],
+        max_buckets: int = 320,
+    ) -> None:
+        # The SDK reader asks its exporter for temporality and aggregation; answer as the delegate would.
+        preferred_temporality = getattr(delegate, "_preferred_temporality", None)
+        preferred_aggregation = getattr(delegate, "_preferred_aggregation", None)
+        super().__init__(
+            preferred_temporality=preferred_temporality, preferred_aggregation=preferred_aggregation
+        )
+        temporality = (preferred_temporality or {}).get(
+            HistogramInstrument, AggregationTemporality.CUMULATIVE
+        )
+        self.delegate = delegate
+        self.resource = resource
+        self.active = True
+        #: Exports that failed (raised, or the delegate reported FAILURE).
+        self.failed_exports = 0
+        self._source = source
+        self._builder = PointBuilder(
+            aggregation=aggregation, boundaries=boundaries, max_buckets=max_buckets, temporality=temporality
+        )
+        self._scope = InstrumentationScope(SCOPE_NAME, _scope_version())
+        self._log = _RateLimitedLog()
+
+    @property
+    def temporality(self) -> AggregationTemporality:
+        return self._builder.temporality
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        failed = False
+        outgoing = metrics_data
+        if self.active:
+            try:
+                metrics = self._builder.build(
+                    self._source(), time.time_ns(), {EXPORTS_FAILED: self.failed_exports}
+                )
+                scope_metrics = ScopeMetrics(scope=self._scope, metrics=metrics, schema_url="")
+                outgoing = _with_scope(metrics_data, self.resource, scope_metrics)
+            except Exception:  # the user's own metrics still go out below
+                failed = True
+                self._log.warning("inferscope: building metric points failed", exc_info=True)
+        if outgoing is metrics_data and not metrics_data.resource_metrics:
+            # Nothing of the SDK's and nothing of ours (inactive, or building failed): send nothing.
+            if failed:
+                self.failed_exports += 1
+                return MetricExportResult.FAILURE
+            return MetricExportResult.SUCCESS
+        try:
+            result = self.delegate.export(outgoing, timeout_millis=timeout_millis, **kwargs)
+        except Exception:
+            failed = True
+            self._log.warning("inferscope: the metric exporter raised", exc_info=True)
+        else:
+            if result is MetricExportResult.FAILURE:
+                failed = True
+                self._log.warning(f"inferscope: metric export failed ({type(self.delegate).__name__})")
+        if failed:
+            self.failed_exports += 1
+            return MetricExportResult.FAILURE
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        try:
+            return bool(self.delegate.force_flush(timeout_millis=timeout_millis))
+        except Exception:
+            self._log.warning("inferscope: force_flush of the metric exporter raised", exc_info=True)
+            return False
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        try:
+            self.delegate.shutdown(timeout_millis=timeout_millis, **kwargs)
+        except Exception:
+            self._log.warning("inferscope: shutdown of the metric exporter raised", exc_info=True)
+
+
+class _CollectOrEmpty:
+    """A reader's collect callback that yields an empty batch instead of None.
+
+    The SDK skips the export when it collected nothing, which is always the case for a
+    MeterProvider whose only content is inferscope's pre-aggregated points.
+    """
+
+    def __init__(self, original: Callable[..., MetricsData | None]) -> None:
+        self.original = original
+
+    def __call__(self, reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData:
+        collected = self.original(reader, timeout_millis=timeout_millis)
+        return collected if collected is not None else MetricsData(resource_metrics=[])
+
+
+def export_empty_collections(reader: MetricReader) -> None:
+    """Make ``reader`` call its exporter even when the SDK itself collected nothing.
+
+    Call it after the reader is registered with its ``MeterProvider``. Idempotent.
+
+    >>> provider = MeterProvider(metric_readers=[reader])  # doctest: +SKIP
+    >>> export_empty_collections(reader)  # doctest: +SKIP
+    """
+    collect = getattr(reader, "_collect", None)
+    if collect is None or isinstance(collect, _CollectOrEmpty):
+        return
+    reader._collect = _CollectOrEmpty(collect)  # type: ignore[assignment]
+
+
+@dataclass
+class _Wrapped:
+    exporter: MetricExporter
+    wrapper: AggregatesExporter
+    collect: Callable[..., MetricsData | None] | None
+    patched_collect: _CollectOrEmpty | None
+
+
+_wrapped_readers: weakref.WeakKeyDictionary[MetricReader, _Wrapped] = weakref.WeakKeyDictionary()
+_wrap_lock = threading.Lock()
+
+
+def _readers(provider: MeterProvider) -> list[MetricReader]:
+    # Readers passed to the constructor, plus any added later with add_metric_reader().
+    found: list[MetricReader] = list(getattr(provider, "_metric_readers", ()))
+    consumer = getattr(provider, "_measurement_consumer", None)
+    found += list(getattr(consumer, "_reader_storages", {}))
+    unique: dict[int, MetricReader] = {}
+    for reader in found:
+        unique.setdefault(id(reader), reader)
+    return list(unique.values())
+
+
+def wrap_meter_provider(
+    provider: MeterProvider,
+    source: Callable[[], AggregateView],
+    *,
+    aggregation: str = "exponential",
+    boundaries: Sequence[float],
+    max_buckets: int = 320,
+) -> list[AggregatesExporter]:
+    """Make inferscope's points ride along with every export of a user's own ``MeterProvider``.
+
+    Wraps the exporter of each ``PeriodicExportingMetricReader`` of ``provider`` in an
+    :class:`AggregatesExporter` that uses the provider's resource, and makes the reader export
+    even when the provider has no instruments of its own. Idempotent; undone exactly by
+    :func:`unwrap_meter_provider`.
+
+    >>> wrappers = wrap_meter_provider(provider, aggregator.view, boundaries=[0.1, 1.0])  # doctest: +SKIP
+    """
+    resource: Resource = provider._sdk_config.resource
+    wrappers: list[AggregatesExporter] = []
+    with _wrap_lock:
+        for reader in _readers(provider):
+            if not isinstance(reader, PeriodicExportingMetricReader):
+                continue
+            known = _wrapped_readers.get(reader)
+            if known is not None and reader._exporter is known.wrapper:
+                wrappers.append(known.wrapper)
+                continue
+            exporter: MetricExporter = reader._exporter
+            wrapper = AggregatesExporter(
+                exporter,
+                source,
+                resource=resource,
+                aggregation=aggregation,
+                boundaries=boundaries,
+                max_buckets=max_buckets,
+            )
+            original_collect = getattr(reader, "_collect", None)
+            reader._exporter = wrapper
+            export_empty_collections(reader)
+            patched = getattr(reader, "_collect", None)
+            _wrapped_readers[reader] = _Wrapped(
+                exporter=exporter,
+                wrapper=wrapper,
+                collect=original_collect,
+                patched_collect=patched if patched is not original_collect else None,
+            )
+            wrappers.append(wrapper)
+    return wrappers
+
+
+def unwrap_meter_provider(provider: MeterProvider) -> None:
+    """Undo :func:`wrap_meter_provider`: every reader gets back its original exporter and callback."""
+    with _wrap_lock:
+        for reader in _readers(provider):
+            wrapped = _wrapped_readers.pop(reader, None)
+            if wrapped is None:
+                continue
+            if isinstance(reader, PeriodicExportingMetricReader) and reader._exporter is wrapped.wrapper:
+                reader._exporter = wrapped.exporter
+            # Restore the callback only if nobody replaced it since (the provider sets None on removal).
+            if (
+                wrapped.patched_collect is not None
+                and getattr(reader, "_collect", None) is wrapped.patched_collect
+            ):
+                reader._collect = wrapped.collect  # type: ignore[assignment]
+
+
+# --- Prometheus -----------------------------------------------------------------------------------
+
+_INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def prometheus_label_name(attribute: str) -> str:
+    """The Prometheus label for an OTel attribute name, as the standard conversion spells it."""
+    name = _INVALID_LABEL_CHARS.sub("_", attribute)
+    if name[:1].isdigit():
+        name = "key_" + name
+    return name
+
+
+def prometheus_metric_name(name: str) -> str:
+    """``inferscope.sdk.errors`` → ``inferscope_sdk_errors`` (counter families add ``_total``)."""
+    return _INVALID_LABEL_CHARS.sub("_", name)
+
+
+def _label_value(value: str | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _labels(attrs: Mapping[str, str | bool]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    # Two attributes that sanitize to the same label are joined with ";" (sorted by attribute name).
+    for key in sorted(attrs):
+        label = prometheus_label_name(key)
+        value = _label_value(attrs[key])
+        labels[label] = f"{labels[label]};{value}" if label in labels else value
+    return labels
+
+
+class PrometheusCollector:
+    """A ``prometheus_client`` custom collector over the aggregates, with explicit buckets.
+
+    >>> registry = CollectorRegistry()
+    >>> registry.register(PrometheusCollector(aggregator.view, boundaries=[0.01, 0.1, 1.0]))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], AggregateView],
+        boundaries: Sequence[float],
+        extra_counts: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
+        self._source = source
+        self.boundaries = _check_boundaries(boundaries)
+        self._le = [floatToGoString(b) for b in self.boundaries]  # type: ignore[no-untyped-call]
+        self._extra_counts = extra_counts
+        self._log = _RateLimitedLog()
+
+    def describe(self) -> list[PrometheusMetric]:
+        # Returning nothing keeps registration from calling collect() (which drains the ring).
+        return []
+
+    def collect(self) -> Iterable[PrometheusMetric]:
+        try:
+            return self._collect()
+        except Exception:
+            self._log.warning("inferscope: collecting Prometheus metrics failed", exc_info=True)
+            return []
+
+    def _collect(self) -> list[PrometheusMetric]:
+        view = self._source()
+        histograms: dict[str, list[tuple[dict[str, str], Histogram]]] = {
+            name: [] for name in _PROMETHEUS_HISTOGRAMS
+        }
+        abandoned: list[tuple[dict[str, str], int]] = []
+        for series in view.series:
+            labels = _labels(_series_attributes(series))
+            is_stage = series.info.kind == "stage"
+            if series.duration.count > 0:
+                histograms[STAGE_DURATION if is_stage else INFERENCE_DURATION].append(
+                    (labels, series.duration)
+                )
+            if series.cpu is not None and series.cpu.count > 0:
+                histograms[STAGE_CPU_TIME if is_stage else INFERENCE_CPU_TIME].append((labels, series.cpu))
+            if not is_stage and series.abandoned > 0:
+                abandoned.append((labels, int(series.abandoned)))
+
+        families: list[PrometheusMetric] = []
+        for name, rows in histograms.items():
+            if rows:
+                families.append(self._histogram_family(name, rows))
+        if abandoned:
+            families.append(self._counter_family(INFERENCE_ABANDONED, abandoned))
+        families.append(
+            self._counter_family(
+                RECORDS_DROPPED, [({DROP_REASON: r}, int(n)) for r, n in view.dropped.items()]
+            )
+        )
+        families.append(self._counter_family(KEYS_OVERFLOWED, [({}, int(view.keys_overflowed))]))
+        families.append(self._counter_family(SDK_ERRORS, [({}, int(view.internal_errors))]))
+        if self._extra_counts is not None:
+            for name, total in self._extra_counts().items():
+                families.append(self._counter_family(name, [({}, int(total))]))
+        return families
+
+    def _histogram_family(self, name: str, rows: list[tuple[dict[str, str], Histogram]]) -> PrometheusMetric:
+        label_names = sorted({label for labels, _ in rows for label in labels})
+        grouped: dict[tuple[str, ...], list[Histogram]] = {}
+        for labels, histogram in rows:
+            # Every sample of a family carries the same label names; absent ones are "".
+            grouped.setdefault(tuple(labels.get(n, "") for n in label_names), []).append(histogram)
+        family = HistogramMetricFamily(
+            _PROMETHEUS_HISTOGRAMS[name], _HISTOGRAM_DESCRIPTIONS[name], labels=label_names, unit="seconds"
+        )
+        for values, group in grouped.items():
+            histogram = _merged(group)
+            cumulative = list(accumulate(int(c) for c in histogram.explicit_bucket_counts(self.boundaries)))
+            buckets = [(le, float(n)) for le, n in zip(self._le, cumulative[:-1], strict=True)]
+            buckets.append(("+Inf", float(histogram.count)))
+            family.add_metric(list(values), buckets, float(histogram.sum))
+        return family
+
+    def _counter_family(self, name: str, rows: list[tuple[dict[str, str], int]]) -> PrometheusMetric:
+        label_names = sorted({label for labels, _ in rows for label in labels})
+        totals: dict[tuple[str, ...], int] = {}
+        for labels, total in rows:
+            values = tuple(labels.get(n, "") for n in label_names)
+            totals[values] = totals.get(values, 0) + total
+        family = CounterMetricFamily(
+            prometheus_metric_name(name), _COUNTER_DESCRIPTIONS.get(name, name), labels=label_names
+        )
+        for values, total in totals.items():
+            family.add_metric(list(values), float(total))
+        return family
+
+
+@dataclass
+class PrometheusServer:
+    """A running ``/metrics`` endpoint; ``port`` is the bound port (useful with port 0)."""
+
+    port: int
+    host: str
+    registry: CollectorRegistry
+    _server: WSGIServer = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+
+    def shutdown(self, timeout_millis: float = 5_000) -> None:
+        """Stop serving and close the socket. Idempotent."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout_millis / 1e3)
+
+
+def start_prometheus_server(
+    collector: PrometheusCollector, host: str = "127.0.0.1", port: int = 9464
+) -> PrometheusServer:
+    """Serve ``collector`` on ``http://host:port/metrics`` from a daemon thread.
+
+    It uses its own ``CollectorRegistry``, never prometheus_client's global one.
+
+    >>> collector = PrometheusCollector(aggregator.view, [0.1, 1.0])  # doctest: +SKIP
+    >>> server = start_prometheus_server(collector, port=0)  # doctest: +SKIP
+    >>> server.shutdown()  # doctest: +SKIP
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return PrometheusServer(
+        port=int(server.server_port), host=host, registry=registry, _server=server, _thread=thread
+    )

@@ -1,0 +1,89 @@
+"""A real Prometheus 2.42 scrapes the collector and computes quantiles close to the truth."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from inferscope._keys import KeyRegistry
+from inferscope._records import DROP_RING_FULL, DROP_STACK_DEPTH, empty_records
+from inferscope.aggregate import Aggregator
+from inferscope.export.metrics import PrometheusCollector, start_prometheus_server
+
+if TYPE_CHECKING:
+    from conftest import Prometheus
+
+pytestmark = pytest.mark.integration
+
+# Lognormal latencies: median 50 ms, sigma 0.5, so the true p95 is exp(mu + z95 * sigma) ≈ 113.8 ms.
+MU = math.log(0.050)
+SIGMA = 0.5
+Z95 = 1.6448536269514722
+TRUE_P95 = math.exp(MU + Z95 * SIGMA)
+SAMPLES = 20_000
+SEED = 20261128
+
+# Explicit buckets: coarse far away, 2% apart around the true p95, so Prometheus's linear
+# interpolation inside one bucket can be off by at most ~2%.
+NEAR = [round(0.090 * 1.02**i, 6) for i in range(24)]  # 0.090 .. 0.1419
+BOUNDARIES = sorted({0.001, 0.005, 0.01, 0.025, 0.05, 0.075, *NEAR, 0.25, 0.5, 1.0, 2.5, 5.0})
+
+
+def test_histogram_quantile_matches_true_p95(start_prometheus: Callable[[list[str]], Prometheus]) -> None:
+    rng = np.random.default_rng(SEED)
+    seconds = rng.lognormal(MU, SIGMA, SAMPLES)
+    registry = KeyRegistry()
+    key = registry.inference_key("fraud", "3")
+    other = registry.inference_key("ranker")  # no version: its label is filled with ""
+    batch = empty_records(SAMPLES + 10)
+    batch["key"] = [key] * SAMPLES + [other] * 10
+    batch["wall_ns"] = np.concatenate([np.round(seconds * 1e9), np.full(10, 2e9)]).astype(np.int64)
+    batch["cpu_ns"] = -1
+    aggregator = Aggregator(registry)
+    aggregator.add(batch)
+    aggregator.set_dropped(DROP_RING_FULL, 4)
+    aggregator.set_dropped(DROP_STACK_DEPTH, 0)
+
+    server = start_prometheus_server(PrometheusCollector(aggregator.view, BOUNDARIES), port=0)
+    try:
+        prometheus = start_prometheus([f"127.0.0.1:{server.port}"])
+        query = (
+            "histogram_quantile(0.95, sum by (le) "
+            '(inferscope_inference_duration_seconds_bucket{inferscope_model_name="fraud"}))'
+        )
+        [sample] = prometheus.wait_for(query)
+        estimate = float(sample["value"][1])
+
+        # Within 5% of the distribution's true p95 (sampling error at n=20,000 is ~0.75%) ...
+        assert estimate == pytest.approx(TRUE_P95, rel=0.05)
+        # ... and inside the explicit bucket holding the sample's own p95, widened by one
+        # scale-6 exponential bucket (2**(1/64)) on each side for the split of straddling buckets.
+        empirical = float(np.percentile(seconds, 95))
+        upper_index = int(np.searchsorted(BOUNDARIES, empirical))
+        low, high = BOUNDARIES[upper_index - 1], BOUNDARIES[upper_index]
+        assert low / 2 ** (1 / 64) <= estimate <= high * 2 ** (1 / 64), (low, estimate, high, empirical)
+
+        [count] = prometheus.query(
+            'inferscope_inference_duration_seconds_count{inferscope_model_name="fraud"}'
+        )
+        assert int(float(count["value"][1])) == SAMPLES
+        assert count["metric"]["inferscope_model_version"] == "3"
+        [total] = prometheus.query('inferscope_inference_duration_seconds_sum{inferscope_model_name="fraud"}')
+        assert float(total["value"][1]) == pytest.approx(seconds.sum(), rel=1e-6)
+        [ranker] = prometheus.query(
+            'inferscope_inference_duration_seconds_count{inferscope_model_name="ranker"}'
+        )
+        assert "inferscope_model_version" not in ranker["metric"]  # Prometheus drops empty labels
+        assert int(float(ranker["value"][1])) == 10
+
+        dropped = {
+            r["metric"]["reason"]: float(r["value"][1])
+            for r in prometheus.query("inferscope_sdk_records_dropped_total")
+        }
+        assert dropped == {DROP_RING_FULL: 4.0, DROP_STACK_DEPTH: 0.0}
+    finally:
+        server.shutdown()
