@@ -1,0 +1,147 @@
+"""The ``inferscope`` command.
+
+``inferscope demo`` runs a small built-in inference pipeline (numpy only, no downloads) under a short
+load with inferscope on, prints the per-model and per-stage table, and exports through whatever
+exporter the environment configures (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``INFERSCOPE_METRICS_EXPORTER``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import _pipeline
+from ._backend import BACKEND, BACKEND_REASON
+from .tracking import stage, track_inference
+
+__all__ = ["main"]
+
+
+class _DemoModels:
+    """A fraud scorer (an MLP) and a ranker (a linear model), with fixed random weights."""
+
+    def __init__(self, seed: int = 7) -> None:
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.mean = rng.normal(size=32)
+        self.scale = rng.uniform(0.5, 2.0, size=32)
+        self.w1 = rng.normal(size=(32, 128)) / 8
+        self.w2 = rng.normal(size=(128, 2)) / 8
+        self.ranker_w = rng.normal(size=(64,))
+
+        @track_inference(model="demo-fraud", version="1")
+        def score(batch: np.ndarray) -> np.ndarray:
+            with stage("preprocess"):
+                if not np.isfinite(batch).all():
+                    raise ValueError("batch contains NaN or inf")
+                x = (batch - self.mean) / self.scale
+                x = np.concatenate([x, x**2], axis=1)[:, :32]
+            with stage("infer"):
+                with stage("layer1"):
+                    hidden = np.maximum(x @ self.w1, 0.0)
+                with stage("layer2"):
+                    logits = hidden @ self.w2
+            with stage("postprocess"):
+                exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+                return np.asarray(exp[:, 1] / exp.sum(axis=1))
+
+        @track_inference(model="demo-ranker", version="2024-11")
+        def rank(items: np.ndarray) -> np.ndarray:
+            with stage("queue"):
+                time.sleep(0.0005)  # waiting for a batch slot: wall time without CPU time
+            with stage("infer"):
+                scores = items @ self.ranker_w
+            with stage("postprocess"):
+                return np.argsort(-scores)[:10]
+
+        self.score = score
+        self.rank = rank
+
+
+def _load(models: _DemoModels, seconds: float, seed: int) -> int:
+    rng = np.random.default_rng(seed)
+    deadline = time.monotonic() + seconds
+    calls = 0
+    while time.monotonic() < deadline:
+        batch = rng.normal(size=(int(rng.integers(8, 256)), 32))
+        if rng.random() < 0.01:
+            batch[0, 0] = np.nan  # a bad request now and then: counted under error.type
+        try:
+            models.score(batch)
+        except ValueError:
+            pass
+        models.rank(rng.normal(size=(int(rng.integers(50, 400)), 64)))
+        calls += 2
+    return calls
+
+
+def demo(seconds: float, threads: int) -> int:
+    models = _DemoModels()
+    print(
+        f"inferscope demo: {threads} thread(s) for {seconds:g} s on the {BACKEND} backend ({BACKEND_REASON})"
+    )
+    counts: list[int] = []
+    workers = [
+        threading.Thread(target=lambda i=i: counts.append(_load(models, seconds, seed=i)), name=f"demo-{i}")
+        for i in range(threads)
+    ]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - started
+    snap = _pipeline.snapshot()
+    print(f"{sum(counts)} tracked calls in {elapsed:.1f} s\n")
+    print(snap.table())
+    dropped = {reason: n for reason, n in snap.dropped.items() if n}
+    print(f"\ndropped records: {dropped or 'none'}")
+    settings = _pipeline.current_settings()
+    exporters = list(settings.metrics_exporters) if settings is not None else []
+    if exporters:
+        print(f"exporting to: {', '.join(exporters)} (flushed on exit)")
+        port = _pipeline.prometheus_port()
+        if port is not None:
+            print(
+                f"Prometheus endpoint: http://{settings.prometheus_host}:{port}/metrics" if settings else ""
+            )
+    else:
+        print(
+            "no exporter configured: set OTEL_EXPORTER_OTLP_ENDPOINT or INFERSCOPE_METRICS_EXPORTER to export"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="inferscope", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser(
+        "demo", help="run a built-in pipeline under load and print what it cost"
+    )
+    demo_parser.add_argument(
+        "--seconds", type=float, default=5.0, help="how long to run the load (default 5)"
+    )
+    demo_parser.add_argument("--threads", type=int, default=2, help="concurrent callers (default 2)")
+    commands.add_parser("version", help="print the version and the backend in use")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        if args.seconds <= 0 or args.seconds > 600:
+            parser.error(f"--seconds must be in (0, 600], got {args.seconds}")
+        if not 1 <= args.threads <= 64:
+            parser.error(f"--threads must be from 1 to 64, got {args.threads}")
+        return demo(args.seconds, args.threads)
+    from . import __version__
+
+    print(f"inferscope {__version__} ({BACKEND} backend: {BACKEND_REASON})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

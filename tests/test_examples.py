@@ -1,0 +1,50 @@
+"""The examples and the demo run as documented and report what they claim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*argv: str) -> str:
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def rows(table: str) -> dict[tuple[str, str], list[str]]:
+    """(first word of the model, stage) -> [count, p50, p95, p99, cpu/wall, errors] from a table."""
+    found = {}
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) >= 8 and parts[-6].isdigit():
+            found[(parts[0], parts[-7])] = parts[-6:]
+    return found
+
+
+def test_batch_scoring_example():
+    out = rows(run("examples/batch_scoring.py", "--batches", "100"))
+    assert out[("churn", "-")][0] == "100"
+    assert out[("churn", "-")][-1] == "2"  # two batches with missing values
+    assert out[("churn", "infer/score")][0] == "392"  # 98 good batches x 4 shards, carried by bind()
+    assert out[("churn", "infer/score/featurize")][0] == "392"
+
+
+def test_async_service_example():
+    out = rows(run("examples/async_service.py"))
+    assert out[("recommender", "preprocess/fetch")][0] == "300"
+    assert out[("chat", "-")][0] == "2"
+    assert out[("chat", "decode")][0] == "10"
+
+
+def test_demo_prints_both_models_and_stages():
+    text = run("-m", "inferscope.cli", "demo", "--seconds", "1", "--threads", "2")
+    out = rows(text)
+    assert int(out[("demo-fraud", "-")][0]) > 10
+    assert int(out[("demo-fraud", "infer/layer1")][0]) > 10
+    assert int(out[("demo-ranker", "queue")][0]) > 10
+    assert "dropped records: none" in text
+    assert "no exporter configured" in text
