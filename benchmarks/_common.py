@@ -1,0 +1,236 @@
+"""Helpers shared by the benchmark scripts: timing loops, tables, JSON, and the pure-Python re-run.
+
+The scripts are run as files (``python3 benchmarks/overhead.py``), so Python puts this folder on
+``sys.path`` and ``import _common`` finds this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Set in the environment of a child process that re-runs a script on the pure-Python backend.
+NO_EXTENSION_VARIABLE = "INFERSCOPE_NO_EXTENSION"
+#: The flag a script passes to itself to say "you are the pure-Python child; write JSON and exit".
+CHILD_FLAG = "--child"
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """The options every script takes: ``--quick``, ``--json PATH`` and the hidden child flag."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a short run (~10 s) with fewer repeats")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    parser.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One timed statement, run as a ``timeit`` loop.
+
+    ``prepare`` runs before every timed loop and ``after`` after it, both outside the timed region
+    (e.g. to switch the counter set, or to drain the ring and count drops).
+    """
+
+    name: str
+    stmt: str
+    namespace: Mapping[str, Any]
+    prepare: Callable[[], None] | None = None
+    after: Callable[[], None] | None = None
+    #: Upper bound on calls per timed loop (keeps every loop well inside the ring's capacity).
+    max_number: int = 10_000_000
+    number: int = 0
+    samples_ns: list[float] = field(default_factory=list)
+
+    def timer(self) -> timeit.Timer:
+        return timeit.Timer(self.stmt, globals=dict(self.namespace))
+
+    @property
+    def median_ns(self) -> float:
+        return statistics.median(self.samples_ns)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "stmt": self.stmt,
+            "median_ns": self.median_ns,
+            "min_ns": min(self.samples_ns),
+            "max_ns": max(self.samples_ns),
+            "calls_per_repeat": self.number,
+            "repeats_ns": self.samples_ns,
+        }
+
+
+def calibrate(case: Case, target_seconds: float) -> None:
+    """Pick the loop size so that one timed loop lasts about ``target_seconds`` (this also warms up)."""
+    timer = case.timer()
+    if case.prepare:
+        case.prepare()
+    number = 10
+    while True:
+        elapsed = timer.timeit(number)
+        if elapsed >= 0.01 or number >= case.max_number:
+            break
+        number = min(number * 10, case.max_number)
+    # A second loop of the same size: the first can include one-off costs (a thread starting).
+    per_call = min(elapsed, timer.timeit(number)) / number
+    if case.after:
+        case.after()
+    case.number = max(10, min(case.max_number, int(target_seconds / per_call)))
+
+
+def run_interleaved(cases: Sequence[Case], repeats: int, target_seconds: float) -> None:
+    """Time every case ``repeats`` times, round-robin, so slow drift on a noisy VM hits all alike.
+
+    Each sample is ns per call of one ``timeit`` loop (``timeit`` turns the garbage collector off
+    during the loop, as it always does).
+    """
+    for case in cases:
+        calibrate(case, target_seconds)
+    timers = {case.name: case.timer() for case in cases}
+    for _ in range(repeats):
+        for case in cases:
+            if case.prepare:
+                case.prepare()
+            elapsed = timers[case.name].timeit(case.number)
+            if case.after:
+                case.after()
+            case.samples_ns.append(elapsed / case.number * 1e9)
+
+
+# --- the pure-Python child -------------------------------------------------------------------------
+
+
+def run_child(script: str, args: Iterable[str], timeout_seconds: float = 300) -> dict[str, Any]:
+    """Run ``script`` again with the C extension disabled and return the JSON it writes.
+
+    The backend is chosen once, at import, so the pure-Python measurements need a process of
+    their own. The child's stderr (progress lines) passes through.
+    """
+    env = dict(os.environ)
+    env[NO_EXTENSION_VARIABLE] = "1"
+    with tempfile.TemporaryDirectory(prefix="inferscope-bench-") as folder:
+        path = os.path.join(folder, "child.json")
+        command = [sys.executable, script, CHILD_FLAG, "--json", path, *args]
+        subprocess.run(command, env=env, check=True, timeout=timeout_seconds, stdout=subprocess.DEVNULL)
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr, so that stdout holds the tables alone."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    """What the figures were measured on: enough to tell two runs apart."""
+    import inferscope
+    import numpy
+    import prometheus_client  # noqa: F401 - imported for its version below
+    from importlib.metadata import version
+
+    cpu_model = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "inferscope": inferscope.__version__,
+        "backend": inferscope.backend(),
+        "numpy": numpy.__version__,
+        "opentelemetry_sdk": version("opentelemetry-sdk"),
+        "prometheus_client": version("prometheus_client"),
+        "switch_interval_s": sys.getswitchinterval(),
+        "time_unix": int(time.time()),
+    }
+
+
+def environment_line(env: Mapping[str, Any]) -> str:
+    return (
+        f"Python {env['python']} on {env['cpu_model']} ({env['usable_cpus']} usable CPUs), "
+        f"load {env['loadavg_1m']:.2f}; inferscope {env['inferscope']} backend={env['backend']}, "
+        f"numpy {env['numpy']}, opentelemetry-sdk {env['opentelemetry_sdk']}, "
+        f"prometheus_client {env['prometheus_client']}"
+    )
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, left: int = 1) -> str:
+    """An aligned text table; the first ``left`` columns are left-aligned, the rest right-aligned."""
+    text_rows = [[str(cell) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in text_rows)])
+
+
+def ns(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
+def rate(value: float | None) -> str:
+    """Records or calls per second, in millions when large."""
+    if value is None:
+        return "-"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M/s"
+    return f"{value / 1e3:.1f} k/s"
+
+
+def fraction(part: float, whole: float) -> str:
+    """``part`` as a fraction of ``whole``, written 1/N (how many of ``part`` fit in ``whole``)."""
+    if part <= 0:
+        return "1/inf"
+    return f"1/{whole / part:.1f}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def write_json(path: str | None, data: Mapping[str, Any]) -> None:
+    if path is None:
+        return
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=2, sort_keys=False)
+        file.write("\n")
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))

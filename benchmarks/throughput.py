@@ -1,0 +1,435 @@
+"""Sustained producer rate with the drainer running, and the drainer's own throughput.
+
+    python3 benchmarks/throughput.py                     # ~60 s: producers on the C backend
+    python3 benchmarks/throughput.py --quick             # ~10 s
+    python3 benchmarks/throughput.py --backend python    # the producer runs on the pure-Python backend
+    python3 benchmarks/throughput.py --seconds 5 --json throughput.json
+
+Part 1, producers. One thread (then two) call a tracked no-op as fast as they can for ``--seconds``,
+with inferscope's default settings (65,536-record ring, drainer every 100 ms or at half full), once
+with counters=minimal and once with counters=default. A paced run then aims at 1,000,000 calls/s
+(calls in a busy loop, the clock checked every 1,000 calls, a sleep when ahead of schedule). Each
+run uses a model name of its own, so its numbers are exact: "aggregated" is its count in
+``inferscope.snapshot()``, "exported" the count of its ``inferscope.inference.duration`` point as
+exported through an OTel MeterProvider (an in-memory exporter, flushed after the run), and "dropped"
+the growth of ``snapshot().dropped["ring_full"]`` during the run. The check is
+exported == calls - dropped. Exporters other than that one are off (``metrics_exporters="none"``).
+
+Part 2, the drainer alone, on one core (the main thread pinned to one CPU): a ring of each backend
+is filled with N records over 20 keys (durations spread log-normally around 2 ms) by ``Ring.push``
+outside the timed region; then ``Ring.drain`` into a 16,384-record buffer (the drainer's batch)
+and ``Aggregator.add`` are timed alone and together. Medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import _common
+import numpy as np
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+import inferscope
+from inferscope import _purepy
+from inferscope._keys import KeyRegistry
+from inferscope._records import empty_records
+from inferscope.aggregate import Aggregator
+from inferscope.testing import InMemoryMetricExporter
+
+#: Calls between two looks at the clock.
+BATCH = 1000
+PACED_TARGET = 1_000_000
+DRAIN_BATCH = 16384  # the drainer's buffer (inferscope._pipeline._DRAIN_BATCH)
+DRAIN_KEYS = 20
+DRAIN_TARGET = 10_000_000
+DURATION_METRIC = "inferscope.inference.duration"
+MODEL_ATTRIBUTE = "inferscope.model.name"
+
+
+def noop() -> None:
+    pass
+
+
+# --- part 1: producers -----------------------------------------------------------------------------
+
+
+class Export:
+    """An OTel MeterProvider that inferscope rides along with; flushed on demand after each run."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemoryMetricExporter()
+        reader = PeriodicExportingMetricReader(self.exporter, export_interval_millis=3_600_000)
+        self.provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+
+    def exported_count(self, model: str) -> int:
+        self.exporter.clear()
+        self.provider.force_flush()
+        return sum(
+            int(point.count)
+            for point in self.exporter.latest_points(DURATION_METRIC)
+            if point.attributes.get(MODEL_ATTRIBUTE) == model
+        )
+
+
+def _ring_full() -> int:
+    return int(inferscope.snapshot().dropped.get("ring_full", 0))
+
+
+def _aggregated(model: str) -> int:
+    snapshot = inferscope.snapshot()
+    return sum(row.count for row in snapshot.rows if row.model == model and row.stage is None)
+
+
+def _free_run(func: Callable[[], Any], seconds: float, counts: list[int], index: int, go: threading.Barrier) -> None:
+    batch = range(BATCH)
+    clock = time.perf_counter
+    go.wait()
+    deadline = clock() + seconds
+    calls = 0
+    while True:
+        for _ in batch:
+            func()
+        calls += BATCH
+        if clock() >= deadline:
+            break
+    counts[index] = calls
+
+
+def _paced_run(func: Callable[[], Any], target_rate: float, seconds: float) -> tuple[int, float]:
+    batch = range(BATCH)
+    clock = time.perf_counter
+    start = clock()
+    deadline = start + seconds
+    calls = 0
+    while True:
+        for _ in batch:
+            func()
+        calls += BATCH
+        now = clock()
+        if now >= deadline:
+            break
+        due = start + calls / target_rate
+        if due > now:
+            # Ahead of schedule: wait as a server waits for its next request (the GIL is released).
+            time.sleep(min(due, deadline) - now)
+    return calls, clock() - start
+
+
+class Producers:
+    def __init__(self, export: Export) -> None:
+        self.export = export
+        self.runs = 0
+
+    def _tracked(self, label: str) -> tuple[str, Callable[[], None]]:
+        self.runs += 1
+        model = f"bench.throughput.{self.runs}.{label}"
+        return model, inferscope.track_inference(model=model)(noop)
+
+    def _configure(self, counters: str) -> None:
+        inferscope.configure(counters=counters, metrics_exporters="none", meter_provider=self.export.provider)
+
+    def _finish(self, row: dict[str, Any], model: str, dropped_before: int) -> dict[str, Any]:
+        row["dropped"] = _ring_full() - dropped_before
+        row["aggregated"] = _aggregated(model)
+        row["exported"] = self.export.exported_count(model)
+        row["check_ok"] = row["exported"] == row["calls"] - row["dropped"] == row["aggregated"]
+        return row
+
+    def free(self, counters: str, threads: int, seconds: float) -> dict[str, Any]:
+        self._configure(counters)
+        model, func = self._tracked(f"{counters}.{threads}t")
+        for _ in range(10):
+            func()  # the first call of a thread builds its frame; not worth timing
+        counts = [0] * threads
+        go = threading.Barrier(threads + 1)
+        workers = [
+            threading.Thread(target=_free_run, args=(func, seconds, counts, i, go), name=f"producer-{i}")
+            for i in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        dropped_before = _ring_full()
+        go.wait()
+        start = time.perf_counter()
+        for worker in workers:
+            worker.join()
+        elapsed = time.perf_counter() - start
+        calls = sum(counts) + 10
+        row = {
+            "run": f"free, {threads} thread{'s' if threads > 1 else ''}",
+            "counters": counters,
+            "threads": threads,
+            "seconds": elapsed,
+            "calls": calls,
+            "calls_per_second": sum(counts) / elapsed,
+        }
+        return self._finish(row, model, dropped_before)
+
+    def paced(self, counters: str, target_rate: float, seconds: float) -> dict[str, Any]:
+        self._configure(counters)
+        model, func = self._tracked(f"{counters}.paced.{int(target_rate)}")
+        dropped_before = _ring_full()
+        calls, elapsed = _paced_run(func, target_rate, seconds)
+        row = {
+            "run": f"paced at {target_rate / 1e6:g} M/s",
+            "counters": counters,
+            "threads": 1,
+            "target_per_second": target_rate,
+            "seconds": elapsed,
+            "calls": calls,
+            "calls_per_second": calls / elapsed,
+        }
+        return self._finish(row, model, dropped_before)
+
+
+def producer_runs(seconds: float, quick: bool) -> dict[str, Any]:
+    producers = Producers(Export())
+    rows = []
+    for counters in ("minimal", "default"):
+        for threads in (1, 2):
+            _common.progress(f"throughput.py: free run, counters={counters}, {threads} thread(s), {seconds:g} s")
+            rows.append(producers.free(counters, threads, seconds))
+    _common.progress(f"throughput.py: paced run at {PACED_TARGET:,} calls/s, counters=minimal, {seconds:g} s")
+    paced = [producers.paced("minimal", PACED_TARGET, seconds)]
+    # Below the target, or drops: look for the highest rate this machine sustains without a drop.
+    target = float(PACED_TARGET)
+    step_seconds = min(seconds, 2.0 if quick else 4.0)
+    while len(paced) < 5:
+        last = paced[-1]
+        reached = last["calls_per_second"] >= 0.99 * last["target_per_second"]
+        if reached and last["dropped"] == 0:
+            break
+        target = last["calls_per_second"] * 0.9 if not reached else target * 0.75
+        _common.progress(f"throughput.py: paced run at {target:,.0f} calls/s, {step_seconds:g} s")
+        paced.append(producers.paced("minimal", target, step_seconds))
+    inferscope.configure()
+    return {"free": rows, "paced": paced}
+
+
+# --- part 2: the drainer ---------------------------------------------------------------------------
+
+
+def _records(count: int, cpu_measured: bool, keys: list[int]) -> list[tuple[int, int, int, int]]:
+    rng = np.random.default_rng(20261128)
+    key = rng.choice(np.array(keys), size=count)
+    wall = np.maximum(rng.lognormal(math.log(2e6), 1.0, size=count), 1_000).astype(np.int64)
+    cpu = (wall * rng.uniform(0.2, 1.0, size=count)).astype(np.int64) if cpu_measured else np.full(count, -1)
+    start = np.cumsum(wall) + 1_000_000_000
+    return list(zip(key.tolist(), start.tolist(), wall.tolist(), cpu.tolist(), strict=True))
+
+
+def _capacity_for(count: int) -> int:
+    return 1 << max(10, (count - 1).bit_length())
+
+
+def drain_case(ring_type: type, count: int, cpu_measured: bool, repeats: int) -> dict[str, Any]:
+    registry = KeyRegistry()
+    keys = [registry.inference_key(f"bench.drain.{i}") for i in range(DRAIN_KEYS)]
+    values = _records(count, cpu_measured, keys)
+    ring = ring_type(_capacity_for(count))
+    buffer = empty_records(DRAIN_BATCH)
+    aggregator = Aggregator(registry)
+
+    def fill() -> None:
+        push = ring.push
+        for key, start, wall, cpu in values:
+            push(key, 0, 0, start, wall, cpu)
+        if len(ring) != count:
+            raise RuntimeError(f"the ring holds {len(ring)} records, not {count}")
+
+    def drain_only() -> float:
+        fill()
+        t0 = time.perf_counter()
+        drained = 0
+        while True:
+            n = ring.drain(buffer)
+            drained += n
+            if n < DRAIN_BATCH:
+                break
+        elapsed = time.perf_counter() - t0
+        assert drained == count
+        return elapsed
+
+    def drained_batches() -> list[np.ndarray]:
+        fill()
+        batches = []
+        while True:
+            n = ring.drain(buffer)
+            if n:
+                batches.append(buffer[:n].copy())
+            if n < DRAIN_BATCH:
+                return batches
+
+    def aggregate_only(batches: list[np.ndarray]) -> float:
+        t0 = time.perf_counter()
+        for batch in batches:
+            aggregator.add(batch)
+        return time.perf_counter() - t0
+
+    def both() -> float:
+        fill()
+        t0 = time.perf_counter()
+        while True:
+            n = ring.drain(buffer)
+            if n:
+                aggregator.add(buffer[:n])
+            if n < DRAIN_BATCH:
+                break
+        return time.perf_counter() - t0
+
+    batches = drained_batches()
+    aggregate_only(batches[:2])  # the first add creates the 20 series; steady state is what matters
+    samples: dict[str, list[float]] = {"drain": [], "aggregate": [], "drain + aggregate": []}
+    for _ in range(repeats):
+        samples["drain"].append(count / drain_only())
+        samples["aggregate"].append(count / aggregate_only(batches))
+        samples["drain + aggregate"].append(count / both())
+    return {
+        "ring": ring_type.__module__,
+        "records": count,
+        "cpu_measured": cpu_measured,
+        "records_per_second": {name: _common.median(values) for name, values in samples.items()},
+        "samples_records_per_second": samples,
+    }
+
+
+def drain_runs(quick: bool) -> list[dict[str, Any]]:
+    from inferscope import _native
+
+    repeats = 3 if quick else 5
+    sizes = {_native.Ring: 1 << (18 if quick else 20), _purepy.Ring: 1 << (16 if quick else 18)}
+    one_cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {one_cpu})  # 0 = this thread on Linux: the drain runs on one core
+    try:
+        results = []
+        for ring_type, count in sizes.items():
+            for cpu_measured in (False, True):
+                _common.progress(
+                    f"throughput.py: drain {ring_type.__module__}.Ring, {count:,} records, "
+                    f"cpu_ns {'measured' if cpu_measured else 'not measured'}"
+                )
+                results.append(drain_case(ring_type, count, cpu_measured, repeats))
+        return results
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def _check(row: dict[str, Any]) -> str:
+    return "OK" if row["check_ok"] else "MISMATCH"
+
+
+def report(data: dict[str, Any]) -> str:
+    producers, drains = data["producers"], data["drain"]
+    free_rows = [
+        (
+            r["run"],
+            r["counters"],
+            f"{r['seconds']:.1f}",
+            f"{r['calls']:,}",
+            _common.rate(r["calls_per_second"]),
+            f"{r['aggregated']:,}",
+            f"{r['exported']:,}",
+            f"{r['dropped']:,}",
+            _check(r),
+        )
+        for r in producers["free"] + producers["paced"]
+    ]
+    paced = producers["paced"]
+    clean = [r for r in paced if r["dropped"] == 0]
+    first = paced[0]
+    reached = first["calls_per_second"] >= 0.99 * first["target_per_second"]
+    if reached and first["dropped"] == 0:
+        paced_line = f"paced: {_common.rate(first['calls_per_second'])} sustained for {first['seconds']:.0f} s, 0 drops"
+    else:
+        best = max(clean, key=lambda r: r["calls_per_second"]) if clean else None
+        why = "not reached" if not reached else f"reached with {first['dropped']:,} drops"
+        paced_line = f"paced: 1 M/s {why} on this machine; " + (
+            f"highest rate with 0 drops: {_common.rate(best['calls_per_second'])}"
+            if best
+            else "no paced run was free of drops"
+        )
+    drain_rows = []
+    found = []
+    for d in drains:
+        per = d["records_per_second"]
+        label = "C" if d["ring"].endswith("_native") else "pure Python"
+        counters = "default (cpu_ns)" if d["cpu_measured"] else "minimal"
+        drain_rows.append(
+            (
+                label,
+                counters,
+                f"{d['records']:,}",
+                _common.rate(per["drain"]),
+                _common.rate(per["aggregate"]),
+                _common.rate(per["drain + aggregate"]),
+                _common.ns(1e9 / per["drain + aggregate"]),
+            )
+        )
+        if label == "C":
+            found.append((f"C ring, {counters} records", per["drain + aggregate"]))
+    env = data["environment"]
+    lines = [
+        "inferscope throughput benchmark",
+        _common.environment_line(env),
+        "",
+        f"Producers: a tracked no-op as fast as possible, backend={env['backend']}, default ring and drainer "
+        "(exported = count in the OTel export; check: exported == calls - dropped == aggregated)",
+        _common.table(
+            ("run", "counters", "s", "calls", "rate", "aggregated", "exported", "dropped", "check"),
+            free_rows,
+            left=2,
+        ),
+        paced_line,
+        "",
+        f"Drainer on one core: Ring.drain into {DRAIN_BATCH:,}-record batches + Aggregator.add, "
+        f"{DRAIN_KEYS} keys, median of {len(drains[0]['samples_records_per_second']['drain'])} repeats",
+        _common.table(
+            ("ring", "records", "N", "drain", "aggregate", "drain + aggregate", "ns/record"),
+            drain_rows,
+            left=2,
+        ),
+        "",
+        "Targets (informational, nothing is asserted)",
+        _common.table(
+            ("target", "measured", "result"),
+            [
+                (f"drain + aggregation >= 10 M records/s, {what}", _common.rate(value), _common.verdict(value >= DRAIN_TARGET))
+                for what, value in found
+            ],
+            left=2,
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _common.base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=None, help="length of each producer run (default 10)")
+    parser.add_argument("--backend", choices=("c", "python"), default="c", help="backend of the producer runs")
+    args = parser.parse_args(argv)
+    if args.backend == "python" and inferscope.backend() != "python":
+        # The backend is chosen at import: start again with the extension disabled.
+        os.environ[_common.NO_EXTENSION_VARIABLE] = "1"
+        os.execv(sys.executable, [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])])
+    seconds = args.seconds if args.seconds is not None else (1.5 if args.quick else 10.0)
+    data: dict[str, Any] = {"environment": _common.environment(), "seconds": seconds}
+    data["producers"] = producer_runs(seconds, args.quick)
+    data["drain"] = drain_runs(args.quick)
+    print(report(data))
+    _common.write_json(args.json, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
