@@ -279,3 +279,23 @@ def test_no_extension_variable_selects_pure_python():
     )
     assert result.stdout.strip() == "python"
     assert sys.executable
+
+
+def test_an_exporter_handed_over_survives_reconfiguration():
+    out = run(
+        """
+exporter = InMemoryMetricExporter()
+inferscope.configure(metric_exporters=[exporter])
+
+@inferscope.track_inference(model="m")
+def predict():
+    return 1
+
+predict()
+inferscope.configure(metric_exporters=[exporter], counters="minimal")  # flushes, does not shut it down
+predict()
+inferscope.shutdown()
+print(json.dumps({"counts": [p.count for p in exporter.points("inferscope.inference.duration")]}))
+"""
+    )
+    assert out["counts"] == [1, 2]

@@ -173,14 +173,18 @@ class Exports:
             "boundaries": settings.histogram_boundaries,
             "max_buckets": settings.histogram_max_buckets,
         }
-        exporters = [
-            _make_exporter(name, settings) for name in settings.metrics_exporters if name != "prometheus"
-        ]
-        exporters += list(settings.metric_exporters)  # type: ignore[arg-type]
-        if exporters:
+        ours = [_make_exporter(name, settings) for name in settings.metrics_exporters if name != "prometheus"]
+        given: list[MetricExporter] = list(settings.metric_exporters)  # type: ignore[arg-type]
+        if ours or given:
             readers = []
-            for exporter in exporters:
-                wrapper = AggregatesExporter(exporter, collect_view, resource=self.resource, **histogram)  # type: ignore[arg-type]
+            for exporter in ours + given:
+                wrapper = AggregatesExporter(
+                    exporter,
+                    collect_view,
+                    resource=self.resource,
+                    owns_delegate=all(exporter is not g for g in given),
+                    **histogram,  # type: ignore[arg-type]
+                )
                 self.own_wrappers.append(wrapper)
                 readers.append(
                     PeriodicExportingMetricReader(

@@ -440,6 +440,7 @@ class AggregatesExporter(MetricExporter):
         aggregation: str = "exponential",
         boundaries: Sequence[float],
         max_buckets: int = 320,
+        owns_delegate: bool = True,
     ) -> None:
         # The SDK reader asks its exporter for temporality and aggregation; answer as the delegate would.
         preferred_temporality = getattr(delegate, "_preferred_temporality", None)
@@ -451,6 +452,9 @@ class AggregatesExporter(MetricExporter):
             HistogramInstrument, AggregationTemporality.CUMULATIVE
         )
         self.delegate = delegate
+        #: False for an exporter the application handed over: shutdown() then only flushes it, so the
+        #: application can pass the same instance to a later configure().
+        self.owns_delegate = owns_delegate
         self.resource = resource
         self.active = True
         #: Exports that failed (raised, or the delegate reported FAILURE).
@@ -510,7 +514,10 @@ class AggregatesExporter(MetricExporter):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         try:
-            self.delegate.shutdown(timeout_millis=timeout_millis, **kwargs)
+            if self.owns_delegate:
+                self.delegate.shutdown(timeout_millis=timeout_millis, **kwargs)
+            else:
+                self.delegate.force_flush(timeout_millis=timeout_millis)
         except Exception:
             self._log.warning("inferscope: shutdown of the metric exporter raised", exc_info=True)
 
