@@ -8,7 +8,14 @@ import os
 
 from setuptools import Extension, setup
 
-extra_compile_args = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+extra_compile_args = [
+    "-O2",
+    "-std=c11",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    "-Wno-missing-field-initializers",
+]
 extra_link_args: list[str] = []
 if os.environ.get("INFERSCOPE_SANITIZE"):
     # e.g. INFERSCOPE_SANITIZE=address,undefined pip install -e .

@@ -138,12 +138,54 @@ def progress(message: str) -> None:
 # --- reporting -------------------------------------------------------------------------------------
 
 
+class MachineLoad:
+    """How busy the rest of the machine was while a benchmark ran (from /proc/stat).
+
+    ``other_cpus``: CPUs' worth of time spent by every other process (all CPU time minus this
+    process and its waited-for children); ``steal_cpus``: time the hypervisor gave to other guests.
+    On a 2-core VM, anything above ~0.2 in either makes the figures noisier.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float, float]:
+        with open("/proc/stat", encoding="ascii") as file:
+            fields = [int(v) for v in file.readline().split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        ticks = os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        own_seconds = own.user + own.system + own.children_user + own.children_system
+        busy = (user + nice + system + irq + softirq) / ticks
+        return busy, steal / ticks, own_seconds, time.monotonic()
+
+    def summary(self) -> dict[str, float]:
+        busy, steal, own, now = self._read()
+        busy0, steal0, own0, start = self._start
+        wall = max(now - start, 1e-9)
+        return {
+            "seconds": wall,
+            "own_cpus": (own - own0) / wall,
+            "other_cpus": max(0.0, (busy - busy0) - (own - own0)) / wall,
+            "steal_cpus": (steal - steal0) / wall,
+        }
+
+
+def load_line(load: Mapping[str, float]) -> str:
+    return (
+        f"machine during the run ({load['seconds']:.0f} s): this benchmark {load['own_cpus']:.2f} CPUs, "
+        f"other processes {load['other_cpus']:.2f} CPUs, steal {load['steal_cpus']:.2f} CPUs"
+    )
+
+
 def environment() -> dict[str, Any]:
     """What the figures were measured on: enough to tell two runs apart."""
-    import inferscope
-    import numpy
-    import prometheus_client  # noqa: F401 - imported for its version below
     from importlib.metadata import version
+
+    import numpy
+
+    import inferscope
 
     cpu_model = "unknown"
     try:

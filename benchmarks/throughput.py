@@ -87,7 +87,9 @@ def _aggregated(model: str) -> int:
     return sum(row.count for row in snapshot.rows if row.model == model and row.stage is None)
 
 
-def _free_run(func: Callable[[], Any], seconds: float, counts: list[int], index: int, go: threading.Barrier) -> None:
+def _free_run(
+    func: Callable[[], Any], seconds: float, counts: list[int], index: int, go: threading.Barrier
+) -> None:
     batch = range(BATCH)
     clock = time.perf_counter
     go.wait()
@@ -102,7 +104,13 @@ def _free_run(func: Callable[[], Any], seconds: float, counts: list[int], index:
     counts[index] = calls
 
 
-def _paced_run(func: Callable[[], Any], target_rate: float, seconds: float) -> tuple[int, float]:
+def _paced_run(func: Callable[[], Any], target_rate: float, seconds: float, wait: str) -> tuple[int, float]:
+    """Calls in a busy loop, the clock checked every BATCH calls; ahead of schedule, wait.
+
+    ``wait="sleep"`` sleeps (the GIL is released), as a server waits for its next request;
+    ``wait="spin"`` spins on the clock, so the thread never gives up the GIL of its own accord: the
+    worst case for the drainer thread, like a serving thread that is busy in Python code.
+    """
     batch = range(BATCH)
     clock = time.perf_counter
     start = clock()
@@ -115,10 +123,13 @@ def _paced_run(func: Callable[[], Any], target_rate: float, seconds: float) -> t
         now = clock()
         if now >= deadline:
             break
-        due = start + calls / target_rate
-        if due > now:
-            # Ahead of schedule: wait as a server waits for its next request (the GIL is released).
-            time.sleep(min(due, deadline) - now)
+        due = min(start + calls / target_rate, deadline)
+        if wait == "sleep":
+            if due > now:
+                time.sleep(due - now)
+        else:
+            while clock() < due:
+                pass
     return calls, clock() - start
 
 
@@ -172,15 +183,16 @@ class Producers:
         }
         return self._finish(row, model, dropped_before)
 
-    def paced(self, counters: str, target_rate: float, seconds: float) -> dict[str, Any]:
+    def paced(self, counters: str, target_rate: float, seconds: float, wait: str) -> dict[str, Any]:
         self._configure(counters)
-        model, func = self._tracked(f"{counters}.paced.{int(target_rate)}")
+        model, func = self._tracked(f"{counters}.paced.{wait}.{int(target_rate)}")
         dropped_before = _ring_full()
-        calls, elapsed = _paced_run(func, target_rate, seconds)
+        calls, elapsed = _paced_run(func, target_rate, seconds, wait)
         row = {
-            "run": f"paced at {target_rate / 1e6:g} M/s",
+            "run": f"paced {target_rate / 1e6:.2f} M/s, {wait}",
             "counters": counters,
             "threads": 1,
+            "wait": wait,
             "target_per_second": target_rate,
             "seconds": elapsed,
             "calls": calls,
@@ -189,26 +201,40 @@ class Producers:
         return self._finish(row, model, dropped_before)
 
 
-def producer_runs(seconds: float, quick: bool) -> dict[str, Any]:
+def _reached(row: dict[str, Any]) -> bool:
+    return bool(row["calls_per_second"] >= 0.99 * row["target_per_second"])
+
+
+def paced_series(
+    producers: Producers, wait: str, seconds: float, step_seconds: float
+) -> list[dict[str, Any]]:
+    """A paced run at PACED_TARGET; on a miss (rate not reached, or drops), up to three lower rates."""
+    _common.progress(
+        f"throughput.py: paced run at {PACED_TARGET:,} calls/s ({wait} when ahead), {seconds:g} s"
+    )
+    runs = [producers.paced("minimal", PACED_TARGET, seconds, wait)]
+    while len(runs) < 4:
+        last = runs[-1]
+        if _reached(last) and last["dropped"] == 0:
+            break
+        target = last["calls_per_second"] * 0.9 if not _reached(last) else last["target_per_second"] / 2
+        _common.progress(f"throughput.py: paced run at {target:,.0f} calls/s ({wait}), {step_seconds:g} s")
+        runs.append(producers.paced("minimal", target, step_seconds, wait))
+    return runs
+
+
+def producer_runs(seconds: float) -> dict[str, Any]:
     producers = Producers(Export())
     rows = []
     for counters in ("minimal", "default"):
         for threads in (1, 2):
-            _common.progress(f"throughput.py: free run, counters={counters}, {threads} thread(s), {seconds:g} s")
+            _common.progress(
+                f"throughput.py: free run, counters={counters}, {threads} thread(s), {seconds:g} s"
+            )
             rows.append(producers.free(counters, threads, seconds))
-    _common.progress(f"throughput.py: paced run at {PACED_TARGET:,} calls/s, counters=minimal, {seconds:g} s")
-    paced = [producers.paced("minimal", PACED_TARGET, seconds)]
-    # Below the target, or drops: look for the highest rate this machine sustains without a drop.
-    target = float(PACED_TARGET)
-    step_seconds = min(seconds, 2.0 if quick else 4.0)
-    while len(paced) < 5:
-        last = paced[-1]
-        reached = last["calls_per_second"] >= 0.99 * last["target_per_second"]
-        if reached and last["dropped"] == 0:
-            break
-        target = last["calls_per_second"] * 0.9 if not reached else target * 0.75
-        _common.progress(f"throughput.py: paced run at {target:,.0f} calls/s, {step_seconds:g} s")
-        paced.append(producers.paced("minimal", target, step_seconds))
+    step_seconds = max(1.0, seconds / 10)
+    paced = paced_series(producers, "sleep", seconds, step_seconds)
+    paced += paced_series(producers, "spin", seconds / 2, step_seconds)
     inferscope.configure()
     return {"free": rows, "paced": paced}
 
@@ -216,13 +242,24 @@ def producer_runs(seconds: float, quick: bool) -> dict[str, Any]:
 # --- part 2: the drainer ---------------------------------------------------------------------------
 
 
-def _records(count: int, cpu_measured: bool, keys: list[int]) -> list[tuple[int, int, int, int]]:
+def _record_columns(count: int, cpu_measured: bool, keys: list[int]) -> dict[str, np.ndarray]:
+    """Synthetic records: 20 keys, wall times log-normal around 2 ms, CPU time a fraction of it."""
     rng = np.random.default_rng(20261128)
-    key = rng.choice(np.array(keys), size=count)
     wall = np.maximum(rng.lognormal(math.log(2e6), 1.0, size=count), 1_000).astype(np.int64)
-    cpu = (wall * rng.uniform(0.2, 1.0, size=count)).astype(np.int64) if cpu_measured else np.full(count, -1)
-    start = np.cumsum(wall) + 1_000_000_000
-    return list(zip(key.tolist(), start.tolist(), wall.tolist(), cpu.tolist(), strict=True))
+    return {
+        "key": rng.choice(np.array(keys), size=count),
+        "start_ns": np.cumsum(wall) + 1_000_000_000,
+        "wall_ns": wall,
+        "cpu_ns": (wall * rng.uniform(0.2, 1.0, size=count)).astype(np.int64)
+        if cpu_measured
+        else np.full(count, -1, dtype=np.int64),
+    }
+
+
+def _records(count: int, cpu_measured: bool, keys: list[int]) -> list[tuple[int, int, int, int]]:
+    c = _record_columns(count, cpu_measured, keys)
+    columns = (c["key"].tolist(), c["start_ns"].tolist(), c["wall_ns"].tolist(), c["cpu_ns"].tolist())
+    return list(zip(*columns, strict=True))
 
 
 def _capacity_for(count: int) -> int:
@@ -300,26 +337,75 @@ def drain_case(ring_type: type, count: int, cpu_measured: bool, repeats: int) ->
     }
 
 
-def drain_runs(quick: bool) -> list[dict[str, Any]]:
-    from inferscope import _native
+def aggregate_under_contention(cpu_measured: bool, seconds: float) -> dict[str, Any]:
+    """``Aggregator.add`` of drainer-sized batches on a background thread (as the drainer runs)
+    while the main thread runs Python code without pause, as a busy serving thread does."""
+    registry = KeyRegistry()
+    keys = [registry.inference_key(f"bench.contention.{i}") for i in range(DRAIN_KEYS)]
+    batch = empty_records(DRAIN_BATCH)
+    for name, column in _record_columns(DRAIN_BATCH, cpu_measured, keys).items():
+        batch[name] = column
+    aggregator = Aggregator(registry)
+    aggregator.add(batch)
+    stop = threading.Event()
+    added = [0, 0.0]  # records, seconds spent in add()
 
+    def drainer() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            aggregator.add(batch)
+            added[1] += time.perf_counter() - t0
+            added[0] += DRAIN_BATCH
+
+    def aggregate_for(busy: bool) -> float:
+        added[:] = [0, 0.0]
+        stop.clear()
+        thread = threading.Thread(target=drainer, name="bench-drainer")
+        thread.start()
+        deadline = time.perf_counter() + seconds
+        if busy:
+            while time.perf_counter() < deadline:
+                pass
+        else:
+            time.sleep(seconds)
+        stop.set()
+        thread.join()
+        return added[0] / added[1]
+
+    return {
+        "cpu_measured": cpu_measured,
+        "records_per_second_idle": aggregate_for(busy=False),
+        "records_per_second_busy": aggregate_for(busy=True),
+    }
+
+
+def drain_runs(quick: bool) -> dict[str, Any]:
+    ring_types: list[tuple[type, int]] = []
+    try:
+        from inferscope import _native
+
+        ring_types.append((_native.Ring, 1 << (18 if quick else 20)))
+    except ImportError:
+        _common.progress("throughput.py: the C extension is not built; the C ring is left out")
+    ring_types.append((_purepy.Ring, 1 << (16 if quick else 18)))
     repeats = 3 if quick else 5
-    sizes = {_native.Ring: 1 << (18 if quick else 20), _purepy.Ring: 1 << (16 if quick else 18)}
     one_cpu = min(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {one_cpu})  # 0 = this thread on Linux: the drain runs on one core
     try:
-        results = []
-        for ring_type, count in sizes.items():
+        alone = []
+        for ring_type, count in ring_types:
             for cpu_measured in (False, True):
                 _common.progress(
                     f"throughput.py: drain {ring_type.__module__}.Ring, {count:,} records, "
                     f"cpu_ns {'measured' if cpu_measured else 'not measured'}"
                 )
-                results.append(drain_case(ring_type, count, cpu_measured, repeats))
-        return results
+                alone.append(drain_case(ring_type, count, cpu_measured, repeats))
     finally:
         os.sched_setaffinity(0, before)
+    _common.progress("throughput.py: Aggregator.add on a background thread, main thread idle and then busy")
+    contention = [aggregate_under_contention(cpu, 0.5 if quick else 1.5) for cpu in (False, True)]
+    return {"alone": alone, "contention": contention}
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -327,6 +413,26 @@ def drain_runs(quick: bool) -> list[dict[str, Any]]:
 
 def _check(row: dict[str, Any]) -> str:
     return "OK" if row["check_ok"] else "MISMATCH"
+
+
+def paced_summary(runs: list[dict[str, Any]]) -> str:
+    first = runs[0]
+    wait = first["wait"]
+    if _reached(first) and first["dropped"] == 0:
+        return (
+            f"paced ({wait}): {_common.rate(first['calls_per_second'])} held for {first['seconds']:.0f} s "
+            "with 0 drops"
+        )
+    why = "not reached" if not _reached(first) else f"reached, but {first['dropped']:,} records were dropped"
+    clean = [r for r in runs if r["dropped"] == 0]
+    if clean:
+        best = max(clean, key=lambda r: r["calls_per_second"])
+        best_rate = _common.rate(best["calls_per_second"])
+        found = f"highest rate with 0 drops: {best_rate} ({best['seconds']:.0f} s run)"
+    else:
+        lowest = min(r["calls_per_second"] for r in runs)
+        found = f"every paced run dropped records, down to {_common.rate(lowest)}"
+    return f"paced ({wait}): 1 M/s {why} on this machine; {found}"
 
 
 def report(data: dict[str, Any]) -> str:
@@ -345,23 +451,13 @@ def report(data: dict[str, Any]) -> str:
         )
         for r in producers["free"] + producers["paced"]
     ]
-    paced = producers["paced"]
-    clean = [r for r in paced if r["dropped"] == 0]
-    first = paced[0]
-    reached = first["calls_per_second"] >= 0.99 * first["target_per_second"]
-    if reached and first["dropped"] == 0:
-        paced_line = f"paced: {_common.rate(first['calls_per_second'])} sustained for {first['seconds']:.0f} s, 0 drops"
-    else:
-        best = max(clean, key=lambda r: r["calls_per_second"]) if clean else None
-        why = "not reached" if not reached else f"reached with {first['dropped']:,} drops"
-        paced_line = f"paced: 1 M/s {why} on this machine; " + (
-            f"highest rate with 0 drops: {_common.rate(best['calls_per_second'])}"
-            if best
-            else "no paced run was free of drops"
-        )
+    paced_lines = [
+        paced_summary([r for r in producers["paced"] if r["wait"] == wait]) for wait in ("sleep", "spin")
+    ]
     drain_rows = []
     found = []
-    for d in drains:
+    repeats = len(drains["alone"][0]["samples_records_per_second"]["drain"])
+    for d in drains["alone"]:
         per = d["records_per_second"]
         label = "C" if d["ring"].endswith("_native") else "pure Python"
         counters = "default (cpu_ns)" if d["cpu_measured"] else "minimal"
@@ -390,21 +486,40 @@ def report(data: dict[str, Any]) -> str:
             free_rows,
             left=2,
         ),
-        paced_line,
+        *paced_lines,
         "",
         f"Drainer on one core: Ring.drain into {DRAIN_BATCH:,}-record batches + Aggregator.add, "
-        f"{DRAIN_KEYS} keys, median of {len(drains[0]['samples_records_per_second']['drain'])} repeats",
+        f"{DRAIN_KEYS} keys, median of {repeats} repeats",
         _common.table(
             ("ring", "records", "N", "drain", "aggregate", "drain + aggregate", "ns/record"),
             drain_rows,
             left=2,
         ),
         "",
+        f"Aggregator.add of {DRAIN_BATCH:,}-record batches on a background thread (where the drainer runs), "
+        "while the main thread sleeps, then while it runs Python code without pause (GIL contention)",
+        _common.table(
+            ("records", "main thread asleep", "main thread busy", "slowdown"),
+            [
+                (
+                    "default (cpu_ns)" if c["cpu_measured"] else "minimal",
+                    _common.rate(c["records_per_second_idle"]),
+                    _common.rate(c["records_per_second_busy"]),
+                    f"{c['records_per_second_idle'] / c['records_per_second_busy']:,.0f}x",
+                )
+                for c in drains["contention"]
+            ],
+        ),
+        "",
         "Targets (informational, nothing is asserted)",
         _common.table(
             ("target", "measured", "result"),
             [
-                (f"drain + aggregation >= 10 M records/s, {what}", _common.rate(value), _common.verdict(value >= DRAIN_TARGET))
+                (
+                    f"drain + aggregation >= 10 M records/s, {what}",
+                    _common.rate(value),
+                    _common.verdict(value >= DRAIN_TARGET),
+                )
                 for what, value in found
             ],
             left=2,
@@ -415,18 +530,25 @@ def report(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _common.base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=None, help="length of each producer run (default 10)")
-    parser.add_argument("--backend", choices=("c", "python"), default="c", help="backend of the producer runs")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="length of each producer run (default 10)"
+    )
+    parser.add_argument(
+        "--backend", choices=("c", "python"), default="c", help="backend of the producer runs"
+    )
     args = parser.parse_args(argv)
     if args.backend == "python" and inferscope.backend() != "python":
         # The backend is chosen at import: start again with the extension disabled.
         os.environ[_common.NO_EXTENSION_VARIABLE] = "1"
         os.execv(sys.executable, [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])])
     seconds = args.seconds if args.seconds is not None else (1.5 if args.quick else 10.0)
+    load = _common.MachineLoad()
     data: dict[str, Any] = {"environment": _common.environment(), "seconds": seconds}
-    data["producers"] = producer_runs(seconds, args.quick)
+    data["producers"] = producer_runs(seconds)
     data["drain"] = drain_runs(args.quick)
+    data["machine_load"] = load.summary()
     print(report(data))
+    print(_common.load_line(data["machine_load"]))
     _common.write_json(args.json, data)
     return 0
 

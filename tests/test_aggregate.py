@@ -747,8 +747,11 @@ def test_build_snapshot_rows() -> None:
     for name in ("fraud", "alpha", "infer/encoder", "warmup", "overflow", "p95", "cpu/wall"):
         assert name in table
     lines = table.splitlines()
-    assert len(lines) >= 1 + len(snap.rows)
-    assert len({line.index("count") if "count" in line else -1 for line in lines[:1]}) == 1
+    # Aligned: every row's count ends in the column where the header's "count" ends.
+    count_end = lines[0].index("count") + len("count")
+    for line, row in zip(lines[1 : 1 + len(snap.rows)], snap.rows, strict=True):
+        assert line[:count_end].endswith(f" {row.count}"), line
+        assert line[count_end] == " "
     assert "dropped" in table and "11" in table
 
     encoded = json.dumps(snap.to_dict(), allow_nan=False)

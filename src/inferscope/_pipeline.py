@@ -365,7 +365,7 @@ def prometheus_port() -> int | None:
 
 def _after_fork_in_child() -> None:
     RUNTIME.after_fork_in_child()
-    AGGREGATOR.reset()
+    AGGREGATOR.after_fork_in_child()
     DRAINER.after_fork_in_child()
     global _lock
     _lock = threading.RLock()

@@ -50,6 +50,7 @@ MIN_SCALE = -10
 
 # A series id packs (key, error id) into one int: key is u32 and error u16 in the record.
 _ERROR_BITS = 16
+_ERROR_MASK = (1 << _ERROR_BITS) - 1
 # Above this many (key, error) combinations a lookup table would cost more than it saves; fall back
 # to np.unique (a sort) for such unusual batches.
 _MAX_LOOKUP_TABLE = 1 << 20
@@ -576,17 +577,16 @@ def _fold(rows: np.ndarray, seconds: np.ndarray, row_count: int, scratch: _Scrat
     max_positive = np.zeros(row_count)
     np.minimum.at(min_positive, rows, seconds)
     np.maximum.at(max_positive, rows, seconds)
-    indices = _bucket_indices(seconds, SCALE, scratch)
-    # Each row's bucket range comes from its own indices (not from the indices of its extremes, which
-    # a SIMD and a scalar log2 could disagree on), and rows are packed by their own ranges, which keeps
-    # the bincount small however far apart the rows' values are.
+    # The index is exact integer arithmetic, hence monotone, so each row's bucket range is the range
+    # of its extremes; packing rows by their own ranges keeps the bincount small however far apart
+    # the rows' values are.
+    occupied = positive_count > 0
     low_index = np.zeros(row_count, dtype=np.int64)
-    high_index = np.full(row_count, -1, dtype=np.int64)
-    if indices.size:
-        low_index[positive_count > 0] = np.iinfo(np.int64).max
-        np.minimum.at(low_index, rows, indices)
-        np.maximum.at(high_index, rows, indices)
-    span = np.where(positive_count > 0, high_index - low_index + 1, 0)
+    span = np.zeros(row_count, dtype=np.int64)
+    if occupied.any():
+        low_index[occupied] = bucket_indices(min_positive[occupied])
+        span[occupied] = bucket_indices(max_positive[occupied]) - low_index[occupied] + 1
+    indices = _bucket_indices(seconds, SCALE, scratch)
     start = np.concatenate(([0], np.cumsum(span)[:-1])).astype(np.int64)
     slots = indices  # scratch, ours to overwrite
     slots += np.take(start - low_index, rows, out=scratch.get("slot_base", rows.size, np.int64), mode="clip")
@@ -682,8 +682,8 @@ class Aggregator:
         fresh = {
             sid: Series.new(
                 self.registry.info(sid >> _ERROR_BITS),
-                sid & 0xFFFF,
-                self.registry.error_name(sid & 0xFFFF) if sid & 0xFFFF != NO_ERROR else None,
+                sid & _ERROR_MASK,
+                None if sid & _ERROR_MASK == NO_ERROR else self.registry.error_name(sid & _ERROR_MASK),
             )
             for sid in missing
         }
@@ -764,6 +764,13 @@ class Aggregator:
             self._start_time_unix_nano = (
                 time.time_ns() if start_time_unix_nano is None else start_time_unix_nano
             )
+
+    def after_fork_in_child(self) -> None:
+        """Start over in a forked child. Only the forking thread survives fork(): the drainer may
+        have held either lock at that moment, so both are replaced before anything takes them."""
+        self._lock = threading.Lock()
+        self._add_lock = threading.Lock()
+        self.reset()
 
 
 @dataclass(frozen=True)

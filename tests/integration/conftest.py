@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sysconfig
 import time
 import urllib.parse
 import urllib.request
@@ -80,6 +81,11 @@ class _Process:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
         env = dict(os.environ, NO_COLOR="1")
+        # rotel-agent embeds Python and links libpython; a pyenv or venv interpreter's library
+        # directory is not on the loader's path by default.
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
 
     def output(self) -> str:
