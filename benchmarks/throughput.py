@@ -387,7 +387,7 @@ def drain_runs(quick: bool) -> dict[str, Any]:
         ring_types.append((_native.Ring, 1 << (18 if quick else 20)))
     except ImportError:
         _common.progress("throughput.py: the C extension is not built; the C ring is left out")
-    ring_types.append((_purepy.Ring, 1 << (16 if quick else 18)))
+    ring_types.append((_purepy.Ring, 1 << (16 if quick else 17)))
     repeats = 3 if quick else 5
     one_cpu = min(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
@@ -404,7 +404,7 @@ def drain_runs(quick: bool) -> dict[str, Any]:
     finally:
         os.sched_setaffinity(0, before)
     _common.progress("throughput.py: Aggregator.add on a background thread, main thread idle and then busy")
-    contention = [aggregate_under_contention(cpu, 0.5 if quick else 1.5) for cpu in (False, True)]
+    contention = [aggregate_under_contention(cpu, 0.5 if quick else 1.0) for cpu in (False, True)]
     return {"alone": alone, "contention": contention}
 
 
