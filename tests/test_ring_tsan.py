@@ -59,3 +59,36 @@ def test_ring_stress_under_sanitizer(tmp_path, sanitizer):
     assert failures == 0
     assert received + dropped == 4 * 200_000
     assert received > 0
+
+
+def test_extension_source_compiles_without_warnings(tmp_path):
+    """A lint of the C source: the whole extension builds with every common warning as an error."""
+    import sysconfig
+
+    include = sysconfig.get_paths()["include"]
+    build = subprocess.run(
+        [
+            _compiler(),
+            "-std=c11",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Wshadow",
+            "-Wstrict-prototypes",
+            "-Wno-unused-parameter",
+            "-Wno-missing-field-initializers",
+            "-Werror",
+            "-fPIC",
+            "-c",
+            "-I",
+            include,
+            "-I",
+            str(NATIVE),
+            str(NATIVE / "ringbuf.c"),
+            "-o",
+            str(tmp_path / "ringbuf.o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
