@@ -136,8 +136,8 @@ class _DropSpans(SpanExporter):
 def backend_cases(pipeline: Pipeline) -> list[_common.Case]:
     """The cases that depend on the backend: measured in this process and in the pure-Python child."""
 
-    def on(counters: str | None) -> Callable[[], None]:
-        return lambda: pipeline.use(counters or "minimal")
+    def on(counters: str) -> Callable[[], None]:
+        return lambda: pipeline.use(counters)
 
     cases = [
         _common.Case("bare call", "f()", {"f": noop}),

@@ -14,6 +14,7 @@ import pytest
 from inferscope import _purepy
 from inferscope._keys import KeyRegistry
 from inferscope._records import (
+    COUNTER_SLOTS,
     COUNTER_THREAD_CPU,
     FLAG_ABANDONED,
     MAX_STACK_DEPTH,
@@ -76,7 +77,7 @@ def test_ring_round_trip_keeps_fields_and_order(impl):
     assert out["start_ns"].tolist() == [1000, 1001, 1002, 1003, 1004]
     assert out["wall_ns"].tolist() == [0, 10, 20, 30, 40]
     assert out["cpu_ns"].tolist() == [0, -1, 2, -1, 4]
-    assert out["counters"].tolist() == [[0, 0, 0, 0]] * 5
+    assert out["counters"].tolist() == [[0] * COUNTER_SLOTS] * 5
     assert len(ring) == 0
 
 

@@ -581,7 +581,8 @@ def test_error_messages_read_as_documented() -> None:
         load_settings({"counters": "fast"}, environ={})
     assert str(info.value) == (
         "counters (configure argument): got 'fast'; "
-        "accepted: one of 'minimal', 'default', or a comma-separated list of 'thread_cpu'"
+        "accepted: one of 'minimal', 'default', 'full', "
+        "or a comma-separated list of 'thread_cpu', 'rusage', 'perf', 'rss', 'python_heap'"
     )
 
 

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -25,10 +26,11 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 
 from ._backend import BACKEND
-from ._records import DROP_RING_FULL, DROP_STACK_DEPTH, empty_records
+from ._records import COUNTER_PY_HEAP, DROP_RING_FULL, DROP_STACK_DEPTH, empty_records
 from ._runtime import REGISTRY, RUNTIME
 from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
 from .config import ConfigError, Settings, load_settings
+from .counters import counter_metrics
 from .export.metrics import (
     AggregatesExporter,
     PrometheusCollector,
@@ -161,9 +163,11 @@ class Exports:
     """The export side built from one ``Settings``: our MeterProvider, a wrapped user provider,
     and the Prometheus endpoint."""
 
-    def __init__(self, settings: Settings, *, serve_prometheus: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, serve_prometheus: bool = True, resource: Resource | None = None
+    ) -> None:
         self.settings = settings
-        self.resource = _resource(settings)
+        self.resource = resource if resource is not None else _resource(settings)
         self.own_wrappers: list[AggregatesExporter] = []
         self.meter_provider: MeterProvider | None = None
         self.user_provider: Any = settings.meter_provider
@@ -172,6 +176,7 @@ class Exports:
             "aggregation": settings.histogram_aggregation,
             "boundaries": settings.histogram_boundaries,
             "max_buckets": settings.histogram_max_buckets,
+            "counters": counter_metrics(settings.counter_mask),
         }
         ours = [_make_exporter(name, settings) for name in settings.metrics_exporters if name != "prometheus"]
         given: list[MetricExporter] = list(settings.metric_exporters)  # type: ignore[arg-type]
@@ -203,7 +208,9 @@ class Exports:
             # Idempotent: after fork the child keeps the wrappers its parent installed.
             wrap_meter_provider(self.user_provider, collect_view, **histogram)  # type: ignore[arg-type]
         if serve_prometheus and "prometheus" in settings.metrics_exporters:
-            collector = PrometheusCollector(collect_view, settings.histogram_boundaries)
+            collector = PrometheusCollector(
+                collect_view, settings.histogram_boundaries, counters=counter_metrics(settings.counter_mask)
+            )
             self.prometheus = start_prometheus_server(
                 collector, settings.prometheus_host, settings.prometheus_port
             )
@@ -278,6 +285,10 @@ def _make_exporter(name: str, settings: Settings) -> MetricExporter:
     return GrpcExporter(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
 
 
+def _traced_bytes() -> int:
+    return tracemalloc.get_traced_memory()[0]
+
+
 _lock = threading.RLock()
 _settings: Settings | None = None
 _exports: Exports | None = None
@@ -307,6 +318,12 @@ def _apply(settings: Settings) -> None:
         DRAINER.drain()
         previous.shutdown(settings.export_timeout_millis)
     REGISTRY.max_keys = settings.max_keys
+    if settings.counter_mask & COUNTER_PY_HEAP:
+        if not tracemalloc.is_tracing():
+            tracemalloc.start()
+        RUNTIME.heap_reader = _traced_bytes
+    else:
+        RUNTIME.heap_reader = None
     RUNTIME.counters = settings.counter_mask
     if RUNTIME.ring.capacity != settings.ring_capacity:
         from ._backend import Ring
@@ -367,29 +384,29 @@ def _after_fork_in_child() -> None:
     RUNTIME.after_fork_in_child()
     AGGREGATOR.after_fork_in_child()
     DRAINER.after_fork_in_child()
-    global _lock
+    global _lock, _exports
     _lock = threading.RLock()
     settings, exports = _settings, _exports
     if settings is None or not settings.enabled:
         return
-    if exports is not None:
-        exports.detach_after_fork()
-    # Threads do not survive fork(). Building exporters (gRPC channels) inside the fork handler
-    # is unsafe, so a new thread rebuilds them with this process's identity, then drains.
-    threading.Thread(
-        target=_rebuild_after_fork, args=(settings,), name="inferscope-fork-init", daemon=True
-    ).start()
-
-
-def _rebuild_after_fork(settings: Settings) -> None:
-    global _exports
-    with _lock:
-        try:
-            DRAINER.start(settings.drain_interval_millis)
-            # The parent owns the Prometheus port; a child serves none unless configure() asks.
-            _exports = Exports(settings, serve_prometheus=False)
-        except Exception:
-            _logger.error("inferscope: rebuilding exporters after fork failed", exc_info=True)
+    try:
+        # Rebuilt here, in the forking thread, while no other thread of this process exists yet:
+        # a thread started from a fork handler would race the handlers that run after this one
+        # (concurrent.futures, for one, resets its locks there). The child keeps the parent's
+        # resource with its own process.pid and service.instance.id, so building it needs no
+        # resource detectors. The parent owns the Prometheus port: a child serves none unless
+        # configure() asks.
+        resource = None
+        if exports is not None:
+            exports.detach_after_fork()
+            resource = exports.resource.merge(
+                Resource({"process.pid": os.getpid(), "service.instance.id": str(uuid.uuid4())})
+            )
+        _exports = Exports(settings, serve_prometheus=False, resource=resource)
+    except Exception:
+        _exports = None
+        _logger.error("inferscope: rebuilding exporters after fork failed", exc_info=True)
+    DRAINER.start(settings.drain_interval_millis)
 
 
 def autoconfigure() -> None:

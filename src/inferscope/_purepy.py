@@ -15,6 +15,9 @@ Differences in mechanism (not in behaviour) from the C backend:
 from __future__ import annotations
 
 import contextvars
+import errno
+import os
+import resource
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,7 +27,27 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._records import COUNTER_THREAD_CPU, MAX_STACK_DEPTH, NO_ERROR, NO_MODEL_KEY, OTHER_ERROR, RECORD_DTYPE
+from ._records import (
+    COUNTER_PERF,
+    COUNTER_PY_HEAP,
+    COUNTER_RSS,
+    COUNTER_RUSAGE,
+    COUNTER_SLOTS,
+    COUNTER_THREAD_CPU,
+    MAX_STACK_DEPTH,
+    NO_ERROR,
+    NO_MODEL_KEY,
+    OTHER_ERROR,
+    RECORD_DTYPE,
+    RSS_SAMPLE_EVERY,
+    SLOT_INVOLUNTARY_SWITCHES,
+    SLOT_MAJOR_FAULTS,
+    SLOT_MINOR_FAULTS,
+    SLOT_PY_HEAP_DELTA,
+    SLOT_RSS_DELTA,
+    SLOT_RSS_SAMPLES,
+    SLOT_VOLUNTARY_SWITCHES,
+)
 
 __all__ = [
     "MAX_STACK_DEPTH",
@@ -33,6 +56,8 @@ __all__ = [
     "Runtime",
     "Stage",
     "monotonic_ns",
+    "perf_status",
+    "read_counters",
     "thread_cpu_ns",
 ]
 
@@ -83,7 +108,7 @@ class Ring:
                 f"Ring capacity must be a power of two from 2 to {_MAX_CAPACITY}, got {capacity}"
             )
         self._capacity = capacity
-        self._queue: deque[tuple[int, int, int, int, int, int]] = deque()
+        self._queue: deque[tuple[Any, ...]] = deque()
         self._dropped = _ThreadCounter()
 
     @property
@@ -102,7 +127,7 @@ class Ring:
             raise OverflowError("key must fit 32 bits, error and flags 16 bits")
         return self._push((key, error, flags, start_ns, wall_ns, cpu_ns))
 
-    def _push(self, record: tuple[int, int, int, int, int, int]) -> bool:
+    def _push(self, record: tuple[Any, ...]) -> bool:
         if len(self._queue) >= self._capacity:
             self._dropped.add()
             return False
@@ -122,11 +147,18 @@ class Ring:
             pass
         n = len(batch)
         if n:
+            # Records carry a 7th element, the counter slots, only when extra counters are on.
+            with_counters = [i for i, record in enumerate(batch) if len(record) == 7]
+            slots = [batch[i][6] for i in with_counters]  # type: ignore[misc]
+            for i in with_counters:
+                batch[i] = batch[i][:6]
             columns = np.array(batch, dtype=_TUPLE_DTYPE)
             target = view[:n]
             for name in _TUPLE_DTYPE.names or ():
                 target[name] = columns[name]
             target["counters"] = 0
+            if with_counters:
+                target["counters"][with_counters] = slots
         return n
 
     def reset(self) -> None:
@@ -136,9 +168,80 @@ class Ring:
 
 # An open inference or stage is a list, not an object: building a list is several times cheaper
 # than calling a class, and this is the hot path of the pure-Python backend.
-# [owner, key, parent entry, depth, fork generation, start_ns, cpu_ns, overflow]
+# [owner, key, parent entry, depth, fork generation, start_ns, cpu_ns, overflow, extra]
+# where extra is None, or (counter mask, start values) when counters beyond the CPU clock are on.
 _Entry = list[Any]
-_OWNER, _KEY, _PARENT, _DEPTH, _GEN, _START, _CPU, _OVERFLOW = range(8)
+_OWNER, _KEY, _PARENT, _DEPTH, _GEN, _START, _CPU, _OVERFLOW, _EXTRA = range(9)
+_EXTRA_COUNTERS = COUNTER_RUSAGE | COUNTER_PERF | COUNTER_RSS | COUNTER_PY_HEAP
+
+
+class _Counters:
+    """The counters beyond the CPU clock, read the way _native/counters.h reads them. perf events
+    need the C extension: their slots stay 0 here (``perf_status()`` says so)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._statm_fd = -1
+        self._statm_pid = -1
+        self._page_size = os.sysconf("SC_PAGE_SIZE")
+
+    def read(self, mask: int, heap_reader: Callable[[], int] | None) -> tuple[int, list[int]]:
+        """(-1, slot values) for one end of an entry: CPU time comes from the thread clock here."""
+        values = [0] * COUNTER_SLOTS
+        if mask & COUNTER_RUSAGE:
+            ru = resource.getrusage(_RUSAGE_THREAD)
+            values[SLOT_VOLUNTARY_SWITCHES] = ru.ru_nvcsw
+            values[SLOT_INVOLUNTARY_SWITCHES] = ru.ru_nivcsw
+            values[SLOT_MINOR_FAULTS] = ru.ru_minflt
+            values[SLOT_MAJOR_FAULTS] = ru.ru_majflt
+        if mask & COUNTER_PY_HEAP and heap_reader is not None:
+            values[SLOT_PY_HEAP_DELTA] = int(heap_reader())
+        return -1, values
+
+    def rss_sample_start(self) -> int:
+        tick = getattr(self._local, "tick", 0)
+        self._local.tick = tick + 1
+        return self.rss_bytes() if tick % RSS_SAMPLE_EVERY == 0 else -1
+
+    def rss_bytes(self) -> int:
+        if self._statm_pid != os.getpid():  # fork(): the parent's fd reads the parent's statm
+            if self._statm_fd >= 0:
+                os.close(self._statm_fd)
+            self._statm_fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+            self._statm_pid = os.getpid()
+        return int(os.pread(self._statm_fd, 96, 0).split()[1]) * self._page_size
+
+    def delta(self, mask: int, start: list[int], end: list[int]) -> list[int]:
+        out = [0] * COUNTER_SLOTS
+        if mask & COUNTER_RUSAGE:
+            for slot in range(SLOT_VOLUNTARY_SWITCHES, SLOT_MAJOR_FAULTS + 1):
+                out[slot] = end[slot] - start[slot]
+        if mask & COUNTER_RSS and start[SLOT_RSS_SAMPLES] >= 0:
+            out[SLOT_RSS_DELTA] = self.rss_bytes() - start[SLOT_RSS_SAMPLES]
+            out[SLOT_RSS_SAMPLES] = 1
+        if mask & COUNTER_PY_HEAP:
+            out[SLOT_PY_HEAP_DELTA] = end[SLOT_PY_HEAP_DELTA] - start[SLOT_PY_HEAP_DELTA]
+        return out
+
+
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+_COUNTERS = _Counters()
+
+
+def perf_status() -> tuple[str, int, bool]:
+    """perf events are read in C only: this backend reports them as unavailable."""
+    return "none", errno.ENOSYS, False
+
+
+def read_counters(mask: int, /) -> tuple[int, tuple[int, ...]]:
+    """What one entry would read for ``mask``; for ``inferscope doctor``."""
+    cpu, values = _COUNTERS.read(mask, None)
+    if mask & COUNTER_THREAD_CPU:
+        cpu = thread_cpu_ns()
+    if mask & COUNTER_RSS:
+        values[SLOT_RSS_DELTA] = _COUNTERS.rss_bytes()
+    return cpu, tuple(values)
+
 
 _ROOT_OWNER = object()
 
@@ -204,6 +307,7 @@ class Runtime:
         self._ring = ring
         self._registry = registry
         self.decorate: Callable[..., Any] | None = None
+        self.heap_reader: Callable[[], int] | None = None
         self.counters = 0
         self.enabled = True
         self._var: contextvars.ContextVar[_Entry | None] = contextvars.ContextVar(
@@ -259,8 +363,17 @@ class Runtime:
             top[_OVERFLOW] += 1
             self._depth_dropped.add()
             return
-        cpu = thread_cpu_ns() if self.counters & COUNTER_THREAD_CPU else -1
-        entry = [owner, key, top, depth, self._generation, 0, cpu, 0]
+        mask = self.counters
+        extra = None
+        cpu = -1
+        if mask & _EXTRA_COUNTERS:
+            cpu, values = _COUNTERS.read(mask, self.heap_reader)
+            if mask & COUNTER_RSS:
+                values[SLOT_RSS_SAMPLES] = _COUNTERS.rss_sample_start()
+            extra = (mask, values)
+        if mask & COUNTER_THREAD_CPU:
+            cpu = thread_cpu_ns()
+        entry = [owner, key, top, depth, self._generation, 0, cpu, 0, extra]
         self._var.set(entry)
         entry[_START] = monotonic_ns()  # read last: our own bookkeeping stays outside the window
 
@@ -271,9 +384,18 @@ class Runtime:
             entry = self._take(owner)
             if entry is None:
                 return
-            cpu = cpu_end - entry[_CPU] if entry[_CPU] >= 0 and cpu_end >= 0 else -1
             error = NO_ERROR if exc_type is None else self._error_id(exc_type)
-            self._ring._push((entry[_KEY], error, flags, entry[_START], end_ns - entry[_START], cpu))
+            extra = entry[_EXTRA]
+            if extra is None:
+                cpu = cpu_end - entry[_CPU] if entry[_CPU] >= 0 and cpu_end >= 0 else -1
+                self._ring._push((entry[_KEY], error, flags, entry[_START], end_ns - entry[_START], cpu))
+                return
+            mask, start = extra
+            _, end = _COUNTERS.read(mask, self.heap_reader)
+            cpu = cpu_end - entry[_CPU] if entry[_CPU] >= 0 and cpu_end >= 0 else -1
+            counters = tuple(_COUNTERS.delta(mask, start, end))
+            start_ns = entry[_START]
+            self._ring._push((entry[_KEY], error, flags, start_ns, end_ns - start_ns, cpu, counters))
         except Exception:
             self._internal_errors.add()
 
@@ -320,13 +442,14 @@ class Runtime:
                 generation = rt._generation
                 if top is not None and top[_GEN] != generation:
                     top = None
-                if top is None or top[_DEPTH] < MAX_STACK_DEPTH:
+                if (top is None or top[_DEPTH] < MAX_STACK_DEPTH) and not rt.counters & _EXTRA_COUNTERS:
                     cpu = thread_cpu_ns() if rt.counters & COUNTER_THREAD_CPU else -1
-                    entry = [tracked, key, top, 1 if top is None else top[_DEPTH] + 1, generation, 0, cpu, 0]
+                    depth = 1 if top is None else top[_DEPTH] + 1
+                    entry = [tracked, key, top, depth, generation, 0, cpu, 0, None]
                     var.set(entry)
                     entry[_START] = monotonic_ns()
                 else:
-                    rt._open(tracked, key, top)  # counts the overflow
+                    rt._open(tracked, key, top)  # counters beyond the clocks, or the depth overflow
             except Exception:
                 rt._internal_errors.add()
             try:
@@ -341,6 +464,7 @@ class Runtime:
                 and var.get() is entry
                 and entry[_GEN] == rt._generation
                 and not entry[_OVERFLOW]
+                and entry[_EXTRA] is None
             ):
                 var.set(entry[_PARENT])
                 start = entry[_START]
@@ -456,7 +580,7 @@ class Runtime:
         return top[_KEY] if top is not None else NO_MODEL_KEY
 
     def use_frame(self, root_key: int, /) -> None:
-        self._var.set([_ROOT_OWNER, int(root_key), None, 0, self._generation, 0, -1, 0])
+        self._var.set([_ROOT_OWNER, int(root_key), None, 0, self._generation, 0, -1, 0, None])
 
     def active_depth(self) -> int:
         top = self._top()

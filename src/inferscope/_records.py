@@ -11,7 +11,7 @@ import numpy as np
 
 #: Extra counter slots per record. Their meaning is given by the active counter set
 #: (see ``inferscope.counters``); unused slots hold 0.
-COUNTER_SLOTS = 4
+COUNTER_SLOTS = 12
 
 RECORD_DTYPE = np.dtype(
     [
@@ -24,7 +24,7 @@ RECORD_DTYPE = np.dtype(
         ("counters", "<i8", (COUNTER_SLOTS,)),
     ]
 )
-assert RECORD_DTYPE.itemsize == 64
+assert RECORD_DTYPE.itemsize == 128
 
 #: The generator or async generator was closed (or collected) before it was exhausted.
 FLAG_ABANDONED = 1
@@ -41,8 +41,25 @@ OVERFLOW_KEY = 1
 NO_ERROR = 0
 OTHER_ERROR = 1
 
-#: Counter bit: read the thread CPU clock around every inference and stage.
+#: Counter bits (see counters/__init__.py and _native/counters.h).
 COUNTER_THREAD_CPU = 1
+COUNTER_RUSAGE = 2
+COUNTER_PERF = 4
+COUNTER_RSS = 8
+COUNTER_PY_HEAP = 16
+
+#: Slots of the ``counters`` field; must match _native/counters.h.
+SLOT_VOLUNTARY_SWITCHES = 0
+SLOT_INVOLUNTARY_SWITCHES = 1
+SLOT_MINOR_FAULTS = 2
+SLOT_MAJOR_FAULTS = 3
+SLOT_PERF = 4  # four slots, 4..7: the perf events of the mode in force (counters.perf_events())
+SLOT_RSS_DELTA = 8  # RSS change over the sampled entries
+SLOT_RSS_SAMPLES = 9  # 1 when this entry was one of the sampled ones
+SLOT_PY_HEAP_DELTA = 10  # tracemalloc's traced-bytes change
+PERF_EVENTS = 4
+#: Only every RSS_SAMPLE_EVERY-th entry of a thread reads the RSS (a pread of /proc/self/statm).
+RSS_SAMPLE_EVERY = 16
 
 #: Why a record was dropped instead of aggregated; exported as the ``reason`` attribute of
 #: ``inferscope.sdk.records.dropped``.

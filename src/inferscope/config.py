@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from ._keys import DEFAULT_MAX_KEYS
 from ._records import RECORD_DTYPE
-from .counters import COUNTER_SETS, accepted_counter_values, counter_mask
+from .counters import COUNTER_SETS, CounterUnavailable, accepted_counter_values, counter_mask
 
 __all__ = [
     "DEFAULT_HISTOGRAM_BOUNDARIES",
@@ -236,6 +236,8 @@ def _counters(value: object) -> object:
     except KeyError as exc:
         unknown = exc.args[0]
         raise _Invalid(f"unknown counter {unknown!r}" if unknown != text else None) from None
+    except CounterUnavailable as exc:
+        raise _Invalid(f"{exc.name} is not available here: {exc.reason}") from None
     if text in COUNTER_SETS:
         return text
     return ",".join(part.strip() for part in text.split(","))

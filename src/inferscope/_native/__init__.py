@@ -9,6 +9,8 @@ from ._ringbuf import (
     Stage,
     Tracked,
     monotonic_ns,
+    perf_status,
+    read_counters,
     thread_cpu_ns,
 )
 
@@ -21,5 +23,7 @@ __all__ = [
     "Stage",
     "Tracked",
     "monotonic_ns",
+    "perf_status",
+    "read_counters",
     "thread_cpu_ns",
 ]

@@ -48,6 +48,7 @@ class Runtime:
     ring: Ring
     registry: Registry
     decorate: Callable[..., Any] | None
+    heap_reader: Callable[[], int] | None
     counters: int
     enabled: bool
     @property
@@ -77,3 +78,5 @@ class Runtime:
 
 def monotonic_ns() -> int: ...
 def thread_cpu_ns() -> int: ...
+def perf_status() -> tuple[str, int, bool]: ...
+def read_counters(mask: int, /) -> tuple[int, tuple[int, ...]]: ...

@@ -23,10 +23,10 @@
 
 #include <time.h>
 
+#include "counters.h"
 #include "ringcore.h"
 
 #define MAX_STACK_DEPTH 32
-#define COUNTER_THREAD_CPU 1
 #define NO_MODEL_KEY 0
 #define STAGE_CACHE_LIMIT 10000
 #define FLAG_ABANDONED 1
@@ -213,8 +213,10 @@ static PyTypeObject Ring_Type = {
 typedef struct {
     PyObject *owner; /* borrowed, identity only: the Tracked, Stage or Python owner that pushed it */
     uint32_t key;
+    int mask; /* the counter set in force when it opened */
     int64_t start_ns;
     int64_t cpu_ns;
+    int64_t counters[INFERSCOPE_COUNTER_SLOTS];
 } Entry;
 
 typedef struct {
@@ -239,6 +241,7 @@ typedef struct {
     PyObject *var;       /* ContextVar holding this runtime's frame */
     PyObject *stages;    /* name -> Stage */
     PyObject *decorate;  /* Python callable: decorate(stage, func) for @stage("x") */
+    PyObject *heap_reader; /* Python callable -> traced bytes, for COUNTER_PY_HEAP */
     int counters;
     int enabled;
     uint64_t generation; /* bumped at fork: entries opened before it are never recorded */
@@ -318,6 +321,29 @@ static void count_internal_error(RuntimeObject *rt)
     PyErr_Clear();
 }
 
+/* Bytes traced by tracemalloc now, through the Python callable the runtime was given; 0 when
+ * there is none or it fails (counted). Only called when COUNTER_PY_HEAP is on. */
+static int64_t py_heap_bytes(RuntimeObject *rt)
+{
+    if (rt->heap_reader == NULL || rt->heap_reader == Py_None) {
+        return 0;
+    }
+    PyObject *value = PyObject_CallNoArgs(rt->heap_reader);
+    if (value == NULL) {
+        rt->internal_errors++;
+        PyErr_Clear();
+        return 0;
+    }
+    long long bytes = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    if (bytes == -1 && PyErr_Occurred()) {
+        rt->internal_errors++;
+        PyErr_Clear();
+        return 0;
+    }
+    return bytes;
+}
+
 static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner, uint32_t key)
 {
     if (f->depth >= MAX_STACK_DEPTH) {
@@ -326,9 +352,23 @@ static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner
         return;
     }
     Entry *e = &f->stack[f->depth++];
+    int mask = rt->counters;
     e->owner = owner;
     e->key = key;
-    e->cpu_ns = (rt->counters & COUNTER_THREAD_CPU) ? thread_cpu_ns() : -1;
+    e->mask = mask;
+    e->cpu_ns = -1;
+    if (mask & ~COUNTER_THREAD_CPU) {
+        counters_read(mask, &e->cpu_ns, e->counters);
+        if (mask & COUNTER_RSS) {
+            e->counters[SLOT_RSS_SAMPLES] = rss_sample_start();
+        }
+        if (mask & COUNTER_PY_HEAP) {
+            e->counters[SLOT_PY_HEAP_DELTA] = py_heap_bytes(rt);
+        }
+    }
+    if (mask & COUNTER_THREAD_CPU) {
+        e->cpu_ns = thread_cpu_ns();
+    }
     /* Read last so that our own bookkeeping falls outside the measured window. */
     e->start_ns = monotonic_ns();
 }
@@ -356,8 +396,10 @@ static inline int entry_take(FrameObject *f, PyObject *owner, Entry *out)
 }
 
 typedef struct {
+    int mask;
     int64_t end_ns;
     int64_t cpu_end;
+    int64_t counters[INFERSCOPE_COUNTER_SLOTS];
 } EndClocks;
 
 /* Read first on every exit, before any bookkeeping, so that it stays outside the window. */
@@ -365,15 +407,49 @@ static inline EndClocks read_end_clocks(RuntimeObject *rt)
 {
     EndClocks c;
     c.end_ns = monotonic_ns();
-    c.cpu_end = (rt->counters & COUNTER_THREAD_CPU) ? thread_cpu_ns() : -1;
+    c.mask = rt->counters;
+    c.cpu_end = -1;
+    if (c.mask & COUNTER_THREAD_CPU) {
+        c.cpu_end = thread_cpu_ns();
+    }
+    if (c.mask & ~COUNTER_THREAD_CPU) {
+        counters_read(c.mask, &c.cpu_end, c.counters);
+        if (c.mask & COUNTER_PY_HEAP) {
+            c.counters[SLOT_PY_HEAP_DELTA] = py_heap_bytes(rt);
+        }
+    }
     return c;
+}
+
+/* Fills a record's counter slots with end - start for the counters on at both ends. */
+static inline void counters_delta(const Entry *e, const EndClocks *c, inferscope_record *rec)
+{
+    int both = e->mask & c->mask;
+    if (both & COUNTER_RUSAGE) {
+        for (int i = SLOT_VOLUNTARY_SWITCHES; i <= SLOT_MAJOR_FAULTS; i++) {
+            rec->counters[i] = c->counters[i] - e->counters[i];
+        }
+    }
+    if (both & COUNTER_PERF) {
+        for (int i = SLOT_PERF; i < SLOT_PERF + PERF_EVENTS; i++) {
+            rec->counters[i] = c->counters[i] - e->counters[i];
+        }
+    }
+    if ((both & COUNTER_RSS) && e->counters[SLOT_RSS_SAMPLES] >= 0) {
+        int64_t rss = read_rss_bytes();
+        if (rss >= 0) {
+            rec->counters[SLOT_RSS_DELTA] = rss - e->counters[SLOT_RSS_SAMPLES];
+            rec->counters[SLOT_RSS_SAMPLES] = 1;
+        }
+    }
+    if (both & COUNTER_PY_HEAP) {
+        rec->counters[SLOT_PY_HEAP_DELTA] = c->counters[SLOT_PY_HEAP_DELTA] - e->counters[SLOT_PY_HEAP_DELTA];
+    }
 }
 
 static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *owner, EndClocks c, uint16_t error,
                                 uint16_t flags)
 {
-    int64_t end_ns = c.end_ns;
-    int64_t cpu_end = c.cpu_end;
     Entry e;
     if (!entry_take(f, owner, &e) || f->generation != rt->generation) {
         return;
@@ -383,8 +459,11 @@ static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *own
     rec.error = error;
     rec.flags = flags;
     rec.start_ns = e.start_ns;
-    rec.wall_ns = end_ns - e.start_ns;
-    rec.cpu_ns = (e.cpu_ns >= 0 && cpu_end >= 0) ? cpu_end - e.cpu_ns : -1;
+    rec.wall_ns = c.end_ns - e.start_ns;
+    rec.cpu_ns = (e.cpu_ns >= 0 && c.cpu_end >= 0) ? c.cpu_end - e.cpu_ns : -1;
+    if (e.mask & ~COUNTER_THREAD_CPU) {
+        counters_delta(&e, &c, &rec);
+    }
     inferscope_ring_push(rt->ring->core, &rec);
 }
 
@@ -822,6 +901,7 @@ static int Runtime_traverse(RuntimeObject *self, visitproc visit, void *arg)
     Py_VISIT(self->var);
     Py_VISIT(self->stages);
     Py_VISIT(self->decorate);
+    Py_VISIT(self->heap_reader);
     return 0;
 }
 
@@ -832,6 +912,7 @@ static int Runtime_clear(RuntimeObject *self)
     Py_CLEAR(self->var);
     Py_CLEAR(self->stages);
     Py_CLEAR(self->decorate);
+    Py_CLEAR(self->heap_reader);
     return 0;
 }
 
@@ -1020,8 +1101,9 @@ static PyObject *Runtime_exit_segment(RuntimeObject *self, PyObject *owner)
     if (!self->enabled) {
         Py_RETURN_NONE;
     }
-    int64_t end_ns = monotonic_ns();
-    int64_t cpu_end = (self->counters & COUNTER_THREAD_CPU) ? thread_cpu_ns() : -1;
+    EndClocks c = read_end_clocks(self);
+    int64_t end_ns = c.end_ns;
+    int64_t cpu_end = c.cpu_end;
     FrameObject *f = current_frame(self);
     if (f == NULL) {
         count_internal_error(self);
@@ -1148,6 +1230,7 @@ static PyObject *Runtime_after_fork_in_child(RuntimeObject *self, PyObject *Py_U
         return NULL;
     }
     self->generation++;
+    counters_generation++;
     self->depth_dropped = 0;
     self->internal_errors = 0;
     inferscope_ring_clear(self->ring->core);
@@ -1202,6 +1285,17 @@ static PyObject *Runtime_get_decorate(RuntimeObject *self, void *closure)
 static int Runtime_set_decorate(RuntimeObject *self, PyObject *value, void *closure)
 {
     Py_XSETREF(self->decorate, Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *Runtime_get_heap_reader(RuntimeObject *self, void *closure)
+{
+    return Py_NewRef(self->heap_reader ? self->heap_reader : Py_None);
+}
+
+static int Runtime_set_heap_reader(RuntimeObject *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->heap_reader, Py_XNewRef(value));
     return 0;
 }
 
@@ -1275,6 +1369,7 @@ static PyGetSetDef Runtime_getset[] = {
     {"ring", (getter)Runtime_get_ring, (setter)Runtime_set_ring, NULL, NULL},
     {"registry", (getter)Runtime_get_registry, (setter)Runtime_set_registry, NULL, NULL},
     {"decorate", (getter)Runtime_get_decorate, (setter)Runtime_set_decorate, NULL, NULL},
+    {"heap_reader", (getter)Runtime_get_heap_reader, (setter)Runtime_set_heap_reader, NULL, NULL},
     {"counters", (getter)Runtime_get_counters, (setter)Runtime_set_counters, NULL, NULL},
     {"enabled", (getter)Runtime_get_enabled, (setter)Runtime_set_enabled, NULL, NULL},
     {"depth_dropped", (getter)Runtime_get_depth_dropped, NULL, NULL, NULL},
@@ -1315,7 +1410,44 @@ static PyObject *mod_thread_cpu_ns(PyObject *module, PyObject *Py_UNUSED(ignored
     return PyLong_FromLongLong(thread_cpu_ns());
 }
 
+/* perf_status() -> (mode, errno, kernel_counted): "hardware", "software" or "none", why hardware
+ * events failed, and whether kernel-mode events (context switches) are counted. */
+static PyObject *mod_perf_status(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    static const char *names[] = {"unknown", "hardware", "software", "none"};
+    int mode = perf_probe();
+    return Py_BuildValue("siO", names[mode], perf_errno, perf_exclude_kernel ? Py_False : Py_True);
+}
+
+/* read_counters(mask) -> (cpu_ns, counters tuple): what one entry would read, for doctor. */
+static PyObject *mod_read_counters(PyObject *module, PyObject *arg)
+{
+    long mask = PyLong_AsLong(arg);
+    if (mask == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int64_t cpu = -1;
+    int64_t counters[INFERSCOPE_COUNTER_SLOTS] = {0};
+    counters_read((int)mask, &cpu, counters);
+    if (mask & COUNTER_THREAD_CPU) {
+        cpu = thread_cpu_ns();
+    }
+    if (mask & COUNTER_RSS) {
+        counters[SLOT_RSS_DELTA] = read_rss_bytes();
+    }
+    PyObject *values = PyTuple_New(INFERSCOPE_COUNTER_SLOTS);
+    if (values == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < INFERSCOPE_COUNTER_SLOTS; i++) {
+        PyTuple_SET_ITEM(values, i, PyLong_FromLongLong(counters[i]));
+    }
+    return Py_BuildValue("LN", (long long)cpu, values);
+}
+
 static PyMethodDef module_methods[] = {
+    {"perf_status", mod_perf_status, METH_NOARGS, "perf_status() -> (mode, errno)"},
+    {"read_counters", mod_read_counters, METH_O, "read_counters(mask) -> (cpu_ns, counters)"},
     {"monotonic_ns", mod_monotonic_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns: the clock of start_ns"},
     {"thread_cpu_ns", mod_thread_cpu_ns, METH_NOARGS, "CLOCK_THREAD_CPUTIME_ID in ns"},
     {NULL}};

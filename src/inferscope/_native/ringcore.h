@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define INFERSCOPE_COUNTER_SLOTS 4
+#define INFERSCOPE_COUNTER_SLOTS 12
 
 typedef struct {
     uint32_t key;
@@ -37,7 +37,7 @@ typedef struct {
 } inferscope_record;
 
 /* Must match RECORD_DTYPE in _records.py. */
-_Static_assert(sizeof(inferscope_record) == 64, "record layout changed: update _records.py");
+_Static_assert(sizeof(inferscope_record) == 128, "record layout changed: update _records.py");
 _Static_assert(offsetof(inferscope_record, start_ns) == 8, "record layout changed: update _records.py");
 _Static_assert(offsetof(inferscope_record, counters) == 32, "record layout changed: update _records.py");
 

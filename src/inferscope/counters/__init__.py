@@ -1,38 +1,132 @@
 """Counter sets: which clocks and counters are read around every inference and stage.
 
 A counter set is a bitmask of the counters that the hot path reads (``COUNTER_*`` in
-``_records.py``). ``minimal`` reads the monotonic clock only; ``default`` adds the thread CPU
-clock, two extra reads per stage. New counters register a bit and a name here; the hot path reads
-exactly the bits that are set.
+``_records.py``; the C side is ``_native/counters.h``). Each counter costs system calls per stage,
+so the named sets trade detail for overhead:
+
+- ``minimal``: the monotonic clock only.
+- ``default``: plus the thread CPU clock (two clock reads per stage).
+- ``full``: plus the thread's rusage (context switches, page faults), its perf event group (the
+  task-clock gives the CPU time, so no separate clock read; hardware events where a PMU is
+  exposed, software events elsewhere), and the process RSS, sampled every 16th entry.
+
+A comma-separated list picks counters by name, e.g. ``"thread_cpu,rusage"``. ``python_heap``
+(tracemalloc) is never part of a named set: it is costly, so it must be asked for by name.
 """
 
 from __future__ import annotations
 
-from .._records import COUNTER_THREAD_CPU
+import errno as errno_module
+import os
+from dataclasses import dataclass
 
-#: Named counter sets and the counter bits each one enables.
+from .._records import (
+    COUNTER_PERF,
+    COUNTER_PY_HEAP,
+    COUNTER_RSS,
+    COUNTER_RUSAGE,
+    COUNTER_THREAD_CPU,
+    SLOT_INVOLUNTARY_SWITCHES,
+    SLOT_MAJOR_FAULTS,
+    SLOT_MINOR_FAULTS,
+    SLOT_PERF,
+    SLOT_PY_HEAP_DELTA,
+    SLOT_RSS_DELTA,
+    SLOT_VOLUNTARY_SWITCHES,
+)
+
+#: Named counter sets. ``full`` is resolved against what this machine supports (see ``counter_mask``).
 COUNTER_SETS: dict[str, int] = {
     "minimal": 0,
     "default": COUNTER_THREAD_CPU,
+    "full": COUNTER_RUSAGE | COUNTER_PERF | COUNTER_RSS,
 }
 
-#: Individual counters that may be listed by name, e.g. ``counters="thread_cpu"``.
+#: Individual counters that may be listed by name, e.g. ``counters="thread_cpu,rusage"``.
 COUNTERS: dict[str, int] = {
     "thread_cpu": COUNTER_THREAD_CPU,
+    "rusage": COUNTER_RUSAGE,
+    "perf": COUNTER_PERF,
+    "rss": COUNTER_RSS,
+    "python_heap": COUNTER_PY_HEAP,
 }
+
+
+class CounterUnavailable(Exception):
+    """A counter asked for by name cannot be read on this machine; ``reason`` says why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+def perf_status() -> tuple[str, str]:
+    """(mode, reason): ``"hardware"``, ``"software"`` or ``"none"``, and why not hardware.
+
+    >>> perf_status()[0] in ("hardware", "software", "none")
+    True
+    """
+    from .._backend import BACKEND, impl
+
+    mode, err, kernel_counted = impl.perf_status()
+    if BACKEND != "c":
+        return "none", "perf events are read by the C extension, and the pure-Python backend is in use"
+    if mode == "hardware":
+        return mode, "hardware events are available" + ("" if kernel_counted else " (user space only)")
+    why = _perf_errno_reason(err)
+    if mode == "software":
+        return mode, f"hardware perf events: {why}; software events are used instead"
+    return mode, f"perf events: {why}"
+
+
+def _perf_errno_reason(err: int) -> str:
+    if err == errno_module.ENOENT:
+        return "no PMU exposed (ENOENT)"
+    if err in (errno_module.EACCES, errno_module.EPERM):
+        try:
+            with open("/proc/sys/kernel/perf_event_paranoid") as f:
+                level = f.read().strip()
+        except OSError:
+            level = "unknown"
+        return f"not permitted ({errno_module.errorcode.get(err, err)}), perf_event_paranoid={level}"
+    if err == errno_module.ENOSYS:
+        return "perf_event_open is not available (ENOSYS)"
+    return f"perf_event_open failed ({errno_module.errorcode.get(err, str(err))})"
+
+
+def unavailable_reason(bit: int) -> str | None:
+    """Why the counter ``bit`` cannot be read here, or None when it can."""
+    if bit == COUNTER_PERF:
+        mode, reason = perf_status()
+        return None if mode != "none" else reason
+    if bit == COUNTER_RSS and not os.path.exists("/proc/self/statm"):
+        return "/proc/self/statm does not exist (not Linux?)"
+    return None
 
 
 def counter_mask(value: str) -> int:
     """The bitmask for a counter-set name or a comma-separated list of counter names.
 
-    Raises ``KeyError`` naming the first unknown entry; ``config`` turns that into a ``ConfigError``.
+    Raises ``KeyError`` naming the first unknown entry, and ``CounterUnavailable`` for a counter
+    named explicitly that this machine cannot read; ``config`` turns both into ``ConfigError``.
+    A named set never fails: ``full`` uses the thread CPU clock where perf events are unavailable.
+
+    >>> counter_mask("minimal")
+    0
     """
     if value in COUNTER_SETS:
-        return COUNTER_SETS[value]
+        mask = COUNTER_SETS[value]
+        if mask & COUNTER_PERF and unavailable_reason(COUNTER_PERF) is not None:
+            mask = (mask & ~COUNTER_PERF) | COUNTER_THREAD_CPU
+        return mask
     mask = 0
     for name in (part.strip() for part in value.split(",")):
         if name not in COUNTERS:
             raise KeyError(name)
+        reason = unavailable_reason(COUNTERS[name])
+        if reason is not None:
+            raise CounterUnavailable(name, reason)
         mask |= COUNTERS[name]
     return mask
 
@@ -42,3 +136,84 @@ def accepted_counter_values() -> str:
     sets = ", ".join(repr(name) for name in COUNTER_SETS)
     names = ", ".join(repr(name) for name in COUNTERS)
     return f"one of {sets}, or a comma-separated list of {names}"
+
+
+@dataclass(frozen=True)
+class CounterMetric:
+    """How one counter slot is exported: metric suffix, unit, and an attribute when one is needed."""
+
+    slot: int
+    suffix: str  # e.g. "context_switches": exported as inferscope.stage.context_switches
+    unit: str
+    attributes: tuple[tuple[str, str], ...] = ()
+    description: str = ""
+    monotonic: bool = True
+
+
+_SWITCHES = "context_switches"
+_FAULTS = "page_faults"
+
+#: Exported counters per counter bit; perf slots depend on the mode (see ``counter_metrics``).
+_FIXED: dict[int, tuple[CounterMetric, ...]] = {
+    COUNTER_RUSAGE: (
+        CounterMetric(
+            SLOT_VOLUNTARY_SWITCHES, _SWITCHES, "{switch}", (("type", "voluntary"),), "Context switches."
+        ),
+        CounterMetric(
+            SLOT_INVOLUNTARY_SWITCHES, _SWITCHES, "{switch}", (("type", "involuntary"),), "Context switches."
+        ),
+        CounterMetric(SLOT_MINOR_FAULTS, _FAULTS, "{fault}", (("type", "minor"),), "Page faults."),
+        CounterMetric(SLOT_MAJOR_FAULTS, _FAULTS, "{fault}", (("type", "major"),), "Page faults."),
+    ),
+    COUNTER_RSS: (
+        CounterMetric(
+            SLOT_RSS_DELTA,
+            "memory.rss.change",
+            "By",
+            (),
+            "Change of the process RSS over sampled calls, scaled to all calls.",
+            monotonic=False,
+        ),
+    ),
+    COUNTER_PY_HEAP: (
+        CounterMetric(
+            SLOT_PY_HEAP_DELTA,
+            "memory.python_heap.change",
+            "By",
+            (),
+            "Change of the bytes traced by tracemalloc.",
+            monotonic=False,
+        ),
+    ),
+}
+
+_PERF_HARDWARE = (
+    CounterMetric(SLOT_PERF + 0, "instructions", "{instruction}", (), "Instructions retired (user space)."),
+    CounterMetric(SLOT_PERF + 1, "cycles", "{cycle}", (), "CPU cycles."),
+    CounterMetric(SLOT_PERF + 2, "cache_misses", "{miss}", (("type", "llc"),), "Last-level cache misses."),
+    CounterMetric(SLOT_PERF + 3, "branch_misses", "{miss}", (), "Mispredicted branches."),
+)
+_PERF_SOFTWARE = (
+    CounterMetric(SLOT_PERF + 0, "cpu_migrations", "{migration}", (), "Moves of the thread to another CPU."),
+    CounterMetric(SLOT_PERF + 1, "perf.page_faults", "{fault}", (), "Page faults (perf software event)."),
+    CounterMetric(
+        SLOT_PERF + 2, "perf.context_switches", "{switch}", (), "Context switches (perf software event)."
+    ),
+)
+
+
+def counter_metrics(mask: int) -> tuple[CounterMetric, ...]:
+    """The exported counters of a mask, in slot order."""
+    metrics: list[CounterMetric] = []
+    for bit, fixed in _FIXED.items():
+        if mask & bit:
+            metrics.extend(fixed)
+    if mask & COUNTER_PERF:
+        mode, _ = perf_status()
+        metrics.extend(_PERF_HARDWARE if mode == "hardware" else _PERF_SOFTWARE if mode == "software" else ())
+    return tuple(sorted(metrics, key=lambda m: m.slot))
+
+
+def counter_names(mask: int) -> list[str]:
+    """Names of the counters in a mask, for messages and ``inferscope doctor``."""
+    return [name for name, bit in COUNTERS.items() if mask & bit]

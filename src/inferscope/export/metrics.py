@@ -55,11 +55,13 @@ from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric as PrometheusMetric
 from prometheus_client.utils import floatToGoString
 
 from .._keys import ERROR_TYPE
+from .._records import SLOT_RSS_DELTA, SLOT_RSS_SAMPLES
+from ..counters import CounterMetric
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -174,6 +176,27 @@ def _merged(histograms: list[Histogram]) -> Histogram:
     return merged
 
 
+def series_counters(
+    series: Series, metrics: Sequence[CounterMetric]
+) -> list[tuple[str, Attributes, int, CounterMetric]]:
+    """The per-stage (or per-inference) counters of one series, as (metric name, attributes, total).
+
+    The RSS change is measured on sampled calls only; its total is scaled to all calls.
+    """
+    scope = "stage" if series.info.kind == "stage" else "inference"
+    base = _series_attributes(series)
+    found = []
+    for metric in metrics:
+        value = int(series.counters[metric.slot])
+        if metric.slot == SLOT_RSS_DELTA:
+            samples = int(series.counters[SLOT_RSS_SAMPLES])
+            value = round(value * series.duration.count / samples) if samples else 0
+        found.append(
+            (f"inferscope.{scope}.{metric.suffix}", {**base, **dict(metric.attributes)}, value, metric)
+        )
+    return found
+
+
 class _RateLimitedLog:
     """Logs at most once per ``interval_s``; the rest are only counted by the caller."""
 
@@ -208,8 +231,10 @@ class PointBuilder:
         boundaries: Sequence[float],
         max_buckets: int = 320,
         temporality: AggregationTemporality = AggregationTemporality.CUMULATIVE,
+        counters: Sequence[CounterMetric] = (),
     ) -> None:
         _check_aggregation(aggregation)
+        self.counters = tuple(counters)
         if max_buckets < 2:
             # One bucket cannot hold values on both sides of 1 s at any scale OTel allows.
             raise ValueError(f"max_buckets must be at least 2, got {max_buckets!r}")
@@ -252,6 +277,8 @@ class PointBuilder:
             name: {} for name in _HISTOGRAM_DESCRIPTIONS
         }
         abandoned: dict[_AttributesKey, tuple[Attributes, int]] = {}
+        per_series_counters: dict[tuple[str, _AttributesKey], tuple[Attributes, int]] = {}
+        counter_kinds: dict[str, CounterMetric] = {}
 
         def add_histogram(name: str, series: Series, attrs: Attributes, cumulative: Histogram) -> None:
             interval = self._interval(name, series, cumulative, next_histograms)
@@ -270,6 +297,11 @@ class PointBuilder:
                 key = _attributes_key(attrs)
                 _, total = abandoned.get(key, (attrs, 0))
                 abandoned[key] = (attrs, total + int(series.abandoned))
+            for name, counter_attrs, total, described in series_counters(series, self.counters):
+                key = _attributes_key(counter_attrs)
+                _, before = per_series_counters.get((name, key), (counter_attrs, 0))
+                per_series_counters[(name, key)] = (counter_attrs, before + total)
+                counter_kinds[name] = described
 
         metrics: list[Metric] = []
         for name, groups in histograms.items():
@@ -283,6 +315,7 @@ class PointBuilder:
         counters: list[tuple[str, Attributes, int]] = [
             (INFERENCE_ABANDONED, attrs, total) for attrs, total in abandoned.values()
         ]
+        counters += [(name, attrs, total) for (name, _), (attrs, total) in per_series_counters.items()]
         counters += [(RECORDS_DROPPED, {DROP_REASON: reason}, int(n)) for reason, n in view.dropped.items()]
         counters.append((KEYS_OVERFLOWED, {}, int(view.keys_overflowed)))
         counters.append((SDK_ERRORS, {}, int(view.internal_errors)))
@@ -293,7 +326,7 @@ class PointBuilder:
             value = self._counter_interval(name, attrs, total, next_counts)
             # Per-series counters are skipped when nothing happened in a delta interval; the SDK's
             # own counters are always sent so that a dashboard sees them at 0.
-            if value is None or (value == 0 and name == INFERENCE_ABANDONED):
+            if value is None or (value == 0 and (name == INFERENCE_ABANDONED or name in counter_kinds)):
                 continue
             sums.setdefault(name, []).append(
                 NumberDataPoint(
@@ -304,15 +337,16 @@ class PointBuilder:
                 )
             )
         for name, number_points in sums.items():
+            kind = counter_kinds.get(name)
             metrics.append(
                 Metric(
                     name=name,
-                    description=_COUNTER_DESCRIPTIONS.get(name, ""),
-                    unit=_COUNTER_UNITS.get(name, "1"),
+                    description=kind.description if kind else _COUNTER_DESCRIPTIONS.get(name, ""),
+                    unit=kind.unit if kind else _COUNTER_UNITS.get(name, "1"),
                     data=Sum(
                         data_points=number_points,
                         aggregation_temporality=self.temporality,
-                        is_monotonic=True,
+                        is_monotonic=kind.monotonic if kind else True,
                     ),
                 )
             )
@@ -441,6 +475,7 @@ class AggregatesExporter(MetricExporter):
         boundaries: Sequence[float],
         max_buckets: int = 320,
         owns_delegate: bool = True,
+        counters: Sequence[CounterMetric] = (),
     ) -> None:
         # The SDK reader asks its exporter for temporality and aggregation; answer as the delegate would.
         preferred_temporality = getattr(delegate, "_preferred_temporality", None)
@@ -461,7 +496,11 @@ class AggregatesExporter(MetricExporter):
         self.failed_exports = 0
         self._source = source
         self._builder = PointBuilder(
-            aggregation=aggregation, boundaries=boundaries, max_buckets=max_buckets, temporality=temporality
+            aggregation=aggregation,
+            boundaries=boundaries,
+            max_buckets=max_buckets,
+            temporality=temporality,
+            counters=counters,
         )
         self._scope = InstrumentationScope(SCOPE_NAME, _scope_version())
         self._log = _RateLimitedLog()
@@ -581,6 +620,7 @@ def wrap_meter_provider(
     aggregation: str = "exponential",
     boundaries: Sequence[float],
     max_buckets: int = 320,
+    counters: Sequence[CounterMetric] = (),
 ) -> list[AggregatesExporter]:
     """Make inferscope's points ride along with every export of a user's own ``MeterProvider``.
 
@@ -609,6 +649,7 @@ def wrap_meter_provider(
                 aggregation=aggregation,
                 boundaries=boundaries,
                 max_buckets=max_buckets,
+                counters=counters,
             )
             original_collect = getattr(reader, "_collect", None)
             reader._exporter = wrapper
@@ -687,8 +728,10 @@ class PrometheusCollector:
         source: Callable[[], AggregateView],
         boundaries: Sequence[float],
         extra_counts: Callable[[], Mapping[str, int]] | None = None,
+        counters: Sequence[CounterMetric] = (),
     ) -> None:
         self._source = source
+        self.counters = tuple(counters)
         self.boundaries = _check_boundaries(boundaries)
         self._le = [floatToGoString(b) for b in self.boundaries]  # type: ignore[no-untyped-call]
         self._extra_counts = extra_counts
@@ -711,6 +754,7 @@ class PrometheusCollector:
             name: [] for name in _PROMETHEUS_HISTOGRAMS
         }
         abandoned: list[tuple[dict[str, str], int]] = []
+        per_series: dict[str, tuple[CounterMetric, list[tuple[dict[str, str], int]]]] = {}
         for series in view.series:
             labels = _labels(_series_attributes(series))
             is_stage = series.info.kind == "stage"
@@ -722,8 +766,12 @@ class PrometheusCollector:
                 histograms[STAGE_CPU_TIME if is_stage else INFERENCE_CPU_TIME].append((labels, series.cpu))
             if not is_stage and series.abandoned > 0:
                 abandoned.append((labels, int(series.abandoned)))
+            for name, attrs, total, described in series_counters(series, self.counters):
+                per_series.setdefault(name, (described, []))[1].append((_labels(attrs), total))
 
         families: list[PrometheusMetric] = []
+        for name, (described, totals) in per_series.items():
+            families.append(self._counter_family(name, totals, described))
         for name, rows in histograms.items():
             if rows:
                 families.append(self._histogram_family(name, rows))
@@ -758,15 +806,23 @@ class PrometheusCollector:
             family.add_metric(list(values), buckets, float(histogram.sum))
         return family
 
-    def _counter_family(self, name: str, rows: list[tuple[dict[str, str], int]]) -> PrometheusMetric:
+    def _counter_family(
+        self, name: str, rows: list[tuple[dict[str, str], int]], described: CounterMetric | None = None
+    ) -> PrometheusMetric:
         label_names = sorted({label for labels, _ in rows for label in labels})
         totals: dict[tuple[str, ...], int] = {}
         for labels, total in rows:
             values = tuple(labels.get(n, "") for n in label_names)
             totals[values] = totals.get(values, 0) + total
-        family = CounterMetricFamily(
-            prometheus_metric_name(name), _COUNTER_DESCRIPTIONS.get(name, name), labels=label_names
-        )
+        family: CounterMetricFamily | GaugeMetricFamily
+        if described is not None and not described.monotonic:
+            # A change that can go either way (memory) is a gauge of the running total in Prometheus.
+            family = GaugeMetricFamily(
+                prometheus_metric_name(name) + "_bytes", described.description, labels=label_names
+            )
+        else:
+            description = described.description if described else _COUNTER_DESCRIPTIONS.get(name, name)
+            family = CounterMetricFamily(prometheus_metric_name(name), description, labels=label_names)
         for values, total in totals.items():
             family.add_metric(list(values), float(total))
         return family
