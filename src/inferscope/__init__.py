@@ -14,6 +14,7 @@ from ._keys import KeyInfo
 from ._pipeline import configure, current_settings, prometheus_port, shutdown, snapshot
 from .aggregate import Snapshot, StatsRow
 from .config import ConfigError, Settings
+from .counters import counters_status
 from .tracking import bind, stage, track_inference
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "backend",
     "bind",
     "configure",
+    "counters_status",
     "current_settings",
     "prometheus_port",
     "shutdown",

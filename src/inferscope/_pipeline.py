@@ -366,7 +366,8 @@ def snapshot() -> Snapshot:
     >>> isinstance(snap.table(), str)
     True
     """
-    return build_snapshot(collect_view(), BACKEND)
+    mask = _settings.counter_mask if _settings is not None else 0
+    return build_snapshot(collect_view(), BACKEND, counter_metrics(mask))
 
 
 def current_settings() -> Settings | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import os
+import random
 import resource
 import threading
 from collections import deque
@@ -180,7 +181,6 @@ class _Counters:
     need the C extension: their slots stay 0 here (``perf_status()`` says so)."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
         self._statm_fd = -1
         self._statm_pid = -1
         self._page_size = os.sysconf("SC_PAGE_SIZE")
@@ -199,9 +199,8 @@ class _Counters:
         return -1, values
 
     def rss_sample_start(self) -> int:
-        tick = getattr(self._local, "tick", 0)
-        self._local.tick = tick + 1
-        return self.rss_bytes() if tick % RSS_SAMPLE_EVERY == 0 else -1
+        # One entry in RSS_SAMPLE_EVERY, at random: a fixed stride would always hit the same stage.
+        return self.rss_bytes() if random.randrange(RSS_SAMPLE_EVERY) == 0 else -1
 
     def rss_bytes(self) -> int:
         if self._statm_pid != os.getpid():  # fork(): the parent's fd reads the parent's statm

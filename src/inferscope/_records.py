@@ -58,7 +58,7 @@ SLOT_RSS_DELTA = 8  # RSS change over the sampled entries
 SLOT_RSS_SAMPLES = 9  # 1 when this entry was one of the sampled ones
 SLOT_PY_HEAP_DELTA = 10  # tracemalloc's traced-bytes change
 PERF_EVENTS = 4
-#: Only every RSS_SAMPLE_EVERY-th entry of a thread reads the RSS (a pread of /proc/self/statm).
+#: One entry in RSS_SAMPLE_EVERY, at random, reads the RSS (a pread of /proc/self/statm).
 RSS_SAMPLE_EVERY = 16
 
 #: Why a record was dropped instead of aggregated; exported as the ``reason`` attribute of

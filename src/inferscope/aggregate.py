@@ -26,6 +26,7 @@ import numpy as np
 
 from ._keys import KeyInfo, KeyRegistry
 from ._records import COUNTER_SLOTS, FLAG_ABANDONED, NO_ERROR
+from .counters import CounterMetric, counter_label, counter_value
 
 __all__ = [
     "MIN_SCALE",
@@ -794,6 +795,9 @@ class StatsRow:
     error_types: Mapping[str, int]
     #: The row of the overflow key: everything interned past the key cap (model and stage are None).
     overflow: bool = False
+    #: Totals of the counters beyond the clocks (``counters="full"`` and friends), e.g.
+    #: ``{"context_switches.voluntary": 12, "page_faults.minor": 3051, "memory.rss.change": 4096}``.
+    counters: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """The row as JSON-ready values (nan becomes None)."""
@@ -818,6 +822,7 @@ class StatsRow:
             "cpu_seconds": clean(self.cpu_seconds),
             "cpu_ratio": clean(self.cpu_ratio),
             "error_types": dict(self.error_types),
+            "counters": dict(self.counters),
         }
 
 
@@ -936,9 +941,10 @@ class _RowAccumulator:
     errors: int = 0
     abandoned: int = 0
     error_types: dict[str, int] = field(default_factory=dict)
+    counters: np.ndarray = field(default_factory=lambda: np.zeros(COUNTER_SLOTS, np.int64))
 
 
-def build_snapshot(view: AggregateView, backend: str) -> Snapshot:
+def build_snapshot(view: AggregateView, backend: str, counters: Sequence[CounterMetric] = ()) -> Snapshot:
     """One row per (model, version, stage), merging success and every error series.
 
     Keys that differ only in their extra attributes share a row; the overflow key gets a row of its
@@ -955,6 +961,7 @@ def build_snapshot(view: AggregateView, backend: str) -> Snapshot:
             acc.cpu.merge(series.cpu)
             acc.cpu_wall_seconds += series.cpu_wall_seconds
         acc.abandoned += series.abandoned
+        acc.counters += series.counters
         if series.error_id != NO_ERROR:
             acc.errors += series.duration.count
             name = series.error_type or f"error#{series.error_id}"
@@ -986,6 +993,7 @@ def build_snapshot(view: AggregateView, backend: str) -> Snapshot:
                 cpu_ratio=cpu_ratio,
                 error_types=dict(sorted(acc.error_types.items())),
                 overflow=overflow,
+                counters={counter_label(c): counter_value(c, acc.counters, d.count) for c in counters},
             )
         )
 

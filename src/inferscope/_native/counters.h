@@ -67,7 +67,7 @@ typedef struct {
     int fds[PERF_GROUP]; /* fds[0] is the task-clock group leader; -1 when closed */
     int opened;           /* 1 open, -1 failed for this thread, 0 not tried */
     uint64_t generation;
-    uint32_t rss_tick;
+    uint32_t rss_tick; /* xorshift state for RSS sampling */
 } ThreadCounters;
 
 static __thread ThreadCounters thread_counters = {{-1, -1, -1, -1, -1}, 0, 0, 0};
@@ -263,12 +263,22 @@ static inline void counters_read(int mask, int64_t *cpu, int64_t *counters)
     }
 }
 
-/* The RSS at the start of an entry, or -1 when this entry is not one of the sampled ones: only
- * every RSS_SAMPLE_EVERY-th entry of a thread pays for the pread. */
+/* The RSS at the start of an entry, or -1 when this entry is not one of the sampled ones: one
+ * entry in RSS_SAMPLE_EVERY, chosen at random (a per-thread xorshift), pays for the pread. Random,
+ * not every n-th, because a pipeline repeats a fixed pattern of entries: every 16th entry of a
+ * call with 4 stages would always be the same stage. */
 static inline int64_t rss_sample_start(void)
 {
     ThreadCounters *tc = &thread_counters;
-    return (tc->rss_tick++ % RSS_SAMPLE_EVERY) == 0 ? read_rss_bytes() : -1;
+    uint32_t x = tc->rss_tick;
+    if (x == 0) {
+        x = (uint32_t)(uintptr_t)tc ^ 0x9e3779b9u; /* a per-thread seed */
+    }
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    tc->rss_tick = x;
+    return (x % RSS_SAMPLE_EVERY) == 0 ? read_rss_bytes() : -1;
 }
 
 #endif

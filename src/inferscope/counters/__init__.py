@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import errno as errno_module
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from .._records import (
     COUNTER_PERF,
@@ -32,6 +35,7 @@ from .._records import (
     SLOT_PERF,
     SLOT_PY_HEAP_DELTA,
     SLOT_RSS_DELTA,
+    SLOT_RSS_SAMPLES,
     SLOT_VOLUNTARY_SWITCHES,
 )
 
@@ -212,6 +216,35 @@ def counter_metrics(mask: int) -> tuple[CounterMetric, ...]:
         mode, _ = perf_status()
         metrics.extend(_PERF_HARDWARE if mode == "hardware" else _PERF_SOFTWARE if mode == "software" else ())
     return tuple(sorted(metrics, key=lambda m: m.slot))
+
+
+def counter_value(metric: CounterMetric, counters: Sequence[int] | np.ndarray, count: int) -> int:
+    """The total of one exported counter for a series (or row) with slot sums ``counters`` over
+    ``count`` calls. The RSS change is measured on sampled calls only and is scaled to all calls."""
+    value = int(counters[metric.slot])
+    if metric.slot == SLOT_RSS_DELTA:
+        samples = int(counters[SLOT_RSS_SAMPLES])
+        return round(value * count / samples) if samples else 0
+    return value
+
+
+def counter_label(metric: CounterMetric) -> str:
+    """The key of a counter in ``snapshot()`` rows, e.g. ``context_switches.voluntary``."""
+    return ".".join([metric.suffix, *(value for _, value in metric.attributes)])
+
+
+def counters_status() -> dict[str, tuple[str, str]]:
+    """Whether each counter works here: name -> (state, reason). For ``inferscope doctor``.
+
+    >>> sorted(counters_status())
+    ['perf', 'python_heap', 'rss', 'rusage', 'thread_cpu']
+    """
+    status = {name: ("available", "") for name in COUNTERS}
+    status["perf"] = perf_status()
+    rss = unavailable_reason(COUNTER_RSS)
+    if rss is not None:
+        status["rss"] = ("none", rss)
+    return status
 
 
 def counter_names(mask: int) -> list[str]:

@@ -60,8 +60,7 @@ from prometheus_client.metrics_core import Metric as PrometheusMetric
 from prometheus_client.utils import floatToGoString
 
 from .._keys import ERROR_TYPE
-from .._records import SLOT_RSS_DELTA, SLOT_RSS_SAMPLES
-from ..counters import CounterMetric
+from ..counters import CounterMetric, counter_value
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -179,22 +178,18 @@ def _merged(histograms: list[Histogram]) -> Histogram:
 def series_counters(
     series: Series, metrics: Sequence[CounterMetric]
 ) -> list[tuple[str, Attributes, int, CounterMetric]]:
-    """The per-stage (or per-inference) counters of one series, as (metric name, attributes, total).
-
-    The RSS change is measured on sampled calls only; its total is scaled to all calls.
-    """
+    """The per-stage (or per-inference) counters of one series, as (metric name, attributes, total)."""
     scope = "stage" if series.info.kind == "stage" else "inference"
     base = _series_attributes(series)
-    found = []
-    for metric in metrics:
-        value = int(series.counters[metric.slot])
-        if metric.slot == SLOT_RSS_DELTA:
-            samples = int(series.counters[SLOT_RSS_SAMPLES])
-            value = round(value * series.duration.count / samples) if samples else 0
-        found.append(
-            (f"inferscope.{scope}.{metric.suffix}", {**base, **dict(metric.attributes)}, value, metric)
+    return [
+        (
+            f"inferscope.{scope}.{metric.suffix}",
+            {**base, **dict(metric.attributes)},
+            counter_value(metric, series.counters, series.duration.count),
+            metric,
         )
-    return found
+        for metric in metrics
+    ]
 
 
 class _RateLimitedLog:
