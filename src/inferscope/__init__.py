@@ -15,6 +15,7 @@ from ._pipeline import configure, current_settings, prometheus_port, shutdown, s
 from .aggregate import Snapshot, StatsRow
 from .config import ConfigError, Settings
 from .counters import counters_status
+from .system import environment
 from .tracking import bind, stage, track_inference
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "configure",
     "counters_status",
     "current_settings",
+    "environment",
     "prometheus_port",
     "shutdown",
     "snapshot",

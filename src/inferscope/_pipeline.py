@@ -14,6 +14,7 @@ import threading
 import time
 import tracemalloc
 import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +41,7 @@ from .export.metrics import (
     unwrap_meter_provider,
     wrap_meter_provider,
 )
+from .system import check_oversubscription, install_import_hook, register_system_metrics, resource_attributes
 
 _logger = logging.getLogger("inferscope")
 
@@ -204,9 +206,15 @@ class Exports:
             )
             for reader in readers:
                 export_empty_collections(reader)
-        if self.user_provider is not None:
+            register_system_metrics(self.meter_provider.get_meter("inferscope", _version()))
+        provider: Any = self.user_provider
+        if provider is not None:
             # Idempotent: after fork the child keeps the wrappers its parent installed.
-            wrap_meter_provider(self.user_provider, collect_view, **histogram)  # type: ignore[arg-type]
+            wrap_meter_provider(provider, collect_view, **histogram)  # type: ignore[arg-type]
+            if provider not in _providers_with_system_metrics:
+                # Observable instruments live as long as their provider: register them once.
+                _providers_with_system_metrics.add(provider)
+                register_system_metrics(provider.get_meter("inferscope", _version()))
         if serve_prometheus and "prometheus" in settings.metrics_exporters:
             collector = PrometheusCollector(
                 collect_view, settings.histogram_boundaries, counters=counter_metrics(settings.counter_mask)
@@ -261,8 +269,16 @@ def _resource(settings: Settings) -> Resource:
     }
     if settings.service_name is not None:
         attributes["service.name"] = settings.service_name
+    # The environment fingerprint and key versions: what changed when the tax crept in.
+    attributes.update(resource_attributes())
     # Resource.create adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME; explicit settings win.
     return Resource.create(attributes)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _make_exporter(name: str, settings: Settings) -> MetricExporter:
@@ -289,6 +305,7 @@ def _traced_bytes() -> int:
     return tracemalloc.get_traced_memory()[0]
 
 
+_providers_with_system_metrics: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.RLock()
 _settings: Settings | None = None
 _exports: Exports | None = None
@@ -335,6 +352,10 @@ def _apply(settings: Settings) -> None:
     RUNTIME.enabled = settings.enabled
     if not settings.enabled:
         return
+    # Threads of torch, BLAS and OpenMP beyond the CPUs this process may use: warn once, now and
+    # whenever one of those libraries is imported later.
+    check_oversubscription()
+    install_import_hook()
     DRAINER.start(settings.drain_interval_millis)
     _exports = Exports(settings)
 

@@ -116,6 +116,35 @@ def demo(seconds: float, threads: int) -> int:
     return 0
 
 
+def env_command(diff_paths: Sequence[str] | None) -> int:
+    """``inferscope env``: the environment as JSON; with ``--diff A B``, what changed from A to B."""
+    import json
+
+    from .system.fingerprint import diff, environment, render_diff
+
+    if not diff_paths:
+        print(json.dumps(environment(), indent=2))
+        return 0
+    loaded = []
+    for path in diff_paths:
+        try:
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            print(f"inferscope env --diff: cannot read {path}: {error}", file=sys.stderr)
+            return 2
+        if not isinstance(data, dict):
+            print(
+                f"inferscope env --diff: {path} is not a JSON object (save one with `inferscope env > FILE`)",
+                file=sys.stderr,
+            )
+            return 2
+        loaded.append(data)
+    print(f"{diff_paths[0]} -> {diff_paths[1]}")
+    print(render_diff(diff(loaded[0], loaded[1])))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="inferscope", description=__doc__.splitlines()[0] if __doc__ else None
@@ -129,7 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo_parser.add_argument("--threads", type=int, default=2, help="concurrent callers (default 2)")
     commands.add_parser("version", help="print the version and the backend in use")
+    env_parser = commands.add_parser(
+        "env", help="print the environment (versions, CPU, cgroup, thread pools, GPU) as JSON"
+    )
+    env_parser.add_argument(
+        "--diff",
+        nargs=2,
+        metavar=("A_JSON", "B_JSON"),
+        help="print what changed between two saved `inferscope env` outputs",
+    )
     args = parser.parse_args(argv)
+    if args.command == "env":
+        return env_command(args.diff)
     if args.command == "demo":
         if args.seconds <= 0 or args.seconds > 600:
             parser.error(f"--seconds must be in (0, 600], got {args.seconds}")
