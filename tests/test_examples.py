@@ -48,3 +48,13 @@ def test_demo_prints_both_models_and_stages():
     assert int(out[("demo-ranker", "queue")][0]) > 10
     assert "dropped records: none" in text
     assert "no exporter configured" in text
+
+
+def test_doctor_reports_every_counter_and_the_cost_of_each_set():
+    text = run("-m", "inferscope.cli", "doctor", "--calls", "500")
+    for name in ("thread_cpu", "rusage", "perf", "rss", "python_heap"):
+        assert f"  {name} " in text
+    costs = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  ")}
+    for counter_set in ("minimal", "default", "full"):
+        assert float(costs[counter_set][-1]) > 0  # the stage column
+    assert "GPU (NVML)" in text
