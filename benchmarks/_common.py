@@ -276,3 +276,109 @@ def write_json(path: str | None, data: Mapping[str, Any]) -> None:
 
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
+
+
+# --- inferscope set up for timed loops -------------------------------------------------------------
+
+
+class LoopPipeline:
+    """Configures inferscope for timed loops and counts, per case, the records dropped in its loops.
+
+    The ring holds ``ring_capacity`` records and the drainer aggregates every
+    ``drain_interval_millis`` only, so a loop that pushes fewer than half the ring's records is
+    neither drained nor aggregated while it runs. ``settle`` (a case's ``after``) drains the ring
+    with ``inferscope.snapshot()``, outside the timed region, so every loop starts with an empty
+    ring, and adds the growth of ``snapshot().dropped`` to the case.
+    """
+
+    def __init__(self, ring_capacity: int = 1 << 20, drain_interval_millis: int = 60_000) -> None:
+        self.ring_capacity = ring_capacity
+        self.drain_interval_millis = drain_interval_millis
+        self.counters: str | None = None
+        self.drops: dict[str, dict[str, int]] = {}
+        self._last = self._dropped()
+
+    def use(self, counters: str) -> None:
+        """Switch to the counter set ``counters``; ``configure`` runs only when it changes."""
+        import inferscope
+
+        if counters != self.counters:
+            inferscope.configure(
+                counters=counters,
+                ring_capacity=self.ring_capacity,
+                drain_interval_millis=self.drain_interval_millis,
+                metrics_exporters="none",
+            )
+            self.counters = counters
+
+    @staticmethod
+    def _dropped() -> dict[str, int]:
+        import inferscope
+
+        return dict(inferscope.snapshot().dropped)  # snapshot() drains the ring first
+
+    def settle(self, case_name: str) -> None:
+        now = self._dropped()
+        counts = self.drops.setdefault(case_name, {})
+        for reason, total in now.items():
+            counts[reason] = counts.get(reason, 0) + total - self._last.get(reason, 0)
+        self._last = now
+
+
+def otel_histogram_case(name: str = "OTel histogram.record, 2 attrs") -> Case:
+    """The usual peer: ``histogram.record`` with 2 attributes, on a ``MeterProvider`` whose
+    ``InMemoryMetricReader`` collects only when asked, so nothing is exported during the loop."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
+    histogram = provider.get_meter("bench").create_histogram("bench.duration", unit="s")
+    attributes = {"inferscope.model.name": "bench", "inferscope.stage.name": "infer"}
+    return Case(
+        name,
+        "histogram.record(0.0012, attributes=attributes)",
+        {"histogram": histogram, "attributes": attributes},
+    )
+
+
+def drops_text(case: Mapping[str, Any]) -> str:
+    """The ``dropped`` counts of a case summary: "-" when not counted, "0", or "reason=n, ..."."""
+    dropped = case.get("dropped")
+    if dropped is None:
+        return "-"
+    total = sum(dropped.values())
+    return str(total) if total == 0 else ", ".join(f"{k}={v}" for k, v in dropped.items() if v)
+
+
+def raw_timings_table(runs: Mapping[str, Mapping[str, Any]], baseline: str = "bare call") -> str:
+    """Every case of every run (backend label -> run with ``cases`` of ``Case.summary()`` dicts,
+    plus ``dropped`` where counted): median, min, max, median minus ``baseline``, loop size, drops."""
+    rows = []
+    for label, run in runs.items():
+        base = run["cases"][baseline]["median_ns"]
+        for name, case in run["cases"].items():
+            rows.append(
+                (
+                    label,
+                    name,
+                    ns(case["median_ns"]),
+                    ns(case["min_ns"]),
+                    ns(case["max_ns"]),
+                    ns(case["median_ns"] - base),
+                    f"{case['calls_per_repeat']:,}",
+                    drops_text(case),
+                )
+            )
+    headers = ("backend", "case", "median ns", "min ns", "max ns", "minus bare", "calls/loop", "dropped")
+    return table(headers, rows, left=2)
+
+
+def drops_line(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line naming every case of every run that dropped records during its timed loops."""
+    drops = {
+        f"{label}: {name}": case["dropped"]
+        for label, run in runs.items()
+        for name, case in run["cases"].items()
+        if sum(case.get("dropped", {}).values())
+    }
+    return f"records dropped during the timed loops: {drops or 'none'}"

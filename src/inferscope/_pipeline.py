@@ -10,6 +10,7 @@ import atexit
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import tracemalloc
@@ -436,6 +437,14 @@ def autoconfigure() -> None:
     ERROR and inferscope stays off (calls pass straight through) until configure() succeeds."""
     try:
         settings = load_settings({})
+        if settings.enabled and "opentelemetry.instrumentation.auto_instrumentation" in sys.modules:
+            # Loaded by opentelemetry-instrument, after its configurator set up the SDK: join the
+            # SDK's MeterProvider from the start instead of building exporters of our own.
+            from .otel_distro import sdk_overrides
+
+            overrides = sdk_overrides(settings)
+            if overrides:
+                settings = load_settings(overrides)
     except ConfigError as exc:
         RUNTIME.enabled = False
         _logger.error("inferscope is disabled: %s", exc)

@@ -1,0 +1,444 @@
+"""Zero-code instrumentation: one OpenTelemetry ``BaseInstrumentor`` per framework.
+
+Each framework lives in its own subpackage (``inferscope.instrumentation.sklearn``,
+``inferscope.instrumentation.onnxruntime``) with a ``package.py`` that names the library versions it
+instruments. ``opentelemetry-instrument`` loads them through the ``opentelemetry_instrumentor`` entry
+points; by hand they are used as in OpenTelemetry contrib::
+
+    from inferscope.instrumentation.sklearn import SklearnInstrumentor
+
+    SklearnInstrumentor().instrument(model_names={fraud_pipeline: ("fraud", "3")})
+    ...
+    SklearnInstrumentor().uninstrument()  # every patched attribute is restored by identity
+
+This module is the shared base:
+
+- :class:`InferscopeInstrumentor` parses the options every instrumentor accepts (``models``,
+  ``model_names``, ``attributes``), checks its own dependencies, records every attribute it
+  replaces in :class:`Patches` and restores exactly those on ``uninstrument()``.
+- :class:`IdentityCache` keeps per-object state (the model's interned key, a Pipeline's steps)
+  keyed by identity and dropped when the object is collected, so resolving a model costs one dict
+  lookup per call.
+- :func:`inference_open` tells an instrumented call whether an inference is already open in this
+  context (the user's ``@track_inference``, or another instrumented framework call). Such a call
+  is not a second inference: it passes through, or adds its internals as stages under the open
+  entry. That is how nothing is counted twice across frameworks.
+
+Model identity, highest precedence first (the same for every framework):
+
+1. ``model_names[obj]``: an entry keyed by the model object itself;
+2. ``model_names(obj)``: when ``model_names`` is a callable, its result unless it is None;
+3. ``model_names["alias"]``: an entry keyed by one of the framework's aliases for the object (the
+   class name for scikit-learn, the file path or stem for onnxruntime; see each framework);
+4. the framework's default (the class name; the file stem; the graph's producer and name).
+
+A name is a ``str``; a name and a version are a ``(name, version)`` tuple or a :class:`ModelIdentity`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import threading
+import time
+import weakref
+from abc import abstractmethod
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, distribution
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from opentelemetry.instrumentation.dependencies import DependencyConflict, get_dependency_conflicts
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from packaging.requirements import Requirement
+
+from .._records import NO_MODEL_KEY
+from .._runtime import REGISTRY, RUNTIME
+from ..tracking import _check_attributes, _check_model, _check_version
+
+__all__ = [
+    "IdentityCache",
+    "InferscopeInstrumentor",
+    "InstrumentOptions",
+    "ModelIdentity",
+    "Patches",
+    "TrackedModel",
+    "defining_class",
+    "inference_open",
+    "report_internal_error",
+]
+
+_logger = logging.getLogger("inferscope.instrumentation")
+
+V = TypeVar("V")
+
+#: Keyword arguments that some distros pass to every instrumentor. inferscope's metrics go where
+#: ``inferscope.configure()`` (or the opentelemetry-instrument hook) sends them, so these are ignored.
+_OTEL_PROVIDER_OPTIONS = frozenset(
+    {"tracer_provider", "meter_provider", "logger_provider", "event_logger_provider"}
+)
+
+
+class ModelIdentity(NamedTuple):
+    """The stable name (and optional version) under which a model's series are exported."""
+
+    name: str
+    version: str | None = None
+
+
+ModelNamer = Mapping[Any, Any] | Callable[[Any], Any]
+
+
+def _as_identity(value: object, where: str) -> ModelIdentity:
+    """A ``model_names`` value (``"name"``, ``("name", version)`` or ModelIdentity), checked."""
+    if isinstance(value, str):
+        return ModelIdentity(_checked_name(value, where))
+    if isinstance(value, tuple) and len(value) == 2:
+        name, version = value
+        try:
+            checked_version = _check_version(version)
+        except TypeError:
+            raise TypeError(
+                f"{where}: the version must be a non-empty str, an int or None, got {version!r}"
+            ) from None
+        return ModelIdentity(_checked_name(name, where), checked_version)
+    raise TypeError(f"{where} must be a model name (str) or a (name, version) tuple, got {value!r}")
+
+
+def _checked_name(name: object, where: str) -> str:
+    try:
+        checked = _check_model(name)
+    except TypeError:
+        checked = None
+    if checked is None:
+        raise TypeError(f"{where}: the model name must be a non-empty str, got {name!r}")
+    return checked
+
+
+class InstrumentOptions:
+    """The options every inferscope instrumentor accepts, validated once at ``instrument()``.
+
+    - ``models``: only these objects (matched by identity) or aliases (str) count as models; calls
+      on anything else pass through untracked. Default: every model of the framework.
+    - ``model_names``: a mapping (object or alias -> name or ``(name, version)``) or a callable
+      ``f(obj) -> name | (name, version) | None``. See the module docstring for the precedence.
+    - ``attributes``: static attributes added to every series of every model of this instrumentor
+      (never request data: each distinct value is a new series).
+    """
+
+    __slots__ = (
+        "_alias_filter",
+        "_namer",
+        "_names_by_alias",
+        "_names_by_object",
+        "_object_filter",
+        "attributes",
+    )
+
+    def __init__(
+        self,
+        models: Iterable[object] | None = None,
+        model_names: ModelNamer | None = None,
+        attributes: Mapping[str, str | int | float | bool] | None = None,
+    ) -> None:
+        self._object_filter: dict[int, object] | None = None
+        self._alias_filter: frozenset[str] = frozenset()
+        if models is not None:
+            if isinstance(models, (str, bytes)) or not isinstance(models, Iterable):
+                raise TypeError(f"models must be a collection of models or aliases, got {models!r}")
+            objects: dict[int, object] = {}
+            aliases: set[str] = set()
+            for item in models:
+                if isinstance(item, str):
+                    aliases.add(item)
+                else:
+                    objects[id(item)] = item  # the value keeps the id from being reused meanwhile
+            self._object_filter = objects
+            self._alias_filter = frozenset(aliases)
+        self._names_by_object: dict[int, tuple[object, ModelIdentity]] = {}
+        self._names_by_alias: dict[str, ModelIdentity] = {}
+        self._namer: Callable[[Any], Any] | None = None
+        if isinstance(model_names, Mapping):
+            for key, value in model_names.items():
+                identity = _as_identity(value, f"model_names[{key!r}]")
+                if isinstance(key, str):
+                    self._names_by_alias[key] = identity
+                else:
+                    self._names_by_object[id(key)] = (key, identity)
+        elif callable(model_names):
+            self._namer = model_names
+        elif model_names is not None:
+            raise TypeError(f"model_names must be a mapping or a callable, got {model_names!r}")
+        self.attributes: dict[str, str] = _check_attributes(attributes)
+
+    def selects(self, obj: object, aliases: Sequence[str]) -> bool:
+        """Whether ``obj`` (known by ``aliases``) is one of the ``models`` to track."""
+        if self._object_filter is None:
+            return True
+        if self._object_filter.get(id(obj)) is obj:
+            return True
+        return any(alias in self._alias_filter for alias in aliases)
+
+    def identity(self, obj: object, default: ModelIdentity, aliases: Sequence[str]) -> ModelIdentity:
+        """The model identity of ``obj``, by the documented precedence."""
+        by_object = self._names_by_object.get(id(obj))
+        if by_object is not None and by_object[0] is obj:
+            return by_object[1]
+        if self._namer is not None:
+            try:
+                named = self._namer(obj)
+            except Exception:
+                report_internal_error("inferscope: the model_names callable raised; using the default name")
+                named = None
+            if named is not None:
+                try:
+                    return _as_identity(named, "the model_names callable's result")
+                except TypeError:
+                    report_internal_error("inferscope: the model_names callable returned an invalid name")
+        for alias in aliases:
+            found = self._names_by_alias.get(alias)
+            if found is not None:
+                return found
+        return default
+
+
+class TrackedModel:
+    """One model as the hot path sees it: its interned key and its tracked methods.
+
+    ``tracked(func)`` returns the backend's tracked-call wrapper of ``func`` under this model's key,
+    created once per method, so a call costs what ``@track_inference`` costs.
+    """
+
+    __slots__ = ("_attributes", "_key", "_tracked", "identity")
+
+    def __init__(self, identity: ModelIdentity, attributes: Mapping[str, str]) -> None:
+        self.identity = identity
+        self._attributes = attributes
+        self._key: int | None = None
+        self._tracked: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    @property
+    def key(self) -> int:
+        """The interned key, taken on first use: a model that is never called uses no key."""
+        if self._key is None:
+            self._key = REGISTRY.inference_key(self.identity.name, self.identity.version, self._attributes)
+        return self._key
+
+    def tracked(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        found = self._tracked.get(func)
+        if found is None:
+            found = self._tracked[func] = RUNTIME.track(func, self.key)
+        return found
+
+    def __repr__(self) -> str:
+        return f"<inferscope model {self.identity.name!r} version {self.identity.version!r}>"
+
+
+class IdentityCache(Generic[V]):
+    """Values per object, keyed by identity (never by ``__eq__``/``__hash__``), dropped when the
+    object is garbage-collected.
+
+    A hit is one dict lookup and one weak-reference call. Objects that cannot be weakly referenced
+    are not cached; their value is computed on every call.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[Any], V]] = {}
+
+    def get(self, obj: object) -> V | None:
+        entry = self._entries.get(id(obj))
+        if entry is not None and entry[0]() is obj:
+            return entry[1]
+        return None
+
+    def put(self, obj: object, value: V) -> None:
+        key = id(obj)
+        entries = self._entries
+
+        def forget(ref: weakref.ref[Any]) -> None:
+            # Only if the id has not been reused by a newer object meanwhile.
+            current = entries.get(key)
+            if current is not None and current[0] is ref:
+                entries.pop(key, None)
+
+        try:
+            ref = weakref.ref(obj, forget)
+        except TypeError:
+            return
+        entries[key] = (ref, value)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Patches:
+    """Attributes replaced on classes, restored exactly (by identity) on :meth:`restore`.
+
+    Only attributes that a class defines itself (``name in cls.__dict__``) are replaced, never
+    added, so restoring puts back the very object that was there. An attribute that someone else
+    replaced after us is left alone; our wrapper then stays reachable only through theirs and
+    passes calls straight through, because its instrumentor is no longer active.
+    """
+
+    def __init__(self) -> None:
+        self._applied: list[tuple[type, str, object, object]] = []
+
+    def replace(self, owner: type, name: str, replacement: object) -> None:
+        original = owner.__dict__[name]
+        setattr(owner, name, replacement)
+        self._applied.append((owner, name, original, replacement))
+
+    def restore(self) -> None:
+        for owner, name, original, replacement in reversed(self._applied):
+            if owner.__dict__.get(name) is replacement:
+                setattr(owner, name, original)
+        self._applied.clear()
+
+    def originals(self) -> list[tuple[type, str, object]]:
+        """``(class, attribute, original)`` for every replacement in force, for tests and debugging."""
+        return [(owner, name, original) for owner, name, original, _ in self._applied]
+
+    def __len__(self) -> int:
+        return len(self._applied)
+
+
+def defining_class(cls: type, name: str) -> type | None:
+    """The class in ``cls.__mro__`` whose own ``__dict__`` defines ``name``."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass
+    return None
+
+
+def inference_open() -> bool:
+    """Whether an inference is open in this context: the user's ``@track_inference``, another
+    instrumented framework call, or a stage inside one. A stage entered outside any inference does
+    not count."""
+    key = RUNTIME.current_key()
+    if key == NO_MODEL_KEY:
+        return False
+    info = REGISTRY.info(key)
+    return info.model is not None or info.overflow
+
+
+_error_lock = threading.Lock()
+_last_error_log = 0.0
+
+
+def report_internal_error(message: str) -> None:
+    """Count a failure of instrumentation bookkeeping (exported as ``inferscope.sdk.errors``) and
+    log it with its traceback at most once a minute. Never raises."""
+    global _last_error_log
+    try:
+        from .._pipeline import DRAINER
+
+        DRAINER.errors += 1  # the Python-side count of internal errors, published with the C one
+        now = time.monotonic()
+        with _error_lock:
+            due = now - _last_error_log >= 60
+            if due:
+                _last_error_log = now
+        if due:
+            _logger.error(message, exc_info=True)
+    except Exception:  # reporting must never fail the caller
+        pass
+
+
+class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Base of every inferscope instrumentor.
+
+    Subclasses set ``_instruments`` and ``_instruments_any`` (from their ``package.py``), may set
+    ``_extra_options`` (option name -> default), and implement :meth:`_apply`, which patches the
+    framework through the :class:`Patches` it is given and returns the state its wrappers share.
+    ``instrument()`` and ``uninstrument()`` are idempotent: ``BaseInstrumentor`` ignores a second
+    call (with a warning), and ``_uninstrument`` deactivates the wrappers and restores every patched
+    attribute.
+    """
+
+    #: Requirements that must all be met (``package.py``).
+    _instruments: tuple[str, ...] = ()
+    #: Requirements of which one must be met: one library shipped as several distributions.
+    _instruments_any: tuple[str, ...] = ()
+    _extra_options: Mapping[str, object] = {}
+
+    _patches: Patches | None = None
+    _state: Any = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        """``_instruments``, plus the one requirement of ``_instruments_any`` whose distribution is
+        installed (the first one when none is, so that a check reports it missing)."""
+        if not self._instruments_any:
+            return self._instruments
+        for requirement in self._instruments_any:
+            try:
+                distribution(Requirement(requirement).name)
+            except PackageNotFoundError:
+                continue
+            return (*self._instruments, requirement)
+        return (*self._instruments, self._instruments_any[0])
+
+    def _check_dependency_conflicts(self) -> DependencyConflict | None:
+        return get_dependency_conflicts(list(self._instruments), list(self._instruments_any) or None)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        if self._patches is not None:  # called directly, twice: keep the first instrumentation
+            return
+        options, extra = self._parse_options(kwargs)
+        # Under opentelemetry-instrument the distribution-wide check ("instruments-any") passed
+        # for at least one framework, and the per-instrumentor check was skipped; do it here.
+        conflict = self._check_dependency_conflicts()
+        if conflict is not None:
+            message = conflict._format_message(type(self).__name__)
+            if conflict.found or conflict.found_any:
+                _logger.error(message)  # installed, but at a version we do not support
+            else:
+                _logger.debug(message)
+            return
+        patches = Patches()
+        try:
+            self._state = self._apply(patches, options, extra)
+        except BaseException:
+            patches.restore()
+            self._state = None
+            raise
+        self._patches = patches
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        patches, self._patches = self._patches, None
+        state, self._state = self._state, None
+        if state is not None:
+            state.active = False
+        if patches is not None:
+            patches.restore()
+
+    @abstractmethod
+    def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> Any:
+        """Patch the framework; return the state object the wrappers share (it must have ``active``)."""
+
+    def _parse_options(self, kwargs: dict[str, Any]) -> tuple[InstrumentOptions, dict[str, Any]]:
+        known = {"models", "model_names", "attributes", *self._extra_options}
+        unknown = [name for name in kwargs if name not in known and name not in _OTEL_PROVIDER_OPTIONS]
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"{type(self).__name__}.instrument() got an unknown option {name!r}{hint} "
+                f"(accepted: {', '.join(sorted(known))})"
+            )
+        options = InstrumentOptions(
+            models=kwargs.get("models"),
+            model_names=kwargs.get("model_names"),
+            attributes=kwargs.get("attributes"),
+        )
+        extra = {name: kwargs.get(name, default) for name, default in self._extra_options.items()}
+        return options, extra
+
+    @property
+    def patched(self) -> list[tuple[type, str, object]]:
+        """``(class, attribute, original)`` for every attribute currently replaced."""
+        return [] if self._patches is None else self._patches.originals()

@@ -1,0 +1,363 @@
+"""scikit-learn: inference calls of fitted estimators become tracked inferences, and a Pipeline's
+steps become its stages.
+
+>>> from inferscope.instrumentation.sklearn import SklearnInstrumentor
+>>> SklearnInstrumentor().instrument(model_names={pipe: ("fraud", "3")})  # doctest: +SKIP
+>>> pipe.predict(X)  # doctest: +SKIP  (one "fraud" inference; stages "scaler", "pca", "clf")
+
+What counts:
+
+- ``predict``, ``predict_proba``, ``predict_log_proba``, ``decision_function``, ``transform`` and
+  ``score_samples`` of any estimator (any ``BaseEstimator`` subclass, yours included), called
+  from your code, are one inference each.
+- A ``Pipeline``'s step calls are stages named after the steps (``scaler``, ``pca``, ``clf``); the
+  final step's call is a stage too. A Pipeline nested as a step nests its stages (``prep/scaler``).
+- Calls that an estimator makes to other estimators (a Pipeline's steps, a meta-estimator's
+  inner estimators, ``self.predict_proba`` inside ``self.predict``) are never inferences of their
+  own. Nor is anything called inside ``fit``, ``fit_transform``, ``fit_predict``, ``partial_fit``
+  or ``score`` (training and evaluation), nor a call made by scikit-learn's own code with no
+  instrumented call around it (inner estimators run in joblib workers, ``cross_val_predict``).
+- Inside an inference that is already open (your ``@track_inference``, or another instrumented
+  framework call), an estimator call is not a second inference: a Pipeline's steps become stages
+  under the open entry (``infer/scaler``), and a single estimator passes through.
+
+How the patching works, and why this way: scikit-learn defines these methods on many classes
+(``LinearClassifierMixin.predict``, ``StandardScaler.transform``, ``Pipeline.predict`` as an
+``available_if`` descriptor), and most estimator modules are imported only when the application
+needs them. So ``instrument()`` wraps the methods that each class defines itself, for every class
+in the MRO of every ``BaseEstimator`` subclass that exists now, and wraps the ``__init_subclass__``
+hooks of those classes so that estimator classes created later (a scikit-learn module imported
+afterwards, your own subclasses) are wrapped when they are created. Subclasses that inherit a
+method are covered by the wrapped definition. ``available_if`` descriptors are copied with their
+function wrapped, so ``hasattr(pipe, "predict_proba")`` keeps following the final step. Our class
+hook runs only once the outermost ``__init_subclass__`` of the chain returns, so scikit-learn's
+``set_output`` wrapping of ``transform`` happens inside ours, not around it. ``uninstrument()``
+puts back every replaced attribute, checked by identity; nothing else is imported or changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+import threading
+import types
+from contextvars import ContextVar
+from typing import Any
+
+from ..._runtime import RUNTIME
+from .. import (
+    IdentityCache,
+    InferscopeInstrumentor,
+    InstrumentOptions,
+    ModelIdentity,
+    Patches,
+    TrackedModel,
+    inference_open,
+    report_internal_error,
+)
+from .package import _instruments, _instruments_any
+
+__all__ = ["TRACKED_METHODS", "UNTRACKED_METHODS", "SklearnInstrumentor"]
+
+#: Inference methods: an outermost call is one inference.
+TRACKED_METHODS = (
+    "predict",
+    "predict_proba",
+    "predict_log_proba",
+    "decision_function",
+    "transform",
+    "score_samples",
+)
+#: Training and evaluation methods: nothing called inside them is recorded.
+UNTRACKED_METHODS = ("fit", "fit_transform", "fit_predict", "partial_fit", "score")
+
+Steps = dict[int, Any]  # id(step estimator) -> the Stage named after the step
+
+#: What the innermost instrumented scikit-learn call of this context is doing. None: there is none.
+#: A Steps mapping: calls on those objects are stages; other calls pass through. _UNTRACKED: inside
+#: fit/score, where nothing is recorded. Identity matters: the two empty mappings are different.
+_SCOPE: ContextVar[Steps | None] = ContextVar("inferscope_sklearn_scope", default=None)
+_NO_STEPS: Steps = {}
+_UNTRACKED: Steps = {}
+
+_hook_depth = threading.local()
+
+
+class _Entry:
+    """What the instrumentor knows about one estimator object (cached per object)."""
+
+    __slots__ = ("model", "pipeline", "snapshot", "steps", "tracked")
+
+    def __init__(self, model: TrackedModel | None, pipeline: bool) -> None:
+        #: None: not a model (not an estimator, or not one of ``models=``): calls pass through.
+        self.model = model
+        self.pipeline = pipeline
+        #: For a Pipeline: its ``steps`` when ``steps`` (the stage map) was built.
+        self.snapshot: tuple[Any, ...] | None = None
+        self.steps: Steps = _NO_STEPS
+        #: original method -> its tracked wrapper under this model's key
+        self.tracked: dict[Any, Any] = {}
+
+    def track(self, original: Any) -> Any:
+        assert self.model is not None
+        tracked = self.tracked[original] = self.model.tracked(original)
+        return tracked
+
+
+class _State:
+    """Shared by every wrapper of one ``instrument()``; inactive once uninstrumented."""
+
+    def __init__(
+        self,
+        options: InstrumentOptions,
+        stages: bool,
+        patches: Patches,
+        base_estimator: type,
+        pipeline: type,
+    ) -> None:
+        self.active = True
+        self.options = options
+        self.stages = stages
+        self.patches = patches
+        self.base_estimator = base_estimator
+        self.pipeline = pipeline
+        self.cache: IdentityCache[_Entry] = IdentityCache()
+        self.seen: set[type] = set()
+
+    # --- identity -------------------------------------------------------------------------------
+
+    def entry(self, est: Any) -> _Entry:
+        found = self.cache.get(est)
+        if found is None:
+            found = self._resolve(est)
+            self.cache.put(est, found)
+        return found
+
+    def _resolve(self, est: Any) -> _Entry:
+        pipeline = isinstance(est, self.pipeline)
+        if not isinstance(est, self.base_estimator):
+            return _Entry(None, pipeline)
+        cls = type(est)
+        aliases = (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")
+        if not self.options.selects(est, aliases):
+            return _Entry(None, pipeline)
+        identity = self.options.identity(est, ModelIdentity(cls.__name__), aliases)
+        return _Entry(TrackedModel(identity, self.options.attributes), pipeline)
+
+    def steps(self, est: Any, entry: _Entry) -> Steps:
+        """The stage map of a Pipeline (rebuilt when its steps changed), else the empty map."""
+        if not self.stages or not entry.pipeline:
+            return _NO_STEPS
+        current = tuple(getattr(est, "steps", ()))
+        if current != entry.snapshot:
+            steps: Steps = {}
+            for step in current:
+                name, step_est = step[0], step[1]
+                if step_est is None or isinstance(step_est, str):  # "passthrough", "drop"
+                    continue
+                # "/" separates stage paths; a step name never needs it.
+                steps[id(step_est)] = RUNTIME.stage(str(name).replace("/", "_") or "step")
+            entry.steps, entry.snapshot = steps, current
+        return entry.steps
+
+    # --- calls ----------------------------------------------------------------------------------
+
+    def outermost(self, original: Any, est: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A tracked method called with no instrumented scikit-learn call around it (in this context).
+
+        The decision is made inside ``try`` and the call outside it: an exception of the estimator
+        itself must pass through once, untouched, never be taken for our own failure.
+        """
+        call: Any = original
+        steps: Steps | None = None
+        try:
+            entry = self.entry(est)
+            model = entry.model
+            # Frames: 0 here, 1 the wrapper, 2 its caller.
+            if model is not None and not _is_sklearn_frame(sys._getframe(2)):
+                steps = self.steps(est, entry) if entry.pipeline else _NO_STEPS
+                if not inference_open():
+                    call = entry.tracked.get(original) or entry.track(original)
+        except Exception:
+            report_internal_error("inferscope: scikit-learn instrumentation failed; the call is not recorded")
+            call, steps = original, None
+        if steps is None:
+            return original(est, *args, **kwargs)
+        token = _SCOPE.set(steps)
+        try:
+            return call(est, *args, **kwargs)
+        finally:
+            _SCOPE.reset(token)
+
+    def nested(
+        self, scope: Steps, original: Any, est: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A tracked method called inside an instrumented call: a stage if ``est`` is one of the
+        enclosing Pipeline's steps; otherwise it passes through (a nested Pipeline still maps its own
+        steps, so a Pipeline inside a meta-estimator shows its stages)."""
+        stage = None
+        inner: Steps | None = None
+        try:
+            stage = scope.get(id(est))
+            if isinstance(est, self.pipeline):
+                inner = self.steps(est, self.entry(est))
+            elif stage is not None:
+                inner = _NO_STEPS
+        except Exception:
+            report_internal_error("inferscope: scikit-learn instrumentation failed; the call is not recorded")
+            stage, inner = None, None
+        if inner is None:
+            return original(est, *args, **kwargs)
+        token = _SCOPE.set(inner)
+        try:
+            if stage is None:
+                return original(est, *args, **kwargs)
+            with stage:
+                return original(est, *args, **kwargs)
+        finally:
+            _SCOPE.reset(token)
+
+    # --- patching -------------------------------------------------------------------------------
+
+    def patch_estimator_classes(self) -> None:
+        """Wrap every estimator class that exists now (and the classes in their MROs)."""
+        stack: list[type] = [self.base_estimator]
+        found: set[type] = set()
+        while stack:
+            cls = stack.pop()
+            if cls in found:
+                continue
+            found.add(cls)
+            stack.extend(type.__subclasses__(cls))
+        for cls in found:
+            self.class_created(cls)
+
+    def patch_class(self, cls: type) -> None:
+        for klass in cls.__mro__:
+            if klass is object or klass in self.seen:
+                continue
+            self.seen.add(klass)
+            self._patch_own_methods(klass)
+
+    def _patch_own_methods(self, klass: type) -> None:
+        own = klass.__dict__
+        for name in TRACKED_METHODS:
+            if name in own:
+                self._wrap(klass, name, _tracked_method)
+        for name in UNTRACKED_METHODS:
+            if name in own:
+                self._wrap(klass, name, _untracked_method)
+        hook = own.get("__init_subclass__")
+        module = getattr(klass, "__module__", None) or ""
+        # Only hooks that estimator classes go through: typing.Generic's, say, is left alone.
+        if isinstance(hook, classmethod) and (
+            issubclass(klass, self.base_estimator) or module.startswith("sklearn.")
+        ):
+            self.patches.replace(klass, "__init_subclass__", _class_hook(self, hook))
+
+    def _wrap(self, klass: type, name: str, make: Any) -> None:
+        attr = klass.__dict__[name]
+        if isinstance(attr, types.FunctionType):
+            self.patches.replace(klass, name, make(self, attr))
+            return
+        fn = getattr(attr, "fn", None)
+        if isinstance(fn, types.FunctionType) and hasattr(type(attr), "__get__"):
+            # An ``available_if`` descriptor: keep the descriptor (and its availability check),
+            # wrap the function it binds.
+            replacement = copy.copy(attr)
+            replacement.fn = make(self, fn)
+            self.patches.replace(klass, name, replacement)
+        # Anything else (a property, a staticmethod, a C slot) is not an estimator method: left alone.
+
+    def class_created(self, cls: type) -> None:
+        """Wrap a (new) estimator class; a class that cannot be patched is left as it is."""
+        if self.active and issubclass(cls, self.base_estimator):
+            try:
+                self.patch_class(cls)
+            except Exception:
+                report_internal_error(f"inferscope: could not instrument the class {cls.__qualname__}")
+
+
+def _is_sklearn_frame(frame: types.FrameType) -> bool:
+    """Whether ``frame`` runs scikit-learn's own code (a call it makes, not the application)."""
+    module = frame.f_globals.get("__name__") or ""
+    return module == "sklearn" or module.startswith("sklearn.")
+
+
+def _tracked_method(state: _State, original: Any) -> Any:
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not state.active:
+            return original(self, *args, **kwargs)
+        scope = _SCOPE.get()
+        if scope is None:
+            return state.outermost(original, self, args, kwargs)
+        if scope is _UNTRACKED:
+            return original(self, *args, **kwargs)
+        return state.nested(scope, original, self, args, kwargs)
+
+    wrapper.__inferscope_original__ = original  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _untracked_method(state: _State, original: Any) -> Any:
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not state.active or _SCOPE.get() is _UNTRACKED:
+            return original(self, *args, **kwargs)
+        token = _SCOPE.set(_UNTRACKED)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _SCOPE.reset(token)
+
+    wrapper.__inferscope_original__ = original  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _class_hook(state: _State, original: classmethod[Any, Any, Any]) -> classmethod[Any, Any, Any]:
+    """An ``__init_subclass__`` that runs the original, then (once the outermost hook of the chain
+    has returned, so after every other class hook) wraps the new class's methods."""
+    func = original.__func__
+
+    def __init_subclass__(cls: type, /, **kwargs: Any) -> None:
+        depth = getattr(_hook_depth, "depth", 0)
+        _hook_depth.depth = depth + 1
+        try:
+            func(cls, **kwargs)
+        finally:
+            _hook_depth.depth = depth
+        if depth == 0:
+            state.class_created(cls)
+
+    __init_subclass__.__inferscope_original__ = original  # type: ignore[attr-defined]
+    return classmethod(__init_subclass__)
+
+
+class SklearnInstrumentor(InferscopeInstrumentor):
+    """Instruments scikit-learn estimators and Pipelines.
+
+    Options of ``instrument()``, all optional:
+
+    - ``models``: estimators (by identity) or class names that count as models; default all.
+    - ``model_names``: ``{estimator or class name: name or (name, version)}`` or a callable
+      ``f(estimator) -> name | (name, version) | None``. Default name: the estimator's class name.
+    - ``attributes``: static attributes on every series of these models.
+    - ``stages``: ``False`` to record Pipelines as one inference without per-step stages.
+    """
+
+    _instruments = _instruments
+    _instruments_any = _instruments_any
+    _extra_options = {"stages": True}
+
+    def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
+        from sklearn.base import BaseEstimator
+        from sklearn.pipeline import Pipeline
+
+        stages = extra["stages"]
+        if not isinstance(stages, bool):
+            raise TypeError(f"stages must be True or False, got {stages!r}")
+        state = _State(options, stages, patches, BaseEstimator, Pipeline)
+        state.patch_estimator_classes()
+        return state

@@ -1,0 +1,167 @@
+"""``opentelemetry-instrument`` integration: inferscope joins the SDK pipeline that the stock
+opentelemetry-distro (or any other distro and configurator) set up, instead of replacing it.
+
+``opentelemetry-instrument`` runs, in order: the distro (the stock one sets
+``OTEL_{TRACES,METRICS,LOGS}_EXPORTER=otlp`` defaults), one configurator (the stock one builds the
+SDK's TracerProvider, MeterProvider and LoggerProvider from ``OTEL_*`` and sets them globally), the
+``opentelemetry_pre_instrument`` hooks, the instrumentors, then the ``opentelemetry_post_instrument``
+hooks. Only one distro and one configurator are loaded, so inferscope registers neither: it
+registers the two hooks below, and composes with whatever was configured.
+
+Importing inferscope configures it from ``OTEL_*`` and ``INFERSCOPE_*`` at once (``autoconfigure``).
+The pre-instrument hook then looks at the global MeterProvider:
+
+- An SDK ``MeterProvider`` with a push reader (OTLP, console): inferscope is reconfigured with
+  ``meter_provider=provider`` and without its own push exporters, so its pre-aggregated points ride
+  on the SDK's readers and exporters, under the SDK's Resource, exactly once. ``prometheus``, if
+  asked for, is kept: it is a pull endpoint of inferscope's own that no SDK reader replaces.
+- Otherwise (``OTEL_METRICS_EXPORTER=none``, no configurator, a pull-only reader): inferscope keeps
+  the exporters it configured from the environment.
+- An invalid ``INFERSCOPE_*``/``OTEL_*`` value was already logged at ERROR, with the ConfigError's
+  message, by the import; inferscope stays off and the service runs uninstrumented.
+
+The pipeline that the import built is retired without a final export (it has recorded nothing
+yet, and the aggregates carry over), so nothing goes out twice or under a second Resource. The
+post-instrument hook repeats the check, for a distro that sets its MeterProvider late. Neither hook
+ever raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
+
+from . import _pipeline
+from .config import ConfigError, Settings, load_settings
+
+__all__ = ["attach_to_sdk", "post_instrument", "pre_instrument", "sdk_overrides"]
+
+_logger = logging.getLogger("inferscope")
+
+#: inferscope's own exporters that a push reader of the SDK replaces.
+_PUSH_EXPORTERS = frozenset({"otlp", "console"})
+#: Nothing has been recorded when the hooks run; stopping is quick.
+_SHUTDOWN_TIMEOUT_MILLIS = 1000
+
+
+def pre_instrument() -> None:
+    """The ``opentelemetry_pre_instrument`` entry point: join the SDK's MeterProvider, if any."""
+    attach_to_sdk()
+
+
+def post_instrument() -> None:
+    """The ``opentelemetry_post_instrument`` entry point: join a MeterProvider set up late."""
+    attach_to_sdk()
+
+
+def attach_to_sdk() -> str:
+    """Make inferscope export through the global SDK MeterProvider when it has a push reader.
+
+    Returns what happened, for logs and tests: ``"attached"``, ``"already attached"``, ``"own
+    exporters"`` (no usable SDK MeterProvider: inferscope keeps its own, from the environment),
+    ``"disabled"`` (inferscope is off, e.g. after a ConfigError) or ``"failed"``. Never raises.
+    """
+    try:
+        return _attach()
+    except ConfigError as exc:
+        # Validated before anything changed; as at import, an invalid setting turns inferscope off.
+        _logger.error("inferscope is disabled: %s", exc)
+        _pipeline.shutdown(_SHUTDOWN_TIMEOUT_MILLIS)
+        return "disabled"
+    except Exception:
+        _logger.error(
+            "inferscope: joining the OpenTelemetry SDK's MeterProvider failed; "
+            "using inferscope's own exporters from the environment",
+            exc_info=True,
+        )
+        try:
+            _pipeline.configure()
+        except Exception:
+            _logger.error("inferscope: configuring from the environment failed", exc_info=True)
+        return "failed"
+
+
+def _attach() -> str:
+    settings = _pipeline.current_settings()
+    if settings is None or not settings.enabled:
+        # None: the environment held an invalid value; autoconfigure logged it at ERROR already.
+        return "disabled"
+    provider = _sdk_meter_provider()
+    if provider is None:
+        return "own exporters"
+    if settings.meter_provider is provider:
+        return "already attached"
+    overrides = sdk_overrides(settings, provider)
+    load_settings(overrides)  # raises ConfigError before anything changes
+    _silence_own_push_exporters()
+    _pipeline.configure(**overrides)
+    _logger.debug("inferscope: exporting through the OpenTelemetry SDK's MeterProvider")
+    return "attached"
+
+
+def sdk_overrides(settings: Settings, provider: Any = None) -> dict[str, Any]:
+    """The ``configure()`` arguments that put inferscope on the SDK's MeterProvider (the global
+    one unless given), starting from ``settings``; empty when there is no usable provider."""
+    if provider is None:
+        provider = _sdk_meter_provider()
+        if provider is None:
+            return {}
+    exporters = tuple(name for name in settings.metrics_exporters if name not in _PUSH_EXPORTERS)
+    return {"meter_provider": provider, "metrics_exporters": exporters}
+
+
+def _sdk_meter_provider() -> Any:
+    """The global MeterProvider if it is an SDK one with at least one push (periodic) reader."""
+    from opentelemetry.metrics import get_meter_provider
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from .export.metrics import _readers
+
+    provider = get_meter_provider()
+    if not isinstance(provider, MeterProvider):
+        return None
+    if not any(isinstance(reader, PeriodicExportingMetricReader) for reader in _readers(provider)):
+        return None
+    return provider
+
+
+def _silence_own_push_exporters() -> None:
+    """Keep the pipeline built at import from sending anything when it is replaced.
+
+    Replacing a pipeline shuts its readers down, and their final collection exports. Here the
+    application has not run yet and the aggregates carry over to the new pipeline, so that export
+    could only send a second copy of inferscope's metrics under inferscope's own Resource. So each
+    of our exporters stops adding points (``active``) and its delegate is swapped for a stand-in
+    that sends nothing and shuts the real exporter down.
+    """
+    exports = _pipeline._exports
+    if exports is None:
+        return
+    for wrapper in exports.own_wrappers:
+        wrapper.active = False
+        wrapper.delegate = _Retired(wrapper.delegate)
+
+
+class _Retired(MetricExporter):
+    """An exporter being retired: exports nothing; shutting down shuts the real one down."""
+
+    def __init__(self, exporter: MetricExporter) -> None:
+        super().__init__(
+            preferred_temporality=getattr(exporter, "_preferred_temporality", None),
+            preferred_aggregation=getattr(exporter, "_preferred_aggregation", None),
+        )
+        self._exporter = exporter
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._exporter.shutdown(timeout_millis=timeout_millis, **kwargs)

@@ -1,0 +1,361 @@
+"""Zero-code use: ``opentelemetry-instrument python app.py`` with the stock opentelemetry-distro.
+
+The subprocess tests run the real command on tests/instrumentation/apps/serve_models.py, which does
+not import inferscope, and read what arrived at a real OTLP collector (rotel). The in-process tests
+drive the hook (``inferscope.otel_distro.attach_to_sdk``) against real SDK MeterProviders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import distribution, entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from packaging.requirements import Requirement
+
+import inferscope
+from inferscope import _pipeline, otel_distro
+from tests.instrumentation import missing, require
+from tests.integration.conftest import rotel  # noqa: F401  (the fixture, shared with tests/integration)
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Rotel, RotelPoint
+
+APPS = Path(__file__).parent / "apps"
+CALLS = 6
+RUN_TIMEOUT_S = 120
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def opentelemetry_instrument() -> str:
+    """The opentelemetry-instrument command of this interpreter's environment."""
+    require("opentelemetry.distro")  # the stock distro these tests compose with
+    candidate = Path(sys.executable).parent / "opentelemetry-instrument"
+    found = str(candidate) if candidate.is_file() else shutil.which("opentelemetry-instrument")
+    if found is None:
+        missing("opentelemetry-instrument", "pip install opentelemetry-instrumentation")
+    return found
+
+
+def run_app(
+    tmp_path: Path, env: dict[str, str], *app_args: str, pythonpath: Path | None = None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run serve_models.py under opentelemetry-instrument; returns the process and its JSON report.
+
+    The environment is this one without any OTEL_* or INFERSCOPE_* variable (the backend choice,
+    INFERSCOPE_NO_EXTENSION, is kept), plus ``env``.
+    """
+    clean = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("OTEL_", "INFERSCOPE_")) or name == "INFERSCOPE_NO_EXTENSION"
+    }
+    clean.update({"OTEL_TRACES_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"})
+    clean.update(env)
+    if pythonpath is not None:
+        clean["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), clean.get("PYTHONPATH")) if p)
+    argv = [opentelemetry_instrument(), sys.executable, str(APPS / "serve_models.py"), *app_args]
+    result = subprocess.run(
+        argv, cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"the app printed no report:\n{result.stdout}\n{result.stderr}"
+    return result, json.loads(lines[-1])
+
+
+def is_inferscope(point: RotelPoint) -> bool:
+    return point.scope.split(" ")[0] == "inferscope"
+
+
+def counts(points: list[RotelPoint], metric: str, *attributes: str) -> dict[tuple[str, ...], int]:
+    found: dict[tuple[str, ...], int] = {}
+    for point in points:
+        if point.metric == metric:
+            found[tuple(point.attributes.get(name, "") for name in attributes)] = point.count
+    return found
+
+
+# --- through the distro's pipeline ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_metrics_ride_on_the_distro_pipeline_exactly_once(rotel: Rotel, tmp_path: Path) -> None:  # noqa: F811
+    require("sklearn")
+    require("onnxruntime")
+    require("onnx")
+    env = {
+        "OTEL_SERVICE_NAME": "zero-code-app",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{rotel.grpc_endpoint}",
+        # One export, at exit: every series shows exactly once unless something exports twice.
+        "OTEL_METRIC_EXPORT_INTERVAL": "600000",
+    }
+    result, report = run_app(tmp_path, env, "--calls", str(CALLS), "--onnx-dir", str(tmp_path), "--report")
+    assert report["instrumented"] == {"sklearn": True, "onnxruntime": True}
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
+
+    rotel.wait_for_points(lambda p: p.metric == "app.batches")
+    points = rotel.wait_for_points(lambda p: p.metric == "inferscope.stage.duration")
+    points = rotel.points()
+    app_points = [p for p in points if p.metric == "app.batches"]
+    ours = [p for p in points if is_inferscope(p)]
+    assert app_points and ours
+
+    # The same Resource as the application's own metric: the distro's SDK pipeline carried them.
+    resource = app_points[0].resource
+    assert resource["service.name"] == "zero-code-app"
+    assert "telemetry.auto.version" in resource  # set by opentelemetry-instrument's configurator
+    assert all(p.resource == resource for p in points)
+
+    # Per model and per stage, with the counts the app made.
+    assert counts(
+        ours, "inferscope.inference.duration", "inferscope.model.name", "inferscope.model.version"
+    ) == {
+        ("Pipeline", ""): CALLS,
+        ("mlp", "7"): CALLS,
+    }
+    assert counts(ours, "inferscope.stage.duration", "inferscope.model.name", "inferscope.stage.name") == {
+        ("Pipeline", "scaler"): CALLS,
+        ("Pipeline", "pca"): CALLS,
+        ("Pipeline", "clf"): CALLS,
+    }
+
+    # Nothing exported twice: one point per series, and no second (inferscope-owned) Resource.
+    series = [(p.metric, tuple(sorted(p.attributes.items()))) for p in ours]
+    assert len(series) == len(set(series)), sorted(series)
+    assert "process.pid" not in resource  # inferscope's own Resource would carry it
+
+
+@pytest.mark.integration
+def test_without_an_sdk_exporter_inferscope_uses_its_own(rotel: Rotel, tmp_path: Path) -> None:  # noqa: F811
+    require("sklearn")
+    env = {
+        "OTEL_METRICS_EXPORTER": "none",  # the SDK gets a MeterProvider with no reader
+        "INFERSCOPE_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{rotel.grpc_endpoint}",
+        "OTEL_SERVICE_NAME": "own-exporters",
+    }
+    run_app(tmp_path, env, "--calls", str(CALLS))
+    rotel.wait_for_points(lambda p: p.metric == "inferscope.inference.duration")
+    points = rotel.points()
+    assert not [p for p in points if p.metric == "app.batches"]  # the SDK exported nothing
+    ours = [p for p in points if is_inferscope(p)]
+    assert counts(ours, "inferscope.inference.duration", "inferscope.model.name") == {("Pipeline",): CALLS}
+    assert all(p.resource.get("process.pid") for p in ours)  # inferscope's own Resource
+    assert {p.resource["service.name"] for p in ours} == {"own-exporters"}
+
+
+def test_an_instrumentor_whose_library_is_missing_is_skipped_silently(tmp_path: Path) -> None:
+    require("sklearn")
+    # onnxruntime's metadata stays installed (so the distribution-wide check passes) but importing it
+    # fails, as when a library's binary does not match the environment.
+    blocked = tmp_path / "blocked"
+    (blocked / "onnxruntime").mkdir(parents=True)
+    (blocked / "onnxruntime" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n"
+    )
+    result, report = run_app(
+        tmp_path, {"OTEL_METRICS_EXPORTER": "none"}, "--calls", "2", "--report", pythonpath=blocked
+    )
+    assert report["instrumented"] == {"sklearn": True, "onnxruntime": False}
+    assert result.stderr.strip() == ""
+
+
+def test_misconfiguration_is_logged_and_the_app_runs_uninstrumented(tmp_path: Path) -> None:
+    require("sklearn")
+    _, expected = run_app(tmp_path, {"OTEL_METRICS_EXPORTER": "none"}, "--calls", "2")
+    result, report = run_app(
+        tmp_path, {"OTEL_METRICS_EXPORTER": "none", "INFERSCOPE_RING_CAPACITY": "3"}, "--calls", "2"
+    )
+    assert report["predictions"] == expected["predictions"]
+    message = "ring_capacity (from INFERSCOPE_RING_CAPACITY): got '3'; accepted: a power of two"
+    assert result.stderr.count(message) == 1, result.stderr
+    assert "inferscope is disabled" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_zero_code_example_records_both_models(tmp_path: Path) -> None:
+    for module in ("sklearn", "onnx", "onnxruntime"):
+        require(module)
+    example = Path(__file__).parents[2] / "examples" / "sklearn_onnx_zero_code.py"
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("OTEL_", "INFERSCOPE_")) or name == "INFERSCOPE_NO_EXTENSION"
+    }
+    env.update(
+        {"OTEL_METRICS_EXPORTER": "none", "OTEL_TRACES_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"}
+    )
+    result = subprocess.run(
+        [opentelemetry_instrument(), sys.executable, str(example), "--batches", "20"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr
+    table = {tuple(line.split()[:3]): line.split() for line in result.stderr.splitlines() if line.strip()}
+    assert table[("Pipeline", "-", "20")]
+    assert table[("Pipeline", "clf", "20")]
+    assert table[("churn_mlp", "v3", "-")][3] == "20"
+
+
+# --- packaging -----------------------------------------------------------------------------------
+
+
+def _specifiers(requirements: list[str]) -> set[tuple[str, str]]:
+    parsed = [Requirement(text) for text in requirements]
+    return {(req.name, str(req.specifier)) for req in parsed}
+
+
+def test_instruments_any_extra_matches_the_package_files() -> None:
+    from inferscope.instrumentation.onnxruntime import package as onnxruntime_package
+    from inferscope.instrumentation.sklearn import package as sklearn_package
+
+    extra = [
+        text
+        for text in distribution("inferscope").requires or []
+        if Requirement(text).marker is not None
+        and Requirement(text).marker.evaluate({"extra": "instruments-any"})  # type: ignore[union-attr]
+    ]
+    declared = [
+        *sklearn_package._instruments,
+        *sklearn_package._instruments_any,
+        *onnxruntime_package._instruments,
+        *onnxruntime_package._instruments_any,
+    ]
+    assert _specifiers(extra) == _specifiers(declared)
+
+
+def test_entry_points_load_the_instrumentors_and_hooks() -> None:
+    from inferscope.instrumentation.onnxruntime import OnnxruntimeInstrumentor
+    from inferscope.instrumentation.sklearn import SklearnInstrumentor
+
+    found = {ep.name: ep.load() for ep in entry_points(group="opentelemetry_instrumentor")}
+    assert found["inferscope_sklearn"] is SklearnInstrumentor
+    assert found["inferscope_onnxruntime"] is OnnxruntimeInstrumentor
+    for group, hook in (
+        ("opentelemetry_pre_instrument", otel_distro.pre_instrument),
+        ("opentelemetry_post_instrument", otel_distro.post_instrument),
+    ):
+        assert {ep.name: ep.load() for ep in entry_points(group=group)}["inferscope"] is hook
+    # No distro and no configurator of ours: the stock ones stay in charge.
+    assert not [ep for ep in entry_points(group="opentelemetry_distro") if ep.value.startswith("inferscope")]
+    assert not [
+        ep for ep in entry_points(group="opentelemetry_configurator") if ep.value.startswith("inferscope")
+    ]
+
+
+# --- the hook, in process --------------------------------------------------------------------------
+
+
+class _Capture(MetricExporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[MetricsData] = []
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        self.batches.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def sdk_provider(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A real SDK MeterProvider with a push reader, made the global one for the hook; afterwards
+    inferscope is configured from the environment again."""
+    capture = _Capture()
+    reader = PeriodicExportingMetricReader(capture, export_interval_millis=3_600_000)
+    provider = MeterProvider(resource=Resource({"service.name": "sdk-app"}), metric_readers=[reader])
+    monkeypatch.setattr("opentelemetry.metrics.get_meter_provider", lambda: provider)
+    provider.capture = capture  # type: ignore[attr-defined]
+    yield provider
+    monkeypatch.undo()
+    inferscope.configure()
+    provider.shutdown()
+
+
+def test_the_hook_attaches_to_the_sdk_provider_once(sdk_provider: Any) -> None:
+    assert otel_distro.attach_to_sdk() == "attached"
+    settings = inferscope.current_settings()
+    assert settings is not None
+    assert settings.meter_provider is sdk_provider
+    assert settings.metrics_exporters == ()
+    assert otel_distro.attach_to_sdk() == "already attached"
+
+    inferscope.track_inference(model="hooked")(lambda: None)()
+    sdk_provider.force_flush()
+    scopes = [
+        (rm.resource.attributes.get("service.name"), sm.scope.name, [m.name for m in sm.metrics])
+        for batch in sdk_provider.capture.batches
+        for rm in batch.resource_metrics
+        for sm in rm.scope_metrics
+    ]
+    assert any(
+        service == "sdk-app" and scope == "inferscope" and "inferscope.inference.duration" in names
+        for service, scope, names in scopes
+    ), scopes
+
+
+def test_the_hook_keeps_prometheus_but_not_push_exporters(sdk_provider: Any, monkeypatch) -> None:
+    monkeypatch.setenv("INFERSCOPE_PROMETHEUS_PORT", "0")
+    inferscope.configure(metrics_exporters=["otlp", "console", "prometheus"])
+    assert otel_distro.attach_to_sdk() == "attached"
+    settings = inferscope.current_settings()
+    assert settings is not None and settings.metrics_exporters == ("prometheus",)
+    assert inferscope.prometheus_port()
+
+
+def test_without_an_sdk_provider_the_hook_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.metrics import NoOpMeterProvider
+
+    before = inferscope.current_settings()
+    monkeypatch.setattr("opentelemetry.metrics.get_meter_provider", lambda: NoOpMeterProvider())
+    assert otel_distro.attach_to_sdk() == "own exporters"
+    bare = MeterProvider()  # an SDK provider without any reader (OTEL_METRICS_EXPORTER=none)
+    monkeypatch.setattr("opentelemetry.metrics.get_meter_provider", lambda: bare)
+    assert otel_distro.attach_to_sdk() == "own exporters"
+    assert inferscope.current_settings() is before
+    bare.shutdown()
+
+
+def test_a_config_error_in_the_hook_is_logged_and_never_raised(
+    sdk_provider: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("INFERSCOPE_RING_CAPACITY", "3")
+    with caplog.at_level(logging.ERROR, logger="inferscope"):
+        assert otel_distro.attach_to_sdk() == "disabled"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "ring_capacity (from INFERSCOPE_RING_CAPACITY): got '3'" in errors[0].getMessage()
+    assert inferscope.track_inference(model="off")(lambda: 42)() == 42  # runs, unrecorded
+
+
+def test_after_a_config_error_at_import_the_hook_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_pipeline, "current_settings", lambda: None)
+    assert otel_distro.attach_to_sdk() == "disabled"
