@@ -1,6 +1,6 @@
 """Per-stage cost of each counter set, and of each counter alone, against peers in the same run.
 
-    python3 benchmarks/counters.py            # ~45 s: C backend here, pure-Python backend in a child
+    python3 benchmarks/counters.py            # ~47 s: C backend here, pure-Python backend in a child
     python3 benchmarks/counters.py --quick    # ~10 s, fewer and shorter loops
     python3 benchmarks/counters.py --json counters.json
 

@@ -273,10 +273,34 @@ class Stage:
         rt = self._runtime
         if rt.enabled:
             try:
-                top = rt._var.get()
-                if top is not None and top[_GEN] != rt._generation:
+                var = rt._var
+                top = var.get()
+                generation = rt._generation
+                if top is not None and top[_GEN] != generation:
                     top = None
-                rt._open(self, self._key(NO_MODEL_KEY if top is None else top[_KEY]), top)
+                parent = NO_MODEL_KEY if top is None else top[_KEY]
+                key = self._cache.get(parent) if self._epoch == rt._epoch else None
+                if key is None:
+                    key = self._key(parent)
+                mask = rt.counters
+                # Runtime._open(), inlined for the common case: no counters beyond the clocks.
+                if mask & _EXTRA_COUNTERS or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH):
+                    rt._open(self, key, top)
+                else:
+                    cpu = thread_cpu_ns() if mask & COUNTER_THREAD_CPU else -1
+                    entry = [
+                        self,
+                        key,
+                        top,
+                        1 if top is None else top[_DEPTH] + 1,
+                        generation,
+                        0,
+                        cpu,
+                        0,
+                        None,
+                    ]
+                    var.set(entry)
+                    entry[_START] = monotonic_ns()
             except Exception:
                 rt._internal_errors.add()
         return self
@@ -286,7 +310,23 @@ class Stage:
         if rt.enabled:
             end_ns = monotonic_ns()
             cpu_end = thread_cpu_ns() if rt.counters & COUNTER_THREAD_CPU else -1
-            rt._close(self, exc_type, 0, end_ns, cpu_end)
+            var = rt._var
+            top = var.get()
+            if (
+                exc_type is None
+                and top is not None
+                and top[_OWNER] is self
+                and top[_EXTRA] is None
+                and not top[_OVERFLOW]
+                and top[_GEN] == rt._generation
+            ):
+                # Runtime._close(), inlined for the common case.
+                var.set(top[_PARENT])
+                start = top[_START]
+                cpu = cpu_end - top[_CPU] if top[_CPU] >= 0 and cpu_end >= 0 else -1
+                rt._ring._push((top[_KEY], NO_ERROR, 0, start, end_ns - start, cpu))
+            else:
+                rt._close(self, exc_type, 0, end_ns, cpu_end)
         return False
 
     def __call__(self, func: Callable[..., Any], /) -> Callable[..., Any]:

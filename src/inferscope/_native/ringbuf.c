@@ -373,26 +373,29 @@ static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner
     e->start_ns = monotonic_ns();
 }
 
-/* Removes the most recent entry pushed by `owner` (normally the top one; not when a generator
- * yielded inside a stage) and stores it in *out. Returns 0 when there is none to record. */
-static inline int entry_take(FrameObject *f, PyObject *owner, Entry *out)
+/* The index of the most recent entry pushed by `owner` (normally the top one; not when a
+ * generator yielded inside a stage), or -1 when there is none to record. */
+static inline int entry_find(FrameObject *f, PyObject *owner)
 {
     /* Entries that overflowed the stack were pushed last, so they are closed first. */
     if (f->overflow > 0) {
         f->overflow--;
-        return 0;
+        return -1;
     }
     for (int i = f->depth - 1; i >= 0; i--) {
         if (f->stack[i].owner == owner) {
-            *out = f->stack[i];
-            if (i != f->depth - 1) {
-                memmove(&f->stack[i], &f->stack[i + 1], (size_t)(f->depth - 1 - i) * sizeof(Entry));
-            }
-            f->depth--;
-            return 1;
+            return i;
         }
     }
-    return 0;
+    return -1;
+}
+
+static inline void entry_remove(FrameObject *f, int i)
+{
+    if (i != f->depth - 1) {
+        memmove(&f->stack[i], &f->stack[i + 1], (size_t)(f->depth - 1 - i) * sizeof(Entry));
+    }
+    f->depth--;
 }
 
 typedef struct {
@@ -403,22 +406,20 @@ typedef struct {
 } EndClocks;
 
 /* Read first on every exit, before any bookkeeping, so that it stays outside the window. */
-static inline EndClocks read_end_clocks(RuntimeObject *rt)
+static inline void read_end_clocks(RuntimeObject *rt, EndClocks *c)
 {
-    EndClocks c;
-    c.end_ns = monotonic_ns();
-    c.mask = rt->counters;
-    c.cpu_end = -1;
-    if (c.mask & COUNTER_THREAD_CPU) {
-        c.cpu_end = thread_cpu_ns();
+    c->end_ns = monotonic_ns();
+    c->mask = rt->counters;
+    c->cpu_end = -1;
+    if (c->mask & COUNTER_THREAD_CPU) {
+        c->cpu_end = thread_cpu_ns();
     }
-    if (c.mask & ~COUNTER_THREAD_CPU) {
-        counters_read(c.mask, &c.cpu_end, c.counters);
-        if (c.mask & COUNTER_PY_HEAP) {
-            c.counters[SLOT_PY_HEAP_DELTA] = py_heap_bytes(rt);
+    if (c->mask & ~COUNTER_THREAD_CPU) {
+        counters_read(c->mask, &c->cpu_end, c->counters);
+        if (c->mask & COUNTER_PY_HEAP) {
+            c->counters[SLOT_PY_HEAP_DELTA] = py_heap_bytes(rt);
         }
     }
-    return c;
 }
 
 /* Fills a record's counter slots with end - start for the counters on at both ends. */
@@ -447,24 +448,28 @@ static inline void counters_delta(const Entry *e, const EndClocks *c, inferscope
     }
 }
 
-static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *owner, EndClocks c, uint16_t error,
-                                uint16_t flags)
+static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *owner, const EndClocks *c,
+                                uint16_t error, uint16_t flags)
 {
-    Entry e;
-    if (!entry_take(f, owner, &e) || f->generation != rt->generation) {
+    int i = entry_find(f, owner);
+    if (i < 0) {
         return;
     }
-    inferscope_record rec = {0};
-    rec.key = e.key;
-    rec.error = error;
-    rec.flags = flags;
-    rec.start_ns = e.start_ns;
-    rec.wall_ns = c.end_ns - e.start_ns;
-    rec.cpu_ns = (e.cpu_ns >= 0 && c.cpu_end >= 0) ? c.cpu_end - e.cpu_ns : -1;
-    if (e.mask & ~COUNTER_THREAD_CPU) {
-        counters_delta(&e, &c, &rec);
+    const Entry *e = &f->stack[i];
+    if (f->generation == rt->generation) {
+        inferscope_record rec = {0};
+        rec.key = e->key;
+        rec.error = error;
+        rec.flags = flags;
+        rec.start_ns = e->start_ns;
+        rec.wall_ns = c->end_ns - e->start_ns;
+        rec.cpu_ns = (e->cpu_ns >= 0 && c->cpu_end >= 0) ? c->cpu_end - e->cpu_ns : -1;
+        if (e->mask & ~COUNTER_THREAD_CPU) {
+            counters_delta(e, c, &rec);
+        }
+        inferscope_ring_push(rt->ring->core, &rec);
     }
-    inferscope_ring_push(rt->ring->core, &rec);
+    entry_remove(f, i);
 }
 
 /* error id for an exception type; must be called with no exception set. Never fails: an
@@ -533,8 +538,9 @@ static PyObject *Tracked_vectorcall(PyObject *callable, PyObject *const *args, s
     }
     entry_push(rt, f, callable, self->key);
     PyObject *result = PyObject_Vectorcall(self->func, args, nargsf, kwnames);
-    EndClocks c = read_end_clocks(rt);
-    entry_record(rt, f, callable, c, result == NULL ? pending_error_id(rt) : 0, 0);
+    EndClocks c;
+    read_end_clocks(rt, &c);
+    entry_record(rt, f, callable, &c, result == NULL ? pending_error_id(rt) : 0, 0);
     Py_DECREF(f);
     return result;
 }
@@ -744,14 +750,15 @@ static PyObject *Stage_exit(StageObject *self, PyObject *const *args, Py_ssize_t
 {
     RuntimeObject *rt = self->runtime;
     if (rt->enabled) {
-        EndClocks c = read_end_clocks(rt);
+        EndClocks c;
+        read_end_clocks(rt, &c);
         FrameObject *f = current_frame(rt);
         if (f == NULL) {
             count_internal_error(rt);
         }
         else {
             PyObject *exc_type = nargs > 0 ? args[0] : Py_None;
-            entry_record(rt, f, (PyObject *)self, c, error_id_for(rt, exc_type), 0);
+            entry_record(rt, f, (PyObject *)self, &c, error_id_for(rt, exc_type), 0);
             Py_DECREF(f);
         }
     }
@@ -1078,13 +1085,14 @@ static PyObject *Runtime_exit(RuntimeObject *self, PyObject *const *args, Py_ssi
     if (!self->enabled) {
         Py_RETURN_NONE;
     }
-    EndClocks c = read_end_clocks(self);
+    EndClocks c;
+    read_end_clocks(self, &c);
     FrameObject *f = current_frame(self);
     if (f == NULL) {
         count_internal_error(self);
         Py_RETURN_NONE;
     }
-    entry_record(self, f, args[0], c, error_id_for(self, args[1]), (uint16_t)flags);
+    entry_record(self, f, args[0], &c, error_id_for(self, args[1]), (uint16_t)flags);
     Py_DECREF(f);
     Py_RETURN_NONE;
 }
@@ -1101,7 +1109,8 @@ static PyObject *Runtime_exit_segment(RuntimeObject *self, PyObject *owner)
     if (!self->enabled) {
         Py_RETURN_NONE;
     }
-    EndClocks c = read_end_clocks(self);
+    EndClocks c;
+    read_end_clocks(self, &c);
     int64_t end_ns = c.end_ns;
     int64_t cpu_end = c.cpu_end;
     FrameObject *f = current_frame(self);

@@ -6,9 +6,11 @@ so the named sets trade detail for overhead:
 
 - ``minimal``: the monotonic clock only.
 - ``default``: plus the thread CPU clock (two clock reads per stage).
-- ``full``: plus the thread's rusage (context switches, page faults), its perf event group (the
-  task-clock gives the CPU time, so no separate clock read; hardware events where a PMU is
-  exposed, software events elsewhere), and the process RSS, sampled every 16th entry.
+- ``full``: plus the thread's rusage (context switches, page faults) and the process RSS (on one
+  entry in 16), and, where a PMU is exposed, the thread's hardware perf event group (its
+  task-clock then gives the CPU time, so no separate clock read). Without a PMU, perf's software
+  events would repeat what rusage says at twice its cost, so ``full`` reads the CPU clock instead;
+  ask for ``perf`` by name to get them.
 
 A comma-separated list picks counters by name, e.g. ``"thread_cpu,rusage"``. ``python_heap``
 (tracemalloc) is never part of a named set: it is costly, so it must be asked for by name.
@@ -114,14 +116,15 @@ def counter_mask(value: str) -> int:
 
     Raises ``KeyError`` naming the first unknown entry, and ``CounterUnavailable`` for a counter
     named explicitly that this machine cannot read; ``config`` turns both into ``ConfigError``.
-    A named set never fails: ``full`` uses the thread CPU clock where perf events are unavailable.
+    A named set never fails: ``full`` reads the thread CPU clock instead of perf events where no PMU
+    is exposed.
 
     >>> counter_mask("minimal")
     0
     """
     if value in COUNTER_SETS:
         mask = COUNTER_SETS[value]
-        if mask & COUNTER_PERF and unavailable_reason(COUNTER_PERF) is not None:
+        if mask & COUNTER_PERF and perf_status()[0] != "hardware":
             mask = (mask & ~COUNTER_PERF) | COUNTER_THREAD_CPU
         return mask
     mask = 0
