@@ -302,3 +302,23 @@ print(json.dumps({"counts": [p.count for p in exporter.points("inferscope.infere
 """
     )
     assert out["counts"] == [1, 2]
+
+
+def test_draining_restores_the_switch_interval():
+    before = sys.getswitchinterval()
+
+    @inferscope.track_inference(model="si")
+    def predict():
+        return 1
+
+    for _ in range(20_000):
+        predict()
+    inferscope.snapshot()  # drains, lowering the interval only while it aggregates
+    assert sys.getswitchinterval() == before
+    sys.setswitchinterval(0.0001)  # an application that runs with a shorter one keeps it
+    try:
+        predict()
+        inferscope.snapshot()
+        assert abs(sys.getswitchinterval() - 0.0001) < 1e-9
+    finally:
+        sys.setswitchinterval(before)
