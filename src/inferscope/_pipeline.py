@@ -17,7 +17,7 @@ import time
 import tracemalloc
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -71,31 +71,29 @@ class Drainer:
 
     def drain(self) -> int:
         """Drain everything queued now; returns the number of records aggregated."""
-        total = 0
         with self._lock:
-            ring = RUNTIME.ring
-            with _short_switch_interval():
-                while True:
-                    n = ring.drain(self._buffer)
-                    if n:
-                        AGGREGATOR.add(self._buffer[:n])
-                        total += n
-                    if n < len(self._buffer):
-                        break
-            self._publish_counts(ring)
+            total = self._drain_into_aggregator(RUNTIME.ring)
+            self._publish_counts(RUNTIME.ring)
         return total
 
     def retire_ring(self, old_ring: Any) -> None:
         """Drain a ring that the runtime no longer writes to, and keep its drop count."""
         with self._lock:
-            while True:
-                n = old_ring.drain(self._buffer)
-                if n:
-                    AGGREGATOR.add(self._buffer[:n])
-                if n < len(self._buffer):
-                    break
+            self._drain_into_aggregator(old_ring)
             self._retired_ring_drops += old_ring.dropped
             self._publish_counts(RUNTIME.ring)
+
+    def _drain_into_aggregator(self, ring: Any) -> int:
+        # Caller holds self._lock: the ring has a single consumer.
+        total = 0
+        with _short_switch_interval():
+            while True:
+                n = ring.drain(self._buffer)
+                if n:
+                    AGGREGATOR.add(self._buffer[:n])
+                    total += n
+                if n < len(self._buffer):
+                    return total
 
     def _publish_counts(self, ring: Any) -> None:
         AGGREGATOR.set_dropped(DROP_RING_FULL, self._retired_ring_drops + ring.dropped)
@@ -498,8 +496,3 @@ def _shutdown_at_exit() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_shutdown_at_exit)
-
-
-def dropped() -> Mapping[str, int]:
-    """Records dropped so far, by reason (``ring_full``, ``stack_depth``)."""
-    return collect_view().dropped
