@@ -135,6 +135,45 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run_main(
+    script_file: str,
+    doc: str,
+    measure: Callable[..., dict[str, Any]],
+    report: Callable[[dict[str, dict[str, Any]]], tuple[str, dict[str, Any]]],
+    argv: list[str] | None = None,
+    *,
+    child_measure: Callable[..., dict[str, Any]] | None = None,
+) -> int:
+    """The ``main()`` of a script that measures here and again on the pure-Python backend.
+
+    Parses the common options (the description is the first line of ``doc``). As the pure-Python
+    child, writes ``child_measure(quick=...)`` (``measure`` when not given) as JSON and returns.
+    Otherwise runs ``measure(quick=...)``, re-runs the script in a pure-Python child when the C backend
+    is in use, prints ``report(runs)``'s text and the machine load line, and writes the report's
+    data, with the machine load added, to ``--json``.
+    """
+    name = os.path.basename(script_file)
+    args = base_parser(doc.split("\n")[0]).parse_args(argv)
+    if args.child:
+        write_json(args.json, (child_measure or measure)(quick=args.quick))
+        return 0
+    import inferscope
+
+    load = MachineLoad()
+    runs = {inferscope.backend(): measure(quick=args.quick)}
+    if inferscope.backend() == "c":
+        progress(f"{name}: re-running on the pure-Python backend in a child process")
+        runs["python"] = run_child(script_file, ["--quick"] if args.quick else [])
+    else:
+        progress(f"{name}: the C extension is not in use here; pure-Python figures only")
+    text, data = report(runs)
+    data["machine_load"] = load.summary()
+    print(text)
+    print(load_line(data["machine_load"]))
+    write_json(args.json, data)
+    return 0
+
+
 # --- reporting -------------------------------------------------------------------------------------
 
 

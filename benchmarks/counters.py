@@ -352,23 +352,7 @@ def report(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _common.base_parser(__doc__.split("\n")[0]).parse_args(argv)
-    if args.child:
-        _common.write_json(args.json, measure(quick=args.quick))
-        return 0
-    load = _common.MachineLoad()
-    runs = {inferscope.backend(): measure(quick=args.quick)}
-    if inferscope.backend() == "c":
-        _common.progress("counters.py: re-running on the pure-Python backend in a child process")
-        runs["python"] = _common.run_child(__file__, ["--quick"] if args.quick else [])
-    else:
-        _common.progress("counters.py: the C extension is not in use here; pure-Python figures only")
-    text, data = report(runs)
-    data["machine_load"] = load.summary()
-    print(text)
-    print(_common.load_line(data["machine_load"]))
-    _common.write_json(args.json, data)
-    return 0
+    return _common.run_main(__file__, __doc__, measure, report, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ measured by benchmarks/throughput.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -30,8 +31,6 @@ from typing import Any
 
 import _common
 import prometheus_client
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -82,37 +81,6 @@ def tracked_with_prebound_stage() -> None:
         pass
 
 
-class Pipeline:
-    """Switches the counter set and counts, per case, the records dropped while it ran."""
-
-    def __init__(self) -> None:
-        self.counters: str | None = None
-        self.drops: dict[str, dict[str, int]] = {}
-        self._last = self._dropped()
-
-    def use(self, counters: str) -> None:
-        if counters != self.counters:
-            inferscope.configure(
-                counters=counters,
-                ring_capacity=RING_CAPACITY,
-                drain_interval_millis=60_000,
-                metrics_exporters="none",
-            )
-            self.counters = counters
-
-    @staticmethod
-    def _dropped() -> dict[str, int]:
-        # snapshot() drains the ring first, so the next loop starts with an empty ring.
-        return dict(inferscope.snapshot().dropped)
-
-    def settle(self, case_name: str) -> None:
-        now = self._dropped()
-        counts = self.drops.setdefault(case_name, {})
-        for reason, total in now.items():
-            counts[reason] = counts.get(reason, 0) + total - self._last.get(reason, 0)
-        self._last = now
-
-
 class _SpanDropCounter(logging.Handler):
     """The SDK's batch processor logs "Queue full" for every span it drops; count them."""
 
@@ -133,7 +101,7 @@ class _DropSpans(SpanExporter):
         pass
 
 
-def backend_cases(pipeline: Pipeline) -> list[_common.Case]:
+def backend_cases(pipeline: _common.LoopPipeline) -> list[_common.Case]:
     """The cases that depend on the backend: measured in this process and in the pure-Python child."""
 
     def on(counters: str) -> Callable[[], None]:
@@ -170,20 +138,8 @@ def backend_cases(pipeline: Pipeline) -> list[_common.Case]:
     return cases
 
 
-def _settler(pipeline: Pipeline, name: str) -> Callable[[], None]:
+def _settler(pipeline: _common.LoopPipeline, name: str) -> Callable[[], None]:
     return lambda: pipeline.settle(name)
-
-
-def otel_histogram_case() -> _common.Case:
-    reader = InMemoryMetricReader()  # collects only when asked: no export during the loop
-    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    histogram = provider.get_meter("bench").create_histogram("bench.duration", unit="s")
-    attributes = {"inferscope.model.name": "bench", "inferscope.stage.name": "infer"}
-    return _common.Case(
-        "OTel histogram.record, 2 attrs",
-        "histogram.record(0.0012, attributes=attributes)",
-        {"histogram": histogram, "attributes": attributes},
-    )
 
 
 def peer_cases() -> tuple[list[_common.Case], _SpanDropCounter]:
@@ -221,9 +177,9 @@ def peer_cases() -> tuple[list[_common.Case], _SpanDropCounter]:
 
 def measure(*, quick: bool, with_peers: bool) -> dict[str, Any]:
     repeats, target_seconds = (5, 0.03) if quick else (15, 0.1)
-    pipeline = Pipeline()
+    pipeline = _common.LoopPipeline(ring_capacity=RING_CAPACITY, drain_interval_millis=60_000)
     pipeline.use("minimal")
-    cases = [*backend_cases(pipeline), otel_histogram_case()]
+    cases = [*backend_cases(pipeline), _common.otel_histogram_case()]
     span_drops = None
     if with_peers:
         peers, span_drops = peer_cases()
@@ -263,35 +219,6 @@ def derive(run: dict[str, Any]) -> dict[str, float]:
 
 
 # --- the report ------------------------------------------------------------------------------------
-
-
-def _drops_text(case: dict[str, Any]) -> str:
-    dropped = case.get("dropped")
-    if dropped is None:
-        return "-"
-    total = sum(dropped.values())
-    return str(total) if total == 0 else ", ".join(f"{k}={v}" for k, v in dropped.items() if v)
-
-
-def raw_table(runs: dict[str, dict[str, Any]]) -> str:
-    rows = []
-    for label, run in runs.items():
-        bare = run["cases"]["bare call"]["median_ns"]
-        for name, case in run["cases"].items():
-            rows.append(
-                (
-                    label,
-                    name,
-                    _common.ns(case["median_ns"]),
-                    _common.ns(case["min_ns"]),
-                    _common.ns(case["max_ns"]),
-                    _common.ns(case["median_ns"] - bare),
-                    f"{case['calls_per_repeat']:,}",
-                    _drops_text(case),
-                )
-            )
-    headers = ("backend", "case", "median ns", "min ns", "max ns", "minus bare", "calls/loop", "dropped")
-    return _common.table(headers, rows, left=2)
 
 
 def derived_table(derived: dict[str, dict[str, float]]) -> str:
@@ -402,7 +329,7 @@ def report(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         "INFERSCOPE_NO_EXTENSION=1 and use that child's own bare call and OTel peer.",
         "",
         "Raw timings (ns per call; 'minus bare' = median - bare call of the same process)",
-        raw_table(runs),
+        _common.raw_timings_table(runs),
         "",
         "Overheads and ratios (each backend against the OTel histogram.record of its own process)",
         derived_table(derived),
@@ -420,36 +347,21 @@ def report(runs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
             left=3,
         ),
     ]
-    drops = {
-        f"{label}: {name}": case["dropped"]
-        for label, run in runs.items()
-        for name, case in run["cases"].items()
-        if sum(case.get("dropped", {}).values())
-    }
-    parts.append("")
-    parts.append(f"records dropped during the timed loops: {drops or 'none'}")
+    parts += ["", _common.drops_line(runs)]
     data = {"runs": runs, "derived": derived, "targets": found}
     return "\n".join(parts), data
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _common.base_parser(__doc__.split("\n")[0]).parse_args(argv)
-    if args.child:
-        _common.write_json(args.json, measure(quick=args.quick, with_peers=False))
-        return 0
-    load = _common.MachineLoad()
-    runs = {inferscope.backend(): measure(quick=args.quick, with_peers=True)}
-    if inferscope.backend() == "c":
-        _common.progress("overhead.py: re-running on the pure-Python backend in a child process")
-        runs["python"] = _common.run_child(__file__, ["--quick"] if args.quick else [])
-    else:
-        _common.progress("overhead.py: the C extension is not in use here; pure-Python figures only")
-    text, data = report(runs)
-    data["machine_load"] = load.summary()
-    print(text)
-    print(_common.load_line(data["machine_load"]))
-    _common.write_json(args.json, data)
-    return 0
+    # The pure-Python child measures the backend cases only: the peers are those of the main process.
+    return _common.run_main(
+        __file__,
+        __doc__,
+        functools.partial(measure, with_peers=True),
+        report,
+        argv,
+        child_measure=functools.partial(measure, with_peers=False),
+    )
 
 
 if __name__ == "__main__":
