@@ -322,3 +322,12 @@ def test_draining_restores_the_switch_interval():
         assert abs(sys.getswitchinterval() - 0.0001) < 1e-9
     finally:
         sys.setswitchinterval(before)
+
+
+def test_a_batch_the_aggregator_rejects_is_counted_not_lost():
+    from inferscope._runtime import RUNTIME
+
+    before = inferscope.snapshot().dropped.get("aggregation_failed", 0)
+    RUNTIME.record(2_000_000, None, 0, 0, 1000, -1)  # a key nobody interned: internal misuse
+    snap = inferscope.snapshot()
+    assert snap.dropped["aggregation_failed"] == before + 1

@@ -29,7 +29,13 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 
 from ._backend import BACKEND
-from ._records import COUNTER_PY_HEAP, DROP_RING_FULL, DROP_STACK_DEPTH, empty_records
+from ._records import (
+    COUNTER_PY_HEAP,
+    DROP_AGGREGATION_FAILED,
+    DROP_RING_FULL,
+    DROP_STACK_DEPTH,
+    empty_records,
+)
 from ._runtime import REGISTRY, RUNTIME
 from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
 from .config import ConfigError, Settings, load_settings
@@ -66,6 +72,7 @@ class Drainer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._retired_ring_drops = 0
+        self._unaggregated = 0
         self.interval_millis = 100
         self.errors = 0
 
@@ -90,14 +97,22 @@ class Drainer:
             while True:
                 n = ring.drain(self._buffer)
                 if n:
-                    AGGREGATOR.add(self._buffer[:n])
-                    total += n
+                    try:
+                        AGGREGATOR.add(self._buffer[:n])
+                        total += n
+                    except Exception:
+                        # The batch is out of the ring already: count it, never lose it silently.
+                        self._unaggregated += n
+                        self.errors += 1
+                        _log_once_a_minute("inferscope: aggregating a batch of records failed")
                 if n < len(self._buffer):
                     return total
 
     def _publish_counts(self, ring: Any) -> None:
         AGGREGATOR.set_dropped(DROP_RING_FULL, self._retired_ring_drops + ring.dropped)
         AGGREGATOR.set_dropped(DROP_STACK_DEPTH, RUNTIME.depth_dropped)
+        if self._unaggregated:
+            AGGREGATOR.set_dropped(DROP_AGGREGATION_FAILED, self._unaggregated)
         AGGREGATOR.set_internal_errors(RUNTIME.internal_errors + self.errors)
 
     def start(self, interval_millis: int) -> None:
@@ -114,10 +129,6 @@ class Drainer:
         self._stop.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_millis / 1e3)
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def _run(self, stop: threading.Event) -> None:
         next_due = time.monotonic() + self.interval_millis / 1e3
@@ -137,6 +148,7 @@ class Drainer:
         # Only the forking thread survives fork(): the lock may be held by a thread that is gone.
         self._lock = threading.Lock()
         self._retired_ring_drops = 0
+        self._unaggregated = 0
         self.errors = 0
         self._thread = None
         self._stop = threading.Event()

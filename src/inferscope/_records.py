@@ -65,6 +65,8 @@ RSS_SAMPLE_EVERY = 16
 #: ``inferscope.sdk.records.dropped``.
 DROP_RING_FULL = "ring_full"
 DROP_STACK_DEPTH = "stack_depth"
+#: A batch the aggregator rejected (an internal error, also counted in inferscope.sdk.errors).
+DROP_AGGREGATION_FAILED = "aggregation_failed"
 
 #: Stages deeper than this (per inference, per context) are not recorded and are counted as
 #: ``stack_depth`` drops.
