@@ -227,8 +227,10 @@ def _specifiers(requirements: list[str]) -> set[tuple[str, str]]:
 
 
 def test_instruments_any_extra_matches_the_package_files() -> None:
+    from inferscope.instrumentation.lightgbm import package as lightgbm_package
     from inferscope.instrumentation.onnxruntime import package as onnxruntime_package
     from inferscope.instrumentation.sklearn import package as sklearn_package
+    from inferscope.instrumentation.xgboost import package as xgboost_package
 
     extra = [
         text
@@ -241,17 +243,25 @@ def test_instruments_any_extra_matches_the_package_files() -> None:
         *sklearn_package._instruments_any,
         *onnxruntime_package._instruments,
         *onnxruntime_package._instruments_any,
+        *xgboost_package._instruments,
+        *xgboost_package._instruments_any,
+        *lightgbm_package._instruments,
+        *lightgbm_package._instruments_any,
     ]
     assert _specifiers(extra) == _specifiers(declared)
 
 
 def test_entry_points_load_the_instrumentors_and_hooks() -> None:
+    from inferscope.instrumentation.lightgbm import LightGBMInstrumentor
     from inferscope.instrumentation.onnxruntime import OnnxruntimeInstrumentor
     from inferscope.instrumentation.sklearn import SklearnInstrumentor
+    from inferscope.instrumentation.xgboost import XGBoostInstrumentor
 
     found = {ep.name: ep.load() for ep in entry_points(group="opentelemetry_instrumentor")}
     assert found["inferscope_sklearn"] is SklearnInstrumentor
     assert found["inferscope_onnxruntime"] is OnnxruntimeInstrumentor
+    assert found["inferscope_xgboost"] is XGBoostInstrumentor
+    assert found["inferscope_lightgbm"] is LightGBMInstrumentor
     for group, hook in (
         ("opentelemetry_pre_instrument", otel_distro.pre_instrument),
         ("opentelemetry_post_instrument", otel_distro.post_instrument),

@@ -114,6 +114,14 @@ def _checked_name(name: object, where: str) -> str:
     return checked
 
 
+#: A model's aliases, or a function that returns them when they are first needed.
+Aliases = Sequence[str] | Callable[[], Sequence[str]]
+
+
+def _evaluate(aliases: Aliases) -> Sequence[str]:
+    return aliases() if callable(aliases) else aliases
+
+
 class InstrumentOptions:
     """The options every inferscope instrumentor accepts, validated once at ``instrument()``.
 
@@ -170,16 +178,25 @@ class InstrumentOptions:
             raise TypeError(f"model_names must be a mapping or a callable, got {model_names!r}")
         self.attributes: dict[str, str] = _check_attributes(attributes)
 
-    def selects(self, obj: object, aliases: Sequence[str]) -> bool:
+    def selects(self, obj: object, aliases: Aliases) -> bool:
         """Whether ``obj`` (known by ``aliases``) is one of the ``models`` to track."""
         if self._object_filter is None:
             return True
         if self._object_filter.get(id(obj)) is obj:
             return True
-        return any(alias in self._alias_filter for alias in aliases)
+        if not self._alias_filter:
+            return False
+        return any(alias in self._alias_filter for alias in _evaluate(aliases))
 
-    def identity(self, obj: object, default: ModelIdentity, aliases: Sequence[str]) -> ModelIdentity:
-        """The model identity of ``obj``, by the documented precedence."""
+    def identity(
+        self, obj: object, default: ModelIdentity | Callable[[], ModelIdentity], aliases: Aliases
+    ) -> ModelIdentity:
+        """The model identity of ``obj``, by the documented precedence.
+
+        ``default`` and ``aliases`` may be functions, called only when they are needed: a default
+        name that costs something to compute (a hash of the model) is not computed for a model that
+        is named by object or by the callable.
+        """
         by_object = self._names_by_object.get(id(obj))
         if by_object is not None and by_object[0] is obj:
             return by_object[1]
@@ -194,11 +211,12 @@ class InstrumentOptions:
                     return _as_identity(named, "the model_names callable's result")
                 except TypeError:
                     report_internal_error("inferscope: the model_names callable returned an invalid name")
-        for alias in aliases:
-            found = self._names_by_alias.get(alias)
-            if found is not None:
-                return found
-        return default
+        if self._names_by_alias:
+            for alias in _evaluate(aliases):
+                found = self._names_by_alias.get(alias)
+                if found is not None:
+                    return found
+        return default() if callable(default) else default
 
 
 class TrackedModel:
@@ -437,6 +455,13 @@ class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         )
         extra = {name: kwargs.get(name, default) for name, default in self._extra_options.items()}
         return options, extra
+
+    @property
+    def active(self) -> bool:
+        """Whether this instrumentor's wrappers are in place: instrumented, and not uninstrumented
+        since. (``is_instrumented_by_opentelemetry`` is also true when ``instrument()`` found its
+        library missing and patched nothing.)"""
+        return self._patches is not None
 
     @property
     def patched(self) -> list[tuple[type, str, object]]:
