@@ -16,7 +16,7 @@ def missing(what: str, how: str) -> NoReturn:
     message = f"{what} is not installed; {how}"
     if os.environ.get("CI"):
         pytest.fail(f"{message} (CI is set, so the frameworks are required)", pytrace=False)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)
 
 
 def require(module: str) -> ModuleType:

@@ -230,6 +230,7 @@ def test_instruments_any_extra_matches_the_package_files() -> None:
     from inferscope.instrumentation.lightgbm import package as lightgbm_package
     from inferscope.instrumentation.onnxruntime import package as onnxruntime_package
     from inferscope.instrumentation.sklearn import package as sklearn_package
+    from inferscope.instrumentation.torch import package as torch_package
     from inferscope.instrumentation.xgboost import package as xgboost_package
 
     extra = [
@@ -247,6 +248,8 @@ def test_instruments_any_extra_matches_the_package_files() -> None:
         *xgboost_package._instruments_any,
         *lightgbm_package._instruments,
         *lightgbm_package._instruments_any,
+        *torch_package._instruments,
+        *torch_package._instruments_any,
     ]
     assert _specifiers(extra) == _specifiers(declared)
 
@@ -255,6 +258,7 @@ def test_entry_points_load_the_instrumentors_and_hooks() -> None:
     from inferscope.instrumentation.lightgbm import LightGBMInstrumentor
     from inferscope.instrumentation.onnxruntime import OnnxruntimeInstrumentor
     from inferscope.instrumentation.sklearn import SklearnInstrumentor
+    from inferscope.instrumentation.torch import TorchInstrumentor
     from inferscope.instrumentation.xgboost import XGBoostInstrumentor
 
     found = {ep.name: ep.load() for ep in entry_points(group="opentelemetry_instrumentor")}
@@ -262,6 +266,7 @@ def test_entry_points_load_the_instrumentors_and_hooks() -> None:
     assert found["inferscope_onnxruntime"] is OnnxruntimeInstrumentor
     assert found["inferscope_xgboost"] is XGBoostInstrumentor
     assert found["inferscope_lightgbm"] is LightGBMInstrumentor
+    assert found["inferscope_torch"] is TorchInstrumentor
     for group, hook in (
         ("opentelemetry_pre_instrument", otel_distro.pre_instrument),
         ("opentelemetry_post_instrument", otel_distro.post_instrument),
