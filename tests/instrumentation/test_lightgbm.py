@@ -13,7 +13,7 @@ import pytest
 
 import inferscope
 from inferscope._keys import error_type_name
-from tests.instrumentation import require
+from tests.instrumentation import instrumenting, instrumenting_in_order, require, sorted_rows
 
 lgb = require("lightgbm")
 require("sklearn")
@@ -66,43 +66,17 @@ def hash_name(model: Any) -> str:
     return "lightgbm-" + hashlib.sha256(model.model_to_string().encode()).hexdigest()[:12]
 
 
-def rows() -> list[tuple[str | None, str | None, int]]:
-    return sorted(((r.model, r.stage, r.count) for r in inferscope.snapshot().rows), key=_order)
-
-
-def _order(row: tuple[str | None, str | None, int]) -> tuple[str, str]:
-    return row[0] or "", row[1] or ""
-
-
 @pytest.fixture
 def instrument() -> Iterator[Any]:
     """``instrument(**options)`` instruments lightgbm; teardown always uninstruments."""
-    instrumentor = LightGBMInstrumentor()
-
-    def start(**options: Any) -> LightGBMInstrumentor:
-        instrumentor.instrument(**options)
-        return instrumentor
-
-    yield start
-    instrumentor.uninstrument()
+    yield from instrumenting(LightGBMInstrumentor)
 
 
 @pytest.fixture
 def instrumented() -> Iterator[Any]:
     """``instrumented(*names)`` instruments those frameworks in that order; teardown uninstruments
     them in the reverse order."""
-    started: list[Any] = []
-
-    def start(*names: str) -> list[Any]:
-        for name in names:
-            instrumentor = INSTRUMENTORS[name]()
-            instrumentor.instrument()
-            started.append(instrumentor)
-        return started
-
-    yield start
-    for instrumentor in reversed(started):
-        instrumentor.uninstrument()
+    yield from instrumenting_in_order(INSTRUMENTORS)
 
 
 def test_booster_predict_is_an_inference_named_by_hash(instrument):
@@ -116,7 +90,7 @@ def test_booster_predict_is_an_inference_named_by_hash(instrument):
     assert np.array_equal(model.predict(x, raw_score=True), expected_raw)
     row = inferscope.snapshot().row(hash_name(model))
     assert (row.count, row.version, row.errors) == (4, None, 0)
-    assert rows() == [(hash_name(model), None, 4)]
+    assert sorted_rows() == [(hash_name(model), None, 4)]
 
 
 def test_the_hash_name_is_stable_across_save_and_load_and_differs_between_models(tmp_path, instrument):
@@ -130,7 +104,7 @@ def test_the_hash_name_is_stable_across_save_and_load_and_differs_between_models
     for each in (model, loaded, from_string, other):
         each.predict(x)
     assert hash_name(model) == hash_name(loaded) == hash_name(from_string) != hash_name(other)
-    assert rows() == sorted([(hash_name(model), None, 3), (hash_name(other), None, 1)])
+    assert sorted_rows() == sorted([(hash_name(model), None, 3), (hash_name(other), None, 1)])
 
 
 def test_the_hash_is_computed_once_per_booster_and_not_for_named_ones(instrument, monkeypatch):
@@ -170,7 +144,7 @@ def test_the_scikit_learn_api_counts_once_whichever_instrumentors_are_on(on, ins
         assert np.array_equal(clf.predict_proba(x), expected[1])
         assert np.array_equal(clf.decision_function(x), expected[2])
         assert np.array_equal(reg.predict(x), expected[3])
-    assert rows() == [("LGBMClassifier", None, 6), ("LGBMRegressor", None, 2)]
+    assert sorted_rows() == [("LGBMClassifier", None, 6), ("LGBMRegressor", None, 2)]
 
 
 @pytest.mark.parametrize("on", COMBINATIONS, ids="+".join)
@@ -197,7 +171,7 @@ def test_training_records_nothing(on, instrumented):
     model.refit(x, y)  # predicts leaves, through lightgbm's internal predictor
     lgb.LGBMClassifier(**ESTIMATOR_PARAMS).fit(x, y, eval_set=[(x, y)])
     lgb.LGBMRanker(**ESTIMATOR_PARAMS).fit(x, y, group=[ROWS // 2, ROWS // 2])
-    assert rows() == []
+    assert sorted_rows() == []
 
 
 @pytest.mark.parametrize("on", [("sklearn", "lightgbm"), ("lightgbm", "sklearn")], ids="+".join)
@@ -207,7 +181,7 @@ def test_scikit_learn_evaluation_is_not_inference_when_its_instrumentor_is_on(on
     instrumented(*on)
     clf.score(x, y)
     cross_val_score(lgb.LGBMClassifier(**ESTIMATOR_PARAMS), x, y, cv=2)
-    assert rows() == []
+    assert sorted_rows() == []
 
 
 @pytest.mark.parametrize("on", [("sklearn", "lightgbm"), ("lightgbm", "sklearn")], ids="+".join)
@@ -218,7 +192,7 @@ def test_in_a_pipeline_the_estimator_is_a_stage_when_scikit_learn_is_instrumente
     expected = pipe.predict(x)
     instrumented(*on)
     assert np.array_equal(pipe.predict(x), expected)
-    assert rows() == [("Pipeline", None, 1), ("Pipeline", "clf", 1), ("Pipeline", "scaler", 1)]
+    assert sorted_rows() == [("Pipeline", None, 1), ("Pipeline", "clf", 1), ("Pipeline", "scaler", 1)]
 
 
 def test_in_a_pipeline_the_estimator_is_an_inference_without_scikit_learn(instrument):
@@ -227,7 +201,7 @@ def test_in_a_pipeline_the_estimator_is_an_inference_without_scikit_learn(instru
     pipe.fit(x, y)
     instrument()
     pipe.predict(x)
-    assert rows() == [("LGBMClassifier", None, 1)]
+    assert sorted_rows() == [("LGBMClassifier", None, 1)]
 
 
 def test_inside_a_tracked_inference_calls_are_part_of_it(instrument):
@@ -241,7 +215,7 @@ def test_inside_a_tracked_inference_calls_are_part_of_it(instrument):
             return model.predict(batch) + clf.predict_proba(batch)[:, 1]
 
     serve(x)
-    assert rows() == [("service", None, 1), ("service", "infer", 1)]
+    assert sorted_rows() == [("service", None, 1), ("service", "infer", 1)]
 
 
 def test_model_names_by_object_alias_hash_and_callable(instrument):
@@ -282,7 +256,7 @@ def test_models_filter_and_a_naming_callable(instrument):
         model.predict(x)
     clf.predict(x)
     reg.predict(x)
-    assert rows() == [("first", None, 1), ("reg", None, 1)]
+    assert sorted_rows() == [("first", None, 1), ("reg", None, 1)]
 
 
 def test_errors_pass_through_unchanged_and_are_counted(instrument):
@@ -334,7 +308,7 @@ def test_uninstrument_restores_the_originals_by_identity(instrument):
     assert all(after[key] is value for key, value in before.items())
     assert lgb.Booster.predict is before[(lgb.Booster, "predict")]
     booster().predict(data()[0])
-    assert rows() == []
+    assert sorted_rows() == []
     instrumentor.instrument()  # for the fixture's teardown
 
 
@@ -366,7 +340,7 @@ def test_instrument_twice_is_idempotent(instrument, caplog):
     assert "already instrumented" in caplog.text
     assert instrumentor.patched == patched
     model.predict(data()[0])
-    assert rows() == [(hash_name(model), None, 1)]
+    assert sorted_rows() == [(hash_name(model), None, 1)]
 
 
 def test_a_failing_model_names_callable_never_breaks_the_call(instrument):
@@ -380,7 +354,7 @@ def test_a_failing_model_names_callable_never_breaks_the_call(instrument):
     errors_before = _pipeline.DRAINER.errors
     instrument(model_names=broken)
     model.predict(data()[0])
-    assert rows() == [(hash_name(model), None, 1)]
+    assert sorted_rows() == [(hash_name(model), None, 1)]
     assert _pipeline.DRAINER.errors == errors_before + 1
 
 

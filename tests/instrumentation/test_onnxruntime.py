@@ -12,7 +12,7 @@ import pytest
 
 import inferscope
 from inferscope._keys import error_type_name
-from tests.instrumentation import require
+from tests.instrumentation import instrumenting, require
 from tests.instrumentation.apps.models import mlp_onnx, onnx_inputs
 
 ort = require("onnxruntime")
@@ -33,14 +33,7 @@ def model_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def instrument() -> Iterator[Any]:
     """``instrument(**options)`` instruments onnxruntime; teardown always uninstruments."""
-    instrumentor = OnnxruntimeInstrumentor()
-
-    def start(**options: Any) -> OnnxruntimeInstrumentor:
-        instrumentor.instrument(**options)
-        return instrumentor
-
-    yield start
-    instrumentor.uninstrument()
+    yield from instrumenting(OnnxruntimeInstrumentor)
 
 
 def run_with_iobinding(session: Any, x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import inferscope
-from tests.instrumentation import require
+from tests.instrumentation import instrumenting, require
 from tests.instrumentation.apps.models import fitted_pipeline, training_data
 
 require("sklearn")
@@ -59,14 +59,7 @@ def fitted() -> tuple[Pipeline, np.ndarray]:
 @pytest.fixture
 def instrument() -> Iterator[Any]:
     """``instrument(**options)`` instruments scikit-learn; teardown always uninstruments."""
-    instrumentor = SklearnInstrumentor()
-
-    def start(**options: Any) -> SklearnInstrumentor:
-        instrumentor.instrument(**options)
-        return instrumentor
-
-    yield start
-    instrumentor.uninstrument()
+    yield from instrumenting(SklearnInstrumentor)
 
 
 def models_in_snapshot() -> set[str | None]:

@@ -38,6 +38,7 @@ from inferscope.instrumentation.torch import (
     DEVICE_ATTRIBUTE,
     TorchInstrumentor,
 )
+from tests.instrumentation import instrumenting
 
 FEATURES, HIDDEN, OUTPUTS = 8, 16, 3
 
@@ -114,14 +115,7 @@ def inference_attributes(model: str) -> list[dict[str, str]]:
 @pytest.fixture
 def instrument() -> Iterator[Any]:
     """``instrument(**options)`` instruments torch; teardown always uninstruments."""
-    instrumentor = TorchInstrumentor()
-
-    def start(**options: Any) -> TorchInstrumentor:
-        instrumentor.instrument(**options)
-        return instrumentor
-
-    yield start
-    instrumentor.uninstrument()
+    yield from instrumenting(TorchInstrumentor)
 
 
 # --- what counts -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 import inferscope
 from inferscope._keys import error_type_name
-from tests.instrumentation import require
+from tests.instrumentation import instrumenting, instrumenting_in_order, require, sorted_rows
 
 xgb = require("xgboost")
 require("sklearn")
@@ -63,43 +63,17 @@ def hash_name(model: Any) -> str:
     return "xgboost-" + hashlib.sha256(model.save_raw("ubj")).hexdigest()[:12]
 
 
-def rows() -> list[tuple[str | None, str | None, int]]:
-    return sorted(((r.model, r.stage, r.count) for r in inferscope.snapshot().rows), key=_order)
-
-
-def _order(row: tuple[str | None, str | None, int]) -> tuple[str, str]:
-    return row[0] or "", row[1] or ""
-
-
 @pytest.fixture
 def instrument() -> Iterator[Any]:
     """``instrument(**options)`` instruments xgboost; teardown always uninstruments."""
-    instrumentor = XGBoostInstrumentor()
-
-    def start(**options: Any) -> XGBoostInstrumentor:
-        instrumentor.instrument(**options)
-        return instrumentor
-
-    yield start
-    instrumentor.uninstrument()
+    yield from instrumenting(XGBoostInstrumentor)
 
 
 @pytest.fixture
 def instrumented() -> Iterator[Any]:
     """``instrumented(*names)`` instruments those frameworks in that order; teardown uninstruments
     them in the reverse order."""
-    started: list[Any] = []
-
-    def start(*names: str) -> list[Any]:
-        for name in names:
-            instrumentor = INSTRUMENTORS[name]()
-            instrumentor.instrument()
-            started.append(instrumentor)
-        return started
-
-    yield start
-    for instrumentor in reversed(started):
-        instrumentor.uninstrument()
+    yield from instrumenting_in_order(INSTRUMENTORS)
 
 
 def test_booster_predict_and_inplace_predict_are_inferences_named_by_hash(instrument):
@@ -114,7 +88,7 @@ def test_booster_predict_and_inplace_predict_are_inferences_named_by_hash(instru
         assert np.array_equal(model.inplace_predict(x), expected_inplace)
     row = inferscope.snapshot().row(hash_name(model))
     assert (row.count, row.version, row.errors) == (5, None, 0)
-    assert rows() == [(hash_name(model), None, 5)]
+    assert sorted_rows() == [(hash_name(model), None, 5)]
 
 
 def test_the_hash_name_is_stable_across_save_and_load_and_differs_between_models(tmp_path, instrument):
@@ -128,7 +102,7 @@ def test_the_hash_name_is_stable_across_save_and_load_and_differs_between_models
     loaded.inplace_predict(x)
     other.inplace_predict(x)
     assert hash_name(model) == hash_name(loaded) != hash_name(other)
-    assert rows() == sorted([(hash_name(model), None, 2), (hash_name(other), None, 1)])
+    assert sorted_rows() == sorted([(hash_name(model), None, 2), (hash_name(other), None, 1)])
 
 
 def test_the_version_is_the_booster_version_attribute(tmp_path, instrument):
@@ -183,7 +157,7 @@ def test_the_scikit_learn_api_counts_once_whichever_instrumentors_are_on(on, ins
         assert np.array_equal(clf.predict_proba(x), expected[1])
         assert np.array_equal(reg.predict(x), expected[2])
     # The Booster calls inside (inplace_predict, or predict on a DMatrix) are part of each call.
-    assert rows() == [("XGBClassifier", None, 4), ("XGBRegressor", None, 2)]
+    assert sorted_rows() == [("XGBClassifier", None, 4), ("XGBRegressor", None, 2)]
 
 
 @pytest.mark.parametrize("on", COMBINATIONS, ids="+".join)
@@ -211,7 +185,7 @@ def test_training_records_nothing(on, instrumented):
         x, y, eval_set=[(x, y)], verbose=False
     )
     xgb.XGBRanker(n_estimators=2, max_depth=2, n_jobs=1).fit(x, y, qid=np.repeat([0, 1], ROWS // 2))
-    assert rows() == []
+    assert sorted_rows() == []
 
 
 @pytest.mark.parametrize("on", [("sklearn", "xgboost"), ("xgboost", "sklearn")], ids="+".join)
@@ -221,7 +195,7 @@ def test_scikit_learn_evaluation_is_not_inference_when_its_instrumentor_is_on(on
     instrumented(*on)
     clf.score(x, y)
     cross_val_score(xgb.XGBClassifier(n_estimators=2, max_depth=2, n_jobs=1), x, y, cv=2)
-    assert rows() == []
+    assert sorted_rows() == []
 
 
 @pytest.mark.parametrize("on", [("sklearn", "xgboost"), ("xgboost", "sklearn")], ids="+".join)
@@ -232,7 +206,7 @@ def test_in_a_pipeline_the_estimator_is_a_stage_when_scikit_learn_is_instrumente
     expected = pipe.predict(x)
     instrumented(*on)
     assert np.array_equal(pipe.predict(x), expected)
-    assert rows() == [("Pipeline", None, 1), ("Pipeline", "clf", 1), ("Pipeline", "scaler", 1)]
+    assert sorted_rows() == [("Pipeline", None, 1), ("Pipeline", "clf", 1), ("Pipeline", "scaler", 1)]
 
 
 def test_in_a_pipeline_the_estimator_is_an_inference_without_scikit_learn(instrument):
@@ -241,7 +215,7 @@ def test_in_a_pipeline_the_estimator_is_an_inference_without_scikit_learn(instru
     pipe.fit(x, y)
     instrument()
     pipe.predict(x)
-    assert rows() == [("XGBClassifier", None, 1)]
+    assert sorted_rows() == [("XGBClassifier", None, 1)]
 
 
 def test_inside_a_tracked_inference_calls_are_part_of_it(instrument):
@@ -255,7 +229,7 @@ def test_inside_a_tracked_inference_calls_are_part_of_it(instrument):
             return model.inplace_predict(batch) + clf.predict_proba(batch)[:, 1]
 
     serve(x)
-    assert rows() == [("service", None, 1), ("service", "infer", 1)]
+    assert sorted_rows() == [("service", None, 1), ("service", "infer", 1)]
 
 
 def test_model_names_by_object_alias_hash_and_callable(instrument):
@@ -296,7 +270,7 @@ def test_models_filter_and_a_naming_callable(instrument):
         model.inplace_predict(x)
     clf.predict(x)
     reg.predict(x)
-    assert rows() == [("first", None, 1), ("reg", None, 1)]
+    assert sorted_rows() == [("first", None, 1), ("reg", None, 1)]
 
 
 def test_errors_pass_through_unchanged_and_are_counted(instrument):
@@ -349,7 +323,7 @@ def test_uninstrument_restores_the_originals_by_identity(instrument):
     assert xgb.Booster.predict is before[(xgb.Booster, "predict")]
     model = booster()
     model.inplace_predict(data()[0])
-    assert rows() == []
+    assert sorted_rows() == []
     instrumentor.instrument()  # for the fixture's teardown
 
 
@@ -381,7 +355,7 @@ def test_instrument_twice_is_idempotent(instrument, caplog):
     assert "already instrumented" in caplog.text
     assert instrumentor.patched == patched
     model.inplace_predict(data()[0])
-    assert rows() == [(hash_name(model), None, 1)]
+    assert sorted_rows() == [(hash_name(model), None, 1)]
 
 
 def test_a_failing_model_names_callable_never_breaks_the_call(instrument):
@@ -395,7 +369,7 @@ def test_a_failing_model_names_callable_never_breaks_the_call(instrument):
     errors_before = _pipeline.DRAINER.errors
     instrument(model_names=broken)
     model.inplace_predict(data()[0])
-    assert rows() == [(hash_name(model), None, 1)]
+    assert sorted_rows() == [(hash_name(model), None, 1)]
     assert _pipeline.DRAINER.errors == errors_before + 1
 
 
@@ -414,4 +388,4 @@ def test_a_booster_loaded_from_bytes_is_named_by_its_hash(instrument):
     loaded.load_model(bytearray(model.save_raw("ubj")))
     instrument()
     loaded.inplace_predict(data()[0])
-    assert rows() == [(hash_name(model), None, 1)]
+    assert sorted_rows() == [(hash_name(model), None, 1)]

@@ -38,12 +38,16 @@ A name is a ``str``; a name and a version are a ``(name, version)`` tuple or a :
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import sys
 import threading
 import time
+import types
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextvars import ContextVar
 from importlib.metadata import PackageNotFoundError, distribution
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -56,20 +60,34 @@ from .._runtime import REGISTRY, RUNTIME
 from ..tracking import _check_attributes, _check_model, _check_version
 
 __all__ = [
+    "BoosterState",
     "IdentityCache",
     "InferscopeInstrumentor",
     "InstrumentOptions",
+    "InstrumentationState",
+    "ModelEntry",
     "ModelIdentity",
     "Patches",
     "TrackedModel",
+    "call_in_scope",
+    "class_aliases",
     "defining_class",
+    "hashed_model_entry",
     "inference_open",
+    "is_sklearn_estimator",
+    "library_frame",
+    "module_subclasses",
     "report_internal_error",
+    "tracked_method",
+    "wrap_booster_library",
+    "wrap_defined_methods",
+    "wrap_own_functions",
 ]
 
 _logger = logging.getLogger("inferscope.instrumentation")
 
 V = TypeVar("V")
+S = TypeVar("S")
 
 #: Keyword arguments that some distros pass to every instrumentor. inferscope's metrics go where
 #: ``inferscope.configure()`` (or the opentelemetry-instrument hook) sends them, so these are ignored.
@@ -218,6 +236,14 @@ class InstrumentOptions:
                     return found
         return default() if callable(default) else default
 
+    def model(
+        self, obj: object, default: ModelIdentity | Callable[[], ModelIdentity], aliases: Aliases
+    ) -> TrackedModel | None:
+        """The tracked model of ``obj`` (see :meth:`identity`), or None when ``models`` leaves it out."""
+        if not self.selects(obj, aliases):
+            return None
+        return TrackedModel(self.identity(obj, default, aliases), self.attributes)
+
 
 class TrackedModel:
     """One model as the hot path sees it: its interned key and its tracked methods.
@@ -330,6 +356,245 @@ def defining_class(cls: type, name: str) -> type | None:
         if name in klass.__dict__:
             return klass
     return None
+
+
+def class_aliases(cls: type) -> tuple[str, str]:
+    """The aliases every class-named model is known by: ``Name`` and ``module.QualifiedName``."""
+    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
+
+
+def library_frame(frame: types.FrameType, package: str) -> bool:
+    """Whether ``frame`` runs ``package``'s own code (a call it makes, not the application)."""
+    module = frame.f_globals.get("__name__") or ""
+    return module == package or module.startswith(package + ".")
+
+
+def is_sklearn_estimator(base: type) -> bool:
+    """Whether ``base`` subclasses scikit-learn's ``BaseEstimator``, so that the scikit-learn
+    instrumentor would record it (its library found scikit-learn when it was imported)."""
+    return any(k.__module__ == "sklearn.base" and k.__name__ == "BaseEstimator" for k in base.__mro__)
+
+
+def module_subclasses(base: type) -> list[type]:
+    """``base`` and its subclasses defined in the same module (a library's own classes, not those of
+    other modules, nor yours: those inherit the wrapped methods they do not override)."""
+    found: list[type] = []
+    stack: list[type] = [base]
+    while stack:
+        cls = stack.pop()
+        if cls in found:
+            continue
+        found.append(cls)
+        subclasses: list[type] = type.__subclasses__(cls)
+        stack.extend(sub for sub in subclasses if sub.__module__ == base.__module__)
+    return found
+
+
+def wrap_defined_methods(
+    patches: Patches, cls: type, names: Iterable[str], wrap: Callable[[Any], object]
+) -> None:
+    """Replace each of ``names`` on the class of ``cls.__mro__`` that defines it by ``wrap(original)``;
+    a name that no class defines is skipped."""
+    for name in names:
+        owner = defining_class(cls, name)
+        if owner is not None:
+            patches.replace(owner, name, wrap(owner.__dict__[name]))
+
+
+def wrap_own_functions(
+    patches: Patches, base: type, names: Iterable[str], wrap: Callable[[Any], object]
+) -> None:
+    """Replace each of ``names`` that ``base`` or one of its :func:`module_subclasses` defines itself
+    as a plain function by ``wrap(original)``."""
+    for cls in module_subclasses(base):
+        for name in names:
+            method = cls.__dict__.get(name)
+            if isinstance(method, types.FunctionType):
+                patches.replace(cls, name, wrap(method))
+
+
+class ModelEntry:
+    """The cached resolution of one object: its tracked model, or None."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: TrackedModel | None) -> None:
+        #: None when ``models=`` leaves this object out: its calls pass through.
+        self.model = model
+
+
+class InstrumentationState:
+    """Shared by every wrapper of one ``instrument()``; inactive once uninstrumented."""
+
+    def __init__(self, options: InstrumentOptions) -> None:
+        self.active = True
+        self.options = options
+        self.cache: IdentityCache[ModelEntry] = IdentityCache()
+
+    def cached_model(
+        self, obj: Any, resolve: Callable[[Any], tuple[ModelEntry, bool]]
+    ) -> TrackedModel | None:
+        """``obj``'s tracked model: from the cache, else ``resolve(obj)``, which returns the entry
+        and whether it may be cached."""
+        found = self.cache.get(obj)
+        if found is None:
+            found, final = resolve(obj)
+            if final:
+                self.cache.put(obj, found)
+        return found.model
+
+
+def hashed_model_entry(
+    options: InstrumentOptions,
+    obj: Any,
+    prefix: str,
+    digest_of: Callable[[Any], str | None],
+    version_of: Callable[[Any], str | None] | None = None,
+) -> tuple[ModelEntry, bool]:
+    """The entry of a model named by a hash of its saved form (``prefix-<hash>``, also an alias; the
+    class name when it cannot be saved), and whether it may be cached (not when it could not be
+    saved: it may be loaded in place before its next call). The hash is computed on first need, at
+    most once; ``version_of`` gives the default version."""
+    cls = type(obj)
+    digests: list[str | None] = []
+
+    def digest() -> str | None:
+        if not digests:
+            digests.append(digest_of(obj))
+        return digests[0]
+
+    def aliases() -> tuple[str, ...]:
+        hashed = digest()
+        return class_aliases(cls) if hashed is None else (f"{prefix}-{hashed}", *class_aliases(cls))
+
+    def default() -> ModelIdentity:
+        hashed = digest()
+        name = cls.__name__ if hashed is None else f"{prefix}-{hashed}"
+        return ModelIdentity(name, None if version_of is None else version_of(obj))
+
+    model = options.model(obj, default, aliases)
+    return ModelEntry(model), not digests or digests[0] is not None
+
+
+def tracked_method(
+    state: InstrumentationState,
+    original: Any,
+    model_of: Callable[[Any], TrackedModel | None],
+    failure: str,
+    library: str | None = None,
+    defer_to: InferscopeInstrumentor | None = None,
+) -> Any:
+    """A wrapper of ``original`` that tracks a call as one inference of ``model_of(self)``, unless
+    an inference is already open. It passes through while ``state`` is inactive, while ``defer_to``
+    (another instrumentor that records these calls) is active, and when called from ``library``'s
+    own code. ``failure`` is reported when the bookkeeping fails.
+
+    The decision is made inside ``try`` and the call outside it: an exception of the library itself
+    must pass through once, untouched, never be taken for our own failure.
+    """
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if state.active and not (defer_to is not None and defer_to.active):
+            try:
+                call = None
+                if library is None or not library_frame(sys._getframe(1), library):
+                    model = model_of(self)
+                    if model is not None and not inference_open():
+                        call = model.tracked(original)
+            except Exception:
+                report_internal_error(failure)
+                call = None
+            if call is not None:
+                return call(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
+
+    wrapper.__inferscope_original__ = original  # type: ignore[attr-defined]
+    return wrapper
+
+
+class BoosterState(InstrumentationState):
+    """The state of a gradient-boosting instrumentor (xgboost, lightgbm): Boosters are named by a
+    hash of their saved model (:func:`hashed_model_entry`), estimators by
+    :meth:`_resolve_estimator`."""
+
+    def __init__(
+        self,
+        options: InstrumentOptions,
+        package: str,
+        digest_of: Callable[[Any], str | None],
+        version_of: Callable[[Any], str | None] | None = None,
+    ) -> None:
+        super().__init__(options)
+        self.package = package
+        self.digest_of = digest_of
+        self.version_of = version_of
+
+    def booster(self, booster: Any) -> TrackedModel | None:
+        return self.cached_model(booster, self._resolve_booster)
+
+    def estimator(self, est: Any) -> TrackedModel | None:
+        return self.cached_model(est, self._resolve_estimator)
+
+    def _resolve_booster(self, booster: Any) -> tuple[ModelEntry, bool]:
+        return hashed_model_entry(self.options, booster, self.package, self.digest_of, self.version_of)
+
+    def _resolve_estimator(self, est: Any) -> tuple[ModelEntry, bool]:
+        """A scikit-learn API estimator's entry (named by its class), and whether it may be cached."""
+        cls = type(est)
+        return ModelEntry(self.options.model(est, ModelIdentity(cls.__name__), class_aliases(cls))), True
+
+
+def wrap_booster_library(
+    patches: Patches,
+    state: BoosterState,
+    booster: type,
+    booster_methods: Iterable[str],
+    estimator_base: type,
+    estimator_methods: Iterable[str],
+    sklearn: InferscopeInstrumentor,
+) -> None:
+    """Wrap a gradient-boosting library: the Booster's inference methods, and those of its
+    scikit-learn API (``estimator_base`` and its subclasses in the same module). Calls from the
+    library's own code pass through. When the estimators are scikit-learn estimators, the
+    scikit-learn instrumentor (``sklearn``) records them while it is active: they are not wrapped
+    when it is active now, and their wrappers pass through while it is."""
+    package = state.package
+    failure = f"inferscope: {package} instrumentation failed; the call is not recorded"
+    wrap_defined_methods(
+        patches,
+        booster,
+        booster_methods,
+        lambda original: tracked_method(state, original, state.booster, failure, library=package),
+    )
+    defer = is_sklearn_estimator(estimator_base)
+    if defer and sklearn.active:
+        return  # the scikit-learn instrumentor records the estimators
+    defer_to = sklearn if defer else None
+    wrap_own_functions(
+        patches,
+        estimator_base,
+        estimator_methods,
+        lambda original: tracked_method(
+            state, original, state.estimator, failure, library=package, defer_to=defer_to
+        ),
+    )
+
+
+def call_in_scope(
+    var: ContextVar[S],
+    scope: S,
+    call: Callable[..., Any],
+    obj: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``call(obj, *args, **kwargs)`` with ``var`` set to ``scope``, reset on every path."""
+    token = var.set(scope)
+    try:
+        return call(obj, *args, **kwargs)
+    finally:
+        var.reset(token)
 
 
 def inference_open() -> bool:

@@ -23,22 +23,21 @@ inherits the wrapper; ``uninstrument()`` puts the original functions back.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from .. import (
-    IdentityCache,
     InferscopeInstrumentor,
+    InstrumentationState,
     InstrumentOptions,
+    ModelEntry,
     ModelIdentity,
     Patches,
     TrackedModel,
-    defining_class,
-    inference_open,
-    report_internal_error,
+    tracked_method,
+    wrap_defined_methods,
 )
 from .package import _instruments, _instruments_any
 
@@ -70,52 +69,23 @@ def session_identity(session: Any) -> tuple[ModelIdentity, tuple[str, ...]]:
     return ModelIdentity(type(session).__name__, version), (type(session).__name__,)
 
 
-class _Entry:
-    __slots__ = ("model",)
-
-    def __init__(self, model: TrackedModel | None) -> None:
-        #: None when ``models=`` leaves this session out: its runs pass through.
-        self.model = model
-
-
-class _State:
-    def __init__(self, options: InstrumentOptions) -> None:
-        self.active = True
-        self.options = options
-        self.cache: IdentityCache[_Entry] = IdentityCache()
-
+class _State(InstrumentationState):
     def model(self, session: Any) -> TrackedModel | None:
-        found = self.cache.get(session)
-        if found is None:
-            identity, aliases = session_identity(session)
-            model = None
-            if self.options.selects(session, aliases):
-                model = TrackedModel(
-                    self.options.identity(session, identity, aliases), self.options.attributes
-                )
-            found = _Entry(model)
-            self.cache.put(session, found)
-        return found.model
+        return self.cached_model(session, self._resolve)
+
+    def _resolve(self, session: Any) -> tuple[ModelEntry, bool]:
+        identity, aliases = session_identity(session)
+        return ModelEntry(self.options.model(session, identity, aliases)), True
 
 
 def _tracked_method(state: _State, original: Any) -> Any:
-    @functools.wraps(original)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if state.active:
-            try:
-                model = state.model(self)
-                call = None if model is None or inference_open() else model.tracked(original)
-            except Exception:
-                report_internal_error(
-                    "inferscope: onnxruntime instrumentation failed; the run is not recorded"
-                )
-                call = None
-            if call is not None:
-                return call(self, *args, **kwargs)
-        return original(self, *args, **kwargs)
-
-    wrapper.__inferscope_original__ = original  # type: ignore[attr-defined]
-    return wrapper
+    """A wrapper of ``original`` that tracks a run, unless an inference is already open."""
+    return tracked_method(
+        state,
+        original,
+        state.model,
+        "inferscope: onnxruntime instrumentation failed; the run is not recorded",
+    )
 
 
 class OnnxruntimeInstrumentor(InferscopeInstrumentor):
@@ -137,9 +107,10 @@ class OnnxruntimeInstrumentor(InferscopeInstrumentor):
         import onnxruntime
 
         state = _State(options)
-        for name in TRACKED_METHODS:
-            owner = defining_class(onnxruntime.InferenceSession, name)
-            if owner is None:
-                continue
-            patches.replace(owner, name, _tracked_method(state, owner.__dict__[name]))
+        wrap_defined_methods(
+            patches,
+            onnxruntime.InferenceSession,
+            TRACKED_METHODS,
+            lambda original: _tracked_method(state, original),
+        )
         return state

@@ -53,6 +53,8 @@ from .. import (
     ModelIdentity,
     Patches,
     TrackedModel,
+    call_in_scope,
+    class_aliases,
     inference_open,
     report_internal_error,
 )
@@ -139,11 +141,7 @@ class _State:
         if not isinstance(est, self.base_estimator):
             return _Entry(None, pipeline)
         cls = type(est)
-        aliases = (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")
-        if not self.options.selects(est, aliases):
-            return _Entry(None, pipeline)
-        identity = self.options.identity(est, ModelIdentity(cls.__name__), aliases)
-        return _Entry(TrackedModel(identity, self.options.attributes), pipeline)
+        return _Entry(self.options.model(est, ModelIdentity(cls.__name__), class_aliases(cls)), pipeline)
 
     def steps(self, est: Any, entry: _Entry) -> Steps:
         """The stage map of a Pipeline (rebuilt when its steps changed), else the empty map."""
@@ -184,11 +182,7 @@ class _State:
             call, steps = original, None
         if steps is None:
             return original(est, *args, **kwargs)
-        token = _SCOPE.set(steps)
-        try:
-            return call(est, *args, **kwargs)
-        finally:
-            _SCOPE.reset(token)
+        return call_in_scope(_SCOPE, steps, call, est, args, kwargs)
 
     def nested(
         self, scope: Steps, original: Any, est: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -209,14 +203,10 @@ class _State:
             stage, inner = None, None
         if inner is None:
             return original(est, *args, **kwargs)
-        token = _SCOPE.set(inner)
-        try:
-            if stage is None:
-                return original(est, *args, **kwargs)
-            with stage:
-                return original(est, *args, **kwargs)
-        finally:
-            _SCOPE.reset(token)
+        if stage is None:
+            return call_in_scope(_SCOPE, inner, original, est, args, kwargs)
+        with stage:
+            return call_in_scope(_SCOPE, inner, original, est, args, kwargs)
 
     # --- patching -------------------------------------------------------------------------------
 

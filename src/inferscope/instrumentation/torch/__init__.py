@@ -68,6 +68,8 @@ from .. import (
     ModelIdentity,
     Patches,
     TrackedModel,
+    call_in_scope,
+    class_aliases,
     inference_open,
     report_internal_error,
 )
@@ -134,7 +136,7 @@ def module_identity(module: Any) -> tuple[Any, ModelIdentity, tuple[str, ...]]:
         target = getattr(module, "_orig_mod", module)
         cls = type(target)
     name = cls.__name__
-    aliases: tuple[str, ...] = (name, f"{cls.__module__}.{cls.__qualname__}")
+    aliases: tuple[str, ...] = class_aliases(cls)
     original_name = getattr(target, "original_name", None)  # a TorchScript module's class
     import torch
 
@@ -290,11 +292,7 @@ class _State:
             call, scope = original, _PASS
         if scope is None:
             return original(module, *args, **kwargs)
-        token = _SCOPE.set(scope)
-        try:
-            return call(module, *args, **kwargs)
-        finally:
-            _SCOPE.reset(token)
+        return call_in_scope(_SCOPE, scope, call, module, args, kwargs)
 
 
 def _stage_call(
@@ -308,12 +306,8 @@ def _stage_call(
     except Exception:
         report_internal_error("inferscope: torch instrumentation failed; the call is not recorded")
         return original(module, *args, **kwargs)
-    token = _SCOPE.set(node)
-    try:
-        with node.stage:
-            return original(module, *args, **kwargs)
-    finally:
-        _SCOPE.reset(token)
+    with node.stage:
+        return call_in_scope(_SCOPE, node, original, module, args, kwargs)
 
 
 def _module_call(state: _State, original: Any) -> Any:
