@@ -190,12 +190,7 @@ class _Segments:
 
     def record(self, key: int, exc_type: type[BaseException] | None, flags: int) -> None:
         if self.start_ns is not None:
-            RUNTIME.record(key, exc_type, flags, self.start_ns, _now_ns() - self.start_ns, self.cpu_ns)
-
-
-def _now_ns() -> int:
-    now: int = monotonic_ns()
-    return now
+            RUNTIME.record(key, exc_type, flags, self.start_ns, monotonic_ns() - self.start_ns, self.cpu_ns)
 
 
 def _track_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
@@ -219,13 +214,12 @@ def _track_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
                     else:
                         item = gen.send(to_send)
                 except StopIteration as stop:
-                    segments.add(exit_segment(tracked))
                     return stop.value
                 except BaseException as exc:
-                    segments.add(exit_segment(tracked))
                     exc_type = type(exc)
                     raise
-                segments.add(exit_segment(tracked))
+                finally:
+                    segments.add(exit_segment(tracked))
                 try:
                     to_send = yield item
                 except GeneratorExit:
@@ -259,13 +253,12 @@ def _track_async_generator(func: Callable[..., Any], key: int) -> Callable[..., 
                     else:
                         item = await agen.asend(to_send)
                 except StopAsyncIteration:
-                    segments.add(exit_segment(tracked))
                     return
                 except BaseException as exc:
-                    segments.add(exit_segment(tracked))
                     exc_type = type(exc)
                     raise
-                segments.add(exit_segment(tracked))
+                finally:
+                    segments.add(exit_segment(tracked))
                 try:
                     to_send = yield item
                 except GeneratorExit:
