@@ -239,7 +239,7 @@ class RefSeries:
 def reference_aggregate(records: np.ndarray) -> dict[tuple[int, int], RefSeries]:
     result: dict[tuple[int, int], RefSeries] = defaultdict(RefSeries)
     for record in records.tolist():  # (key, error, flags, start, wall, cpu, counters)
-        key, error, flags, _start, wall_ns, cpu_ns, counters = record
+        key, error, flags, _start, wall_ns, cpu_ns, counters = record[:7]
         series = result[(key, error)]
         wall = max(wall_ns, 0) / 1e9
         series.durations.append(wall)

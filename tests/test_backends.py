@@ -227,8 +227,8 @@ def test_exit_segment_stashes_entries_above_and_enter_reopens_them(env):
     key = reg.inference_key("gen")
     rt.enter(gen_owner, key)
     rt.stage("decode").__enter__()  # the generator body enters a stage, then yields
-    start, wall, cpu, stash = rt.exit_segment(gen_owner)
-    assert wall >= 0 and cpu == -1 and stash is not None
+    start, wall, cpu, stash, trace = rt.exit_segment(gen_owner)
+    assert wall >= 0 and cpu == -1 and stash is not None and trace is None  # tracing is off
     assert rt.current_key() == NO_MODEL_KEY  # the consumer sees no open generator stage
     rt.enter(gen_owner, key, stash)
     assert reg.info(rt.current_key()).stage == "decode"

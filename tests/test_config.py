@@ -197,6 +197,18 @@ PRECEDENCE = {
         ("OTEL_EXPORTER_PROMETHEUS_PORT", "3", 3),
         9464,
     ),
+    "traces_exporters": (
+        (["console"], ("console",)),
+        ("INFERSCOPE_TRACES_EXPORTER", "otlp,console", ("otlp", "console")),
+        ("OTEL_TRACES_EXPORTER", "console", ("console",)),
+        (),
+    ),
+    "trace_sampler": (
+        ("always_on", "always_on"),
+        ("INFERSCOPE_TRACE_SAMPLER", "TraceIdRatio", "traceidratio"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_always_off", "parentbased_always_off"),
+        "parentbased_traceidratio",
+    ),
 }
 
 
@@ -470,6 +482,14 @@ BAD_ENVIRONMENT = [
     ("prometheus_port", "INFERSCOPE_PROMETHEUS_PORT", "65536"),
     ("prometheus_port", "INFERSCOPE_PROMETHEUS_PORT", "-1"),
     ("prometheus_port", "OTEL_EXPORTER_PROMETHEUS_PORT", "http"),
+    ("traces_exporters", "INFERSCOPE_TRACES_EXPORTER", "jaeger"),
+    ("traces_exporters", "OTEL_TRACES_EXPORTER", "otlp,zipkin"),
+    ("trace_sampler", "INFERSCOPE_TRACE_SAMPLER", "ratio"),
+    ("trace_ratio", "INFERSCOPE_TRACE_RATIO", "1.5"),
+    ("trace_ratio", "INFERSCOPE_TRACE_RATIO", "half"),
+    ("trace_slow_ms", "INFERSCOPE_TRACE_SLOW_MS", "p50"),
+    ("trace_errors", "INFERSCOPE_TRACE_ERRORS", "sometimes"),
+    ("trace_max_spans_per_second", "INFERSCOPE_TRACE_MAX_SPANS_PER_SECOND", "0"),
 ]
 
 # service_name is the one setting whose variables accept any non-blank text.
@@ -529,6 +549,20 @@ BAD_ARGUMENTS = [
     ("metric_exporters", [object()]),
     ("metric_exporters", "console"),
     ("metric_exporters", ConsoleMetricExporter()),
+    ("traces_exporters", ["prometheus"]),
+    ("traces_exporters", 3),
+    ("trace_sampler", "jaeger_remote"),
+    ("trace_ratio", -0.1),
+    ("trace_ratio", True),
+    ("trace_ratio", "0.5"),
+    ("trace_slow_ms", 0),
+    ("trace_slow_ms", "50"),
+    ("trace_errors", "yes"),
+    ("trace_max_spans_per_second", 0),
+    ("trace_max_spans_per_second", 10.5),
+    ("tracer_provider", object()),
+    ("span_exporters", [object()]),
+    ("span_exporters", ConsoleMetricExporter()),
 ]
 
 
@@ -665,6 +699,9 @@ def test_value_defaults_leave_out_only_the_unset_ones() -> None:
         "metrics_exporters",
         "meter_provider",
         "metric_exporters",
+        "traces_exporters",
+        "tracer_provider",
+        "span_exporters",
     }
 
 
@@ -702,3 +739,66 @@ def test_docs_name_every_setting_and_variable() -> None:
         assert variable in text
     assert "ERROR" in text
     assert "ConfigError" in text
+
+
+def test_an_otel_sampler_of_another_system_is_ignored_not_refused() -> None:
+    # OTEL_TRACES_SAMPLER is shared with the application's own SDK, which may know jaeger_remote.
+    assert load_settings(environ={"OTEL_TRACES_SAMPLER": "jaeger_remote"}).trace_sampler == (
+        "parentbased_traceidratio"
+    )
+    with pytest.raises(ConfigError, match=r"trace_sampler \(from INFERSCOPE_TRACE_SAMPLER\): got 'jaeger'"):
+        load_settings(environ={"INFERSCOPE_TRACE_SAMPLER": "jaeger"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "ratio"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}, 0.25),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}, 0.5),
+        # The argument of another sampler, or one that is not a ratio, means nothing to the ratio.
+        ({"OTEL_TRACES_SAMPLER": "always_on", "OTEL_TRACES_SAMPLER_ARG": "0.5"}, 0.01),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"}, 0.01),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"}, 0.01),
+        # INFERSCOPE_TRACE_RATIO wins over the sampler's argument.
+        (
+            {
+                "OTEL_TRACES_SAMPLER_ARG": "0.5",
+                "OTEL_TRACES_SAMPLER": "traceidratio",
+                "INFERSCOPE_TRACE_RATIO": "0.1",
+            },
+            0.1,
+        ),
+    ],
+)
+def test_trace_ratio_follows_the_otel_sampler_argument(environ: dict[str, str], ratio: float) -> None:
+    assert load_settings(environ=environ).trace_ratio == ratio
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("p99", "p99"), ("P95", "p95"), ("off", "off"), ("12.5", 12.5), (" 3 ", 3.0)],
+)
+def test_trace_slow_ms_takes_milliseconds_or_a_quantile(value: str, expected: object) -> None:
+    assert load_settings(environ={"INFERSCOPE_TRACE_SLOW_MS": value}).trace_slow_ms == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "p50", "slow", "nan"])
+def test_trace_slow_ms_refuses_what_it_cannot_mean(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"trace_slow_ms \(from INFERSCOPE_TRACE_SLOW_MS\).*'p99'"):
+        load_settings(environ={"INFERSCOPE_TRACE_SLOW_MS": value})
+
+
+def test_tracing_is_on_only_with_somewhere_to_send_spans() -> None:
+    assert not load_settings(environ={}).tracing
+    assert load_settings(
+        environ={"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4317"}
+    ).traces_exporters == ("otlp",)
+    assert load_settings(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}).tracing
+    assert not load_settings(
+        environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_TRACES_EXPORTER": "none"}
+    ).tracing
+    assert not load_settings({"traces_exporters": ["console"], "enabled": False}, environ={}).tracing
+    with pytest.raises(ConfigError, match=r"traces_exporters \(configure argument\): got 'prometheus'"):
+        load_settings({"traces_exporters": "prometheus"}, environ={})
+    with pytest.raises(ConfigError, match="tracer_provider"):
+        load_settings({"tracer_provider": object()}, environ={})

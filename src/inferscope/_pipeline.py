@@ -29,6 +29,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 
 from ._backend import BACKEND
+from ._backend import monotonic_ns as _monotonic_ns
 from ._records import (
     COUNTER_PY_HEAP,
     DROP_AGGREGATION_FAILED,
@@ -38,7 +39,7 @@ from ._records import (
 )
 from ._runtime import REGISTRY, RUNTIME
 from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
-from .config import ConfigError, Settings, load_settings
+from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
 from .export.metrics import (
     AggregatesExporter,
@@ -48,6 +49,14 @@ from .export.metrics import (
     start_prometheus_server,
     unwrap_meter_provider,
     wrap_meter_provider,
+)
+from .export.traces import (
+    EXEMPLARS,
+    SLOW_QUANTILES,
+    TracePipeline,
+    TracePolicy,
+    install_runtime_context,
+    uninstall_runtime_context,
 )
 from .system import check_oversubscription, install_import_hook, register_system_metrics, resource_attributes
 
@@ -75,6 +84,8 @@ class Drainer:
         self._unaggregated = 0
         self.interval_millis = 100
         self.errors = 0
+        #: Where traced records go after aggregation, while tracing is on.
+        self.traces: TracePipeline | None = None
 
     def drain(self) -> int:
         """Drain everything queued now; returns the number of records aggregated."""
@@ -105,6 +116,13 @@ class Drainer:
                         self._unaggregated += n
                         self.errors += 1
                         _log_once_a_minute("inferscope: aggregating a batch of records failed")
+                    traces = self.traces
+                    if traces is not None:
+                        try:
+                            traces.add(self._buffer[:n])
+                        except Exception:
+                            self.errors += 1
+                            _log_once_a_minute("inferscope: building spans from a batch of records failed")
                 if n < len(self._buffer):
                     return total
 
@@ -113,6 +131,8 @@ class Drainer:
         AGGREGATOR.set_dropped(DROP_STACK_DEPTH, RUNTIME.depth_dropped)
         if self._unaggregated:
             AGGREGATOR.set_dropped(DROP_AGGREGATION_FAILED, self._unaggregated)
+        if self.traces is not None:
+            AGGREGATOR.set_spans_dropped(self.traces.spans_dropped)
         AGGREGATOR.set_internal_errors(RUNTIME.internal_errors + self.errors)
 
     def start(self, interval_millis: int) -> None:
@@ -150,6 +170,7 @@ class Drainer:
         self._retired_ring_drops = 0
         self._unaggregated = 0
         self.errors = 0
+        self.traces = None
         self._thread = None
         self._stop = threading.Event()
 
@@ -214,6 +235,8 @@ class Exports:
         self.meter_provider: MeterProvider | None = None
         self.user_provider: Any = settings.meter_provider
         self.prometheus: PrometheusServer | None = None
+        self.traces: TracePipeline | None = None
+        self._own_span_processor: Any = None
         histogram = {
             "aggregation": settings.histogram_aggregation,
             "boundaries": settings.histogram_boundaries,
@@ -267,6 +290,43 @@ class Exports:
                 self.prometheus.host,
                 self.prometheus.port,
             )
+        if settings.tracing:
+            self.traces = self._start_tracing(settings)
+
+    def _start_tracing(self, settings: Settings) -> TracePipeline | None:
+        """Span processors for our exporters (or the application's TracerProvider), the OTel context
+        hook, and the hot path's trace linkage."""
+        from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
+        exporters = [_make_span_exporter(name, settings) for name in settings.traces_exporters]
+        exporters += list(settings.span_exporters)  # type: ignore[arg-type]
+        for exporter in exporters:
+            processor.add_span_processor(BatchSpanProcessor(exporter))
+        self._own_span_processor = processor
+        resource = self.resource
+        provider: Any = settings.tracer_provider
+        if provider is not None:
+            # The application's processors and Resource: our spans travel with its own.
+            processor.add_span_processor(provider._active_span_processor)
+            resource = provider.resource
+        hooks = install_runtime_context(RUNTIME.current_span)
+        if hooks is None:
+            return None
+        var, span_key = hooks
+        policy = _trace_policy(settings)
+        RUNTIME.set_tracing(var, span_key, policy.ratio_bound, policy.parent_based)
+        return TracePipeline(
+            registry=REGISTRY,
+            processor=processor,
+            resource=resource,
+            policy=policy,
+            quantiles=AGGREGATOR.duration_quantiles,
+            monotonic_ns=_monotonic_ns,
+            counters=counter_metrics(settings.counter_mask),
+            scope_version=_version(),
+        )
 
     def shutdown(self, timeout_millis: float) -> None:
         deadline = time.monotonic() + timeout_millis / 1e3
@@ -288,6 +348,23 @@ class Exports:
             unwrap_meter_provider(self.user_provider)
         if self.prometheus is not None:
             self.prometheus.shutdown(timeout_millis=left())
+        self.stop_tracing(left())
+
+    def stop_tracing(self, timeout_millis: float) -> None:
+        """Stop giving entries span ids, then flush the spans built so far. Our own processors are
+        shut down; the application's TracerProvider is only flushed: it is the application's."""
+        if self.traces is None:
+            return
+        RUNTIME.set_tracing(None)
+        uninstall_runtime_context()
+        traces, self.traces = self.traces, None
+        try:
+            traces.force_flush(int(timeout_millis))
+            for processor in self._own_span_processor._span_processors:
+                if processor is not getattr(self.settings.tracer_provider, "_active_span_processor", None):
+                    processor.shutdown()
+        except Exception:
+            _logger.warning("inferscope: flushing spans failed", exc_info=True)
 
     def detach_after_fork(self) -> None:
         """In a forked child: stop contributing to the parent's exporters and endpoint.
@@ -341,6 +418,39 @@ def _make_exporter(name: str, settings: Settings) -> MetricExporter:
     return GrpcExporter(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
 
 
+def _make_span_exporter(name: str, settings: Settings) -> Any:
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    timeout_s = settings.export_timeout_millis / 1e3
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or "").strip() or settings.otlp_protocol
+    endpoint = settings.otlp_endpoint
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        if endpoint is not None and not endpoint.rstrip("/").endswith("/v1/traces"):
+            endpoint = endpoint.rstrip("/") + "/v1/traces"
+        return HttpExporter(endpoint=endpoint, timeout=timeout_s)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+    insecure = None if endpoint is None else endpoint.startswith("http://")
+    return GrpcExporter(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
+
+
+def _trace_policy(settings: Settings) -> TracePolicy:
+    parent_based, fixed_ratio = TRACE_SAMPLERS[settings.trace_sampler]
+    slow = settings.trace_slow_ms
+    return TracePolicy(
+        ratio=settings.trace_ratio if fixed_ratio is None else fixed_ratio,
+        parent_based=parent_based,
+        slow_seconds=slow / 1e3 if isinstance(slow, float) else None,
+        slow_quantile=SLOW_QUANTILES.get(slow) if isinstance(slow, str) else None,
+        errors=settings.trace_errors,
+        max_spans_per_second=settings.trace_max_spans_per_second,
+    )
+
+
 def _traced_bytes() -> int:
     return tracemalloc.get_traced_memory()[0]
 
@@ -373,6 +483,7 @@ def _apply(settings: Settings) -> None:
     DRAINER.stop()
     if previous is not None:
         DRAINER.drain()
+        DRAINER.traces = None
         previous.shutdown(settings.export_timeout_millis)
     REGISTRY.max_keys = settings.max_keys
     if settings.counter_mask & COUNTER_PY_HEAP:
@@ -396,8 +507,9 @@ def _apply(settings: Settings) -> None:
     # whenever one of those libraries is imported later.
     check_oversubscription()
     install_import_hook()
-    DRAINER.start(settings.drain_interval_millis)
     _exports = Exports(settings)
+    DRAINER.traces = _exports.traces
+    DRAINER.start(settings.drain_interval_millis)
 
 
 def shutdown(timeout_millis: float = 30_000) -> None:
@@ -413,6 +525,7 @@ def shutdown(timeout_millis: float = 30_000) -> None:
             RUNTIME.enabled = False
             DRAINER.drain()
             exports, _exports = _exports, None
+            DRAINER.traces = None
             if exports is not None:
                 exports.shutdown(timeout_millis)
         except Exception:
@@ -464,7 +577,9 @@ def _after_fork_in_child() -> None:
             resource = exports.resource.merge(
                 Resource({"process.pid": os.getpid(), "service.instance.id": str(uuid.uuid4())})
             )
+        EXEMPLARS.clear()  # the parent's spans; the child exports its own
         _exports = Exports(settings, serve_prometheus=False, resource=resource)
+        DRAINER.traces = _exports.traces
     except Exception:
         _exports = None
         _logger.error("inferscope: rebuilding exporters after fork failed", exc_info=True)

@@ -35,6 +35,9 @@ from ._records import (
     COUNTER_RUSAGE,
     COUNTER_SLOTS,
     COUNTER_THREAD_CPU,
+    FLAG_PARENT_REMOTE,
+    FLAG_SAMPLED,
+    FLAG_TRACED,
     MAX_STACK_DEPTH,
     NO_ERROR,
     NO_MODEL_KEY,
@@ -75,6 +78,7 @@ _TUPLE_DTYPE = np.dtype(
         ("cpu_ns", "<i8"),
     ]
 )
+_TRACE_FIELDS = ("trace_hi", "trace_lo", "span_id", "parent_id", "root_id")
 
 
 class _ThreadCounter:
@@ -148,10 +152,14 @@ class Ring:
             pass
         n = len(batch)
         if n:
-            # Records carry a 7th element, the counter slots, only when extra counters are on.
-            with_counters = [i for i, record in enumerate(batch) if len(record) == 7]
+            # A record carries a 7th element, the counter slots (or None), when extra counters or
+            # tracing are on, and an 8th, its trace ids (see Runtime._trace_open), when traced.
+            long = [i for i, record in enumerate(batch) if len(record) > 6]
+            with_counters = [i for i in long if batch[i][6] is not None]
             slots = [batch[i][6] for i in with_counters]  # type: ignore[misc]
-            for i in with_counters:
+            traced = [i for i in long if len(batch[i]) == 8]
+            ids = [batch[i][7][:5] for i in traced]  # type: ignore[misc]
+            for i in long:
                 batch[i] = batch[i][:6]
             columns = np.array(batch, dtype=_TUPLE_DTYPE)
             target = view[:n]
@@ -160,6 +168,12 @@ class Ring:
             target["counters"] = 0
             if with_counters:
                 target["counters"][with_counters] = slots
+            for name in _TRACE_FIELDS:
+                target[name] = 0
+            if traced:
+                values = np.array(ids, dtype=np.uint64).reshape(len(traced), 5)
+                for column, name in enumerate(_TRACE_FIELDS):
+                    target[name][traced] = values[:, column]
         return n
 
     def reset(self) -> None:
@@ -169,10 +183,14 @@ class Ring:
 
 # An open inference or stage is a list, not an object: building a list is several times cheaper
 # than calling a class, and this is the hot path of the pure-Python backend.
-# [owner, key, parent entry, depth, fork generation, start_ns, cpu_ns, overflow, extra]
-# where extra is None, or (counter mask, start values) when counters beyond the CPU clock are on.
+# [owner, key, parent entry, depth, fork generation, start_ns, cpu_ns, overflow, extra, trace]
+# where extra is None, or (counter mask, start values) when counters beyond the CPU clock are on,
+# and trace is None, or the entry's ids while tracing is on (see Runtime._trace_open).
 _Entry = list[Any]
-_OWNER, _KEY, _PARENT, _DEPTH, _GEN, _START, _CPU, _OVERFLOW, _EXTRA = range(9)
+_OWNER, _KEY, _PARENT, _DEPTH, _GEN, _START, _CPU, _OVERFLOW, _EXTRA, _TRACE = range(10)
+# The fields of a trace tuple, in the order of TraceIds in ringbuf.c.
+_T_HI, _T_LO, _T_SPAN, _T_PARENT, _T_ROOT, _T_CTX, _T_FLAGS = range(7)
+_U64 = (1 << 64) - 1
 _EXTRA_COUNTERS = COUNTER_RUSAGE | COUNTER_PERF | COUNTER_RSS | COUNTER_PY_HEAP
 
 
@@ -245,6 +263,11 @@ def read_counters(mask: int, /) -> tuple[int, tuple[int, ...]]:
 _ROOT_OWNER = object()
 
 
+def _new_id() -> int:
+    # random's generator is reseeded in a forked child, so a child never repeats its parent's ids.
+    return random.getrandbits(64) or 1
+
+
 class Stage:
     """A pipeline stage: a context manager and a decorator. Get one with inferscope.stage(name)."""
 
@@ -284,7 +307,11 @@ class Stage:
                     key = self._key(parent)
                 mask = rt.counters
                 # Runtime._open(), inlined for the common case: no counters beyond the clocks.
-                if mask & _EXTRA_COUNTERS or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH):
+                if (
+                    mask & _EXTRA_COUNTERS
+                    or rt._trace_var is not None
+                    or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH)
+                ):
                     rt._open(self, key, top)
                 else:
                     cpu = thread_cpu_ns() if mask & COUNTER_THREAD_CPU else -1
@@ -297,6 +324,7 @@ class Stage:
                         0,
                         cpu,
                         0,
+                        None,
                         None,
                     ]
                     var.set(entry)
@@ -317,6 +345,7 @@ class Stage:
                 and top is not None
                 and top[_OWNER] is self
                 and top[_EXTRA] is None
+                and top[_TRACE] is None
                 and not top[_OVERFLOW]
                 and top[_GEN] == rt._generation
             ):
@@ -357,6 +386,10 @@ class Runtime:
         self._epoch = 0
         self._depth_dropped = _ThreadCounter()
         self._internal_errors = _ThreadCounter()
+        self._trace_var: contextvars.ContextVar[Any] | None = None
+        self._span_key = ""
+        self._ratio_bound = 0
+        self._parent_based = True
 
     # -- attributes with the same names and checks as the C type --------------------------------
 
@@ -378,6 +411,10 @@ class Runtime:
     def registry(self, value: Any) -> None:
         self._registry = value
         self._epoch += 1
+
+    @property
+    def tracing(self) -> bool:
+        return self._trace_var is not None
 
     @property
     def depth_dropped(self) -> int:
@@ -410,9 +447,10 @@ class Runtime:
             if mask & COUNTER_RSS:
                 values[SLOT_RSS_SAMPLES] = _COUNTERS.rss_sample_start()
             extra = (mask, values)
+        trace = self._trace_open(top) if self._trace_var is not None else None
         if mask & COUNTER_THREAD_CPU:
             cpu = thread_cpu_ns()
-        entry = [owner, key, top, depth, self._generation, 0, cpu, 0, extra]
+        entry = [owner, key, top, depth, self._generation, 0, cpu, 0, extra, trace]
         self._var.set(entry)
         entry[_START] = monotonic_ns()  # read last: our own bookkeeping stays outside the window
 
@@ -425,18 +463,114 @@ class Runtime:
                 return
             error = NO_ERROR if exc_type is None else self._error_id(exc_type)
             extra = entry[_EXTRA]
-            if extra is None:
-                cpu = cpu_end - entry[_CPU] if entry[_CPU] >= 0 and cpu_end >= 0 else -1
-                self._ring._push((entry[_KEY], error, flags, entry[_START], end_ns - entry[_START], cpu))
-                return
-            mask, start = extra
-            _, end = _COUNTERS.read(mask, self.heap_reader)
+            trace = entry[_TRACE]
             cpu = cpu_end - entry[_CPU] if entry[_CPU] >= 0 and cpu_end >= 0 else -1
-            counters = tuple(_COUNTERS.delta(mask, start, end))
             start_ns = entry[_START]
-            self._ring._push((entry[_KEY], error, flags, start_ns, end_ns - start_ns, cpu, counters))
+            if extra is None and trace is None:
+                self._ring._push((entry[_KEY], error, flags, start_ns, end_ns - start_ns, cpu))
+                return
+            counters = None
+            if extra is not None:
+                mask, start = extra
+                _, end = _COUNTERS.read(mask, self.heap_reader)
+                counters = tuple(_COUNTERS.delta(mask, start, end))
+            self._push(entry[_KEY], error, flags, start_ns, end_ns - start_ns, cpu, counters, trace)
         except Exception:
             self._internal_errors.add()
+
+    def _push(
+        self,
+        key: int,
+        error: int,
+        flags: int,
+        start_ns: int,
+        wall_ns: int,
+        cpu_ns: int,
+        counters: tuple[int, ...] | None,
+        trace: tuple[int, ...] | None,
+    ) -> None:
+        if trace is None:
+            self._ring._push((key, error, flags, start_ns, wall_ns, cpu_ns, counters))
+        else:
+            flags |= trace[_T_FLAGS]
+            self._ring._push((key, error, flags, start_ns, wall_ns, cpu_ns, counters, trace))
+
+    # -- trace linkage (the C backend's trace_open) ------------------------------------------------
+
+    def _trace_open(self, top: _Entry | None) -> tuple[int, ...] | None:
+        """The ids of an entry opening under ``top``: see "Trace linkage" in ringbuf.c."""
+        var = self._trace_var
+        assert var is not None
+        ctx = var.get()
+        ctx_id = id(ctx)
+        up = top[_TRACE] if top is not None else None
+        root = up[_T_ROOT] if up is not None else 0
+        parent = None if up is not None and up[_T_CTX] == ctx_id else self._parent_from_otel(ctx)
+        if parent is not None:
+            hi, lo, parent_id, parent_flags = parent
+            sampled = parent_flags & FLAG_SAMPLED if self._parent_based else self._ratio_sampled(lo)
+            flags = FLAG_TRACED | (parent_flags & FLAG_PARENT_REMOTE) | (FLAG_SAMPLED if sampled else 0)
+        elif up is not None:
+            hi, lo, parent_id = up[_T_HI], up[_T_LO], up[_T_SPAN]
+            flags = FLAG_TRACED | (up[_T_FLAGS] & FLAG_SAMPLED)
+        else:
+            hi, lo, parent_id = _new_id(), _new_id(), 0
+            flags = FLAG_TRACED | (FLAG_SAMPLED if self._ratio_sampled(lo) else 0)
+        span = _new_id()
+        return (hi, lo, span, parent_id, root or span, ctx_id, flags)
+
+    def _ratio_sampled(self, trace_lo: int) -> bool:
+        return self._ratio_bound == _U64 or trace_lo < self._ratio_bound
+
+    def _parent_from_otel(self, ctx: Any) -> tuple[int, int, int, int] | None:
+        if not ctx:
+            return None
+        try:
+            span = ctx.get(self._span_key)
+            if span is None:
+                return None
+            sc = span.get_span_context()
+            trace_id, span_id = int(sc[0]), int(sc[1])
+            if not trace_id or not span_id:
+                return None
+            remote = FLAG_PARENT_REMOTE if sc[2] else 0
+            flags = FLAG_TRACED | remote | (FLAG_SAMPLED if int(sc[3]) & 1 else 0)
+            return (trace_id >> 64) & _U64, trace_id & _U64, span_id & _U64, flags
+        except Exception:
+            self._internal_errors.add()
+            return None
+
+    def set_tracing(
+        self,
+        var: contextvars.ContextVar[Any] | None,
+        span_key: str | None = None,
+        ratio_bound: int | None = None,
+        parent_based: bool | None = None,
+        /,
+    ) -> None:
+        if var is None and span_key is None:
+            self._trace_var = None
+            return
+        if not isinstance(var, contextvars.ContextVar) or not isinstance(span_key, str):
+            raise TypeError("set_tracing needs a ContextVar and a str key")
+        if ratio_bound is None or parent_based is None:
+            raise TypeError("set_tracing(var, span_key, ratio_bound, parent_based) or set_tracing(None)")
+        if not 0 <= ratio_bound <= _U64:
+            raise OverflowError("ratio_bound must fit 64 bits")
+        self._span_key = span_key
+        self._ratio_bound = int(ratio_bound)
+        self._parent_based = bool(parent_based)
+        self._trace_var = var
+
+    def current_trace(self) -> tuple[int, ...] | None:
+        top = self._top()
+        return top[_TRACE] if top is not None else None
+
+    def current_span(self) -> tuple[int, int, int, int, int] | None:
+        trace = self.current_trace()
+        if trace is None:
+            return None
+        return trace[_T_HI], trace[_T_LO], trace[_T_SPAN], trace[_T_FLAGS], trace[_T_CTX]
 
     def _take(self, owner: object) -> _Entry | None:
         top = self._var.get()
@@ -481,10 +615,14 @@ class Runtime:
                 generation = rt._generation
                 if top is not None and top[_GEN] != generation:
                     top = None
-                if (top is None or top[_DEPTH] < MAX_STACK_DEPTH) and not rt.counters & _EXTRA_COUNTERS:
+                if (
+                    (top is None or top[_DEPTH] < MAX_STACK_DEPTH)
+                    and not rt.counters & _EXTRA_COUNTERS
+                    and rt._trace_var is None
+                ):
                     cpu = thread_cpu_ns() if rt.counters & COUNTER_THREAD_CPU else -1
                     depth = 1 if top is None else top[_DEPTH] + 1
-                    entry = [tracked, key, top, depth, generation, 0, cpu, 0, None]
+                    entry = [tracked, key, top, depth, generation, 0, cpu, 0, None, None]
                     var.set(entry)
                     entry[_START] = monotonic_ns()
                 else:
@@ -504,6 +642,7 @@ class Runtime:
                 and entry[_GEN] == rt._generation
                 and not entry[_OVERFLOW]
                 and entry[_EXTRA] is None
+                and entry[_TRACE] is None
             ):
                 var.set(entry[_PARENT])
                 start = entry[_START]
@@ -538,17 +677,31 @@ class Runtime:
             self._stages[name] = created
         return created
 
-    def enter(self, owner: object, key: int, stash: list[_Entry] | None = None, /) -> None:
+    def enter(
+        self,
+        owner: object,
+        key: int,
+        stash: list[_Entry] | None = None,
+        trace: tuple[int, ...] | None = None,
+        /,
+    ) -> None:
         if not self.enabled:
             return
         try:
             self._open(owner, key, self._top())
+            opened = self._var.get()
+            ctx_id = None
+            if opened is not None and opened[_OWNER] is owner and opened[_TRACE] is not None:
+                ctx_id = opened[_TRACE][_T_CTX]
+                if trace is not None:
+                    # The span this generator had; the OTel context of this resumption.
+                    opened[_TRACE] = (*trace[:_T_CTX], ctx_id, trace[_T_FLAGS])
             if stash:
-                self._reopen(stash)
+                self._reopen(stash, ctx_id)
         except Exception:
             self._internal_errors.add()
 
-    def _reopen(self, stash: list[_Entry]) -> None:
+    def _reopen(self, stash: list[_Entry], ctx_id: int | None) -> None:
         top = self._var.get()
         for entry in stash:  # outermost first
             depth = 1 if top is None else top[_DEPTH] + 1
@@ -558,6 +711,9 @@ class Runtime:
                 self._depth_dropped.add()
                 continue
             entry[_PARENT], entry[_DEPTH], entry[_OVERFLOW] = top, depth, 0
+            trace = entry[_TRACE]
+            if trace is not None and ctx_id is not None:
+                entry[_TRACE] = (*trace[:_T_CTX], ctx_id, trace[_T_FLAGS])
             top = entry
         self._var.set(top)
 
@@ -568,7 +724,9 @@ class Runtime:
         cpu_end = thread_cpu_ns() if self.counters & COUNTER_THREAD_CPU else -1
         self._close(owner, exc_type, flags, end_ns, cpu_end)
 
-    def exit_segment(self, owner: object, /) -> tuple[int, int, int, list[_Entry] | None] | None:
+    def exit_segment(
+        self, owner: object, /
+    ) -> tuple[int, int, int, list[_Entry] | None, tuple[int, ...] | None] | None:
         if not self.enabled:
             return None
         end_ns = monotonic_ns()
@@ -584,7 +742,7 @@ class Runtime:
         self._var.set(node[_PARENT])
         above.reverse()
         cpu = cpu_end - node[_CPU] if node[_CPU] >= 0 and cpu_end >= 0 else -1
-        return node[_START], end_ns - node[_START], cpu, above or None
+        return node[_START], end_ns - node[_START], cpu, above or None, node[_TRACE]
 
     def record(
         self,
@@ -594,13 +752,17 @@ class Runtime:
         start_ns: int,
         wall_ns: int,
         cpu_ns: int,
+        trace: tuple[int, ...] | None = None,
         /,
     ) -> None:
         if not self.enabled:
             return
         try:
             error = self._error_id(exc_type)
-            self._ring._push((key, error, flags, start_ns, wall_ns, cpu_ns))
+            if trace is None:
+                self._ring._push((key, error, flags, start_ns, wall_ns, cpu_ns))
+            else:
+                self._push(key, error, flags, start_ns, wall_ns, cpu_ns, None, trace)
         except Exception:
             self._internal_errors.add()
 
@@ -618,8 +780,8 @@ class Runtime:
         top = self._top()
         return top[_KEY] if top is not None else NO_MODEL_KEY
 
-    def use_frame(self, root_key: int, /) -> None:
-        self._var.set([_ROOT_OWNER, int(root_key), None, 0, self._generation, 0, -1, 0, None])
+    def use_frame(self, root_key: int, trace: tuple[int, ...] | None = None, /) -> None:
+        self._var.set([_ROOT_OWNER, int(root_key), None, 0, self._generation, 0, -1, 0, None, trace])
 
     def active_depth(self) -> int:
         top = self._top()

@@ -22,12 +22,24 @@ RECORD_DTYPE = np.dtype(
         ("wall_ns", "<i8"),  # wall-clock duration
         ("cpu_ns", "<i8"),  # thread CPU time spent, or CPU_NOT_MEASURED
         ("counters", "<i8", (COUNTER_SLOTS,)),
+        # Trace linkage, set only while tracing is on (FLAG_TRACED); see export/traces.py.
+        ("trace_hi", "<u8"),  # trace id, high 64 bits
+        ("trace_lo", "<u8"),  # trace id, low 64 bits (the ratio sampler's random part)
+        ("span_id", "<u8"),
+        ("parent_id", "<u8"),  # 0 for a root span
+        ("root_id", "<u8"),  # span id of the outermost traced entry of its frame: the sampling unit
     ]
 )
-assert RECORD_DTYPE.itemsize == 128
+assert RECORD_DTYPE.itemsize == 168
 
 #: The generator or async generator was closed (or collected) before it was exhausted.
 FLAG_ABANDONED = 1
+#: The record carries trace linkage.
+FLAG_TRACED = 2
+#: Kept whatever its duration: its parent span was sampled, or the ratio picked its trace at entry.
+FLAG_SAMPLED = 4
+#: Its parent span came from another process (a propagated context).
+FLAG_PARENT_REMOTE = 8
 
 #: ``cpu_ns`` when the active counter set does not read the thread CPU clock.
 CPU_NOT_MEASURED = -1

@@ -529,6 +529,7 @@ class AggregateView:
     keys_overflowed: int
     internal_errors: int
     start_time_unix_nano: int
+    spans_dropped: Mapping[str, int] = field(default_factory=dict)  # cumulative, by reason; tracing only
 
 
 class _BatchHistograms(NamedTuple):
@@ -661,6 +662,7 @@ class Aggregator:
         self._scratch = _Scratch()
         self._series: dict[int, Series] = {}
         self._dropped: dict[str, int] = {}
+        self._spans_dropped: dict[str, int] = {}
         self._internal_errors = 0
         self._start_time_unix_nano = time.time_ns() if start_time_unix_nano is None else start_time_unix_nano
 
@@ -738,6 +740,11 @@ class Aggregator:
         with self._lock:
             self._dropped[reason] = int(total)
 
+    def set_spans_dropped(self, totals: Mapping[str, int]) -> None:
+        """Record the cumulative number of spans the tracer did not export, by reason."""
+        with self._lock:
+            self._spans_dropped = {reason: int(n) for reason, n in totals.items()}
+
     def set_internal_errors(self, total: int) -> None:
         """Record the cumulative number of inferscope's own failures."""
         with self._lock:
@@ -748,9 +755,21 @@ class Aggregator:
         with self._lock:
             series = tuple(self._series[sid].copy() for sid in sorted(self._series))
             dropped = dict(self._dropped)
+            spans_dropped = dict(self._spans_dropped)
             internal_errors = self._internal_errors
             start = self._start_time_unix_nano
-        return AggregateView(series, dropped, self.registry.overflowed, internal_errors, start)
+        return AggregateView(series, dropped, self.registry.overflowed, internal_errors, start, spans_dropped)
+
+    def duration_quantiles(self, q: float, min_count: int) -> dict[int, float]:
+        """Per key, the ``q`` quantile in seconds of the successful calls' durations so far, for keys
+        with at least ``min_count`` of them. The tail sampler keeps calls slower than this."""
+        with self._lock:
+            histograms = [
+                (series.info.key, series.duration.copy())
+                for series in self._series.values()
+                if series.error_id == 0 and series.duration.count >= min_count
+            ]
+        return {key: histogram.quantile(q) for key, histogram in histograms}
 
     def reset(self, start_time_unix_nano: int | None = None) -> None:
         """Forget all series, drop counts and internal-error counts (in a child after ``fork()``).
@@ -761,6 +780,7 @@ class Aggregator:
         with self._lock:
             self._series.clear()
             self._dropped.clear()
+            self._spans_dropped = {}
             self._internal_errors = 0
             self._start_time_unix_nano = (
                 time.time_ns() if start_time_unix_nano is None else start_time_unix_nano

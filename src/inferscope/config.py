@@ -10,6 +10,7 @@ docs/configuration.md is checked against it by the test suite, so the two cannot
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import numbers
@@ -120,6 +121,18 @@ RECORD_BYTES = RECORD_DTYPE.itemsize
 _DEFAULT_RING_CAPACITY = 65536
 
 _EXPORTERS = ("otlp", "console", "prometheus")
+_TRACE_EXPORTERS = ("otlp", "console")
+#: OTEL_TRACES_SAMPLER values -> (parent-based, the ratio of roots kept at entry; None: trace_ratio).
+TRACE_SAMPLERS: dict[str, tuple[bool, float | None]] = {
+    "parentbased_traceidratio": (True, None),
+    "parentbased_always_on": (True, 1.0),
+    "parentbased_always_off": (True, 0.0),
+    "traceidratio": (False, None),
+    "always_on": (False, 1.0),
+    "always_off": (False, 0.0),
+}
+#: trace_slow_ms values besides a number of milliseconds.
+TRACE_SLOW_WORDS = ("p90", "p95", "p99", "p999", "off")
 _PROTOCOLS = {"grpc": "grpc", "http/protobuf": "http/protobuf"}
 _HISTOGRAM_AGGREGATIONS = {
     "exponential": "exponential",
@@ -131,6 +144,7 @@ _TRUE_TEXT = frozenset({"true", "1", "yes", "on"})
 _FALSE_TEXT = frozenset({"false", "0", "no", "off"})
 
 _OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+_OTLP_TRACES_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
 # --- converters: text from an environment variable -> Python value --------------------------------
@@ -250,24 +264,89 @@ def _items(value: object) -> tuple[object, ...]:
     return tuple(value)
 
 
-def _exporters(value: object) -> object:
-    names = _list_text(value) if isinstance(value, str) else _items(value)
-    result: list[str] = []
-    for item in names:
-        if not isinstance(item, str):
+def _exporter_names(known: tuple[str, ...]) -> Callable[[object], object]:
+    def check(value: object) -> object:
+        names = _list_text(value) if isinstance(value, str) else _items(value)
+        result: list[str] = []
+        for item in names:
+            if not isinstance(item, str):
+                raise _Invalid
+            name = item.strip().lower()
+            if name == "none":
+                if len(names) > 1:
+                    raise _Invalid("'none' cannot be combined with other exporters")
+                return ()
+            if name not in known:
+                if not name:
+                    raise _Invalid("an entry is empty")
+                raise _Invalid(f"unknown exporter {item.strip()!r}" if len(names) > 1 else None)
+            if name not in result:
+                result.append(name)
+        return tuple(result)
+
+    return check
+
+
+def _ratio(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _Invalid
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise _Invalid
+    return number
+
+
+def _number_or_word_text(text: str) -> object:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _float_text(text: str) -> object:
+    try:
+        return float(text)
+    except ValueError:
+        raise _Invalid from None
+
+
+def _trace_slow(value: object) -> object:
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRACE_SLOW_WORDS:
+            return word
+        raise _Invalid
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _Invalid
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise _Invalid
+    return number
+
+
+def _sdk_instance(module: str, name: str) -> Callable[[object], object]:
+    def check(value: object) -> object:
+        if value is None:
+            return None
+        cls = getattr(__import__(module, fromlist=[name]), name)  # imported only when one is given
+        if not isinstance(value, cls):
             raise _Invalid
-        name = item.strip().lower()
-        if name == "none":
-            if len(names) > 1:
-                raise _Invalid("'none' cannot be combined with other exporters")
+        return value
+
+    return check
+
+
+def _sdk_instances(module: str, name: str) -> Callable[[object], object]:
+    def check(value: object) -> object:
+        items = _items(value)
+        if not items:
             return ()
-        if name not in _EXPORTERS:
-            if not name:
-                raise _Invalid("an entry is empty")
-            raise _Invalid(f"unknown exporter {item.strip()!r}" if len(names) > 1 else None)
-        if name not in result:
-            result.append(name)
-    return tuple(result)
+        cls = getattr(__import__(module, fromlist=[name]), name)
+        if not all(isinstance(item, cls) for item in items):
+            raise _Invalid
+        return items
+
+    return check
 
 
 def _endpoint(value: object) -> object:
@@ -303,25 +382,8 @@ def _boundaries(value: object) -> object:
     return tuple(result)
 
 
-def _meter_provider(value: object) -> object:
-    if value is None:
-        return None
-    from opentelemetry.sdk.metrics import MeterProvider  # imported only when one is given
-
-    if not isinstance(value, MeterProvider):
-        raise _Invalid
-    return value
-
-
-def _metric_exporters(value: object) -> object:
-    items = _items(value)
-    if not items:
-        return ()
-    from opentelemetry.sdk.metrics.export import MetricExporter  # imported only when one is given
-
-    if not all(isinstance(item, MetricExporter) for item in items):
-        raise _Invalid
-    return items
+_meter_provider = _sdk_instance("opentelemetry.sdk.metrics", "MeterProvider")
+_metric_exporters = _sdk_instances("opentelemetry.sdk.metrics.export", "MetricExporter")
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -422,7 +484,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "sends nothing unless an OTLP endpoint is named (otlp_endpoint, OTEL_EXPORTER_OTLP_ENDPOINT or "
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT): inferscope never sends data to a backend you did not "
         "name, and snapshot() and the CLI work with no exporter.",
-        _exporters,
+        _exporter_names(_EXPORTERS),
         _list_text,
     ),
     SettingSpec(
@@ -529,6 +591,90 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Extra exporters to push to, next to metrics_exporters (for example an in-memory exporter in tests).",
         _metric_exporters,
     ),
+    SettingSpec(
+        "traces_exporters",
+        ("INFERSCOPE_TRACES_EXPORTER", "OTEL_TRACES_EXPORTER"),
+        "none; otlp when an OTLP endpoint is set",
+        "'otlp', 'console', comma-separated (or a list in configure()), or 'none' alone",
+        "Where spans go (docs/tracing.md). Tracing is on when this names an exporter, or when "
+        "tracer_provider or span_exporters is given; otherwise the hot path pays nothing for it. As for "
+        "metrics, the default sends nothing unless an OTLP endpoint is named (otlp_endpoint, "
+        "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). The otlp exporter uses "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL when set, else otlp_protocol.",
+        _exporter_names(_TRACE_EXPORTERS),
+        _list_text,
+    ),
+    SettingSpec(
+        "trace_sampler",
+        ("INFERSCOPE_TRACE_SAMPLER", "OTEL_TRACES_SAMPLER"),
+        "parentbased_traceidratio",
+        ", ".join(f"'{name}'" for name in TRACE_SAMPLERS),
+        "Which calls are kept when they start, as OTEL_TRACES_SAMPLER means it: parentbased_* keep a "
+        "call whose parent span is sampled and drop one whose parent is not; a call without a parent is "
+        "kept at trace_ratio (traceidratio), always or never. Slow calls and errors are kept on top, "
+        "after they end. An OTEL_TRACES_SAMPLER value that inferscope cannot follow (e.g. jaeger_remote) "
+        "is ignored.",
+        _choice({name: name for name in TRACE_SAMPLERS}),
+    ),
+    SettingSpec(
+        "trace_ratio",
+        ("INFERSCOPE_TRACE_RATIO",),
+        "0.01",
+        "a number from 0 to 1",
+        "The share of calls without a sampled parent that are kept whatever their duration, chosen by "
+        "trace id as OTel's TraceIdRatioBased does. Unset, OTEL_TRACES_SAMPLER_ARG gives it when "
+        "trace_sampler is one of the traceidratio samplers.",
+        _ratio,
+        _float_text,
+    ),
+    SettingSpec(
+        "trace_slow_ms",
+        ("INFERSCOPE_TRACE_SLOW_MS",),
+        "p99",
+        "a number of milliseconds above 0, 'p90', 'p95', 'p99' or 'p999' (slower than that quantile of "
+        "the same model or stage so far), or 'off'",
+        "Calls slower than this are kept. A quantile applies to a model or stage once it has "
+        "100 successful calls.",
+        _trace_slow,
+        _number_or_word_text,
+    ),
+    SettingSpec(
+        "trace_errors",
+        ("INFERSCOPE_TRACE_ERRORS",),
+        "true",
+        "True or False (in INFERSCOPE_TRACE_ERRORS: true/false, 1/0, yes/no or on/off, in any case)",
+        "Whether every call that raised is kept.",
+        _check_bool,
+        _bool_text,
+    ),
+    SettingSpec(
+        "trace_max_spans_per_second",
+        ("INFERSCOPE_TRACE_MAX_SPANS_PER_SECOND",),
+        "1000",
+        "an integer from 1 to 1000000",
+        "Spans per second that calls kept for being slow or failing may add; past it they are dropped "
+        "and counted in inferscope.sdk.spans.dropped (reason rate_limit). Calls kept when they started "
+        "are never dropped, so that no trace is broken.",
+        _int_check(1, 1_000_000),
+        _int_text,
+    ),
+    SettingSpec(
+        "tracer_provider",
+        (),
+        "unset",
+        "an opentelemetry.sdk.trace.TracerProvider instance",
+        "A TracerProvider that your application already set up; inferscope's spans go through its span "
+        "processors, with its Resource.",
+        _sdk_instance("opentelemetry.sdk.trace", "TracerProvider"),
+    ),
+    SettingSpec(
+        "span_exporters",
+        (),
+        "none",
+        "a sequence of opentelemetry.sdk.trace.export.SpanExporter instances",
+        "Extra span exporters, next to traces_exporters (for example an InMemorySpanExporter in tests).",
+        _sdk_instances("opentelemetry.sdk.trace.export", "SpanExporter"),
+    ),
 )
 
 _SPECS: dict[str, SettingSpec] = {spec.name: spec for spec in SETTINGS}
@@ -576,12 +722,25 @@ class Settings:
     prometheus_port: int = 9464
     meter_provider: object | None = None
     metric_exporters: tuple[object, ...] = ()
+    traces_exporters: tuple[str, ...] = ()
+    trace_sampler: str = "parentbased_traceidratio"
+    trace_ratio: float = 0.01
+    trace_slow_ms: float | str = "p99"
+    trace_errors: bool = True
+    trace_max_spans_per_second: int = 1000
+    tracer_provider: object | None = None
+    span_exporters: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:
         for spec in SETTINGS:
             normalized = _convert(spec, getattr(self, spec.name), SETTINGS_FIELD)
             object.__setattr__(self, spec.name, normalized)
         object.__setattr__(self, "counter_mask", counter_mask(self.counters))
+
+    @property
+    def tracing(self) -> bool:
+        """Whether spans are recorded: an exporter, a TracerProvider or span exporters are given."""
+        return self.enabled and bool(self.traces_exporters or self.tracer_provider or self.span_exporters)
 
 
 def _unknown_setting(name: str, value: object) -> ConfigError:
@@ -610,6 +769,8 @@ def _from_environment(spec: SettingSpec, environ: Mapping[str, str]) -> tuple[bo
             if raw.strip().lower() == "true":
                 return True, False
             continue
+        if variable == "OTEL_TRACES_SAMPLER" and raw.strip().lower() not in TRACE_SAMPLERS:
+            continue  # a sampler of another system (jaeger_remote, xray): not ours to refuse
         return True, _convert(spec, None, variable, text=raw)
     return False, None
 
@@ -647,6 +808,17 @@ def load_settings(
     ):
         # Naming an OTLP endpoint is naming a backend: export to it without also asking for "otlp".
         values["metrics_exporters"] = ("otlp",)
+    if "traces_exporters" not in values and (
+        values.get("otlp_endpoint") is not None
+        or any((environ.get(variable) or "").strip() for variable in _OTLP_TRACES_ENDPOINT_VARIABLES)
+    ):
+        values["traces_exporters"] = ("otlp",)
+    if "trace_ratio" not in values and values.get("trace_sampler", "").endswith("traceidratio"):
+        # OTel semantics: the sampler's argument is its ratio; one that is not a ratio is ignored.
+        with contextlib.suppress(ValueError):
+            ratio = float((environ.get("OTEL_TRACES_SAMPLER_ARG") or "").strip())
+            if 0.0 <= ratio <= 1.0:
+                values["trace_ratio"] = ratio
     return Settings(**values)
 
 

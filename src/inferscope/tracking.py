@@ -168,21 +168,24 @@ class _Segments:
     """Accumulates the resumptions of a generator: wall time from the first resume to the end,
     CPU time only while the generator body ran (not while the consumer did)."""
 
-    __slots__ = ("cpu_ns", "start_ns", "stash")
+    __slots__ = ("cpu_ns", "start_ns", "stash", "trace")
 
     def __init__(self) -> None:
         self.start_ns: int | None = None
         self.cpu_ns = 0
         #: The stages the generator was inside when it yielded; reopened when it resumes.
         self.stash: Any = None
+        #: The generator's span while tracing is on: one span from the first resume to the end.
+        self.trace: Any = None
 
-    def add(self, segment: tuple[int, int, int, Any] | None) -> None:
+    def add(self, segment: tuple[int, int, int, Any, Any] | None) -> None:
         if segment is None:
             self.stash = None
             return
-        start_ns, _wall_ns, cpu_ns, self.stash = segment
+        start_ns, _wall_ns, cpu_ns, self.stash, trace = segment
         if self.start_ns is None:
             self.start_ns = start_ns
+            self.trace = trace
         if cpu_ns < 0 or self.cpu_ns < 0:
             self.cpu_ns = -1
         else:
@@ -190,7 +193,8 @@ class _Segments:
 
     def record(self, key: int, exc_type: type[BaseException] | None, flags: int) -> None:
         if self.start_ns is not None:
-            RUNTIME.record(key, exc_type, flags, self.start_ns, monotonic_ns() - self.start_ns, self.cpu_ns)
+            wall_ns = monotonic_ns() - self.start_ns
+            RUNTIME.record(key, exc_type, flags, self.start_ns, wall_ns, self.cpu_ns, self.trace)
 
 
 def _track_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
@@ -207,7 +211,7 @@ def _track_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
             while True:
                 # Each resumption is an entry of its own, so stages inside the body nest under this
                 # inference and the consumer's own stages between items do not.
-                enter(tracked, key, segments.stash)
+                enter(tracked, key, segments.stash, segments.trace)
                 try:
                     if to_throw is not None:
                         item, to_throw = gen.throw(to_throw), None
@@ -246,7 +250,7 @@ def _track_async_generator(func: Callable[..., Any], key: int) -> Callable[..., 
         to_throw: BaseException | None = None
         try:
             while True:
-                enter(tracked, key, segments.stash)
+                enter(tracked, key, segments.stash, segments.trace)
                 try:
                     if to_throw is not None:
                         item, to_throw = await agen.athrow(to_throw), None
@@ -317,16 +321,19 @@ def bind(func: F) -> F:
             futures = [pool.submit(inferscope.bind(score), shard) for shard in shards]
     """
     root = RUNTIME.current_key()
+    trace = RUNTIME.current_trace()
     captured = contextvars.copy_context()
 
     @functools.wraps(func)
     def bound(*args: Any, **kwargs: Any) -> Any:
         # One copy per call: a Context can be entered by one thread at a time.
-        return captured.copy().run(_run_in_frame, root, func, args, kwargs)
+        return captured.copy().run(_run_in_frame, root, trace, func, args, kwargs)
 
     return bound  # type: ignore[return-value]
 
 
-def _run_in_frame(root: int, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    RUNTIME.use_frame(root)
+def _run_in_frame(
+    root: int, trace: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    RUNTIME.use_frame(root, trace)
     return func(*args, **kwargs)

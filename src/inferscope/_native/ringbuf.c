@@ -21,6 +21,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <sys/random.h>
 #include <time.h>
 
 #include "counters.h"
@@ -30,6 +31,9 @@
 #define NO_MODEL_KEY 0
 #define STAGE_CACHE_LIMIT 10000
 #define FLAG_ABANDONED 1
+#define FLAG_TRACED 2
+#define FLAG_SAMPLED 4
+#define FLAG_PARENT_REMOTE 8
 
 static inline int64_t monotonic_ns(void)
 {
@@ -210,6 +214,17 @@ static PyTypeObject Ring_Type = {
 /* ------------------------------------------------------------------------------------------ */
 /* Frame                                                                                      */
 
+/* An entry's place in a trace, assigned when it opens while tracing is on. flags == 0: untraced. */
+typedef struct {
+    uint64_t trace_hi;
+    uint64_t trace_lo;
+    uint64_t span_id;
+    uint64_t parent_id;
+    uint64_t root_id;
+    uintptr_t otel_ctx; /* identity of the OTel context current when it opened; never dereferenced */
+    uint16_t flags;     /* FLAG_TRACED | FLAG_SAMPLED | FLAG_PARENT_REMOTE */
+} TraceIds;
+
 typedef struct {
     PyObject *owner; /* borrowed, identity only: the Tracked, Stage or Python owner that pushed it */
     uint32_t key;
@@ -217,6 +232,7 @@ typedef struct {
     int64_t start_ns;
     int64_t cpu_ns;
     int64_t counters[INFERSCOPE_COUNTER_SLOTS];
+    TraceIds trace;
 } Entry;
 
 typedef struct {
@@ -226,6 +242,7 @@ typedef struct {
     uint32_t root_key;
     int depth;
     int overflow; /* entries that did not fit; their exits are absorbed */
+    TraceIds base; /* the trace position inherited from the frame this one was rooted in */
     Entry stack[MAX_STACK_DEPTH];
 } FrameObject;
 
@@ -244,6 +261,10 @@ typedef struct {
     PyObject *heap_reader; /* Python callable -> traced bytes, for COUNTER_PY_HEAP */
     int counters;
     int enabled;
+    PyObject *trace_var;  /* OTel's current-context ContextVar while tracing is on, else NULL */
+    PyObject *span_key;   /* OTel's context key of the current span */
+    uint64_t ratio_bound; /* a root is sampled at entry when trace_lo < ratio_bound (UINT64_MAX: all) */
+    int parent_based;     /* a parent's sampled flag decides instead of the ratio */
     uint64_t generation; /* bumped at fork: entries opened before it are never recorded */
     uint64_t epoch;      /* bumped when the registry changes: stage caches are dropped */
     uint64_t depth_dropped;
@@ -263,12 +284,19 @@ static FrameObject *new_frame(RuntimeObject *rt, uint32_t root_key)
     f->root_key = root_key;
     f->depth = 0;
     f->overflow = 0;
+    memset(&f->base, 0, sizeof(TraceIds));
     return f;
 }
 
 static inline uint32_t frame_top_key(FrameObject *f)
 {
     return f->depth > 0 ? f->stack[f->depth - 1].key : f->root_key;
+}
+
+/* The trace position of the innermost open entry, or the inherited one when none is open. */
+static inline const TraceIds *frame_top_trace(FrameObject *f)
+{
+    return f->depth > 0 ? &f->stack[f->depth - 1].trace : &f->base;
 }
 
 /* Installs `f` as the frame of the current context. */
@@ -293,6 +321,7 @@ static FrameObject *current_frame(RuntimeObject *rt)
         return NULL;
     }
     uint32_t root = NO_MODEL_KEY;
+    TraceIds base = {0};
     if (value != NULL) {
         FrameObject *f = (FrameObject *)value;
         if (Py_IS_TYPE(value, &Frame_Type) && f->generation == rt->generation) {
@@ -301,6 +330,7 @@ static FrameObject *current_frame(RuntimeObject *rt)
             }
             /* Inherited through a copied context (an asyncio task, Context.run in a thread). */
             root = frame_top_key(f);
+            base = *frame_top_trace(f);
         }
         Py_DECREF(value);
     }
@@ -308,6 +338,7 @@ static FrameObject *current_frame(RuntimeObject *rt)
     if (f == NULL) {
         return NULL;
     }
+    f->base = base;
     if (install_frame(rt, f) < 0) {
         Py_DECREF(f);
         return NULL;
@@ -344,6 +375,137 @@ static int64_t py_heap_bytes(RuntimeObject *rt)
     return bytes;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Trace linkage                                                                              */
+/*
+ * While tracing is on, each entry gets a span id, its trace id and its parent's span id when it
+ * opens, so that spans built later (export/traces.py) link up with spans the application creates
+ * meanwhile. The parent is the enclosing entry, unless the OTel context changed since that entry
+ * opened (the application attached a span of its own in between, or there is no enclosing entry):
+ * then it is the span of the current OTel context. Nothing OTel is built here; the context is
+ * compared by identity, and its span read only when it changed.
+ */
+
+static PyObject *str_get_span_context; /* interned "get_span_context" */
+static PyObject *int_64;               /* the int 64, for the trace id's high half */
+
+/* Span and trace ids: splitmix64 per thread, seeded from the kernel and reseeded after fork so
+ * that a child never repeats its parent's ids. */
+static __thread uint64_t id_state;
+static __thread uint64_t id_generation = UINT64_MAX;
+
+static uint64_t next_id(void)
+{
+    if (id_generation != counters_generation) {
+        uint64_t seed = 0;
+        if (getrandom(&seed, sizeof(seed), GRND_NONBLOCK) != (ssize_t)sizeof(seed)) {
+            seed = (uint64_t)monotonic_ns() ^ ((uint64_t)(uintptr_t)&seed << 16);
+        }
+        id_state = seed;
+        id_generation = counters_generation;
+    }
+    for (;;) {
+        uint64_t z = (id_state += 0x9E3779B97F4A7C15ULL);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        z ^= z >> 31;
+        if (z != 0) {
+            return z;
+        }
+    }
+}
+
+static inline int ratio_sampled(RuntimeObject *rt, uint64_t trace_lo)
+{
+    return rt->ratio_bound == UINT64_MAX || trace_lo < rt->ratio_bound;
+}
+
+/* The span of an OTel context as the parent `out` (trace id, parent_id, flags); 0 when the
+ * context holds no valid span. Never raises: failures are counted. */
+static int parent_from_otel(RuntimeObject *rt, PyObject *ctx, TraceIds *out)
+{
+    if (ctx == NULL || !PyDict_Check(ctx) || PyDict_GET_SIZE(ctx) == 0) {
+        return 0;
+    }
+    PyObject *span = PyDict_GetItemWithError(ctx, rt->span_key); /* borrowed */
+    if (span == NULL) {
+        if (PyErr_Occurred()) {
+            count_internal_error(rt);
+        }
+        return 0;
+    }
+    PyObject *sc = PyObject_CallMethodNoArgs(span, str_get_span_context);
+    if (sc == NULL) {
+        count_internal_error(rt);
+        return 0;
+    }
+    int found = 0;
+    if (PyTuple_Check(sc) && PyTuple_GET_SIZE(sc) >= 4) {
+        PyObject *trace_id = PyTuple_GET_ITEM(sc, 0);
+        PyObject *high = PyLong_Check(trace_id) ? PyNumber_Rshift(trace_id, int_64) : NULL;
+        if (high != NULL) {
+            out->trace_hi = PyLong_AsUnsignedLongLongMask(high);
+            out->trace_lo = PyLong_AsUnsignedLongLongMask(trace_id);
+            out->parent_id = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(sc, 1));
+            int remote = PyObject_IsTrue(PyTuple_GET_ITEM(sc, 2));
+            unsigned long long trace_flags = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(sc, 3));
+            Py_DECREF(high);
+            if (PyErr_Occurred()) {
+                count_internal_error(rt);
+            }
+            else if ((out->trace_hi | out->trace_lo) != 0 && out->parent_id != 0) {
+                out->flags = (uint16_t)(FLAG_TRACED | (remote > 0 ? FLAG_PARENT_REMOTE : 0) |
+                                        ((trace_flags & 1) ? FLAG_SAMPLED : 0));
+                found = 1;
+            }
+        }
+        else if (PyErr_Occurred()) {
+            count_internal_error(rt);
+        }
+    }
+    Py_DECREF(sc);
+    return found;
+}
+
+/* Assign the ids of the entry on top of `f`, which was just pushed. */
+static void trace_open(RuntimeObject *rt, FrameObject *f, TraceIds *t)
+{
+    const TraceIds *up = f->depth > 1 ? &f->stack[f->depth - 2].trace : &f->base;
+    PyObject *ctx = NULL;
+    if (PyContextVar_Get(rt->trace_var, NULL, &ctx) < 0) {
+        count_internal_error(rt);
+        t->flags = 0;
+        return;
+    }
+    TraceIds parent = {0};
+    t->otel_ctx = (uintptr_t)ctx;
+    t->root_id = up->flags ? up->root_id : 0;
+    if (!(up->flags && up->otel_ctx == (uintptr_t)ctx) && parent_from_otel(rt, ctx, &parent)) {
+        t->trace_hi = parent.trace_hi;
+        t->trace_lo = parent.trace_lo;
+        t->parent_id = parent.parent_id;
+        int sampled = rt->parent_based ? (parent.flags & FLAG_SAMPLED) : ratio_sampled(rt, parent.trace_lo);
+        t->flags = (uint16_t)(FLAG_TRACED | (parent.flags & FLAG_PARENT_REMOTE) | (sampled ? FLAG_SAMPLED : 0));
+    }
+    else if (up->flags) {
+        t->trace_hi = up->trace_hi;
+        t->trace_lo = up->trace_lo;
+        t->parent_id = up->span_id;
+        t->flags = (uint16_t)(FLAG_TRACED | (up->flags & FLAG_SAMPLED));
+    }
+    else {
+        t->trace_hi = next_id();
+        t->trace_lo = next_id();
+        t->parent_id = 0;
+        t->flags = (uint16_t)(FLAG_TRACED | (ratio_sampled(rt, t->trace_lo) ? FLAG_SAMPLED : 0));
+    }
+    t->span_id = next_id();
+    if (t->root_id == 0) {
+        t->root_id = t->span_id;
+    }
+    Py_XDECREF(ctx);
+}
+
 static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner, uint32_t key)
 {
     if (f->depth >= MAX_STACK_DEPTH) {
@@ -357,6 +519,10 @@ static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner
     e->key = key;
     e->mask = mask;
     e->cpu_ns = -1;
+    e->trace.flags = 0;
+    if (rt->trace_var != NULL) {
+        trace_open(rt, f, &e->trace);
+    }
     if (mask & ~COUNTER_THREAD_CPU) {
         counters_read(mask, &e->cpu_ns, e->counters);
         if (mask & COUNTER_RSS) {
@@ -448,6 +614,16 @@ static inline void counters_delta(const Entry *e, const EndClocks *c, inferscope
     }
 }
 
+static inline void record_trace(inferscope_record *rec, const TraceIds *t)
+{
+    rec->flags |= t->flags;
+    rec->trace_hi = t->trace_hi;
+    rec->trace_lo = t->trace_lo;
+    rec->span_id = t->span_id;
+    rec->parent_id = t->parent_id;
+    rec->root_id = t->root_id;
+}
+
 static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *owner, const EndClocks *c,
                                 uint16_t error, uint16_t flags)
 {
@@ -466,6 +642,9 @@ static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *own
         rec.cpu_ns = (e->cpu_ns >= 0 && c->cpu_end >= 0) ? c->cpu_end - e->cpu_ns : -1;
         if (e->mask & ~COUNTER_THREAD_CPU) {
             counters_delta(e, c, &rec);
+        }
+        if (e->trace.flags) {
+            record_trace(&rec, &e->trace);
         }
         inferscope_ring_push(rt->ring->core, &rec);
     }
@@ -909,6 +1088,8 @@ static int Runtime_traverse(RuntimeObject *self, visitproc visit, void *arg)
     Py_VISIT(self->stages);
     Py_VISIT(self->decorate);
     Py_VISIT(self->heap_reader);
+    Py_VISIT(self->trace_var);
+    Py_VISIT(self->span_key);
     return 0;
 }
 
@@ -920,6 +1101,8 @@ static int Runtime_clear(RuntimeObject *self)
     Py_CLEAR(self->stages);
     Py_CLEAR(self->decorate);
     Py_CLEAR(self->heap_reader);
+    Py_CLEAR(self->trace_var);
+    Py_CLEAR(self->span_key);
     return 0;
 }
 
@@ -1024,17 +1207,24 @@ static PyObject *Runtime_stage(RuntimeObject *self, PyObject *name)
     return (PyObject *)s;
 }
 
-/* enter(owner, key, stash=None): open an entry; then reopen the entries that a previous
- * exit_segment(owner) stashed (the stages a generator was inside when it yielded). */
+/* enter(owner, key, stash=None, trace=None): open an entry; then reopen the entries that a
+ * previous exit_segment(owner) stashed (the stages a generator was inside when it yielded). A
+ * `trace` from exit_segment() gives the entry back its span: a generator is one span however
+ * often it resumes. */
 static PyObject *Runtime_enter(RuntimeObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 2 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "enter(owner, key, stash=None) takes 2 or 3 arguments");
+    if (nargs < 2 || nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "enter(owner, key, stash=None, trace=None) takes 2 to 4 arguments");
         return NULL;
     }
-    PyObject *stash = nargs == 3 ? args[2] : Py_None;
+    PyObject *stash = nargs >= 3 ? args[2] : Py_None;
     if (stash != Py_None && !PyBytes_Check(stash)) {
         PyErr_SetString(PyExc_TypeError, "stash must be None or what exit_segment() returned");
+        return NULL;
+    }
+    PyObject *trace = nargs == 4 ? args[3] : Py_None;
+    if (trace != Py_None && !(PyBytes_Check(trace) && PyBytes_GET_SIZE(trace) == sizeof(TraceIds))) {
+        PyErr_SetString(PyExc_TypeError, "trace must be None or what exit_segment() returned");
         return NULL;
     }
     if (!runtime_ready(self) || !self->enabled) {
@@ -1052,7 +1242,14 @@ static PyObject *Runtime_enter(RuntimeObject *self, PyObject *const *args, Py_ss
         count_internal_error(self);
         Py_RETURN_NONE;
     }
+    int depth = f->depth;
     entry_push(self, f, args[0], (uint32_t)key);
+    uintptr_t otel_ctx = f->depth > depth ? f->stack[f->depth - 1].trace.otel_ctx : 0;
+    if (trace != Py_None && f->depth > depth && self->trace_var != NULL) {
+        Entry *e = &f->stack[f->depth - 1];
+        memcpy(&e->trace, PyBytes_AS_STRING(trace), sizeof(TraceIds));
+        e->trace.otel_ctx = otel_ctx; /* the context of this resumption, for spans made inside it */
+    }
     if (stash != Py_None) {
         Py_ssize_t n = PyBytes_GET_SIZE(stash) / (Py_ssize_t)sizeof(Entry);
         const Entry *saved = (const Entry *)PyBytes_AS_STRING(stash);
@@ -1062,7 +1259,11 @@ static PyObject *Runtime_enter(RuntimeObject *self, PyObject *const *args, Py_ss
                 self->depth_dropped++;
                 continue;
             }
-            f->stack[f->depth++] = saved[i];
+            f->stack[f->depth] = saved[i];
+            if (f->stack[f->depth].trace.flags) {
+                f->stack[f->depth].trace.otel_ctx = otel_ctx;
+            }
+            f->depth++;
         }
     }
     Py_DECREF(f);
@@ -1097,10 +1298,11 @@ static PyObject *Runtime_exit(RuntimeObject *self, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
-/* exit_segment(owner) -> (start_ns, wall_ns, cpu_ns, stash) | None: close owner's most recent entry
+/* exit_segment(owner) -> (start_ns, wall_ns, cpu_ns, stash, trace) | None: close owner's most recent entry
  * without recording it. Entries opened above it (a generator yielding inside a stage) are removed
  * too and returned as `stash` (bytes, or None when there were none) for enter() to reopen, so the
- * consumer's own stages between two items never nest under the generator's stages. */
+ * consumer's own stages between two items never nest under the generator's stages. `trace` is the
+ * entry's span (bytes, or None when untraced), for enter() and record(). */
 static PyObject *Runtime_exit_segment(RuntimeObject *self, PyObject *owner)
 {
     if (!runtime_ready(self)) {
@@ -1138,19 +1340,38 @@ static PyObject *Runtime_exit_segment(RuntimeObject *self, PyObject *owner)
     }
     f->depth = i;
     Py_DECREF(f);
+    PyObject *trace = Py_None;
+    if (e.trace.flags) {
+        trace = PyBytes_FromStringAndSize((const char *)&e.trace, (Py_ssize_t)sizeof(TraceIds));
+        if (trace == NULL) {
+            count_internal_error(self);
+            trace = Py_None;
+        }
+    }
     long long cpu = (e.cpu_ns >= 0 && cpu_end >= 0) ? cpu_end - e.cpu_ns : -1;
-    PyObject *result = Py_BuildValue("LLLO", (long long)e.start_ns, (long long)(end_ns - e.start_ns), cpu, stash);
+    PyObject *result =
+        Py_BuildValue("LLLOO", (long long)e.start_ns, (long long)(end_ns - e.start_ns), cpu, stash, trace);
     if (stash != Py_None) {
         Py_DECREF(stash);
+    }
+    if (trace != Py_None) {
+        Py_DECREF(trace);
     }
     return result;
 }
 
-/* record(key, exc_type, flags, start_ns, wall_ns, cpu_ns): push a finished record. */
+/* record(key, exc_type, flags, start_ns, wall_ns, cpu_ns, trace=None): push a finished record;
+ * `trace` is what exit_segment() returned for the entry. */
 static PyObject *Runtime_record(RuntimeObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "record(key, exc_type, flags, start_ns, wall_ns, cpu_ns) takes 6 arguments");
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "record(key, exc_type, flags, start_ns, wall_ns, cpu_ns, trace=None) takes 6 or 7 arguments");
+        return NULL;
+    }
+    PyObject *trace = nargs == 7 ? args[6] : Py_None;
+    if (trace != Py_None && !(PyBytes_Check(trace) && PyBytes_GET_SIZE(trace) == sizeof(TraceIds))) {
+        PyErr_SetString(PyExc_TypeError, "trace must be None or what exit_segment() returned");
         return NULL;
     }
     if (!runtime_ready(self)) {
@@ -1171,6 +1392,11 @@ static PyObject *Runtime_record(RuntimeObject *self, PyObject *const *args, Py_s
     rec.key = (uint32_t)key;
     rec.flags = (uint16_t)flags;
     rec.error = error_id_for(self, args[1]);
+    if (trace != Py_None) {
+        TraceIds t;
+        memcpy(&t, PyBytes_AS_STRING(trace), sizeof(TraceIds));
+        record_trace(&rec, &t);
+    }
     inferscope_ring_push(self->ring->core, &rec);
     Py_RETURN_NONE;
 }
@@ -1189,13 +1415,23 @@ static PyObject *Runtime_current_key(RuntimeObject *self, PyObject *Py_UNUSED(ig
     return PyLong_FromUnsignedLong(key);
 }
 
-/* use_frame(root_key): start a fresh frame in the current context, rooted at root_key. */
-static PyObject *Runtime_use_frame(RuntimeObject *self, PyObject *root)
+/* use_frame(root_key, trace=None): start a fresh frame in the current context, rooted at root_key
+ * and, when `trace` is what current_trace() returned, at that span. */
+static PyObject *Runtime_use_frame(RuntimeObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "use_frame(root_key, trace=None) takes 1 or 2 arguments");
+        return NULL;
+    }
     if (!runtime_ready(self)) {
         return NULL;
     }
-    unsigned long key = PyLong_AsUnsignedLong(root);
+    PyObject *trace = nargs == 2 ? args[1] : Py_None;
+    if (trace != Py_None && !(PyBytes_Check(trace) && PyBytes_GET_SIZE(trace) == sizeof(TraceIds))) {
+        PyErr_SetString(PyExc_TypeError, "trace must be None or what current_trace() returned");
+        return NULL;
+    }
+    unsigned long key = PyLong_AsUnsignedLong(args[0]);
     if (PyErr_Occurred()) {
         return NULL;
     }
@@ -1203,12 +1439,103 @@ static PyObject *Runtime_use_frame(RuntimeObject *self, PyObject *root)
     if (f == NULL) {
         return NULL;
     }
+    if (trace != Py_None) {
+        memcpy(&f->base, PyBytes_AS_STRING(trace), sizeof(TraceIds));
+    }
     int rc = install_frame(self, f);
     Py_DECREF(f);
     if (rc < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* The frame visible in this context (its own, or the one it inherited), as a new reference, or
+ * NULL (no exception) when there is none. Creates nothing. */
+static FrameObject *visible_frame(RuntimeObject *rt)
+{
+    PyObject *value = NULL;
+    if (PyContextVar_Get(rt->var, NULL, &value) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (value != NULL && !(Py_IS_TYPE(value, &Frame_Type) && ((FrameObject *)value)->generation == rt->generation)) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    return (FrameObject *)value;
+}
+
+/* current_trace() -> bytes | None: the innermost open span here, for use_frame() in another thread. */
+static PyObject *Runtime_current_trace(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    FrameObject *f = visible_frame(self);
+    if (f == NULL) {
+        Py_RETURN_NONE;
+    }
+    TraceIds t = *frame_top_trace(f);
+    Py_DECREF(f);
+    if (!t.flags) {
+        Py_RETURN_NONE;
+    }
+    return PyBytes_FromStringAndSize((const char *)&t, (Py_ssize_t)sizeof(TraceIds));
+}
+
+/* current_span() -> (trace_hi, trace_lo, span_id, flags, otel_ctx_id) | None: the innermost open
+ * span here and the identity of the OTel context current when it opened. */
+static PyObject *Runtime_current_span(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    FrameObject *f = visible_frame(self);
+    if (f == NULL) {
+        Py_RETURN_NONE;
+    }
+    TraceIds t = *frame_top_trace(f);
+    Py_DECREF(f);
+    if (!t.flags) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("KKKiK", (unsigned long long)t.trace_hi, (unsigned long long)t.trace_lo,
+                         (unsigned long long)t.span_id, (int)t.flags, (unsigned long long)t.otel_ctx);
+}
+
+/* set_tracing(var, span_key, ratio_bound, parent_based) or set_tracing(None): while on, every
+ * entry reads `var` (OTel's current-context ContextVar) when it opens and gets span ids. */
+static PyObject *Runtime_set_tracing(RuntimeObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs == 1 && args[0] == Py_None) {
+        Py_CLEAR(self->trace_var);
+        Py_CLEAR(self->span_key);
+        Py_RETURN_NONE;
+    }
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "set_tracing(var, span_key, ratio_bound, parent_based) or set_tracing(None)");
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(args[0]) || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_tracing needs a ContextVar and a str key");
+        return NULL;
+    }
+    unsigned long long bound = PyLong_AsUnsignedLongLong(args[2]);
+    int parent_based = PyObject_IsTrue(args[3]);
+    if (PyErr_Occurred() || parent_based < 0) {
+        return NULL;
+    }
+    Py_XSETREF(self->trace_var, Py_NewRef(args[0]));
+    Py_XSETREF(self->span_key, Py_NewRef(args[1]));
+    self->ratio_bound = bound;
+    self->parent_based = parent_based;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Runtime_get_tracing(RuntimeObject *self, void *closure)
+{
+    return PyBool_FromLong(self->trace_var != NULL);
 }
 
 /* active_depth() -> int: open entries in the current context's frame (0 when it has none). */
@@ -1360,15 +1687,22 @@ static PyMethodDef Runtime_methods[] = {
      "track(func, key) -> callable: wrap a sync callable as a tracked inference"},
     {"stage", (PyCFunction)Runtime_stage, METH_O, "stage(name) -> Stage: the stage called `name`"},
     {"enter", (PyCFunction)(void (*)(void))Runtime_enter, METH_FASTCALL,
-     "enter(owner, key, stash=None): open an inference entry owned by `owner`"},
+     "enter(owner, key, stash=None, trace=None): open an inference entry owned by `owner`"},
     {"exit", (PyCFunction)(void (*)(void))Runtime_exit, METH_FASTCALL,
      "exit(owner, exc_type, flags=0): close owner's most recent entry and record it"},
     {"exit_segment", (PyCFunction)Runtime_exit_segment, METH_O,
-     "exit_segment(owner) -> (start_ns, wall_ns, cpu_ns, stash) | None: close without recording"},
+     "exit_segment(owner) -> (start_ns, wall_ns, cpu_ns, stash, trace) | None: close without recording"},
     {"record", (PyCFunction)(void (*)(void))Runtime_record, METH_FASTCALL,
-     "record(key, exc_type, flags, start_ns, wall_ns, cpu_ns): push a finished record"},
+     "record(key, exc_type, flags, start_ns, wall_ns, cpu_ns, trace=None): push a finished record"},
     {"current_key", (PyCFunction)Runtime_current_key, METH_NOARGS, "the innermost open key in this context"},
-    {"use_frame", (PyCFunction)Runtime_use_frame, METH_O, "use_frame(root_key): start a fresh frame here"},
+    {"use_frame", (PyCFunction)(void (*)(void))Runtime_use_frame, METH_FASTCALL,
+     "use_frame(root_key, trace=None): start a fresh frame here"},
+    {"current_trace", (PyCFunction)Runtime_current_trace, METH_NOARGS,
+     "current_trace() -> bytes | None: the innermost open span, for use_frame()"},
+    {"current_span", (PyCFunction)Runtime_current_span, METH_NOARGS,
+     "current_span() -> (trace_hi, trace_lo, span_id, flags, otel_ctx_id) | None"},
+    {"set_tracing", (PyCFunction)(void (*)(void))Runtime_set_tracing, METH_FASTCALL,
+     "set_tracing(var, span_key, ratio_bound, parent_based) or set_tracing(None)"},
     {"active_depth", (PyCFunction)Runtime_active_depth, METH_NOARGS, "open entries in this context"},
     {"after_fork_in_child", (PyCFunction)Runtime_after_fork_in_child, METH_NOARGS,
      "forget everything recorded or opened before fork()"},
@@ -1381,6 +1715,7 @@ static PyGetSetDef Runtime_getset[] = {
     {"heap_reader", (getter)Runtime_get_heap_reader, (setter)Runtime_set_heap_reader, NULL, NULL},
     {"counters", (getter)Runtime_get_counters, (setter)Runtime_set_counters, NULL, NULL},
     {"enabled", (getter)Runtime_get_enabled, (setter)Runtime_set_enabled, NULL, NULL},
+    {"tracing", (getter)Runtime_get_tracing, NULL, NULL, NULL},
     {"depth_dropped", (getter)Runtime_get_depth_dropped, NULL, NULL, NULL},
     {"internal_errors", (getter)Runtime_get_internal_errors, NULL, NULL, NULL},
     {NULL}};
@@ -1487,6 +1822,12 @@ PyMODINIT_FUNC PyInit__ringbuf(void)
             Py_DECREF(m);
             return NULL;
         }
+    }
+    str_get_span_context = PyUnicode_InternFromString("get_span_context");
+    int_64 = PyLong_FromLong(64);
+    if (str_get_span_context == NULL || int_64 == NULL) {
+        Py_DECREF(m);
+        return NULL;
     }
     if (PyModule_AddIntConstant(m, "MAX_STACK_DEPTH", MAX_STACK_DEPTH) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(inferscope_record)) < 0) {

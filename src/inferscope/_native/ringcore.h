@@ -34,10 +34,17 @@ typedef struct {
     int64_t wall_ns;
     int64_t cpu_ns;
     int64_t counters[INFERSCOPE_COUNTER_SLOTS];
+    /* Trace linkage, filled only while tracing is on (flags has FLAG_TRACED); 0 otherwise. */
+    uint64_t trace_hi;
+    uint64_t trace_lo;
+    uint64_t span_id;
+    uint64_t parent_id; /* 0 for a root span */
+    uint64_t root_id;   /* span id of the outermost traced entry of its frame: the sampling unit */
 } inferscope_record;
 
 /* Must match RECORD_DTYPE in _records.py. */
-_Static_assert(sizeof(inferscope_record) == 128, "record layout changed: update _records.py");
+_Static_assert(sizeof(inferscope_record) == 168, "record layout changed: update _records.py");
+_Static_assert(offsetof(inferscope_record, trace_hi) == 128, "record layout changed: update _records.py");
 _Static_assert(offsetof(inferscope_record, start_ns) == 8, "record layout changed: update _records.py");
 _Static_assert(offsetof(inferscope_record, counters) == 32, "record layout changed: update _records.py");
 

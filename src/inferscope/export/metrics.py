@@ -32,8 +32,8 @@ from itertools import accumulate, pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from opentelemetry.sdk.metrics import Exemplar, MeterProvider
 from opentelemetry.sdk.metrics import Histogram as HistogramInstrument
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Buckets,
@@ -61,6 +61,7 @@ from prometheus_client.utils import floatToGoString
 
 from .._keys import ERROR_TYPE
 from ..counters import CounterMetric, counter_value
+from .traces import EXEMPLARS, ExemplarStore
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -95,6 +96,7 @@ STAGE_DURATION = "inferscope.stage.duration"
 STAGE_CPU_TIME = "inferscope.stage.cpu.time"
 INFERENCE_ABANDONED = "inferscope.inference.abandoned"
 RECORDS_DROPPED = "inferscope.sdk.records.dropped"
+SPANS_DROPPED = "inferscope.sdk.spans.dropped"
 KEYS_OVERFLOWED = "inferscope.sdk.keys.overflowed"
 SDK_ERRORS = "inferscope.sdk.errors"
 EXPORTS_FAILED = "inferscope.sdk.exports.failed"
@@ -103,6 +105,8 @@ SCOPE_NAME = "inferscope"
 AGGREGATIONS = ("exponential", "explicit")
 DROP_REASON = "reason"
 
+#: The histograms whose points carry exemplars of kept spans (export/traces.py).
+_EXEMPLAR_HISTOGRAMS = frozenset({INFERENCE_DURATION, STAGE_DURATION})
 _HISTOGRAM_DESCRIPTIONS = {
     INFERENCE_DURATION: "Wall-clock duration of tracked inferences.",
     INFERENCE_CPU_TIME: "Thread CPU time spent in tracked inferences.",
@@ -112,6 +116,7 @@ _HISTOGRAM_DESCRIPTIONS = {
 _COUNTER_UNITS = {
     INFERENCE_ABANDONED: "{inference}",
     RECORDS_DROPPED: "{record}",
+    SPANS_DROPPED: "{span}",
     KEYS_OVERFLOWED: "{key}",
     SDK_ERRORS: "{error}",
     EXPORTS_FAILED: "{export}",
@@ -119,6 +124,7 @@ _COUNTER_UNITS = {
 _COUNTER_DESCRIPTIONS = {
     INFERENCE_ABANDONED: "Generator inferences closed before they were exhausted.",
     RECORDS_DROPPED: "Records dropped instead of aggregated, by reason.",
+    SPANS_DROPPED: "Spans of kept calls that were not exported, by reason (rate_limit, unresolved).",
     KEYS_OVERFLOWED: "Distinct keys folded into the overflow key because of the key cap.",
     SDK_ERRORS: "Internal instrumentation errors.",
     EXPORTS_FAILED: "Metric exports that failed or raised.",
@@ -227,9 +233,13 @@ class PointBuilder:
         max_buckets: int = 320,
         temporality: AggregationTemporality = AggregationTemporality.CUMULATIVE,
         counters: Sequence[CounterMetric] = (),
+        exemplars: ExemplarStore | None = EXEMPLARS,
     ) -> None:
         _check_aggregation(aggregation)
         self.counters = tuple(counters)
+        #: Where the duration histograms' exemplars come from: the spans the tracer kept.
+        self.exemplars = exemplars
+        self._exemplars_since_unix_nano = 0
         if max_buckets < 2:
             # One bucket cannot hold values on both sides of 1 s at any scale OTel allows.
             raise ValueError(f"max_buckets must be at least 2, got {max_buckets!r}")
@@ -268,9 +278,10 @@ class PointBuilder:
 
         next_histograms: dict[tuple[str, int, int], Histogram] = {}
         next_counts: dict[tuple[str, _AttributesKey], int] = {}
-        histograms: dict[str, dict[_AttributesKey, tuple[Attributes, list[Histogram]]]] = {
+        histograms: dict[str, dict[_AttributesKey, tuple[Attributes, list[Histogram], list[Exemplar]]]] = {
             name: {} for name in _HISTOGRAM_DESCRIPTIONS
         }
+        exemplars_since, self._exemplars_since_unix_nano = self._exemplars_since_unix_nano, time_unix_nano
         abandoned: dict[_AttributesKey, tuple[Attributes, int]] = {}
         per_series_counters: dict[tuple[str, _AttributesKey], tuple[Attributes, int]] = {}
         counter_kinds: dict[str, CounterMetric] = {}
@@ -279,8 +290,10 @@ class PointBuilder:
             interval = self._interval(name, series, cumulative, next_histograms)
             if interval is None:
                 return
-            _, group = histograms[name].setdefault(_attributes_key(attrs), (attrs, []))
+            _, group, exemplars = histograms[name].setdefault(_attributes_key(attrs), (attrs, [], []))
             group.append(interval)
+            if self.exemplars is not None and name in _EXEMPLAR_HISTOGRAMS and series.error_id == 0:
+                exemplars.extend(self.exemplars.since(series.info.key, exemplars_since))
 
         for series in view.series:
             attrs = _series_attributes(series)
@@ -301,8 +314,8 @@ class PointBuilder:
         metrics: list[Metric] = []
         for name, groups in histograms.items():
             points = [
-                self._histogram_point(attrs, _merged(group), start_unix_nano, time_unix_nano)
-                for attrs, group in groups.values()
+                self._histogram_point(attrs, _merged(group), start_unix_nano, time_unix_nano, exemplars)
+                for attrs, group, exemplars in groups.values()
             ]
             if points:
                 metrics.append(self._histogram_metric(name, points))
@@ -312,6 +325,7 @@ class PointBuilder:
         ]
         counters += [(name, attrs, total) for (name, _), (attrs, total) in per_series_counters.items()]
         counters += [(RECORDS_DROPPED, {DROP_REASON: reason}, int(n)) for reason, n in view.dropped.items()]
+        counters += [(SPANS_DROPPED, {DROP_REASON: r}, int(n)) for r, n in view.spans_dropped.items()]
         counters.append((KEYS_OVERFLOWED, {}, int(view.keys_overflowed)))
         counters.append((SDK_ERRORS, {}, int(view.internal_errors)))
         counters += [(name, {}, int(n)) for name, n in (extra_counts or {}).items()]
@@ -387,7 +401,12 @@ class PointBuilder:
         return total - previous if total >= previous else total
 
     def _histogram_point(
-        self, attrs: Attributes, histogram: Histogram, start_unix_nano: int, time_unix_nano: int
+        self,
+        attrs: Attributes,
+        histogram: Histogram,
+        start_unix_nano: int,
+        time_unix_nano: int,
+        exemplars: Sequence[Exemplar] = (),
     ) -> ExponentialHistogramDataPoint | HistogramDataPoint:
         if self.aggregation == "explicit":
             return HistogramDataPoint(
@@ -400,6 +419,7 @@ class PointBuilder:
                 explicit_bounds=list(self.boundaries),
                 min=float(histogram.min),
                 max=float(histogram.max),
+                exemplars=list(exemplars),
             )
         histogram = histogram.downscaled(self.max_buckets)  # a copy at the same scale when it fits
         counts = np.asarray(histogram.counts, dtype=np.int64)
@@ -422,6 +442,7 @@ class PointBuilder:
             flags=0,
             min=float(histogram.min),
             max=float(histogram.max),
+            exemplars=list(exemplars),
         )
 
     def _histogram_metric(self, name: str, points: Sequence[Any]) -> Metric:
@@ -777,6 +798,12 @@ class PrometheusCollector:
                 RECORDS_DROPPED, [({DROP_REASON: r}, int(n)) for r, n in view.dropped.items()]
             )
         )
+        if view.spans_dropped:
+            families.append(
+                self._counter_family(
+                    SPANS_DROPPED, [({DROP_REASON: r}, int(n)) for r, n in view.spans_dropped.items()]
+                )
+            )
         families.append(self._counter_family(KEYS_OVERFLOWED, [({}, int(view.keys_overflowed))]))
         families.append(self._counter_family(SDK_ERRORS, [({}, int(view.internal_errors))]))
         if self._extra_counts is not None:
