@@ -615,6 +615,7 @@ def reset_aggregates() -> None:
     """Drain the ring and forget every aggregate (keys stay). For tests: each starts from zero."""
     DRAINER.drain()
     AGGREGATOR.reset()
+    EXEMPLARS.clear()
 
 
 def _shutdown_at_exit() -> None:

@@ -263,9 +263,8 @@ def read_counters(mask: int, /) -> tuple[int, tuple[int, ...]]:
 _ROOT_OWNER = object()
 
 
-def _new_id() -> int:
-    # random's generator is reseeded in a forked child, so a child never repeats its parent's ids.
-    return random.getrandbits(64) or 1
+# random's generator is reseeded in a forked child, so a child never repeats its parent's ids.
+_getrandbits = random.getrandbits
 
 
 class Stage:
@@ -307,13 +306,10 @@ class Stage:
                     key = self._key(parent)
                 mask = rt.counters
                 # Runtime._open(), inlined for the common case: no counters beyond the clocks.
-                if (
-                    mask & _EXTRA_COUNTERS
-                    or rt._trace_var is not None
-                    or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH)
-                ):
+                if mask & _EXTRA_COUNTERS or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH):
                     rt._open(self, key, top)
                 else:
+                    trace = rt._trace_open(top) if rt._trace_var is not None else None
                     cpu = thread_cpu_ns() if mask & COUNTER_THREAD_CPU else -1
                     entry = [
                         self,
@@ -325,7 +321,7 @@ class Stage:
                         cpu,
                         0,
                         None,
-                        None,
+                        trace,
                     ]
                     var.set(entry)
                     entry[_START] = monotonic_ns()
@@ -345,7 +341,6 @@ class Stage:
                 and top is not None
                 and top[_OWNER] is self
                 and top[_EXTRA] is None
-                and top[_TRACE] is None
                 and not top[_OVERFLOW]
                 and top[_GEN] == rt._generation
             ):
@@ -353,7 +348,12 @@ class Stage:
                 var.set(top[_PARENT])
                 start = top[_START]
                 cpu = cpu_end - top[_CPU] if top[_CPU] >= 0 and cpu_end >= 0 else -1
-                rt._ring._push((top[_KEY], NO_ERROR, 0, start, end_ns - start, cpu))
+                trace = top[_TRACE]
+                if trace is None:
+                    rt._ring._push((top[_KEY], NO_ERROR, 0, start, end_ns - start, cpu))
+                else:
+                    flags = trace[_T_FLAGS]
+                    rt._ring._push((top[_KEY], NO_ERROR, flags, start, end_ns - start, cpu, None, trace))
             else:
                 rt._close(self, exc_type, 0, end_ns, cpu_end)
         return False
@@ -514,9 +514,11 @@ class Runtime:
             hi, lo, parent_id = up[_T_HI], up[_T_LO], up[_T_SPAN]
             flags = FLAG_TRACED | (up[_T_FLAGS] & FLAG_SAMPLED)
         else:
-            hi, lo, parent_id = _new_id(), _new_id(), 0
-            flags = FLAG_TRACED | (FLAG_SAMPLED if self._ratio_sampled(lo) else 0)
-        span = _new_id()
+            trace_id = _getrandbits(128) or 1
+            hi, lo, parent_id = trace_id >> 64, trace_id & _U64, 0
+            bound = self._ratio_bound
+            flags = FLAG_TRACED | (FLAG_SAMPLED if bound == _U64 or lo < bound else 0)
+        span = _getrandbits(64) or 1
         return (hi, lo, span, parent_id, root or span, ctx_id, flags)
 
     def _ratio_sampled(self, trace_lo: int) -> bool:
@@ -615,14 +617,11 @@ class Runtime:
                 generation = rt._generation
                 if top is not None and top[_GEN] != generation:
                     top = None
-                if (
-                    (top is None or top[_DEPTH] < MAX_STACK_DEPTH)
-                    and not rt.counters & _EXTRA_COUNTERS
-                    and rt._trace_var is None
-                ):
+                if (top is None or top[_DEPTH] < MAX_STACK_DEPTH) and not rt.counters & _EXTRA_COUNTERS:
+                    trace = rt._trace_open(top) if rt._trace_var is not None else None
                     cpu = thread_cpu_ns() if rt.counters & COUNTER_THREAD_CPU else -1
                     depth = 1 if top is None else top[_DEPTH] + 1
-                    entry = [tracked, key, top, depth, generation, 0, cpu, 0, None, None]
+                    entry = [tracked, key, top, depth, generation, 0, cpu, 0, None, trace]
                     var.set(entry)
                     entry[_START] = monotonic_ns()
                 else:
@@ -642,12 +641,15 @@ class Runtime:
                 and entry[_GEN] == rt._generation
                 and not entry[_OVERFLOW]
                 and entry[_EXTRA] is None
-                and entry[_TRACE] is None
             ):
                 var.set(entry[_PARENT])
                 start = entry[_START]
                 cpu = cpu_end - entry[_CPU] if entry[_CPU] >= 0 and cpu_end >= 0 else -1
-                rt._ring._push((key, NO_ERROR, 0, start, end_ns - start, cpu))
+                trace = entry[_TRACE]
+                if trace is None:
+                    rt._ring._push((key, NO_ERROR, 0, start, end_ns - start, cpu))
+                else:
+                    rt._ring._push((key, NO_ERROR, trace[_T_FLAGS], start, end_ns - start, cpu, None, trace))
             else:
                 rt._close(tracked, None, 0, end_ns, cpu_end)
             return result
