@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,18 @@ def test_doctor_reports_every_counter_and_the_cost_of_each_set():
     for counter_set in ("minimal", "default", "full"):
         assert float(costs[counter_set][-1]) > 0  # the stage column
     assert "GPU (NVML)" in text
+
+
+def test_tracing_example_keeps_slow_and_failed_calls_and_nests_the_application_spans():
+    text = run("examples/tracing_slow_calls.py")
+    lines = dict(
+        line.split(": ", 1) for line in text.splitlines() if ": " in line and not line.startswith(" ")
+    )
+    kept = ast.literal_eval(lines["inference spans kept"].split(" ", 1)[1].strip("()"))
+    assert kept.get("error", 0) + kept.get("sampled", 0) >= 4  # every failed request is kept
+    assert kept["slow"] >= 10  # the feature store stalls on ~1% of 2,000 requests
+    slow_ms = [float(ms) for ms in lines["slow ones kept, ms"].split(", ")]
+    p50_ms = float(rows(text)[("scorer", "-")][1])
+    assert min(slow_ms) > 5 * p50_ms
+    # Every kept request's feature-store span nests under its preprocess stage.
+    assert int(lines["feature-store spans nested under a kept preprocess stage"]) == kept["sampled"]

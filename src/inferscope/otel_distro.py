@@ -11,6 +11,8 @@ registers the two hooks below, and composes with whatever was configured.
 Importing inferscope configures it from ``OTEL_*`` and ``INFERSCOPE_*`` at once (``autoconfigure``).
 The pre-instrument hook then looks at the global MeterProvider:
 
+- An SDK ``TracerProvider`` with span processors: inferscope's spans go through them, with the
+  SDK's Resource, instead of through exporters of its own (``tracer_provider=provider``).
 - An SDK ``MeterProvider`` with a push reader (OTLP, console): inferscope is reconfigured with
   ``meter_provider=provider`` and without its own push exporters, so its pre-aggregated points ride
   on the SDK's readers and exporters, under the SDK's Resource, exactly once. ``prometheus``, if
@@ -89,11 +91,14 @@ def _attach() -> str:
         # None: the environment held an invalid value; autoconfigure logged it at ERROR already.
         return "disabled"
     provider = _sdk_meter_provider()
-    if provider is None:
+    tracer_provider = _sdk_tracer_provider()
+    if provider is None and tracer_provider is None:
         return "own exporters"
-    if settings.meter_provider is provider:
+    if (provider is None or settings.meter_provider is provider) and (
+        tracer_provider is None or settings.tracer_provider is tracer_provider
+    ):
         return "already attached"
-    overrides = sdk_overrides(settings, provider)
+    overrides = sdk_overrides(settings, provider, tracer_provider)
     load_settings(overrides)  # raises ConfigError before anything changes
     _silence_own_push_exporters()
     _pipeline.configure(**overrides)
@@ -101,15 +106,33 @@ def _attach() -> str:
     return "attached"
 
 
-def sdk_overrides(settings: Settings, provider: Any = None) -> dict[str, Any]:
-    """The ``configure()`` arguments that put inferscope on the SDK's MeterProvider (the global
-    one unless given), starting from ``settings``; empty when there is no usable provider."""
-    if provider is None:
-        provider = _sdk_meter_provider()
-        if provider is None:
-            return {}
-    exporters = tuple(name for name in settings.metrics_exporters if name not in _PUSH_EXPORTERS)
-    return {"meter_provider": provider, "metrics_exporters": exporters}
+def sdk_overrides(settings: Settings, provider: Any = None, tracer_provider: Any = None) -> dict[str, Any]:
+    """The ``configure()`` arguments that put inferscope on the SDK's MeterProvider and
+    TracerProvider (the global ones unless given), starting from ``settings``; empty when there is
+    no usable provider."""
+    overrides: dict[str, Any] = {}
+    provider = provider if provider is not None else _sdk_meter_provider()
+    if provider is not None:
+        exporters = tuple(name for name in settings.metrics_exporters if name not in _PUSH_EXPORTERS)
+        overrides.update(meter_provider=provider, metrics_exporters=exporters)
+    tracer_provider = tracer_provider if tracer_provider is not None else _sdk_tracer_provider()
+    if tracer_provider is not None:
+        # Spans go through the application's span processors, so not through exporters of ours too.
+        overrides.update(tracer_provider=tracer_provider, traces_exporters=())
+    return overrides
+
+
+def _sdk_tracer_provider() -> Any:
+    """The global TracerProvider if it is an SDK one with at least one span processor."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import get_tracer_provider
+
+    provider = get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return None
+    if not getattr(provider._active_span_processor, "_span_processors", ()):
+        return None  # OTEL_TRACES_EXPORTER=none: nothing would receive our spans
+    return provider
 
 
 def _sdk_meter_provider() -> Any:

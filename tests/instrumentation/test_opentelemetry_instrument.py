@@ -7,6 +7,7 @@ drive the hook (``inferscope.otel_distro.attach_to_sdk``) against real SDK Meter
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -226,47 +227,47 @@ def _specifiers(requirements: list[str]) -> set[tuple[str, str]]:
     return {(req.name, str(req.specifier)) for req in parsed}
 
 
-def test_instruments_any_extra_matches_the_package_files() -> None:
-    from inferscope.instrumentation.lightgbm import package as lightgbm_package
-    from inferscope.instrumentation.onnxruntime import package as onnxruntime_package
-    from inferscope.instrumentation.sklearn import package as sklearn_package
-    from inferscope.instrumentation.torch import package as torch_package
-    from inferscope.instrumentation.xgboost import package as xgboost_package
+#: Every instrumentor: entry point name -> (subpackage of inferscope.instrumentation, class name).
+INSTRUMENTORS = {
+    "inferscope_sklearn": ("sklearn", "SklearnInstrumentor"),
+    "inferscope_onnxruntime": ("onnxruntime", "OnnxruntimeInstrumentor"),
+    "inferscope_xgboost": ("xgboost", "XGBoostInstrumentor"),
+    "inferscope_lightgbm": ("lightgbm", "LightGBMInstrumentor"),
+    "inferscope_torch": ("torch", "TorchInstrumentor"),
+    "inferscope_transformers": ("transformers", "TransformersInstrumentor"),
+    "inferscope_asgi": ("serving", "AsgiInstrumentor"),
+    "inferscope_wsgi": ("serving", "WsgiInstrumentor"),
+}
 
+
+def test_every_instrumentation_subpackage_is_registered() -> None:
+    import pkgutil
+
+    import inferscope.instrumentation as instrumentation
+
+    subpackages = {m.name for m in pkgutil.iter_modules(instrumentation.__path__) if m.ispkg}
+    assert subpackages == {package for package, _ in INSTRUMENTORS.values()}
+
+
+def test_instruments_any_extra_matches_the_package_files() -> None:
     extra = [
         text
         for text in distribution("inferscope").requires or []
         if Requirement(text).marker is not None
         and Requirement(text).marker.evaluate({"extra": "instruments-any"})  # type: ignore[union-attr]
     ]
-    declared = [
-        *sklearn_package._instruments,
-        *sklearn_package._instruments_any,
-        *onnxruntime_package._instruments,
-        *onnxruntime_package._instruments_any,
-        *xgboost_package._instruments,
-        *xgboost_package._instruments_any,
-        *lightgbm_package._instruments,
-        *lightgbm_package._instruments_any,
-        *torch_package._instruments,
-        *torch_package._instruments_any,
-    ]
+    declared = []
+    for package in sorted({package for package, _ in INSTRUMENTORS.values()}):
+        module = importlib.import_module(f"inferscope.instrumentation.{package}.package")
+        declared += [*module._instruments, *module._instruments_any]
     assert _specifiers(extra) == _specifiers(declared)
 
 
 def test_entry_points_load_the_instrumentors_and_hooks() -> None:
-    from inferscope.instrumentation.lightgbm import LightGBMInstrumentor
-    from inferscope.instrumentation.onnxruntime import OnnxruntimeInstrumentor
-    from inferscope.instrumentation.sklearn import SklearnInstrumentor
-    from inferscope.instrumentation.torch import TorchInstrumentor
-    from inferscope.instrumentation.xgboost import XGBoostInstrumentor
-
     found = {ep.name: ep.load() for ep in entry_points(group="opentelemetry_instrumentor")}
-    assert found["inferscope_sklearn"] is SklearnInstrumentor
-    assert found["inferscope_onnxruntime"] is OnnxruntimeInstrumentor
-    assert found["inferscope_xgboost"] is XGBoostInstrumentor
-    assert found["inferscope_lightgbm"] is LightGBMInstrumentor
-    assert found["inferscope_torch"] is TorchInstrumentor
+    for name, (package, class_name) in INSTRUMENTORS.items():
+        module = importlib.import_module(f"inferscope.instrumentation.{package}")
+        assert found[name] is getattr(module, class_name), name
     for group, hook in (
         ("opentelemetry_pre_instrument", otel_distro.pre_instrument),
         ("opentelemetry_post_instrument", otel_distro.post_instrument),
