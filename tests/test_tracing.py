@@ -498,3 +498,44 @@ def test_shutdown_flushes_every_span_recorded_before_it(traced) -> None:
         predict()
     inferscope.shutdown()
     assert len(t.exporter.get_finished_spans()) == 500
+
+
+def test_a_forked_child_never_repeats_its_parents_ids() -> None:
+    from tests.conftest import run_python
+
+    result = run_python(
+        """
+        import os
+        import inferscope
+        from inferscope import _pipeline
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        exporter = InMemorySpanExporter()
+        inferscope.configure(span_exporters=[exporter], trace_ratio=1.0)
+
+        @inferscope.track_inference(model="m")
+        def predict():
+            with inferscope.stage("infer"):
+                pass
+
+        predict()  # the ids of this thread are seeded now
+        _pipeline.DRAINER.drain()
+        _pipeline._exports.traces.force_flush()  # its two spans are in both processes' exporter
+        read, write = os.pipe()
+        pid = os.fork()
+        predict()
+        _pipeline.DRAINER.drain()
+        _pipeline._exports.traces.force_flush()
+        ids = sorted(f"{s.context.trace_id:x}/{s.context.span_id:x}" for s in exporter.get_finished_spans())
+        if pid == 0:
+            os.write(write, " ".join(ids).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        child = os.read(read, 65536).decode().split()
+        print(len(ids), len(child), len(set(ids) & set(child)))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    parent, child, shared = map(int, result.stdout.split())
+    # Both hold the two spans made before fork, and two of their own: no id of those is shared.
+    assert (parent, child, shared) == (4, 4, 2)
