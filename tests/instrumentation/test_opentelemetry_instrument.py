@@ -235,6 +235,7 @@ INSTRUMENTORS = {
     "inferscope_lightgbm": ("lightgbm", "LightGBMInstrumentor"),
     "inferscope_torch": ("torch", "TorchInstrumentor"),
     "inferscope_transformers": ("transformers", "TransformersInstrumentor"),
+    "inferscope_tensorflow": ("tensorflow", "TensorflowInstrumentor"),
     "inferscope_asgi": ("serving", "AsgiInstrumentor"),
     "inferscope_wsgi": ("serving", "WsgiInstrumentor"),
 }
