@@ -60,6 +60,7 @@ from .._runtime import REGISTRY, RUNTIME
 from ..tracking import _check_attributes, _check_model, _check_version
 
 __all__ = [
+    "VERSION_ATTRIBUTE",
     "BoosterState",
     "IdentityCache",
     "InferscopeInstrumentor",
@@ -71,7 +72,9 @@ __all__ = [
     "TrackedModel",
     "call_in_scope",
     "class_aliases",
+    "declared_version",
     "defining_class",
+    "depth_and_training",
     "hashed_model_entry",
     "inference_open",
     "is_sklearn_estimator",
@@ -356,6 +359,40 @@ def defining_class(cls: type, name: str) -> type | None:
         if name in klass.__dict__:
             return klass
     return None
+
+
+#: The attribute a model object may set to declare its version (a torch module, a Keras model, a
+#: transformers model): ``model.inferscope_version = "3"``.
+VERSION_ATTRIBUTE = "inferscope_version"
+
+
+def declared_version(obj: object, name: str) -> str | None:
+    """The version ``obj`` declares in its ``inferscope_version`` attribute, or None. One that is
+    not a non-empty str or an int is logged and ignored: naming a model never fails a call."""
+    declared = getattr(obj, VERSION_ATTRIBUTE, None)
+    if declared is None:
+        return None
+    try:
+        return _check_version(declared)
+    except TypeError:
+        _logger.warning(
+            "inferscope: %s.%s must be a non-empty str or an int, got %r; the version is ignored",
+            name,
+            VERSION_ATTRIBUTE,
+            declared,
+        )
+        return None
+
+
+def depth_and_training(extra: Mapping[str, Any]) -> tuple[int, bool]:
+    """The ``stage_depth`` and ``track_training`` options of the model-graph instrumentors, checked."""
+    stage_depth = extra["stage_depth"]
+    if isinstance(stage_depth, bool) or not isinstance(stage_depth, int) or stage_depth < 0:
+        raise TypeError(f"stage_depth must be an int >= 0, got {stage_depth!r}")
+    track_training = extra["track_training"]
+    if not isinstance(track_training, bool):
+        raise TypeError(f"track_training must be True or False, got {track_training!r}")
+    return stage_depth, track_training
 
 
 def class_aliases(cls: type) -> tuple[str, str]:

@@ -69,8 +69,8 @@ import numpy as np
 
 from ..._records import NO_MODEL_KEY
 from ..._runtime import RUNTIME
-from ...tracking import _check_version
 from .. import (
+    VERSION_ATTRIBUTE,
     IdentityCache,
     InferscopeInstrumentor,
     InstrumentOptions,
@@ -79,7 +79,9 @@ from .. import (
     TrackedModel,
     call_in_scope,
     class_aliases,
+    declared_version,
     defining_class,
+    depth_and_training,
     inference_open,
     report_internal_error,
 )
@@ -96,7 +98,6 @@ __all__ = [
 _logger = logging.getLogger("inferscope.instrumentation")
 
 #: A model attribute that gives the version when ``model_names`` does not (as for torch).
-VERSION_ATTRIBUTE = "inferscope_version"
 
 #: Model methods whose outermost call is one inference (besides the model's own ``__call__``).
 PREDICT_METHODS = ("predict", "predict_on_batch")
@@ -183,18 +184,7 @@ def model_identity(layer: Any) -> tuple[ModelIdentity, tuple[str, ...]]:
         aliases = (keras_name, *aliases)
         if not _automatic_name(keras_name, cls):
             name = keras_name
-    version: str | None = None
-    declared = getattr(layer, VERSION_ATTRIBUTE, None)
-    if declared is not None:
-        try:
-            version = _check_version(declared)
-        except TypeError:
-            _logger.warning(
-                "inferscope: %s.%s must be a non-empty str or an int, got %r; the version is ignored",
-                name,
-                VERSION_ATTRIBUTE,
-                declared,
-            )
+    version = declared_version(layer, name)
     return ModelIdentity(name, version), aliases
 
 
@@ -448,12 +438,7 @@ class TensorflowInstrumentor(InferscopeInstrumentor):
     _extra_options = {"stage_depth": 0, "track_training": False}
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
-        stage_depth = extra["stage_depth"]
-        if isinstance(stage_depth, bool) or not isinstance(stage_depth, int) or stage_depth < 0:
-            raise TypeError(f"stage_depth must be an int >= 0, got {stage_depth!r}")
-        track_training = extra["track_training"]
-        if not isinstance(track_training, bool):
-            raise TypeError(f"track_training must be True or False, got {track_training!r}")
+        stage_depth, track_training = depth_and_training(extra)
         state = _State(options, stage_depth, track_training)
         keras = sys.modules.get("keras")
         if keras is not None:

@@ -61,7 +61,6 @@ from typing import Any
 from ..._backend import monotonic_ns, thread_cpu_ns
 from ..._records import COUNTER_THREAD_CPU, CPU_NOT_MEASURED
 from ..._runtime import REGISTRY, RUNTIME
-from ...tracking import _check_version
 from .. import (
     IdentityCache,
     InferscopeInstrumentor,
@@ -72,10 +71,10 @@ from .. import (
     Patches,
     TrackedModel,
     class_aliases,
+    declared_version,
     inference_open,
     report_internal_error,
 )
-from ..torch import VERSION_ATTRIBUTE
 from .package import _instruments, _instruments_any
 
 __all__ = [
@@ -157,18 +156,7 @@ def model_identity(model: Any) -> tuple[ModelIdentity, tuple[str, ...]]:
         if name != name_or_path:
             aliases.append(name)
     aliases.extend(class_aliases(cls))
-    version: str | None = None
-    declared = getattr(model, VERSION_ATTRIBUTE, None)
-    if declared is not None:
-        try:
-            version = _check_version(declared)
-        except TypeError:
-            _logger.warning(
-                "inferscope: %s.%s must be a non-empty str or an int, got %r; the version is ignored",
-                name,
-                VERSION_ATTRIBUTE,
-                declared,
-            )
+    version = declared_version(model, name)
     if version is None:
         commit = getattr(config, "_commit_hash", None)
         if isinstance(commit, str) and commit:
