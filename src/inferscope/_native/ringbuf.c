@@ -1466,19 +1466,26 @@ static FrameObject *visible_frame(RuntimeObject *rt)
     return (FrameObject *)value;
 }
 
+/* The innermost open span visible here into `t`; 0 when there is none. */
+static int visible_trace(RuntimeObject *rt, TraceIds *t)
+{
+    FrameObject *f = visible_frame(rt);
+    if (f == NULL) {
+        return 0;
+    }
+    *t = *frame_top_trace(f);
+    Py_DECREF(f);
+    return t->flags != 0;
+}
+
 /* current_trace() -> bytes | None: the innermost open span here, for use_frame() in another thread. */
 static PyObject *Runtime_current_trace(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
 {
+    TraceIds t;
     if (!runtime_ready(self)) {
         return NULL;
     }
-    FrameObject *f = visible_frame(self);
-    if (f == NULL) {
-        Py_RETURN_NONE;
-    }
-    TraceIds t = *frame_top_trace(f);
-    Py_DECREF(f);
-    if (!t.flags) {
+    if (!visible_trace(self, &t)) {
         Py_RETURN_NONE;
     }
     return PyBytes_FromStringAndSize((const char *)&t, (Py_ssize_t)sizeof(TraceIds));
@@ -1488,16 +1495,11 @@ static PyObject *Runtime_current_trace(RuntimeObject *self, PyObject *Py_UNUSED(
  * span here and the identity of the OTel context current when it opened. */
 static PyObject *Runtime_current_span(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
 {
+    TraceIds t;
     if (!runtime_ready(self)) {
         return NULL;
     }
-    FrameObject *f = visible_frame(self);
-    if (f == NULL) {
-        Py_RETURN_NONE;
-    }
-    TraceIds t = *frame_top_trace(f);
-    Py_DECREF(f);
-    if (!t.flags) {
+    if (!visible_trace(self, &t)) {
         Py_RETURN_NONE;
     }
     return Py_BuildValue("KKKiK", (unsigned long long)t.trace_hi, (unsigned long long)t.trace_lo,
