@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import threading
 from contextvars import ContextVar
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..._backend import monotonic_ns, thread_cpu_ns
 from ..._records import NO_MODEL_KEY
 from ..._runtime import REGISTRY, RUNTIME
-from .. import InstrumentOptions, ModelIdentity, report_internal_error
+from .. import InferscopeInstrumentor, InstrumentOptions, ModelIdentity, report_internal_error
 
 #: The conventional stage names (docs/metrics.md): time before the endpoint runs, the endpoint
 #: until its response starts, and the response from its start to its last byte.
@@ -88,13 +88,18 @@ def serving_options(
         raise TypeError(f"{where}: {exc}") from None
 
 
-def reject_models(instrumentor: object, kwargs: dict[str, object]) -> None:
-    """Serving instrumentors time every request: ``models=`` has no meaning for them."""
-    if kwargs.get("models") is not None:
-        raise TypeError(
-            f"{type(instrumentor).__name__}.instrument() takes no models= option: every request is "
-            "timed; name the routes that serve a model with model_names={route: name}"
-        )
+class ServingInstrumentor(InferscopeInstrumentor):
+    """The base of the ASGI and WSGI instrumentors: they time every request, so ``models=`` has
+    no meaning for them and is refused."""
+
+    def _parse_options(self, kwargs: dict[str, Any]) -> tuple[InstrumentOptions, dict[str, Any]]:
+        if kwargs.get("models") is not None:
+            raise TypeError(
+                f"{type(self).__name__}.instrument() takes no models= option: every request is "
+                "timed; name the routes that serve a model with model_names={route: name}"
+            )
+        parsed: tuple[InstrumentOptions, dict[str, Any]] = super()._parse_options(kwargs)
+        return parsed
 
 
 #: The request being timed in this context, if any. An application called inside another one's

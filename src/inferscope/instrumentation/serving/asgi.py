@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ..._runtime import RUNTIME
-from .. import InferscopeInstrumentor, InstrumentOptions, Patches, report_internal_error
-from ._requests import CURRENT_REQUEST, RequestTimer, Serving, reject_models, serving_options
+from .. import InstrumentOptions, Patches, report_internal_error
+from ._requests import CURRENT_REQUEST, RequestTimer, Serving, ServingInstrumentor, serving_options
 from .package import ASGI_INSTRUMENTS
 
 __all__ = ["AsgiInstrumentor", "InferscopeASGIMiddleware", "serve_asgi"]
@@ -172,7 +172,7 @@ def _starlette_call(serving: Serving, original: Any) -> Any:
     return __call__
 
 
-class AsgiInstrumentor(InferscopeInstrumentor):
+class AsgiInstrumentor(ServingInstrumentor):
     """Records the serving stages of every HTTP request to a Starlette or FastAPI application.
 
     It wraps ``Starlette.__call__``, which every Starlette and FastAPI application (and a mounted
@@ -185,11 +185,6 @@ class AsgiInstrumentor(InferscopeInstrumentor):
     """
 
     _instruments = ASGI_INSTRUMENTS
-
-    def _parse_options(self, kwargs: dict[str, Any]) -> tuple[InstrumentOptions, dict[str, Any]]:
-        reject_models(self, kwargs)
-        parsed: tuple[InstrumentOptions, dict[str, Any]] = super()._parse_options(kwargs)
-        return parsed
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> Serving:
         from starlette.applications import Starlette

@@ -23,8 +23,8 @@ from typing import Any
 
 from ..._records import COUNTER_THREAD_CPU
 from ..._runtime import RUNTIME
-from .. import InferscopeInstrumentor, InstrumentOptions, Patches, defining_class, report_internal_error
-from ._requests import CURRENT_REQUEST, RequestTimer, Serving, reject_models, serving_options
+from .. import InstrumentOptions, Patches, defining_class, report_internal_error
+from ._requests import CURRENT_REQUEST, RequestTimer, Serving, ServingInstrumentor, serving_options
 from .package import WSGI_INSTRUMENTS
 
 __all__ = ["InferscopeWSGIMiddleware", "WsgiInstrumentor", "serve_wsgi"]
@@ -222,7 +222,7 @@ def _flask_dispatch(serving: Serving, original: Any, request: Any, http_exceptio
     return dispatch_request
 
 
-class WsgiInstrumentor(InferscopeInstrumentor):
+class WsgiInstrumentor(ServingInstrumentor):
     """Records the serving stages of every request to a Flask application.
 
     It wraps ``Flask.__call__``, which the server calls for every request, so applications created
@@ -237,11 +237,6 @@ class WsgiInstrumentor(InferscopeInstrumentor):
     """
 
     _instruments = WSGI_INSTRUMENTS
-
-    def _parse_options(self, kwargs: dict[str, Any]) -> tuple[InstrumentOptions, dict[str, Any]]:
-        reject_models(self, kwargs)
-        parsed: tuple[InstrumentOptions, dict[str, Any]] = super()._parse_options(kwargs)
-        return parsed
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> Serving:
         from flask import Flask, request
