@@ -393,6 +393,62 @@ def test_torch_compile_counts_the_compiled_module_once_without_stages(instrument
     assert rows() == [("MLP", None, 3)]
 
 
+@pytest.mark.parametrize("stage_depth", [0, 1])
+def test_a_submodule_compiled_in_place_runs_its_compiled_call(instrument, stage_depth):
+    model, x = mlp(), inputs()
+    with torch.no_grad():
+        expected = model(x)
+    compiled_runs = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        def run(*args: Any) -> Any:
+            compiled_runs.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    # Module.compile() sets _compiled_call_impl, which torch's __call__ runs instead of _call_impl.
+    # The wrapper must go through it where it passes a call through (depth 0) and inside a stage.
+    for block in model.layers:
+        block.compile(backend=backend, fullgraph=True)
+    instrument(stage_depth=stage_depth)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), expected)
+    assert len(compiled_runs) == 6
+    stages = ["head", "layers.0", "layers.1", "stem"] if stage_depth else []
+    assert rows() == [("MLP", None, 3), *(("MLP", stage, 3) for stage in stages)]
+
+
+def test_a_call_wrapper_installed_before_instrumenting_runs_for_every_module_call(instrument):
+    original = nn.Module.__dict__["__call__"]
+    seen: list[str] = []
+
+    def counting(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        seen.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    nn.Module.__call__ = counting
+    try:
+        instrumentor = instrument(stage_depth=1)
+        with torch.no_grad():
+            mlp()(inputs())
+        # MLP, stem, layers.0 (Block, fc, act), layers.1 (Block, fc, act), head.
+        assert seen == ["MLP", "Linear", "Block", "Linear", "ReLU", "Block", "Linear", "ReLU", "Linear"]
+        instrumentor.uninstrument()
+        assert nn.Module.__dict__["__call__"] is counting
+    finally:
+        nn.Module.__call__ = original
+    assert rows() == [
+        ("MLP", None, 1),
+        ("MLP", "head", 1),
+        ("MLP", "layers.0", 1),
+        ("MLP", "layers.1", 1),
+        ("MLP", "stem", 1),
+    ]
+    instrumentor.instrument()  # for the fixture's teardown
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 def test_tracing_is_not_an_inference_and_traced_modules_keep_the_name(instrument):
     model, x = mlp(), inputs()
