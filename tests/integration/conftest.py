@@ -270,6 +270,19 @@ class Rotel:
         return found
 
 
+def parse_rotel_spans(text: str) -> list[dict[str, str]]:
+    """The spans rotel printed (--debug-log traces), as their "Key : value" header fields."""
+    spans: list[dict[str, str]] = []
+    for line in text.splitlines():
+        if re.match(r"^Span #\d+", line.strip()):
+            spans.append({})
+            continue
+        match = re.match(r"^\s{4}(Trace ID|Parent ID|ID|Name|Status code)\s*: ?(.*)$", line)
+        if match and spans:
+            spans[-1][match.group(1)] = match.group(2).strip()
+    return spans
+
+
 def _rotel_binary() -> str:
     spec = importlib.util.find_spec("rotel")
     if spec is not None and spec.origin:

@@ -1,6 +1,7 @@
 """examples/fastapi_service.py, served by uvicorn under ``opentelemetry-instrument`` and exporting
 over OTLP to a real collector (rotel): the per-model, per-stage and serving series arrive, on the
-same Resource as OpenTelemetry's own HTTP metrics. Once with torch, once with torch made
+same Resource as OpenTelemetry's own HTTP metrics, and the inference spans arrive as children of
+OpenTelemetry's server spans. Once with torch, once with torch made
 unimportable (the service then serves the scikit-learn model only)."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.integration.conftest import Rotel, RotelPoint, free_port
+from tests.integration.conftest import Rotel, RotelPoint, free_port, parse_rotel_spans
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "fastapi_service.py"
@@ -94,7 +95,7 @@ def serve_and_call(rotel: Rotel, tmp_path: Path, pythonpath: list[Path]) -> tupl
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{rotel.grpc_endpoint}",
             # One export, at exit: every series shows once, with its final count.
             "OTEL_METRIC_EXPORT_INTERVAL": "600000",
-            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_LOGS_EXPORTER": "none",
         }
     )
@@ -209,3 +210,17 @@ def test_the_fastapi_example_exports_models_and_serving_stages(
 
     series = [(p.metric, tuple(sorted(p.attributes.items()))) for p in ours]
     assert len(series) == len(set(series)), "a series was exported twice"
+
+    # Traces: OpenTelemetry's server span of each request, our inference span as its child (the
+    # distro samples every request, so every inference is kept), the Pipeline's steps below it.
+    spans = parse_rotel_spans(rotel.output())
+    requests = {s["ID"]: s for s in spans if s.get("Name", "").startswith("POST /predict/fraud")}
+    inferences = [s for s in spans if s.get("Name") == "inference Pipeline"]
+    assert len(inferences) == pipeline_calls, sorted({s.get("Name") for s in spans})
+    for inference in inferences:
+        parent = requests[inference["Parent ID"]]
+        assert parent["Trace ID"] == inference["Trace ID"]
+    by_id = {s["ID"]: s for s in inferences}
+    steps = [s for s in spans if s.get("Name") == "stage clf"]
+    assert len(steps) == pipeline_calls
+    assert all(by_id[s["Parent ID"]]["Trace ID"] == s["Trace ID"] for s in steps)

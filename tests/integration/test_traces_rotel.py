@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from typing import TYPE_CHECKING
 
 import pytest
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import parse_rotel_spans, wait_until
 
 import inferscope
 from inferscope import _pipeline
@@ -51,19 +50,6 @@ def test_spans_arrive_with_names_links_and_status(rotel: Rotel, protocol: str) -
         assert parent["Status code"] == stage["Status code"]
     assert sorted(s["Status code"] for s in roots) == ["STATUS_CODE_ERROR", "STATUS_CODE_UNSET"]
     assert all(not s["Parent ID"] for s in roots)
-
-
-def parse_rotel_spans(text: str) -> list[dict[str, str]]:
-    """The spans rotel printed (--debug-log traces), as their "Key : value" header fields."""
-    spans: list[dict[str, str]] = []
-    for line in text.splitlines():
-        if re.match(r"^Span #\d+", line.strip()):
-            spans.append({})
-            continue
-        match = re.match(r"^\s{4}(Trace ID|Parent ID|ID|Name|Status code)\s*: ?(.*)$", line)
-        if match and spans:
-            spans[-1][match.group(1)] = match.group(2).strip()
-    return spans
 
 
 def _complete(spans: list[dict[str, str]], model: str) -> list[dict[str, str]] | None:
