@@ -314,6 +314,49 @@ def test_inside_a_tracked_inference_the_steps_are_stages_of_it(fitted, instrumen
     assert snap.row("service", "infer/clf").count == 1
 
 
+def test_a_nested_pipeline_nests_its_stages_also_for_a_pipeline_subclass(instrument: Any) -> None:
+    x, y = training_data()
+
+    class Preprocessing(Pipeline):  # type: ignore[misc]
+        """A Pipeline subclass: the instrumentor tells Pipelines by class, subclasses included."""
+
+    prep = Preprocessing([("scaler", StandardScaler()), ("pca", PCA(n_components=4))])
+    pipe = Pipeline([("prep", prep), ("clf", LogisticRegression())]).fit(x, y)
+    expected = pipe.predict(x)
+    instrument()
+    for _ in range(2):  # the second call takes the cached answers
+        assert np.array_equal(pipe.predict(x), expected)
+    snap = inferscope.snapshot()
+    assert models_in_snapshot() == {"Pipeline"}
+    assert {row.stage for row in snap.rows} == {None, "prep", "prep/scaler", "prep/pca", "clf"}
+    assert all(row.count == 2 for row in snap.rows)
+
+
+def test_a_failing_pipeline_class_check_never_breaks_a_step_call(
+    fitted: tuple[Pipeline, np.ndarray], instrument: Any
+) -> None:
+    from inferscope import _pipeline
+
+    pipe, x = fitted
+    expected = pipe.predict(x)
+    instrumentor = instrument()
+    pipe.predict(x)  # the Pipeline's own entry is cached: the next call opens its scope
+
+    class Exploding(type):
+        def __subclasscheck__(cls, subclass: type) -> bool:
+            raise RuntimeError("broken subclass check")
+
+    state = instrumentor._state
+    state.pipeline = Exploding("Exploding", (), {})
+    state.pipeline_classes.clear()  # the steps' classes are looked up again, and the check raises
+    errors_before = _pipeline.DRAINER.errors
+    assert np.array_equal(pipe.predict(x), expected)
+    assert _pipeline.DRAINER.errors > errors_before  # counted as inferscope.sdk.errors
+    snap = inferscope.snapshot()
+    assert snap.row("Pipeline").count == 2
+    assert snap.row("Pipeline", "clf").count == 2  # the steps are still stages
+
+
 def test_stages_can_be_turned_off(fitted, instrument):
     pipe, x = fitted
     instrument(stages=False)

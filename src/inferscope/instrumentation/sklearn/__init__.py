@@ -45,6 +45,7 @@ import types
 from contextvars import ContextVar
 from typing import Any
 
+from ..._records import NO_MODEL_KEY
 from ..._runtime import RUNTIME
 from .. import (
     IdentityCache,
@@ -53,7 +54,6 @@ from .. import (
     ModelIdentity,
     Patches,
     TrackedModel,
-    call_in_scope,
     class_aliases,
     inference_open,
     report_internal_error,
@@ -84,6 +84,8 @@ _NO_STEPS: Steps = {}
 _UNTRACKED: Steps = {}
 
 _hook_depth = threading.local()
+
+_FAILURE = "inferscope: scikit-learn instrumentation failed; the call is not recorded"
 
 
 class _Entry:
@@ -125,6 +127,9 @@ class _State:
         self.base_estimator = base_estimator
         self.pipeline = pipeline
         self.cache: IdentityCache[_Entry] = IdentityCache()
+        #: class -> whether it is a Pipeline (see :meth:`is_pipeline_class`). Its keys are estimator
+        #: classes, which ``seen`` holds already.
+        self.pipeline_classes: dict[type, bool] = {}
         self.seen: set[type] = set()
 
     # --- identity -------------------------------------------------------------------------------
@@ -137,11 +142,24 @@ class _State:
         return found
 
     def _resolve(self, est: Any) -> _Entry:
-        pipeline = isinstance(est, self.pipeline)
+        pipeline = self.is_pipeline_class(type(est))
         if not isinstance(est, self.base_estimator):
             return _Entry(None, pipeline)
         cls = type(est)
         return _Entry(self.options.model(est, ModelIdentity(cls.__name__), class_aliases(cls)), pipeline)
+
+    def is_pipeline_class(self, cls: type) -> bool:
+        """Whether ``cls`` is a Pipeline (or a subclass), remembered per class in
+        ``pipeline_classes``: the wrapper asks on every nested call, and ``issubclass`` of an ABC
+        costs a Python-level ``__subclasscheck__`` for every class that is not one."""
+        found = self.pipeline_classes.get(cls)
+        if found is None:
+            try:
+                found = self.pipeline_classes[cls] = issubclass(cls, self.pipeline)
+            except Exception:  # a broken __subclasscheck__ on the way: not a Pipeline
+                report_internal_error(_FAILURE)
+                return False
+        return found
 
     def steps(self, est: Any, entry: _Entry) -> Steps:
         """The stage map of a Pipeline (rebuilt when its steps changed), else the empty map."""
@@ -161,52 +179,35 @@ class _State:
 
     # --- calls ----------------------------------------------------------------------------------
 
-    def outermost(self, original: Any, est: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A tracked method called with no instrumented scikit-learn call around it (in this context).
-
-        The decision is made inside ``try`` and the call outside it: an exception of the estimator
-        itself must pass through once, untouched, never be taken for our own failure.
-        """
-        call: Any = original
-        steps: Steps | None = None
-        try:
-            entry = self.entry(est)
-            model = entry.model
-            # Frames: 0 here, 1 the wrapper, 2 its caller.
-            if model is not None and not _is_sklearn_frame(sys._getframe(2)):
-                steps = self.steps(est, entry) if entry.pipeline else _NO_STEPS
-                if not inference_open():
-                    call = entry.tracked.get(original) or entry.track(original)
-        except Exception:
-            report_internal_error("inferscope: scikit-learn instrumentation failed; the call is not recorded")
-            call, steps = original, None
-        if steps is None:
-            return original(est, *args, **kwargs)
-        return call_in_scope(_SCOPE, steps, call, est, args, kwargs)
-
-    def nested(
+    def nested_pipeline(
         self, scope: Steps, original: Any, est: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """A tracked method called inside an instrumented call: a stage if ``est`` is one of the
-        enclosing Pipeline's steps; otherwise it passes through (a nested Pipeline still maps its own
-        steps, so a Pipeline inside a meta-estimator shows its stages)."""
+        """A Pipeline's method called inside an instrumented call: a stage if ``est`` is one of the
+        enclosing Pipeline's steps, and in any case with its own steps as the scope, so that a
+        Pipeline inside a meta-estimator shows its stages. (The wrapper handles every other
+        nested call itself.)"""
         stage = None
         inner: Steps | None = None
         try:
             stage = scope.get(id(est))
-            if isinstance(est, self.pipeline):
-                inner = self.steps(est, self.entry(est))
-            elif stage is not None:
-                inner = _NO_STEPS
+            inner = self.steps(est, self.entry(est))
         except Exception:
-            report_internal_error("inferscope: scikit-learn instrumentation failed; the call is not recorded")
-            stage, inner = None, None
+            report_internal_error(_FAILURE)
+            inner = None
         if inner is None:
             return original(est, *args, **kwargs)
         if stage is None:
-            return call_in_scope(_SCOPE, inner, original, est, args, kwargs)
+            token = _SCOPE.set(inner)
+            try:
+                return original(est, *args, **kwargs)
+            finally:
+                _SCOPE.reset(token)
         with stage:
-            return call_in_scope(_SCOPE, inner, original, est, args, kwargs)
+            token = _SCOPE.set(inner)
+            try:
+                return original(est, *args, **kwargs)
+            finally:
+                _SCOPE.reset(token)
 
     # --- patching -------------------------------------------------------------------------------
 
@@ -269,23 +270,79 @@ class _State:
                 report_internal_error(f"inferscope: could not instrument the class {cls.__qualname__}")
 
 
-def _is_sklearn_frame(frame: types.FrameType) -> bool:
-    """Whether ``frame`` runs scikit-learn's own code (a call it makes, not the application)."""
-    module = frame.f_globals.get("__name__") or ""
-    return module == "sklearn" or module.startswith("sklearn.")
-
-
 def _tracked_method(state: _State, original: Any) -> Any:
+    """The replacement of an inference method.
+
+    Every estimator call inside a Pipeline runs it too (``Pipeline.predict`` of three steps makes
+    five such calls), so it is written for speed: the state it reads is bound to locals of this
+    closure, and the outermost call and the step call are inline rather than in helper functions
+    (each helper frame costs a call and a copy of the arguments). A nested call that is not a step
+    costs the first test, a context-variable read and two dict lookups.
+    """
+    get_scope = _SCOPE.get
+    set_scope = _SCOPE.set
+    reset_scope = _SCOPE.reset
+    cached_entry = state.cache.get
+    resolve = state.entry
+    pipeline_classes = state.pipeline_classes
+    is_pipeline_class = state.is_pipeline_class
+    stages = state.stages
+    current_key = RUNTIME.current_key
+    getframe = sys._getframe
+
     @functools.wraps(original)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not state.active:
             return original(self, *args, **kwargs)
-        scope = _SCOPE.get()
+        scope = get_scope()
         if scope is None:
-            return state.outermost(original, self, args, kwargs)
+            # The outermost scikit-learn call of this context. The decision is made inside ``try``
+            # and the call outside it: an exception of the estimator itself must pass through
+            # once, untouched, never be taken for our own failure.
+            call = original
+            steps: Steps | None = None
+            try:
+                entry = cached_entry(self) or resolve(self)
+                if entry.model is not None:
+                    module = getframe(1).f_globals.get("__name__") or ""
+                    # Not a call that scikit-learn's own code makes (cross_val_predict, a joblib
+                    # worker running an inner estimator).
+                    if module != "sklearn" and not module.startswith("sklearn."):
+                        steps = _NO_STEPS
+                        if entry.pipeline and stages:
+                            steps = entry.steps
+                            if tuple(getattr(self, "steps", ())) != entry.snapshot:
+                                steps = state.steps(self, entry)
+                        if current_key() == NO_MODEL_KEY or not inference_open():
+                            call = entry.tracked.get(original) or entry.track(original)
+            except Exception:
+                report_internal_error(_FAILURE)
+                call, steps = original, None
+            if steps is None:
+                return original(self, *args, **kwargs)
+            token = set_scope(steps)
+            try:
+                return call(self, *args, **kwargs)
+            finally:
+                reset_scope(token)
         if scope is _UNTRACKED:
             return original(self, *args, **kwargs)
-        return state.nested(scope, original, self, args, kwargs)
+        pipeline = pipeline_classes.get(type(self))
+        if pipeline is None:
+            pipeline = is_pipeline_class(type(self))
+        if pipeline:
+            return state.nested_pipeline(scope, original, self, args, kwargs)
+        stage = scope.get(id(self))
+        if stage is None:  # not a step of the enclosing Pipeline (an inner estimator, a self-call)
+            return original(self, *args, **kwargs)
+        # A step of the running Pipeline: its call is a stage, and what it calls in turn is not
+        # (the empty scope), not even its own methods (``self.decision_function`` in ``predict``).
+        with stage:
+            token = set_scope(_NO_STEPS)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                reset_scope(token)
 
     wrapper.__inferscope_original__ = original  # type: ignore[attr-defined]
     return wrapper
