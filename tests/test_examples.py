@@ -67,10 +67,11 @@ def test_tracing_example_keeps_slow_and_failed_calls_and_nests_the_application_s
         line.split(": ", 1) for line in text.splitlines() if ": " in line and not line.startswith(" ")
     )
     kept = ast.literal_eval(lines["inference spans kept"].split(" ", 1)[1].strip("()"))
-    assert kept.get("error", 0) + kept.get("sampled", 0) >= 4  # every failed request is kept
-    assert kept["slow"] >= 10  # the feature store stalls on ~1% of 2,000 requests
-    slow_ms = [float(ms) for ms in lines["slow ones kept, ms"].split(", ")]
-    p50_ms = float(rows(text)[("scorer", "-")][1])
-    assert min(slow_ms) > 5 * p50_ms
-    # Every kept request's feature-store span nests under its preprocess stage.
+    # The stalls are 3 in 1,000 requests, after the first 600: each is above the running p99.
+    stalled, stalled_kept = (int(part.split()[-1]) for part in lines["stalled requests"].split(", "))
+    assert stalled >= 3 and stalled_kept == stalled
+    assert kept["slow"] >= 1  # most stalls are not in the 5% the application's sampler picked
+    failed, failed_kept = (int(part.split()[-1]) for part in lines["failed requests"].split(", "))
+    assert failed == 4 and failed_kept == failed  # every failed request is kept
+    # Every request kept at its start has its feature-store span nested under its preprocess stage.
     assert int(lines["feature-store spans nested under a kept preprocess stage"]) == kept["sampled"]

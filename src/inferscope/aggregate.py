@@ -762,14 +762,17 @@ class Aggregator:
 
     def duration_quantiles(self, q: float, min_count: int) -> dict[int, float]:
         """Per key, the ``q`` quantile in seconds of the successful calls' durations so far, for keys
-        with at least ``min_count`` of them. The tail sampler keeps calls slower than this."""
+        with at least ``min_count`` of them, rounded up to the upper boundary of its bucket: a call
+        slower than this is slower than the quantile, whatever the bucket's resolution. The tail
+        sampler keeps those calls."""
         with self._lock:
             histograms = [
                 (series.info.key, series.duration.copy())
                 for series in self._series.values()
                 if series.error_id == 0 and series.duration.count >= min_count
             ]
-        return {key: histogram.quantile(q) for key, histogram in histograms}
+        # quantile() estimates by the bucket's geometric midpoint: half a bucket up is its boundary.
+        return {key: h.quantile(q) * 2 ** (2.0**-h.scale / 2) for key, h in histograms}
 
     def reset(self, start_time_unix_nano: int | None = None) -> None:
         """Forget all series, drop counts and internal-error counts (in a child after ``fork()``).

@@ -90,8 +90,10 @@ SLOW_QUANTILES = {"p90": 0.90, "p95": 0.95, "p99": 0.99, "p999": 0.999}
 #: A relative threshold applies once a key has this many successful calls; before, the quantile
 #: would be noise and "slower than p99" would keep every warm-up call.
 MIN_CALLS_FOR_RELATIVE = 100
-#: How often the relative thresholds are recomputed from the aggregates.
+#: How often the relative thresholds are recomputed from the aggregates, after the first
+#: _YOUNG_REFRESHES batches with slow-call candidates (each of which recomputes them).
 _THRESHOLD_REFRESH_S = 1.0
+_YOUNG_REFRESHES = 20
 #: How long a kept root is remembered, for records under it that arrive later (a task it spawned).
 _KEPT_MEMORY_S = 60.0
 #: Records whose root has not been decided are held this long, at most this many.
@@ -211,6 +213,7 @@ class TracePipeline:
         self._bucket = _TokenBucket(policy.max_spans_per_second)
         self._thresholds = np.zeros(0, dtype=np.int64)  # per key, in ns; 0 = none
         self._thresholds_at = -_THRESHOLD_REFRESH_S
+        self._young_refreshes = _YOUNG_REFRESHES
         self._kept: dict[int, float] = {}  # root span id -> when it was kept (monotonic s)
         self._dropped_before = np.zeros(0, dtype=np.uint64)  # roots dropped by the previous batch
         self._pending: np.ndarray | None = None
@@ -280,7 +283,9 @@ class TracePipeline:
         if policy.slow_quantile is None or roots.size == 0:
             return np.zeros(roots.size, dtype=bool)
         now = time.monotonic()
-        if now - self._thresholds_at >= _THRESHOLD_REFRESH_S:
+        # Every batch while the quantiles are young (they move fast then), then once a second.
+        if now - self._thresholds_at >= _THRESHOLD_REFRESH_S or self._young_refreshes > 0:
+            self._young_refreshes = max(0, self._young_refreshes - 1)
             self._thresholds_at = now
             quantiles = self._quantiles(policy.slow_quantile, MIN_CALLS_FOR_RELATIVE)
             size = max(quantiles, default=-1) + 1
