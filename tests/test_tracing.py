@@ -539,3 +539,26 @@ def test_a_forked_child_never_repeats_its_parents_ids() -> None:
     parent, child, shared = map(int, result.stdout.split())
     # Both hold the two spans made before fork, and two of their own: no id of those is shared.
     assert (parent, child, shared) == (4, 4, 2)
+
+
+def test_an_unknown_runtime_context_leaves_tracing_off_and_says_why(monkeypatch, caplog) -> None:
+    class Elsewhere(otel_context._RuntimeContext):  # e.g. a custom OTEL_PYTHON_CONTEXT
+        def attach(self, context):  # type: ignore[no-untyped-def]
+            return None
+
+        def detach(self, token):  # type: ignore[no-untyped-def]
+            pass
+
+        def get_current(self):  # type: ignore[no-untyped-def]
+            return otel_context.Context()
+
+    monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", Elsewhere())
+    try:
+        with caplog.at_level("WARNING", logger="inferscope"):
+            inferscope.configure(span_exporters=[InMemorySpanExporter()], trace_ratio=1.0)
+        assert not RUNTIME.tracing
+        assert _pipeline._exports is not None and _pipeline._exports.traces is None
+        assert "tracing is off: the OTel runtime context is Elsewhere" in caplog.text
+        assert isinstance(otel_context._RUNTIME_CONTEXT, Elsewhere)
+    finally:
+        _pipeline.configure()

@@ -299,6 +299,9 @@ class Exports:
         from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+        hooks = install_runtime_context(RUNTIME.current_span)
+        if hooks is None:
+            return None
         processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
         exporters = [_make_span_exporter(name, settings) for name in settings.traces_exporters]
         exporters += list(settings.span_exporters)  # type: ignore[arg-type]
@@ -311,9 +314,6 @@ class Exports:
             # The application's processors and Resource: our spans travel with its own.
             processor.add_span_processor(provider._active_span_processor)
             resource = provider.resource
-        hooks = install_runtime_context(RUNTIME.current_span)
-        if hooks is None:
-            return None
         var, span_key = hooks
         policy = _trace_policy(settings)
         RUNTIME.set_tracing(var, span_key, policy.ratio_bound, policy.parent_based)
