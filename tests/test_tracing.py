@@ -562,3 +562,40 @@ def test_an_unknown_runtime_context_leaves_tracing_off_and_says_why(monkeypatch,
         assert isinstance(otel_context._RUNTIME_CONTEXT, Elsewhere)
     finally:
         _pipeline.configure()
+
+
+def test_the_prometheus_endpoint_carries_exemplars_to_openmetrics_scrapers(traced) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.openmetrics import exposition as openmetrics
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    from inferscope.export.metrics import PrometheusCollector
+
+    t = traced(trace_ratio=1.0)
+
+    @inferscope.track_inference(model="m")
+    def predict(seconds: float) -> None:
+        time.sleep(seconds)
+
+    predict(0.002)
+    predict(0.03)
+    spans = t.named("inference m")
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(_pipeline.collect_view, [0.001, 0.01, 0.1]))
+    families = {
+        f.name: f for f in text_string_to_metric_families(openmetrics.generate_latest(registry).decode())
+    }
+    buckets = [
+        s for s in families["inferscope_inference_duration_seconds"].samples if s.name.endswith("_bucket")
+    ]
+    found = {s.labels["le"]: s.exemplar for s in buckets if s.exemplar is not None}
+    by_span = {f"{s.context.span_id:016x}": s for s in spans}
+    assert set(found) == {"0.01", "0.1"}  # each call's exemplar in the bucket its duration falls in
+    for le, exemplar in found.items():
+        span = by_span[exemplar.labels["span_id"]]
+        assert exemplar.labels["trace_id"] == f"{span.context.trace_id:032x}"
+        assert exemplar.value == pytest.approx((span.end_time - span.start_time) / 1e9)
+        assert exemplar.value <= float(le)
+        stamp = exemplar.timestamp
+        assert stamp.sec * 1_000_000_000 + stamp.nsec == pytest.approx(span.end_time, abs=1_000)
+    assert b" # {" not in generate_latest(registry)  # the classic text format has no exemplars

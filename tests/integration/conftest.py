@@ -379,6 +379,18 @@ class Prometheus:
         )
         return found
 
+    def exemplars(self, expr: str) -> list[dict[str, Any]]:
+        """The exemplars of ``expr`` over the last hour (``/api/v1/query_exemplars``)."""
+        now = time.time()
+        params = {"query": expr, "start": f"{now - 3600:.3f}", "end": f"{now + 60:.3f}"}
+        url = f"{self.url}/api/v1/query_exemplars?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.load(response)
+        if body.get("status") != "success":
+            raise AssertionError(f"exemplar query {expr!r} failed: {body}")
+        result: list[dict[str, Any]] = body["data"]
+        return result
+
 
 def _http_ok(url: str) -> bool:
     try:
@@ -389,15 +401,14 @@ def _http_ok(url: str) -> bool:
 
 
 @pytest.fixture
-def start_prometheus(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[[list[str]], Prometheus]]:
-    """A factory: ``start_prometheus(["127.0.0.1:PORT"])`` starts Prometheus scraping those targets."""
+def start_prometheus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
+    """A factory: ``start_prometheus(["127.0.0.1:PORT"], *flags)`` starts Prometheus scraping those
+    targets, with extra command-line flags (``--enable-feature=exemplar-storage``)."""
     if not (os.path.isfile(PROMETHEUS_BINARY) and os.access(PROMETHEUS_BINARY, os.X_OK)):
         _missing(PROMETHEUS_BINARY, "install it with `apt-get install -y --no-install-recommends prometheus`")
     started: list[_Process] = []
 
-    def start(targets: list[str]) -> Prometheus:
+    def start(targets: list[str], *flags: str) -> Prometheus:
         workdir = tmp_path / f"prometheus-{len(started)}"
         workdir.mkdir()
         config = workdir / "prometheus.yml"
@@ -420,6 +431,7 @@ def start_prometheus(
                 f"--config.file={config}",
                 f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
+                *flags,
             ]
             process = _Process("prometheus", argv, workdir / f"output-{port}.txt", workdir)
             started.append(process)

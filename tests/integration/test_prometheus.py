@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from tests.integration.conftest import wait_until
 
 from inferscope._keys import KeyRegistry
 from inferscope._records import DROP_RING_FULL, DROP_STACK_DEPTH, empty_records
@@ -87,3 +88,42 @@ def test_histogram_quantile_matches_true_p95(start_prometheus: Callable[[list[st
         assert dropped == {DROP_RING_FULL: 4.0, DROP_STACK_DEPTH: 0.0}
     finally:
         server.shutdown()
+
+
+def test_exemplars_reach_prometheus_and_name_kept_spans(start_prometheus: Callable[..., Prometheus]) -> None:
+    import time
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import inferscope
+    from inferscope import _pipeline
+
+    spans = InMemorySpanExporter()
+    try:
+        inferscope.configure(
+            span_exporters=[spans], trace_ratio=1.0, metrics_exporters=["prometheus"], prometheus_port=0
+        )
+        port = _pipeline.prometheus_port()
+        assert port is not None
+
+        @inferscope.track_inference(model="exemplary")
+        def predict() -> None:
+            time.sleep(0.003)
+
+        for _ in range(3):
+            predict()
+        _pipeline.DRAINER.drain()
+        # Prometheus asks for OpenMetrics, where each bucket carries the newest kept span in it.
+        prometheus = start_prometheus([f"127.0.0.1:{port}"], "--enable-feature=exemplar-storage")
+        expr = 'inferscope_inference_duration_seconds_bucket{inferscope_model_name="exemplary"}'
+        series = wait_until(lambda: prometheus.exemplars(expr), 20, "exemplars in Prometheus", 0.2)
+        _pipeline._exports.traces.force_flush()  # type: ignore[union-attr]
+        kept = {f"{s.context.span_id:016x}": s for s in spans.get_finished_spans()}
+        found = [exemplar for entry in series for exemplar in entry["exemplars"]]
+        assert found
+        for exemplar in found:
+            span = kept[exemplar["labels"]["span_id"]]
+            assert exemplar["labels"]["trace_id"] == f"{span.context.trace_id:032x}"
+            assert float(exemplar["value"]) == pytest.approx((span.end_time - span.start_time) / 1e9)
+    finally:
+        _pipeline.configure()

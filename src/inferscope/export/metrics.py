@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 import importlib.metadata
 import logging
 import re
@@ -57,6 +58,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric as PrometheusMetric
+from prometheus_client.samples import Exemplar as PrometheusExemplar
 from prometheus_client.utils import floatToGoString
 
 from .._keys import ERROR_TYPE
@@ -745,9 +747,12 @@ class PrometheusCollector:
         boundaries: Sequence[float],
         extra_counts: Callable[[], Mapping[str, int]] | None = None,
         counters: Sequence[CounterMetric] = (),
+        exemplars: ExemplarStore | None = EXEMPLARS,
     ) -> None:
         self._source = source
         self.counters = tuple(counters)
+        #: The kept spans whose exemplars the duration buckets carry (OpenMetrics scrapes only).
+        self.exemplars = exemplars
         self.boundaries = _check_boundaries(boundaries)
         self._le = [floatToGoString(b) for b in self.boundaries]  # type: ignore[no-untyped-call]
         self._extra_counts = extra_counts
@@ -766,7 +771,7 @@ class PrometheusCollector:
 
     def _collect(self) -> list[PrometheusMetric]:
         view = self._source()
-        histograms: dict[str, list[tuple[dict[str, str], Histogram]]] = {
+        histograms: dict[str, list[tuple[dict[str, str], Histogram, list[Exemplar]]]] = {
             name: [] for name in _PROMETHEUS_HISTOGRAMS
         }
         abandoned: list[tuple[dict[str, str], int]] = []
@@ -775,11 +780,18 @@ class PrometheusCollector:
             labels = _labels(_series_attributes(series))
             is_stage = series.info.kind == "stage"
             if series.duration.count > 0:
+                exemplars = (
+                    self.exemplars.since(series.info.key, 0)
+                    if self.exemplars is not None and series.error_id == 0
+                    else []
+                )
                 histograms[STAGE_DURATION if is_stage else INFERENCE_DURATION].append(
-                    (labels, series.duration)
+                    (labels, series.duration, exemplars)
                 )
             if series.cpu is not None and series.cpu.count > 0:
-                histograms[STAGE_CPU_TIME if is_stage else INFERENCE_CPU_TIME].append((labels, series.cpu))
+                histograms[STAGE_CPU_TIME if is_stage else INFERENCE_CPU_TIME].append(
+                    (labels, series.cpu, [])
+                )
             if not is_stage and series.abandoned > 0:
                 abandoned.append((labels, int(series.abandoned)))
             for name, attrs, total, described in series_counters(series, self.counters):
@@ -811,22 +823,49 @@ class PrometheusCollector:
                 families.append(self._counter_family(name, [({}, int(total))]))
         return families
 
-    def _histogram_family(self, name: str, rows: list[tuple[dict[str, str], Histogram]]) -> PrometheusMetric:
-        label_names = sorted({label for labels, _ in rows for label in labels})
-        grouped: dict[tuple[str, ...], list[Histogram]] = {}
-        for labels, histogram in rows:
+    def _histogram_family(
+        self, name: str, rows: list[tuple[dict[str, str], Histogram, list[Exemplar]]]
+    ) -> PrometheusMetric:
+        label_names = sorted({label for labels, _, _ in rows for label in labels})
+        grouped: dict[tuple[str, ...], tuple[list[Histogram], list[Exemplar]]] = {}
+        for labels, histogram, exemplars in rows:
             # Every sample of a family carries the same label names; absent ones are "".
-            grouped.setdefault(tuple(labels.get(n, "") for n in label_names), []).append(histogram)
+            group, found = grouped.setdefault(tuple(labels.get(n, "") for n in label_names), ([], []))
+            group.append(histogram)
+            found.extend(exemplars)
         family = HistogramMetricFamily(
             _PROMETHEUS_HISTOGRAMS[name], _HISTOGRAM_DESCRIPTIONS[name], labels=label_names, unit="seconds"
         )
-        for values, group in grouped.items():
+        for values, (group, exemplars) in grouped.items():
             histogram = _merged(group)
             cumulative = list(accumulate(int(c) for c in histogram.explicit_bucket_counts(self.boundaries)))
-            buckets = [(le, float(n)) for le, n in zip(self._le, cumulative[:-1], strict=True)]
-            buckets.append(("+Inf", float(histogram.count)))
+            counts = [*cumulative[:-1], int(histogram.count)]
+            newest = self._bucket_exemplars(exemplars)
+            buckets: list[Any] = []
+            for i, (le, n) in enumerate(zip([*self._le, "+Inf"], counts, strict=True)):
+                exemplar = newest.get(i)
+                buckets.append((le, float(n)) if exemplar is None else (le, float(n), exemplar))
             family.add_metric(list(values), buckets, float(histogram.sum))
         return family
+
+    def _bucket_exemplars(self, exemplars: Sequence[Exemplar]) -> dict[int, PrometheusExemplar]:
+        """Per bucket index, the newest exemplar whose value falls in it, as OpenMetrics carries it:
+        the trace and span id as hex labels, the value in seconds, the time in seconds."""
+        newest: dict[int, Exemplar] = {}
+        for exemplar in exemplars:
+            index = bisect.bisect_left(self.boundaries, exemplar.value)  # a bucket's le is inclusive
+            found = newest.get(index)
+            if found is None or exemplar.time_unix_nano > found.time_unix_nano:
+                newest[index] = exemplar
+        return {
+            index: PrometheusExemplar(
+                {"trace_id": f"{e.trace_id:032x}", "span_id": f"{e.span_id:016x}"},
+                float(e.value),
+                e.time_unix_nano / 1e9,
+            )
+            for index, e in newest.items()
+            if e.trace_id and e.span_id
+        }
 
     def _counter_family(
         self, name: str, rows: list[tuple[dict[str, str], int]], described: CounterMetric | None = None
