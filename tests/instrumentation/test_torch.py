@@ -527,3 +527,31 @@ def test_dependencies_are_met():
 
     assert tuple(TorchInstrumentor().instrumentation_dependencies()) == package._instruments
     assert TorchInstrumentor()._check_dependency_conflicts() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_inference_on_cuda_lasts_until_its_kernels_finish(instrument):
+    model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096)).cuda()
+    x = torch.randn(4096, 4096, device="cuda")
+    with torch.no_grad():
+        model(x)
+    torch.cuda.synchronize()
+    instrument(model_names={model: "cuda-wait"})
+    event_ms = []
+    with torch.no_grad():
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            end.synchronize()
+            event_ms.append(start.elapsed_time(end))
+    row = inferscope.snapshot().row("cuda-wait")
+    # The kernels' own time (CUDA events) is inside the recorded wall time, not after it.
+    assert row.count == 20
+    assert row.p50 * 1e3 >= 0.9 * sorted(event_ms)[10]
+
+
+def test_cuda_sync_takes_a_bool(instrument):
+    with pytest.raises(TypeError, match="cuda_sync must be True or False, got 'yes'"):
+        instrument(cuda_sync="yes")

@@ -66,14 +66,16 @@ from typing import Any
 
 from ..._records import NO_MODEL_KEY
 from ..._runtime import RUNTIME
-from ...tracking import _check_version
 from .. import (
+    VERSION_ATTRIBUTE,
     InferscopeInstrumentor,
     InstrumentOptions,
     ModelIdentity,
     Patches,
     TrackedModel,
     class_aliases,
+    declared_version,
+    depth_and_training,
     inference_open,
     report_internal_error,
 )
@@ -86,7 +88,6 @@ _logger = logging.getLogger("inferscope.instrumentation")
 #: The attribute that tells a model's series apart by where its parameters live (``cpu``, ``cuda``).
 DEVICE_ATTRIBUTE = "inferscope.device"
 #: A module attribute that gives the model's version when ``model_names`` does not.
-VERSION_ATTRIBUTE = "inferscope_version"
 
 
 def _no_module() -> None:
@@ -155,18 +156,7 @@ def module_identity(module: Any) -> tuple[Any, ModelIdentity, tuple[str, ...]]:
     if isinstance(target, torch.jit.ScriptModule) and isinstance(original_name, str) and original_name:
         name = original_name
         aliases = (original_name, *aliases)
-    version: str | None = None
-    declared = getattr(target, VERSION_ATTRIBUTE, None)
-    if declared is not None:
-        try:
-            version = _check_version(declared)
-        except TypeError:
-            _logger.warning(
-                "inferscope: %s.%s must be a non-empty str or an int, got %r; the version is ignored",
-                name,
-                VERSION_ATTRIBUTE,
-                declared,
-            )
+    version = declared_version(target, name)
     return target, ModelIdentity(name, version), aliases
 
 
@@ -224,17 +214,35 @@ class _Entry:
             return "cuda"
         return str(probe.device.type)
 
-    def call(self, original: Any) -> Any:
-        """The tracked ``original`` under this model's key for the device the model is on now."""
+    def call(self, original: Any, cuda_sync: bool = True) -> Any:
+        """The tracked ``original`` under this model's key for the device the model is on now. On
+        CUDA, with ``cuda_sync``, the call ends when the device has finished its work: kernels run
+        asynchronously, and the call's wall time would otherwise be the time to launch them."""
         device = self.device()
         found = self.calls.get(device)
         if found is None:
             assert self.identity is not None
             model = TrackedModel(self.identity, {**self.attributes, DEVICE_ATTRIBUTE: device})
-            found = self.calls[device] = model.tracked(original)
+            timed = _synchronized(original, self.probe) if device == "cuda" and cuda_sync else original
+            found = self.calls[device] = model.tracked(timed)
             if device == "cpu":
                 self.cpu_call = found
         return found
+
+
+def _synchronized(original: Any, probe: weakref.ref[Any] | None) -> Any:
+    """``original``, then a wait for the CUDA device of the model's probe tensor."""
+    import torch
+
+    synchronize = torch.cuda.synchronize
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        tensor = None if probe is None else probe()
+        synchronize(None if tensor is None else tensor.device)
+        return result
+
+    return call
 
 
 class _State:
@@ -247,6 +255,8 @@ class _State:
         self.options = options
         self.stage_depth = stage_depth
         self.track_training = track_training
+        #: Whether an inference of a model on CUDA waits for its kernels before it ends.
+        self.cuda_sync = True
         #: id(module) -> its entry, dropped when the module is collected. The wrapper reads it
         #: directly: a hit is one dict lookup and one weak-reference call, with no method call.
         self.entries: dict[int, _Entry] = {}
@@ -390,7 +400,7 @@ def _module_call(state: _State, original: Any) -> Any:
                             probe = entry.probe
                             tensor = None if probe is None else probe()
                             tracked = entry.cpu_call if tensor is not None and tensor.is_cpu else None
-                            call = tracked or entry.call(original)
+                            call = tracked or entry.call(original, state.cuda_sync)
             except Exception:
                 report_internal_error(_FAILURE)
                 call, scope = original, _PASS
@@ -446,18 +456,17 @@ class TorchInstrumentor(InferscopeInstrumentor):
 
     _instruments = _instruments
     _instruments_any = _instruments_any
-    _extra_options = {"stage_depth": 0, "track_training": False}
+    _extra_options = {"stage_depth": 0, "track_training": False, "cuda_sync": True}
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
         import torch
 
-        stage_depth = extra["stage_depth"]
-        if isinstance(stage_depth, bool) or not isinstance(stage_depth, int) or stage_depth < 0:
-            raise TypeError(f"stage_depth must be an int >= 0, got {stage_depth!r}")
-        track_training = extra["track_training"]
-        if not isinstance(track_training, bool):
-            raise TypeError(f"track_training must be True or False, got {track_training!r}")
+        stage_depth, track_training = depth_and_training(extra)
+        cuda_sync = extra["cuda_sync"]
+        if not isinstance(cuda_sync, bool):
+            raise TypeError(f"cuda_sync must be True or False, got {cuda_sync!r}")
         state = _State(options, stage_depth, track_training)
+        state.cuda_sync = cuda_sync
         module = torch.nn.Module
         patches.replace(module, "__call__", _module_call(state, module.__dict__["__call__"]))
         return state
