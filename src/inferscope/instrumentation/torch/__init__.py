@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 import sys
 import weakref
 from collections.abc import Callable
@@ -83,7 +82,6 @@ from .package import _instruments, _instruments_any
 
 __all__ = ["DEVICE_ATTRIBUTE", "VERSION_ATTRIBUTE", "TorchInstrumentor", "module_identity"]
 
-_logger = logging.getLogger("inferscope.instrumentation")
 
 #: The attribute that tells a model's series apart by where its parameters live (``cpu``, ``cuda``).
 DEVICE_ATTRIBUTE = "inferscope.device"

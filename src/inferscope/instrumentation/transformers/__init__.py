@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import os
 import threading
 import types
@@ -86,7 +85,6 @@ __all__ = [
     "model_identity",
 ]
 
-_logger = logging.getLogger("inferscope.instrumentation")
 
 #: Pipeline methods -> the stage each call of one becomes (DESIGN's stage names).
 PIPELINE_STAGES = {"preprocess": "preprocess", "forward": "infer", "postprocess": "postprocess"}
