@@ -5,7 +5,7 @@
     python3 benchmarks/counters.py --json counters.json
 
 What: for each counter set (minimal, default, full) and each counter by name alone (thread_cpu,
-rusage, perf, rss, python_heap), set with ``inferscope.configure(counters=...)``, a tracked no-op
+rusage, perf, rss, python_heap, cuda_memory), set with ``inferscope.configure(counters=...)``, a tracked no-op
 and a tracked function whose body is ``with inferscope.stage("x"): pass``. The stage costs
 tracked-with-stage minus tracked-without, and the tracked-call overhead is tracked minus a bare
 call of the same no-op. Each is shown with its ratio to ``minimal``. A counter that
@@ -40,7 +40,7 @@ import inferscope
 from inferscope.counters import counter_mask, counter_names, perf_status
 
 SETS = ("minimal", "default", "full")
-SINGLE = ("thread_cpu", "rusage", "perf", "rss", "python_heap")
+SINGLE = ("thread_cpu", "rusage", "perf", "rss", "python_heap", "cuda_memory")
 #: Records pushed by one timed loop at most: below half the 2**20-record ring.
 MAX_RECORDS_PER_LOOP = 400_000
 #: Targets: default - minimal <= 2 thread-clock reads (10% slack, a difference of medians), and

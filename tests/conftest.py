@@ -11,8 +11,20 @@ import textwrap
 import pytest
 
 import inferscope
-from inferscope import _pipeline
+from inferscope import _pipeline, _purepy
 from inferscope._runtime import RUNTIME
+
+try:
+    from inferscope import _native
+except ImportError:  # pragma: no cover - only without a compiler
+    _native = None
+
+#: Both backend modules, for tests that build their own Ring and Runtime of each.
+BACKENDS = [pytest.param(_purepy, id="python")]
+if _native is not None:
+    BACKENDS.append(pytest.param(_native, id="c"))
+elif os.environ.get("CI"):
+    raise RuntimeError("CI builds the C extension; it must be importable")
 
 
 @pytest.fixture(autouse=True)

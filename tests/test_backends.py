@@ -6,7 +6,6 @@ run in the same process whatever INFERSCOPE_NO_EXTENSION says.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -22,16 +21,7 @@ from inferscope._records import (
     empty_records,
 )
 
-try:
-    from inferscope import _native
-except ImportError:  # pragma: no cover - only without a compiler
-    _native = None
-
-BACKENDS = [pytest.param(_purepy, id="python")]
-if _native is not None:
-    BACKENDS.append(pytest.param(_native, id="c"))
-elif os.environ.get("CI"):
-    raise RuntimeError("CI builds the C extension; it must be importable")
+from .conftest import BACKENDS, _native
 
 
 @pytest.fixture(params=BACKENDS)

@@ -616,7 +616,7 @@ def test_error_messages_read_as_documented() -> None:
     assert str(info.value) == (
         "counters (configure argument): got 'fast'; "
         "accepted: one of 'minimal', 'default', 'full', "
-        "or a comma-separated list of 'thread_cpu', 'rusage', 'perf', 'rss', 'python_heap'"
+        "or a comma-separated list of 'thread_cpu', 'rusage', 'perf', 'rss', 'python_heap', 'cuda_memory'"
     )
 
 

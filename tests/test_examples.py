@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +55,7 @@ def test_demo_prints_both_models_and_stages():
 
 def test_doctor_reports_every_counter_and_the_cost_of_each_set():
     text = run("-m", "inferscope.cli", "doctor", "--calls", "500")
-    for name in ("thread_cpu", "rusage", "perf", "rss", "python_heap"):
+    for name in ("thread_cpu", "rusage", "perf", "rss", "python_heap", "cuda_memory"):
         assert f"  {name} " in text
     costs = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  ")}
     for counter_set in ("minimal", "default", "full"):
@@ -75,3 +77,15 @@ def test_tracing_example_keeps_slow_and_failed_calls_and_nests_the_application_s
     assert failed == 4 and failed_kept == failed  # every failed request is kept
     # Every request kept at its start has its feature-store span nested under its preprocess stage.
     assert int(lines["feature-store spans nested under a kept preprocess stage"]) == kept["sampled"]
+
+
+def test_gpu_stages_example_runs_where_there_is_no_gpu():
+    torch = pytest.importorskip("torch")
+    text = run("examples/gpu_stages.py", "--calls", "40")
+    out = rows(text)
+    assert out[("embedder", "-")][0] == "40"
+    assert out[("embedder", "infer")][0] == "40"
+    if torch.cuda.is_available():
+        assert "device p50" in text and "CUDA memory per inference" in text
+    else:
+        assert "no CUDA device here: the model ran on the cpu" in text

@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -31,8 +32,10 @@ from opentelemetry.sdk.resources import Resource
 from ._backend import BACKEND
 from ._backend import monotonic_ns as _monotonic_ns
 from ._records import (
+    COUNTER_CUDA_MEMORY,
     COUNTER_PY_HEAP,
     DROP_AGGREGATION_FAILED,
+    DROP_GPU_TIMING_BACKLOG,
     DROP_RING_FULL,
     DROP_STACK_DEPTH,
     empty_records,
@@ -41,6 +44,7 @@ from ._runtime import REGISTRY, RUNTIME
 from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
 from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
+from .counters.cuda import DEVICE_TIMER, cuda_memory
 from .export.metrics import (
     AggregatesExporter,
     PrometheusCollector,
@@ -91,8 +95,19 @@ class Drainer:
         """Drain everything queued now; returns the number of records aggregated."""
         with self._lock:
             total = self._drain_into_aggregator(RUNTIME.ring)
+            self._collect_device_times()
             self._publish_counts(RUNTIME.ring)
         return total
+
+    def _collect_device_times(self) -> None:
+        if not len(DEVICE_TIMER):
+            return
+        try:
+            keys, seconds = DEVICE_TIMER.collect()
+            AGGREGATOR.add_gpu_times(np.array(keys, np.uint32), np.array(seconds, np.float64))
+        except Exception:
+            self.errors += 1
+            _log_once_a_minute("inferscope: reading the device times of CUDA stages failed")
 
     def retire_ring(self, old_ring: Any) -> None:
         """Drain a ring that the runtime no longer writes to, and keep its drop count."""
@@ -131,9 +146,11 @@ class Drainer:
         AGGREGATOR.set_dropped(DROP_STACK_DEPTH, RUNTIME.depth_dropped)
         if self._unaggregated:
             AGGREGATOR.set_dropped(DROP_AGGREGATION_FAILED, self._unaggregated)
+        if DEVICE_TIMER.dropped:
+            AGGREGATOR.set_dropped(DROP_GPU_TIMING_BACKLOG, DEVICE_TIMER.dropped)
         if self.traces is not None:
             AGGREGATOR.set_spans_dropped(self.traces.spans_dropped)
-        AGGREGATOR.set_internal_errors(RUNTIME.internal_errors + self.errors)
+        AGGREGATOR.set_internal_errors(RUNTIME.internal_errors + self.errors + DEVICE_TIMER.errors)
 
     def start(self, interval_millis: int) -> None:
         self.stop()
@@ -492,6 +509,7 @@ def _apply(settings: Settings) -> None:
         RUNTIME.heap_reader = _traced_bytes
     else:
         RUNTIME.heap_reader = None
+    RUNTIME.cuda_reader = cuda_memory if settings.counter_mask & COUNTER_CUDA_MEMORY else None
     RUNTIME.counters = settings.counter_mask
     if RUNTIME.ring.capacity != settings.ring_capacity:
         from ._backend import Ring
@@ -523,6 +541,8 @@ def shutdown(timeout_millis: float = 30_000) -> None:
         try:
             DRAINER.stop(timeout_millis)
             RUNTIME.enabled = False
+            # Stages on CUDA whose work is still running: their device time is recorded too.
+            DEVICE_TIMER.wait(min(timeout_millis / 1e3, 2.0))
             DRAINER.drain()
             exports, _exports = _exports, None
             DRAINER.traces = None

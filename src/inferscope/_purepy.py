@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ._records import (
+    COUNTER_CUDA_MEMORY,
     COUNTER_PERF,
     COUNTER_PY_HEAP,
     COUNTER_RSS,
@@ -44,6 +45,8 @@ from ._records import (
     OTHER_ERROR,
     RECORD_DTYPE,
     RSS_SAMPLE_EVERY,
+    SLOT_CUDA_ALLOCATED_DELTA,
+    SLOT_CUDA_PEAK,
     SLOT_INVOLUNTARY_SWITCHES,
     SLOT_MAJOR_FAULTS,
     SLOT_MINOR_FAULTS,
@@ -191,7 +194,9 @@ _OWNER, _KEY, _PARENT, _DEPTH, _GEN, _START, _CPU, _OVERFLOW, _EXTRA, _TRACE = r
 # The fields of a trace tuple, in the order of TraceIds in ringbuf.c.
 _T_HI, _T_LO, _T_SPAN, _T_PARENT, _T_ROOT, _T_CTX, _T_FLAGS = range(7)
 _U64 = (1 << 64) - 1
-_EXTRA_COUNTERS = COUNTER_RUSAGE | COUNTER_PERF | COUNTER_RSS | COUNTER_PY_HEAP
+_EXTRA_COUNTERS = COUNTER_RUSAGE | COUNTER_PERF | COUNTER_RSS | COUNTER_PY_HEAP | COUNTER_CUDA_MEMORY
+#: What a stage reads beyond the clocks: the CUDA allocator is read around inferences only.
+_STAGE_EXTRA_COUNTERS = _EXTRA_COUNTERS & ~COUNTER_CUDA_MEMORY
 
 
 class _Counters:
@@ -228,7 +233,9 @@ class _Counters:
             self._statm_pid = os.getpid()
         return int(os.pread(self._statm_fd, 96, 0).split()[1]) * self._page_size
 
-    def delta(self, mask: int, start: list[int], end: list[int]) -> list[int]:
+    def delta(
+        self, mask: int, start: list[int], end: list[int], cuda: Callable[[bool], tuple[int, int] | None]
+    ) -> list[int]:
         out = [0] * COUNTER_SLOTS
         if mask & COUNTER_RUSAGE:
             for slot in range(SLOT_VOLUNTARY_SWITCHES, SLOT_MAJOR_FAULTS + 1):
@@ -238,6 +245,12 @@ class _Counters:
             out[SLOT_RSS_SAMPLES] = 1
         if mask & COUNTER_PY_HEAP:
             out[SLOT_PY_HEAP_DELTA] = end[SLOT_PY_HEAP_DELTA] - start[SLOT_PY_HEAP_DELTA]
+        if mask & COUNTER_CUDA_MEMORY and start[SLOT_CUDA_PEAK] >= 0:
+            now = cuda(False)
+            if now is not None:
+                allocated, peak = now
+                out[SLOT_CUDA_ALLOCATED_DELTA] = allocated - start[SLOT_CUDA_ALLOCATED_DELTA]
+                out[SLOT_CUDA_PEAK] = max(peak - start[SLOT_CUDA_ALLOCATED_DELTA], 0)
         return out
 
 
@@ -306,7 +319,7 @@ class Stage:
                     key = self._key(parent)
                 mask = rt.counters
                 # Runtime._open(), inlined for the common case: no counters beyond the clocks.
-                if mask & _EXTRA_COUNTERS or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH):
+                if mask & _STAGE_EXTRA_COUNTERS or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH):
                     rt._open(self, key, top)
                 else:
                     trace = rt._trace_open(top) if rt._trace_var is not None else None
@@ -376,6 +389,8 @@ class Runtime:
         self._registry = registry
         self.decorate: Callable[..., Any] | None = None
         self.heap_reader: Callable[[], int] | None = None
+        self.cuda_reader: Callable[[bool], tuple[int, int] | None] | None = None
+        self.device_stage: Callable[[Stage, object], Any] | None = None
         self.counters = 0
         self.enabled = True
         self._var: contextvars.ContextVar[_Entry | None] = contextvars.ContextVar(
@@ -432,20 +447,24 @@ class Runtime:
             return None
         return top
 
-    def _open(self, owner: object, key: int, top: _Entry | None) -> None:
+    def _open(self, owner: object, key: int, top: _Entry | None, inference: bool = False) -> None:
+        """Opens an entry; only an inference (not a stage) reads the CUDA allocator."""
         depth = 1 if top is None else top[_DEPTH] + 1
         if depth > MAX_STACK_DEPTH:
             assert top is not None
             top[_OVERFLOW] += 1
             self._depth_dropped.add()
             return
-        mask = self.counters
+        mask = self.counters if inference else self.counters & ~COUNTER_CUDA_MEMORY
         extra = None
         cpu = -1
         if mask & _EXTRA_COUNTERS:
             cpu, values = _COUNTERS.read(mask, self.heap_reader)
             if mask & COUNTER_RSS:
                 values[SLOT_RSS_SAMPLES] = _COUNTERS.rss_sample_start()
+            if mask & COUNTER_CUDA_MEMORY:
+                # A peak of -1 marks an entry opened while CUDA was not in use: nothing to subtract.
+                values[SLOT_CUDA_ALLOCATED_DELTA], values[SLOT_CUDA_PEAK] = self._cuda_read(True) or (0, -1)
             extra = (mask, values)
         trace = self._trace_open(top) if self._trace_var is not None else None
         if mask & COUNTER_THREAD_CPU:
@@ -473,10 +492,26 @@ class Runtime:
             if extra is not None:
                 mask, start = extra
                 _, end = _COUNTERS.read(mask, self.heap_reader)
-                counters = tuple(_COUNTERS.delta(mask, start, end))
+                counters = tuple(_COUNTERS.delta(mask, start, end, self._cuda_read))
             self._push(entry[_KEY], error, flags, start_ns, end_ns - start_ns, cpu, counters, trace)
         except Exception:
             self._internal_errors.add()
+
+    def _cuda_read(self, start: bool) -> tuple[int, int] | None:
+        """The CUDA allocator's (allocated, peak) bytes, resetting the peak at an inference's start;
+        None when CUDA is not in use or the read failed (counted)."""
+        reader = self.cuda_reader
+        if reader is None:
+            return None
+        try:
+            value = reader(start)
+            if value is None:
+                return None
+            allocated, peak = value
+            return int(allocated), int(peak)
+        except Exception:
+            self._internal_errors.add()
+            return None
 
     def _push(
         self,
@@ -625,7 +660,7 @@ class Runtime:
                     var.set(entry)
                     entry[_START] = monotonic_ns()
                 else:
-                    rt._open(tracked, key, top)  # counters beyond the clocks, or the depth overflow
+                    rt._open(tracked, key, top, True)  # counters beyond the clocks, or the depth overflow
             except Exception:
                 rt._internal_errors.add()
             try:
@@ -657,10 +692,17 @@ class Runtime:
         tracked.inferscope_key = key  # type: ignore[attr-defined]
         return tracked
 
-    def stage(self, name: str, /) -> Stage:
+    def stage(self, name: str, /, *, device: object = None) -> Any:
         found = self._stages.get(name) if isinstance(name, str) else None
-        if found is not None:
+        if found is None:
+            found = self._new_stage(name)
+        if device is None:
             return found
+        if self.device_stage is None:
+            raise TypeError("stage(device=...) is not available here")
+        return self.device_stage(found, device)
+
+    def _new_stage(self, name: object) -> Stage:
         if not isinstance(name, str):
             if callable(name):
                 raise TypeError(
@@ -690,7 +732,7 @@ class Runtime:
         if not self.enabled:
             return
         try:
-            self._open(owner, key, self._top())
+            self._open(owner, key, self._top(), stash is None and trace is None)
             opened = self._var.get()
             ctx_id = None
             if opened is not None and opened[_OWNER] is owner and opened[_TRACE] is not None:

@@ -11,7 +11,7 @@ import numpy as np
 
 #: Extra counter slots per record. Their meaning is given by the active counter set
 #: (see ``inferscope.counters``); unused slots hold 0.
-COUNTER_SLOTS = 12
+COUNTER_SLOTS = 13
 
 RECORD_DTYPE = np.dtype(
     [
@@ -30,7 +30,7 @@ RECORD_DTYPE = np.dtype(
         ("root_id", "<u8"),  # span id of the outermost traced entry of its frame: the sampling unit
     ]
 )
-assert RECORD_DTYPE.itemsize == 168
+assert RECORD_DTYPE.itemsize == 176
 
 #: The generator or async generator was closed (or collected) before it was exhausted.
 FLAG_ABANDONED = 1
@@ -59,6 +59,8 @@ COUNTER_RUSAGE = 2
 COUNTER_PERF = 4
 COUNTER_RSS = 8
 COUNTER_PY_HEAP = 16
+#: torch.cuda's allocator around inferences (not stages); see counters/cuda.py.
+COUNTER_CUDA_MEMORY = 32
 
 #: Slots of the ``counters`` field; must match _native/counters.h.
 SLOT_VOLUNTARY_SWITCHES = 0
@@ -69,6 +71,8 @@ SLOT_PERF = 4  # four slots, 4..7: the perf events of the mode in force (counter
 SLOT_RSS_DELTA = 8  # RSS change over the sampled entries
 SLOT_RSS_SAMPLES = 9  # 1 when this entry was one of the sampled ones
 SLOT_PY_HEAP_DELTA = 10  # tracemalloc's traced-bytes change
+SLOT_CUDA_ALLOCATED_DELTA = 11  # change of the bytes allocated by torch's CUDA allocator
+SLOT_CUDA_PEAK = 12  # the inference's peak CUDA allocation above the allocation at its start
 PERF_EVENTS = 4
 #: One entry in RSS_SAMPLE_EVERY, at random, reads the RSS (a pread of /proc/self/statm).
 RSS_SAMPLE_EVERY = 16
@@ -79,6 +83,8 @@ DROP_RING_FULL = "ring_full"
 DROP_STACK_DEPTH = "stack_depth"
 #: A batch the aggregator rejected (an internal error, also counted in inferscope.sdk.errors).
 DROP_AGGREGATION_FAILED = "aggregation_failed"
+#: The device time of a stage marked device="cuda", when too many were waiting for the GPU.
+DROP_GPU_TIMING_BACKLOG = "gpu_timing_backlog"
 
 #: Stages deeper than this (per inference, per context) are not recorded and are counted as
 #: ``stack_depth`` drops.

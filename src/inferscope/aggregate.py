@@ -26,7 +26,7 @@ import numpy as np
 
 from ._keys import KeyInfo, KeyRegistry
 from ._records import COUNTER_SLOTS, FLAG_ABANDONED, NO_ERROR
-from .counters import CounterMetric, counter_label, counter_value
+from .counters import CounterMetric, counter_label, counter_value, counters_of
 
 __all__ = [
     "MIN_SCALE",
@@ -497,6 +497,9 @@ class Series:
     #: Wall seconds of the records whose CPU was measured: the denominator of a cpu/wall ratio that
     #: stays honest when the counter set changes while the series lives.
     cpu_wall_seconds: float = 0.0
+    #: Device time of a stage marked ``device="cuda"``, from CUDA events (counters/cuda.py); None
+    #: until one was measured.
+    gpu: Histogram | None = None
 
     @classmethod
     def new(cls, info: KeyInfo, error_id: int, error_type: str | None) -> Series:
@@ -514,6 +517,7 @@ class Series:
             self.abandoned,
             self.counters.copy(),
             self.cpu_wall_seconds,
+            None if self.gpu is None else self.gpu.copy(),
         )
 
 
@@ -673,16 +677,12 @@ class Aggregator:
         with self._add_lock:
             self._add(records)
 
-    def _add(self, records: np.ndarray) -> None:
-        scratch = self._scratch
-        size = records.size
-        rows, series_ids = _series_rows(records["key"], records["error"], scratch)
-        row_count = series_ids.size
-        # Resolve names before touching any series, so an unknown key or error id (IndexError) leaves
-        # the aggregates as they were.
+    def _fresh_series(self, series_ids: np.ndarray) -> dict[int, Series]:
+        """New series for the ids not seen yet. Names are resolved before any series is touched, so
+        an unknown key or error id (IndexError) leaves the aggregates as they were."""
         with self._lock:
             missing = [int(sid) for sid in series_ids.tolist() if sid not in self._series]
-        fresh = {
+        return {
             sid: Series.new(
                 self.registry.info(sid >> _ERROR_BITS),
                 sid & _ERROR_MASK,
@@ -690,6 +690,32 @@ class Aggregator:
             )
             for sid in missing
         }
+
+    def add_gpu_times(self, keys: np.ndarray, seconds: np.ndarray) -> None:
+        """Fold device times (one per completed stage marked ``device="cuda"``) into the
+        successful series of their keys."""
+        if keys.size == 0:
+            return
+        with self._add_lock:
+            scratch = self._scratch
+            rows, series_ids = _series_rows(keys, np.zeros(keys.size, np.uint16), scratch)
+            fresh = self._fresh_series(series_ids)
+            gpu = _fold(rows, np.maximum(seconds, 0.0), series_ids.size, scratch)
+            with self._lock:
+                for sid, series in fresh.items():
+                    self._series.setdefault(sid, series)
+                for row, sid in enumerate(series_ids.tolist()):
+                    series = self._series[sid]
+                    if series.gpu is None:
+                        series.gpu = Histogram.empty()
+                    gpu.merge_row_into(row, series.gpu)
+
+    def _add(self, records: np.ndarray) -> None:
+        scratch = self._scratch
+        size = records.size
+        rows, series_ids = _series_rows(records["key"], records["error"], scratch)
+        row_count = series_ids.size
+        fresh = self._fresh_series(series_ids)
 
         wall_seconds = np.divide(records["wall_ns"], 1e9, out=scratch.get("wall", size, np.float64))
         np.maximum(wall_seconds, 0.0, out=wall_seconds)  # a clock step must not make a negative duration
@@ -821,6 +847,12 @@ class StatsRow:
     #: Totals of the counters beyond the clocks (``counters="full"`` and friends), e.g.
     #: ``{"context_switches.voluntary": 12, "page_faults.minor": 3051, "memory.rss.change": 4096}``.
     counters: Mapping[str, int] = field(default_factory=dict)
+    #: Device time of a stage marked ``device="cuda"`` (CUDA events): how many were measured, their
+    #: p50 and p95 in seconds, and the total. 0, nan, nan and None when none was.
+    gpu_count: int = 0
+    gpu_p50: float = math.nan
+    gpu_p95: float = math.nan
+    gpu_seconds: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The row as JSON-ready values (nan becomes None)."""
@@ -846,6 +878,10 @@ class StatsRow:
             "cpu_ratio": clean(self.cpu_ratio),
             "error_types": dict(self.error_types),
             "counters": dict(self.counters),
+            "gpu_count": self.gpu_count,
+            "gpu_p50_seconds": clean(self.gpu_p50),
+            "gpu_p95_seconds": clean(self.gpu_p95),
+            "gpu_seconds": clean(self.gpu_seconds),
         }
 
 
@@ -909,8 +945,21 @@ class Snapshot:
         raise KeyError(f"no snapshot row for {wanted}; rows present (model, stage): {hint}")
 
     def table(self) -> str:
-        """An aligned text table: model, stage, count, p50/p95/p99 in ms, cpu/wall, errors."""
-        header = ("model", "stage", "count", "p50 ms", "p95 ms", "p99 ms", "cpu/wall", "errors")
+        """An aligned text table: model, stage, count, p50/p95/p99 in ms, cpu/wall, errors, and the
+        p50 of the device time when a stage marked ``device="cuda"`` measured one."""
+        gpu = any(r.gpu_count for r in self.rows)
+        header: tuple[str, ...] = (
+            "model",
+            "stage",
+            "count",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "cpu/wall",
+            "errors",
+        )
+        if gpu:
+            header += ("gpu p50 ms",)
         lines: list[tuple[str, ...]] = [header]
         for r in self.rows:
             model, stage = _row_label(r)
@@ -928,6 +977,7 @@ class Snapshot:
                     ratio,
                     str(r.errors),
                 )
+                + ((_millis(r.gpu_p50),) if gpu else ())
             )
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = []
@@ -965,6 +1015,7 @@ class _RowAccumulator:
     abandoned: int = 0
     error_types: dict[str, int] = field(default_factory=dict)
     counters: np.ndarray = field(default_factory=lambda: np.zeros(COUNTER_SLOTS, np.int64))
+    gpu: Histogram | None = None
 
 
 def build_snapshot(view: AggregateView, backend: str, counters: Sequence[CounterMetric] = ()) -> Snapshot:
@@ -983,6 +1034,10 @@ def build_snapshot(view: AggregateView, backend: str, counters: Sequence[Counter
                 acc.cpu = Histogram.empty(series.cpu.scale)
             acc.cpu.merge(series.cpu)
             acc.cpu_wall_seconds += series.cpu_wall_seconds
+        if series.gpu is not None:
+            if acc.gpu is None:
+                acc.gpu = Histogram.empty(series.gpu.scale)
+            acc.gpu.merge(series.gpu)
         acc.abandoned += series.abandoned
         acc.counters += series.counters
         if series.error_id != NO_ERROR:
@@ -1016,7 +1071,14 @@ def build_snapshot(view: AggregateView, backend: str, counters: Sequence[Counter
                 cpu_ratio=cpu_ratio,
                 error_types=dict(sorted(acc.error_types.items())),
                 overflow=overflow,
-                counters={counter_label(c): counter_value(c, acc.counters, d.count) for c in counters},
+                counters={
+                    counter_label(c): counter_value(c, acc.counters, d.count)
+                    for c in counters_of(counters, "inference" if stage is None else "stage")
+                },
+                gpu_count=0 if acc.gpu is None else acc.gpu.count,
+                gpu_p50=math.nan if acc.gpu is None else acc.gpu.quantile(0.5),
+                gpu_p95=math.nan if acc.gpu is None else acc.gpu.quantile(0.95),
+                gpu_seconds=None if acc.gpu is None else acc.gpu.sum,
             )
         )
 

@@ -182,7 +182,7 @@ def doctor(calls: int) -> int:
 
     print(f"backend: {BACKEND} ({BACKEND_REASON})\n")
     print("per-stage counters")
-    for name, (state, reason) in counters_status().items():
+    for name, (state, reason) in counters_status(probe_torch=True).items():
         print(f"  {name:<12} {state:<10} {reason}")
     print("\nhost and container signals")
     cgroup = read_cgroup()
@@ -198,11 +198,11 @@ def doctor(calls: int) -> int:
     ok, reason = nvml_status()
     print(f"  GPU (NVML)   {'available' if ok else 'none'}: {reason}")
     print(f"\ncost per call here (ns, best of 5 x {calls:,} calls; stage = enter + exit)")
-    print(f"  {'counter set':<12} {'reads':<22} {'tracked call':>12} {'stage':>8}")
+    print(f"  {'counter set':<12} {'reads':<36} {'tracked call':>12} {'stage':>8}")
     for name in COUNTER_SETS:
         tracked_ns, stage_ns = _stage_cost_ns(name, calls)
         reads = ",".join(counter_names(counter_mask(name))) or "clock only"
-        print(f"  {name:<12} {reads:<22} {tracked_ns:>12.0f} {stage_ns:>8.0f}")
+        print(f"  {name:<12} {reads:<36} {tracked_ns:>12.0f} {stage_ns:>8.0f}")
     return 0
 
 

@@ -441,7 +441,8 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "default",
         accepted_counter_values(),
         "What is read around every inference and stage. minimal reads the monotonic clock only; "
-        "default adds the thread CPU clock.",
+        "default adds the thread CPU clock; full adds rusage, the RSS, perf events where a PMU is "
+        "exposed, and torch's CUDA memory around inferences. See docs/counters.md.",
         _counters,
     ),
     SettingSpec(

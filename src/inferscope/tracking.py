@@ -17,6 +17,7 @@ from ._backend import monotonic_ns
 from ._keys import ERROR_TYPE, MODEL_NAME, MODEL_VERSION, OVERFLOW_ATTRIBUTE, STAGE_NAME
 from ._records import FLAG_ABANDONED
 from ._runtime import REGISTRY, RUNTIME
+from .counters.cuda import DEVICE_TIMER, device_stage_factory
 
 __all__ = ["bind", "stage", "track_inference"]
 
@@ -25,6 +26,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 _RESERVED_ATTRIBUTES = {MODEL_NAME, MODEL_VERSION, STAGE_NAME, ERROR_TYPE, OVERFLOW_ATTRIBUTE}
 
 #: ``stage(name)`` returns the shared Stage object for ``name``: a context manager and a decorator.
+#: ``stage(name, device="cuda")`` also measures the device time of the work the stage queues on
+#: CUDA (see ``counters/cuda.py``); ``device="cpu"`` is the plain stage.
 #:
 #: >>> with stage("preprocess"):
 #: ...     pass
@@ -308,6 +311,7 @@ def _decorate_stage(stage_obj: Any, func: Any = None, *extra: Any, **kwargs: Any
 
 
 RUNTIME.decorate = _decorate_stage
+RUNTIME.device_stage = device_stage_factory(DEVICE_TIMER, RUNTIME.current_key, lambda: RUNTIME.decorate)
 
 
 def bind(func: F) -> F:

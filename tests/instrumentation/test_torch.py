@@ -552,6 +552,24 @@ def test_an_inference_on_cuda_lasts_until_its_kernels_finish(instrument):
     assert row.p50 * 1e3 >= 0.9 * sorted(event_ms)[10]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_stages_of_a_model_on_cuda_measure_their_device_time(instrument):
+    model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096)).cuda()
+    x = torch.randn(4096, 4096, device="cuda")
+    instrument(stage_depth=1, model_names={model: "cuda-layers"})
+    with torch.no_grad():
+        for _ in range(10):
+            model(x)
+    snap = inferscope.snapshot()
+    inference = snap.row("cuda-layers")
+    layers = [snap.row("cuda-layers", name) for name in ("0", "1", "2")]
+    # Every layer's kernels are timed on the device (the ReLU too: it has no parameters of its
+    # own), and the inference waited for all of them.
+    assert [layer.gpu_count for layer in layers] == [10, 10, 10]
+    assert layers[0].gpu_seconds > 10 * layers[0].p50 * 0.5
+    assert sum(layer.gpu_seconds for layer in layers) <= inference.count * inference.max * 1.05
+
+
 def test_cuda_sync_takes_a_bool(instrument):
     with pytest.raises(TypeError, match="cuda_sync must be True or False, got 'yes'"):
         instrument(cuda_sync="yes")

@@ -8,6 +8,9 @@
  *                       leads with task-clock, the thread's CPU time in ns, so a set with perf
  *                       needs no separate CPU clock read
  *   COUNTER_RSS         pread() of /proc/self/statm, every RSS_SAMPLE_EVERY-th entry only
+ *   COUNTER_PY_HEAP     tracemalloc, through a Python callable (ringbuf.c)
+ *   COUNTER_CUDA_MEMORY torch.cuda's allocator statistics, through a Python callable, around
+ *                       inferences only (ringbuf.c)
  *
  * perf event groups are opened lazily, once per thread, and closed by a thread-specific-data
  * destructor when the thread exits; after fork() the child's first read sees a new generation and
@@ -32,6 +35,7 @@
 #define COUNTER_PERF 4
 #define COUNTER_RSS 8
 #define COUNTER_PY_HEAP 16
+#define COUNTER_CUDA_MEMORY 32 /* inferences only; read through a Python callable (torch.cuda) */
 
 /* Slots of inferscope_record.counters; must match _records.py. */
 #define SLOT_VOLUNTARY_SWITCHES 0
@@ -42,6 +46,8 @@
 #define SLOT_RSS_DELTA 8
 #define SLOT_RSS_SAMPLES 9
 #define SLOT_PY_HEAP_DELTA 10
+#define SLOT_CUDA_ALLOCATED_DELTA 11
+#define SLOT_CUDA_PEAK 12 /* the peak allocation above the allocation at entry */
 #define PERF_EVENTS 4     /* the events after the task-clock leader, into SLOT_PERF.. */
 #define PERF_GROUP (1 + PERF_EVENTS)
 #define RSS_SAMPLE_EVERY 16

@@ -259,6 +259,8 @@ typedef struct {
     PyObject *stages;    /* name -> Stage */
     PyObject *decorate;  /* Python callable: decorate(stage, func) for @stage("x") */
     PyObject *heap_reader; /* Python callable -> traced bytes, for COUNTER_PY_HEAP */
+    PyObject *cuda_reader; /* Python callable(start) -> (allocated, peak) or None, for COUNTER_CUDA_MEMORY */
+    PyObject *device_stage; /* Python callable(stage, device) -> a stage timed on that device */
     int counters;
     int enabled;
     PyObject *trace_var;  /* OTel's current-context ContextVar while tracing is on, else NULL */
@@ -373,6 +375,40 @@ static int64_t py_heap_bytes(RuntimeObject *rt)
         return 0;
     }
     return bytes;
+}
+
+/* The CUDA allocator's (allocated, peak) bytes now, through the Python callable the runtime was
+ * given; at the start of an inference (`start`) it also resets the peak. 0 when CUDA is not in use
+ * (the callable returned None) or the read failed (counted). Only called when COUNTER_CUDA_MEMORY
+ * is on, and only around inferences. */
+static int cuda_memory_read(RuntimeObject *rt, int start, int64_t *allocated, int64_t *peak)
+{
+    if (rt->cuda_reader == NULL || rt->cuda_reader == Py_None) {
+        return 0;
+    }
+    PyObject *value = PyObject_CallOneArg(rt->cuda_reader, start ? Py_True : Py_False);
+    if (value == NULL) {
+        count_internal_error(rt);
+        return 0;
+    }
+    int found = 0;
+    if (PyTuple_Check(value) && PyTuple_GET_SIZE(value) == 2) {
+        long long a = PyLong_AsLongLong(PyTuple_GET_ITEM(value, 0));
+        long long p = PyLong_AsLongLong(PyTuple_GET_ITEM(value, 1));
+        if (PyErr_Occurred()) {
+            count_internal_error(rt);
+        }
+        else {
+            *allocated = a;
+            *peak = p;
+            found = 1;
+        }
+    }
+    else if (value != Py_None) {
+        rt->internal_errors++;
+    }
+    Py_DECREF(value);
+    return found;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -506,7 +542,8 @@ static void trace_open(RuntimeObject *rt, FrameObject *f, TraceIds *t)
     Py_XDECREF(ctx);
 }
 
-static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner, uint32_t key)
+/* Opens an entry on top of `f`. Only an inference (not a stage) reads the CUDA allocator. */
+static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner, uint32_t key, int inference)
 {
     if (f->depth >= MAX_STACK_DEPTH) {
         f->overflow++;
@@ -514,7 +551,7 @@ static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner
         return;
     }
     Entry *e = &f->stack[f->depth++];
-    int mask = rt->counters;
+    int mask = inference ? rt->counters : rt->counters & ~COUNTER_CUDA_MEMORY;
     e->owner = owner;
     e->key = key;
     e->mask = mask;
@@ -530,6 +567,11 @@ static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner
         }
         if (mask & COUNTER_PY_HEAP) {
             e->counters[SLOT_PY_HEAP_DELTA] = py_heap_bytes(rt);
+        }
+        if (mask & COUNTER_CUDA_MEMORY) {
+            /* A peak of -1 marks an entry opened while CUDA was not in use: nothing to subtract. */
+            e->counters[SLOT_CUDA_PEAK] = -1;
+            cuda_memory_read(rt, 1, &e->counters[SLOT_CUDA_ALLOCATED_DELTA], &e->counters[SLOT_CUDA_PEAK]);
         }
     }
     if (mask & COUNTER_THREAD_CPU) {
@@ -589,7 +631,7 @@ static inline void read_end_clocks(RuntimeObject *rt, EndClocks *c)
 }
 
 /* Fills a record's counter slots with end - start for the counters on at both ends. */
-static inline void counters_delta(const Entry *e, const EndClocks *c, inferscope_record *rec)
+static inline void counters_delta(RuntimeObject *rt, const Entry *e, const EndClocks *c, inferscope_record *rec)
 {
     int both = e->mask & c->mask;
     if (both & COUNTER_RUSAGE) {
@@ -611,6 +653,14 @@ static inline void counters_delta(const Entry *e, const EndClocks *c, inferscope
     }
     if (both & COUNTER_PY_HEAP) {
         rec->counters[SLOT_PY_HEAP_DELTA] = c->counters[SLOT_PY_HEAP_DELTA] - e->counters[SLOT_PY_HEAP_DELTA];
+    }
+    if ((both & COUNTER_CUDA_MEMORY) && e->counters[SLOT_CUDA_PEAK] >= 0) {
+        int64_t allocated, peak;
+        if (cuda_memory_read(rt, 0, &allocated, &peak)) {
+            int64_t start = e->counters[SLOT_CUDA_ALLOCATED_DELTA];
+            rec->counters[SLOT_CUDA_ALLOCATED_DELTA] = allocated - start;
+            rec->counters[SLOT_CUDA_PEAK] = peak > start ? peak - start : 0;
+        }
     }
 }
 
@@ -641,7 +691,7 @@ static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *own
         rec.wall_ns = c->end_ns - e->start_ns;
         rec.cpu_ns = (e->cpu_ns >= 0 && c->cpu_end >= 0) ? c->cpu_end - e->cpu_ns : -1;
         if (e->mask & ~COUNTER_THREAD_CPU) {
-            counters_delta(e, c, &rec);
+            counters_delta(rt, e, c, &rec);
         }
         if (e->trace.flags) {
             record_trace(&rec, &e->trace);
@@ -715,7 +765,7 @@ static PyObject *Tracked_vectorcall(PyObject *callable, PyObject *const *args, s
         count_internal_error(rt);
         return PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     }
-    entry_push(rt, f, callable, self->key);
+    entry_push(rt, f, callable, self->key, 1);
     PyObject *result = PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     EndClocks c;
     read_end_clocks(rt, &c);
@@ -917,7 +967,7 @@ static PyObject *Stage_enter(StageObject *self, PyObject *Py_UNUSED(ignored))
                 count_internal_error(rt);
             }
             else {
-                entry_push(rt, f, (PyObject *)self, key);
+                entry_push(rt, f, (PyObject *)self, key, 0);
             }
             Py_DECREF(f);
         }
@@ -1088,6 +1138,8 @@ static int Runtime_traverse(RuntimeObject *self, visitproc visit, void *arg)
     Py_VISIT(self->stages);
     Py_VISIT(self->decorate);
     Py_VISIT(self->heap_reader);
+    Py_VISIT(self->cuda_reader);
+    Py_VISIT(self->device_stage);
     Py_VISIT(self->trace_var);
     Py_VISIT(self->span_key);
     return 0;
@@ -1101,6 +1153,8 @@ static int Runtime_clear(RuntimeObject *self)
     Py_CLEAR(self->stages);
     Py_CLEAR(self->decorate);
     Py_CLEAR(self->heap_reader);
+    Py_CLEAR(self->cuda_reader);
+    Py_CLEAR(self->device_stage);
     Py_CLEAR(self->trace_var);
     Py_CLEAR(self->span_key);
     return 0;
@@ -1157,7 +1211,7 @@ static PyObject *Runtime_track(RuntimeObject *self, PyObject *const *args, Py_ss
     return (PyObject *)t;
 }
 
-static PyObject *Runtime_stage(RuntimeObject *self, PyObject *name)
+static PyObject *stage_named(RuntimeObject *self, PyObject *name)
 {
     if (!runtime_ready(self)) {
         return NULL;
@@ -1207,6 +1261,31 @@ static PyObject *Runtime_stage(RuntimeObject *self, PyObject *name)
     return (PyObject *)s;
 }
 
+/* stage(name, *, device=None): the shared Stage called `name`; with a device, what the Python
+ * side makes of it (device_stage: a stage that also times the work queued on that device). */
+static PyObject *Runtime_stage(RuntimeObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs != 1 || nkw > 1 ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "device") != 0)) {
+        PyErr_SetString(PyExc_TypeError, "stage() takes a name and, optionally, device=: stage(\"infer\", device=\"cuda\")");
+        return NULL;
+    }
+    PyObject *s = stage_named(self, args[0]);
+    if (s == NULL || nkw == 0 || args[1] == Py_None) {
+        return s;
+    }
+    if (self->device_stage == NULL || self->device_stage == Py_None) {
+        Py_DECREF(s);
+        PyErr_SetString(PyExc_TypeError, "stage(device=...) is not available here");
+        return NULL;
+    }
+    PyObject *timed = PyObject_CallFunctionObjArgs(self->device_stage, s, args[1], NULL);
+    Py_DECREF(s);
+    return timed;
+}
+
 /* enter(owner, key, stash=None, trace=None): open an entry; then reopen the entries that a
  * previous exit_segment(owner) stashed (the stages a generator was inside when it yielded). A
  * `trace` from exit_segment() gives the entry back its span: a generator is one span however
@@ -1243,7 +1322,7 @@ static PyObject *Runtime_enter(RuntimeObject *self, PyObject *const *args, Py_ss
         Py_RETURN_NONE;
     }
     int depth = f->depth;
-    entry_push(self, f, args[0], (uint32_t)key);
+    entry_push(self, f, args[0], (uint32_t)key, stash == Py_None && trace == Py_None);
     uintptr_t otel_ctx = f->depth > depth ? f->stack[f->depth - 1].trace.otel_ctx : 0;
     if (trace != Py_None && f->depth > depth && self->trace_var != NULL) {
         Entry *e = &f->stack[f->depth - 1];
@@ -1637,6 +1716,28 @@ static int Runtime_set_heap_reader(RuntimeObject *self, PyObject *value, void *c
     return 0;
 }
 
+static PyObject *Runtime_get_cuda_reader(RuntimeObject *self, void *closure)
+{
+    return Py_NewRef(self->cuda_reader ? self->cuda_reader : Py_None);
+}
+
+static int Runtime_set_cuda_reader(RuntimeObject *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->cuda_reader, Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *Runtime_get_device_stage(RuntimeObject *self, void *closure)
+{
+    return Py_NewRef(self->device_stage ? self->device_stage : Py_None);
+}
+
+static int Runtime_set_device_stage(RuntimeObject *self, PyObject *value, void *closure)
+{
+    Py_XSETREF(self->device_stage, Py_XNewRef(value));
+    return 0;
+}
+
 static PyObject *Runtime_get_counters(RuntimeObject *self, void *closure)
 {
     return PyLong_FromLong(self->counters);
@@ -1687,7 +1788,8 @@ static PyObject *Runtime_get_internal_errors(RuntimeObject *self, void *closure)
 static PyMethodDef Runtime_methods[] = {
     {"track", (PyCFunction)(void (*)(void))Runtime_track, METH_FASTCALL,
      "track(func, key) -> callable: wrap a sync callable as a tracked inference"},
-    {"stage", (PyCFunction)Runtime_stage, METH_O, "stage(name) -> Stage: the stage called `name`"},
+    {"stage", (PyCFunction)(void (*)(void))Runtime_stage, METH_FASTCALL | METH_KEYWORDS,
+     "stage(name, *, device=None) -> Stage: the stage called `name`"},
     {"enter", (PyCFunction)(void (*)(void))Runtime_enter, METH_FASTCALL,
      "enter(owner, key, stash=None, trace=None): open an inference entry owned by `owner`"},
     {"exit", (PyCFunction)(void (*)(void))Runtime_exit, METH_FASTCALL,
@@ -1715,6 +1817,8 @@ static PyGetSetDef Runtime_getset[] = {
     {"registry", (getter)Runtime_get_registry, (setter)Runtime_set_registry, NULL, NULL},
     {"decorate", (getter)Runtime_get_decorate, (setter)Runtime_set_decorate, NULL, NULL},
     {"heap_reader", (getter)Runtime_get_heap_reader, (setter)Runtime_set_heap_reader, NULL, NULL},
+    {"cuda_reader", (getter)Runtime_get_cuda_reader, (setter)Runtime_set_cuda_reader, NULL, NULL},
+    {"device_stage", (getter)Runtime_get_device_stage, (setter)Runtime_set_device_stage, NULL, NULL},
     {"counters", (getter)Runtime_get_counters, (setter)Runtime_set_counters, NULL, NULL},
     {"enabled", (getter)Runtime_get_enabled, (setter)Runtime_set_enabled, NULL, NULL},
     {"tracing", (getter)Runtime_get_tracing, NULL, NULL, NULL},

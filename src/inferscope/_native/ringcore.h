@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define INFERSCOPE_COUNTER_SLOTS 12
+#define INFERSCOPE_COUNTER_SLOTS 13
 
 typedef struct {
     uint32_t key;
@@ -43,8 +43,8 @@ typedef struct {
 } inferscope_record;
 
 /* Must match RECORD_DTYPE in _records.py. */
-_Static_assert(sizeof(inferscope_record) == 168, "record layout changed: update _records.py");
-_Static_assert(offsetof(inferscope_record, trace_hi) == 128, "record layout changed: update _records.py");
+_Static_assert(sizeof(inferscope_record) == 176, "record layout changed: update _records.py");
+_Static_assert(offsetof(inferscope_record, trace_hi) == 136, "record layout changed: update _records.py");
 _Static_assert(offsetof(inferscope_record, start_ns) == 8, "record layout changed: update _records.py");
 _Static_assert(offsetof(inferscope_record, counters) == 32, "record layout changed: update _records.py");
 

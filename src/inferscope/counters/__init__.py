@@ -12,6 +12,9 @@ so the named sets trade detail for overhead:
   events would repeat what rusage says at twice its cost, so ``full`` reads the CPU clock instead;
   ask for ``perf`` by name to get them.
 
+  ``full`` also reads torch's CUDA allocator around every inference (``cuda_memory``), which costs
+  nothing measurable while torch has not initialized CUDA (see ``cuda.py``).
+
 A comma-separated list picks counters by name, e.g. ``"thread_cpu,rusage"``. ``python_heap``
 (tracemalloc) is never part of a named set: it is costly, so it must be asked for by name.
 """
@@ -26,11 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._records import (
+    COUNTER_CUDA_MEMORY,
     COUNTER_PERF,
     COUNTER_PY_HEAP,
     COUNTER_RSS,
     COUNTER_RUSAGE,
     COUNTER_THREAD_CPU,
+    SLOT_CUDA_ALLOCATED_DELTA,
+    SLOT_CUDA_PEAK,
     SLOT_INVOLUNTARY_SWITCHES,
     SLOT_MAJOR_FAULTS,
     SLOT_MINOR_FAULTS,
@@ -45,7 +51,7 @@ from .._records import (
 COUNTER_SETS: dict[str, int] = {
     "minimal": 0,
     "default": COUNTER_THREAD_CPU,
-    "full": COUNTER_RUSAGE | COUNTER_PERF | COUNTER_RSS,
+    "full": COUNTER_RUSAGE | COUNTER_PERF | COUNTER_RSS | COUNTER_CUDA_MEMORY,
 }
 
 #: Individual counters that may be listed by name, e.g. ``counters="thread_cpu,rusage"``.
@@ -55,6 +61,7 @@ COUNTERS: dict[str, int] = {
     "perf": COUNTER_PERF,
     "rss": COUNTER_RSS,
     "python_heap": COUNTER_PY_HEAP,
+    "cuda_memory": COUNTER_CUDA_MEMORY,
 }
 
 
@@ -101,13 +108,18 @@ def _perf_errno_reason(err: int) -> str:
     return f"perf_event_open failed ({errno_module.errorcode.get(err, str(err))})"
 
 
-def unavailable_reason(bit: int) -> str | None:
-    """Why the counter ``bit`` cannot be read here, or None when it can."""
+def unavailable_reason(bit: int, probe_torch: bool = False) -> str | None:
+    """Why the counter ``bit`` cannot be read here, or None when it can. ``probe_torch`` imports
+    torch to tell whether it has CUDA (seconds); otherwise only an imported torch is asked."""
     if bit == COUNTER_PERF:
         mode, reason = perf_status()
         return None if mode != "none" else reason
     if bit == COUNTER_RSS and not os.path.exists("/proc/self/statm"):
         return "/proc/self/statm does not exist (not Linux?)"
+    if bit == COUNTER_CUDA_MEMORY:
+        from .cuda import cuda_unavailable_reason
+
+        return cuda_unavailable_reason(probe_torch)
     return None
 
 
@@ -155,6 +167,8 @@ class CounterMetric:
     attributes: tuple[tuple[str, str], ...] = ()
     description: str = ""
     monotonic: bool = True
+    #: Read around inferences only (``cuda_memory``): stages do not export it.
+    inference_only: bool = False
 
 
 _SWITCHES = "context_switches"
@@ -192,6 +206,26 @@ _FIXED: dict[int, tuple[CounterMetric, ...]] = {
             monotonic=False,
         ),
     ),
+    COUNTER_CUDA_MEMORY: (
+        CounterMetric(
+            SLOT_CUDA_ALLOCATED_DELTA,
+            "memory.cuda.change",
+            "By",
+            (),
+            "Change of the bytes allocated by torch's CUDA caching allocator over inferences.",
+            monotonic=False,
+            inference_only=True,
+        ),
+        CounterMetric(
+            SLOT_CUDA_PEAK,
+            "memory.cuda.peak",
+            "By",
+            (),
+            "Sum over inferences of each one's peak CUDA allocation above its allocation at start; "
+            "divided by the inference count, the mean extra memory an inference needs.",
+            inference_only=True,
+        ),
+    ),
 }
 
 _PERF_HARDWARE = (
@@ -221,6 +255,11 @@ def counter_metrics(mask: int) -> tuple[CounterMetric, ...]:
     return tuple(sorted(metrics, key=lambda m: m.slot))
 
 
+def counters_of(metrics: Sequence[CounterMetric], kind: str) -> list[CounterMetric]:
+    """The counters a series of ``kind`` (``"inference"`` or ``"stage"``) exports."""
+    return [m for m in metrics if kind == "inference" or not m.inference_only]
+
+
 def counter_value(metric: CounterMetric, counters: Sequence[int] | np.ndarray, count: int) -> int:
     """The total of one exported counter for a series (or row) with slot sums ``counters`` over
     ``count`` calls. The RSS change is measured on sampled calls only and is scaled to all calls."""
@@ -236,17 +275,21 @@ def counter_label(metric: CounterMetric) -> str:
     return ".".join([metric.suffix, *(value for _, value in metric.attributes)])
 
 
-def counters_status() -> dict[str, tuple[str, str]]:
-    """Whether each counter works here: name -> (state, reason). For ``inferscope doctor``.
+def counters_status(probe_torch: bool = False) -> dict[str, tuple[str, str]]:
+    """Whether each counter works here: name -> (state, reason). For ``inferscope doctor``, which
+    lets ``probe_torch`` import torch to find out whether it has CUDA.
 
     >>> sorted(counters_status())
-    ['perf', 'python_heap', 'rss', 'rusage', 'thread_cpu']
+    ['cuda_memory', 'perf', 'python_heap', 'rss', 'rusage', 'thread_cpu']
     """
     status = {name: ("available", "") for name in COUNTERS}
     status["perf"] = perf_status()
-    rss = unavailable_reason(COUNTER_RSS)
-    if rss is not None:
-        status["rss"] = ("none", rss)
+    for name in ("rss", "cuda_memory"):
+        reason = unavailable_reason(COUNTERS[name], probe_torch)
+        if reason is not None:
+            status[name] = ("none", reason)
+    if status["cuda_memory"][0] == "available":
+        status["cuda_memory"] = ("available", "read once torch initializes CUDA; so is stage(device='cuda')")
     return status
 
 

@@ -62,7 +62,7 @@ from prometheus_client.samples import Exemplar as PrometheusExemplar
 from prometheus_client.utils import floatToGoString
 
 from .._keys import ERROR_TYPE
-from ..counters import CounterMetric, counter_value
+from ..counters import CounterMetric, counter_value, counters_of
 from .traces import EXEMPLARS, ExemplarStore
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ __all__ = [
     "SDK_ERRORS",
     "STAGE_CPU_TIME",
     "STAGE_DURATION",
+    "STAGE_GPU_TIME",
     "AggregatesExporter",
     "PointBuilder",
     "PrometheusCollector",
@@ -96,6 +97,7 @@ INFERENCE_DURATION = "inferscope.inference.duration"
 INFERENCE_CPU_TIME = "inferscope.inference.cpu.time"
 STAGE_DURATION = "inferscope.stage.duration"
 STAGE_CPU_TIME = "inferscope.stage.cpu.time"
+STAGE_GPU_TIME = "inferscope.stage.gpu.time"
 INFERENCE_ABANDONED = "inferscope.inference.abandoned"
 RECORDS_DROPPED = "inferscope.sdk.records.dropped"
 SPANS_DROPPED = "inferscope.sdk.spans.dropped"
@@ -114,6 +116,7 @@ _HISTOGRAM_DESCRIPTIONS = {
     INFERENCE_CPU_TIME: "Thread CPU time spent in tracked inferences.",
     STAGE_DURATION: "Wall-clock duration of stages within inferences.",
     STAGE_CPU_TIME: "Thread CPU time spent in stages within inferences.",
+    STAGE_GPU_TIME: 'Device time of stages marked device="cuda", measured with CUDA events.',
 }
 _COUNTER_UNITS = {
     INFERENCE_ABANDONED: "{inference}",
@@ -138,6 +141,7 @@ _PROMETHEUS_HISTOGRAMS = {
     INFERENCE_CPU_TIME: "inferscope_inference_cpu_time",
     STAGE_DURATION: "inferscope_stage_duration",
     STAGE_CPU_TIME: "inferscope_stage_cpu_time",
+    STAGE_GPU_TIME: "inferscope_stage_gpu_time",
 }
 
 Attributes = dict[str, "str | bool"]
@@ -189,6 +193,7 @@ def series_counters(
     """The per-stage (or per-inference) counters of one series, as (metric name, attributes, total)."""
     scope = "stage" if series.info.kind == "stage" else "inference"
     base = _series_attributes(series)
+    metrics = counters_of(metrics, scope)
     return [
         (
             f"inferscope.{scope}.{metric.suffix}",
@@ -303,6 +308,8 @@ class PointBuilder:
             add_histogram(STAGE_DURATION if is_stage else INFERENCE_DURATION, series, attrs, series.duration)
             if series.cpu is not None:
                 add_histogram(STAGE_CPU_TIME if is_stage else INFERENCE_CPU_TIME, series, attrs, series.cpu)
+            if series.gpu is not None and is_stage:
+                add_histogram(STAGE_GPU_TIME, series, attrs, series.gpu)
             if not is_stage and series.abandoned > 0:
                 key = _attributes_key(attrs)
                 _, total = abandoned.get(key, (attrs, 0))
@@ -792,6 +799,8 @@ class PrometheusCollector:
                 histograms[STAGE_CPU_TIME if is_stage else INFERENCE_CPU_TIME].append(
                     (labels, series.cpu, [])
                 )
+            if series.gpu is not None and series.gpu.count > 0 and is_stage:
+                histograms[STAGE_GPU_TIME].append((labels, series.gpu, []))
             if not is_stage and series.abandoned > 0:
                 abandoned.append((labels, int(series.abandoned)))
             for name, attrs, total, described in series_counters(series, self.counters):

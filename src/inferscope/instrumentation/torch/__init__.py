@@ -112,13 +112,20 @@ class _Node:
         self.built = remaining <= 0
 
     def build(self, module: Any) -> None:
-        """The nodes of ``module``'s submodules, named as ``module.named_modules()`` names them."""
+        """The nodes of ``module``'s submodules, named as ``module.named_modules()`` names them.
+
+        On a model on CUDA, the stages also measure the device time of their kernels with CUDA
+        events (``stage(name, device=...)``): their wall time is only the time to launch them.
+        """
         children: dict[int, _Node] = {}
+        probe = _device_probe(module)
+        tensor = None if probe is None else probe()
+        device = tensor.device if tensor is not None and tensor.is_cuda else None
         for name, sub in module.named_modules():
             if not name:
                 continue
             # "/" separates stage paths; a module name never needs it.
-            stage = RUNTIME.stage(name.replace("/", "_"))
+            stage = RUNTIME.stage(name.replace("/", "_"), device=device)
             children[id(sub)] = _Node(weakref.ref(sub), stage, self.remaining - 1)
         self.children = children
         self.built = True
