@@ -23,6 +23,7 @@ from inferscope import _pipeline
 from inferscope._keys import KeyRegistry
 from inferscope._records import (
     COUNTER_CUDA_MEMORY,
+    COUNTER_PY_HEAP,
     COUNTER_THREAD_CPU,
     DROP_GPU_TIMING_BACKLOG,
     SLOT_CUDA_ALLOCATED_DELTA,
@@ -115,6 +116,29 @@ def test_enter_and_exit_read_it_like_a_tracked_call(runtime):
     (record,) = drained(rt)
     assert record["counters"][SLOT_CUDA_ALLOCATED_DELTA] == 4096
     assert record["counters"][SLOT_CUDA_PEAK] == 4096
+
+
+def test_a_failing_inference_keeps_its_exception_and_records_its_memory(runtime):
+    # The reader is Python code, called after the call raised: the exception must survive it.
+    rt, registry = runtime
+    memory = Allocator()
+    rt.cuda_reader = memory.reader
+    rt.heap_reader = lambda: 7
+    rt.counters |= COUNTER_PY_HEAP
+    key = registry.inference_key("model")
+    failure = ValueError("bad input")
+
+    def fail():
+        memory.malloc(10)
+        raise failure
+
+    with pytest.raises(ValueError) as raised:
+        rt.track(fail, key)()
+    assert raised.value is failure
+    (record,) = drained(rt)
+    assert record["error"] == registry.error_id(ValueError)
+    assert record["counters"][SLOT_CUDA_ALLOCATED_DELTA] == 10
+    assert rt.internal_errors == 0
 
 
 def test_an_inference_that_starts_before_cuda_is_in_use_records_nothing(runtime):

@@ -722,20 +722,32 @@ static uint16_t error_id_for(RuntimeObject *rt, PyObject *exc_type)
     return (uint16_t)v;
 }
 
-/* error id of the exception currently being raised, keeping it raised. */
-static uint16_t pending_error_id(RuntimeObject *rt)
+/* The exception being raised, taken out while we record (our own Python calls, tracemalloc and
+ * torch.cuda, must not run with it set) and put back unchanged. */
+typedef struct {
+    PyObject *type; /* borrowed from value on 3.12+ */
+    PyObject *value;
+    PyObject *tb;
+} SavedError;
+
+static inline void error_take(SavedError *s)
 {
 #if PY_VERSION_HEX >= 0x030C0000
-    PyObject *exc = PyErr_GetRaisedException();
-    uint16_t id = error_id_for(rt, exc ? (PyObject *)Py_TYPE(exc) : NULL);
-    PyErr_SetRaisedException(exc);
+    s->value = PyErr_GetRaisedException();
+    s->type = s->value ? (PyObject *)Py_TYPE(s->value) : NULL;
+    s->tb = NULL;
 #else
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    uint16_t id = error_id_for(rt, type);
-    PyErr_Restore(type, value, tb);
+    PyErr_Fetch(&s->type, &s->value, &s->tb);
 #endif
-    return id;
+}
+
+static inline void error_put_back(SavedError *s)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(s->value);
+#else
+    PyErr_Restore(s->type, s->value, s->tb);
+#endif
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -768,8 +780,17 @@ static PyObject *Tracked_vectorcall(PyObject *callable, PyObject *const *args, s
     entry_push(rt, f, callable, self->key, 1);
     PyObject *result = PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     EndClocks c;
-    read_end_clocks(rt, &c);
-    entry_record(rt, f, callable, &c, result == NULL ? pending_error_id(rt) : 0, 0);
+    if (result != NULL) {
+        read_end_clocks(rt, &c);
+        entry_record(rt, f, callable, &c, 0, 0);
+    }
+    else {
+        SavedError raised;
+        error_take(&raised);
+        read_end_clocks(rt, &c);
+        entry_record(rt, f, callable, &c, error_id_for(rt, raised.type), 0);
+        error_put_back(&raised);
+    }
     Py_DECREF(f);
     return result;
 }
