@@ -163,6 +163,18 @@ def test_a_call_is_one_inference_with_three_stages_and_the_same_result(instrumen
     assert stages <= snap.row(BERT).mean
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_forward_pass_of_a_pipeline_on_cuda_measures_its_device_time(instrument, tokenizer):
+    on_gpu = pipeline("text-classification", model=bert(), tokenizer=tokenizer, device="cuda")
+    instrument()
+    for text in TEXTS:
+        on_gpu(text)
+    snap = inferscope.snapshot()
+    assert snap.row(BERT, "infer").gpu_count == len(TEXTS)
+    assert snap.row(BERT, "infer").gpu_seconds > 0
+    assert snap.row(BERT, "preprocess").gpu_count == 0
+
+
 def test_a_list_is_one_inference_and_its_stages_count_per_item_or_batch(instrument, classifier):
     expected = classifier(TEXTS)
     instrument()

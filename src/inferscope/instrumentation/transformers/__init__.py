@@ -406,8 +406,10 @@ def _pipeline_call(state: _State, original: Any) -> Any:
 
 
 def _step_method(state: _State, stage_name: str, original: Any) -> Any:
-    """A pipeline step that is a stage while its pipeline's call runs in this context."""
+    """A pipeline step that is a stage while its pipeline's call runs in this context. The model's
+    forward pass of a pipeline on CUDA also measures its device time (``stage(device=...)``)."""
     stage = RUNTIME.stage(stage_name)
+    on_device = stage_name == PIPELINE_STAGES["forward"]
 
     if inspect.isgeneratorfunction(original):
         # A ChunkPipeline's preprocess yields one chunk per forward: each chunk is a stage.
@@ -428,8 +430,13 @@ def _step_method(state: _State, stage_name: str, original: Any) -> Any:
             scope = _SCOPE.get()
             if scope is not None and scope.pipeline is self and not scope.busy:
                 scope.busy = True
+                current = stage
+                if on_device:
+                    device = getattr(self, "device", None)
+                    if getattr(device, "type", None) == "cuda":
+                        current = RUNTIME.stage(stage_name, device=device)
                 try:
-                    with stage:
+                    with current:
                         return original(self, *args, **kwargs)
                 finally:
                     scope.busy = False
