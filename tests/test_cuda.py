@@ -397,6 +397,15 @@ def test_device_stage_rejects_unknown_devices_and_passes_cpu_through():
             inferscope.stage("infer", device=wrong)
 
 
+def test_device_stage_takes_torch_devices():
+    torch = pytest.importorskip("torch")
+    plain = inferscope.stage("infer")
+    assert inferscope.stage("infer", device=torch.device("cpu")) is plain
+    assert inferscope.stage("infer", device=torch.device("cuda", 1)).device == "cuda:1"
+    assert inferscope.stage("infer", device=torch.device("cuda")).device == "cuda"
+    assert inferscope.stage("infer", device="cuda:2").name == "infer"
+
+
 def test_a_cuda_stage_without_cuda_in_use_is_a_plain_stage(monkeypatch):
     # The same code runs on a CPU-only machine: no torch, or torch without CUDA initialized.
     inferscope.configure(counters="minimal", metrics_exporters=[])
@@ -450,6 +459,19 @@ def test_wait_polls_until_the_device_is_done_or_the_timeout(gpu):
     threading.Timer(0.02, gpu.synchronize).start()
     timer.wait(5.0)
     assert timer.collect() == ([7], [pytest.approx(0.005)])
+
+
+def test_shutdown_waits_for_the_device_and_records_the_last_stages(gpu):
+    inferscope.configure(counters="minimal", metrics_exporters=[])
+    with inferscope.stage("infer", device="cuda"):
+        gpu.launch(2.0)
+    threading.Timer(0.05, gpu.synchronize).start()  # the device finishes after shutdown() began
+    inferscope.shutdown()
+    assert inferscope.snapshot().row(None, "infer").gpu_count == 1
+    # Stopped: a stage is passed through, and no event is recorded for it.
+    with inferscope.stage("infer", device="cuda"):
+        gpu.launch(1.0)
+    assert len(DEVICE_TIMER) == 0
 
 
 # -- a real CUDA device (the GPU machine) ----------------------------------------------------------

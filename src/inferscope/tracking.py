@@ -311,7 +311,7 @@ def _decorate_stage(stage_obj: Any, func: Any = None, *extra: Any, **kwargs: Any
 
 
 RUNTIME.decorate = _decorate_stage
-RUNTIME.device_stage = device_stage_factory(DEVICE_TIMER, RUNTIME.current_key, lambda: RUNTIME.decorate)
+RUNTIME.device_stage = device_stage_factory(DEVICE_TIMER, RUNTIME)
 
 
 def bind(func: F) -> F:

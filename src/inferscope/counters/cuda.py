@@ -199,21 +199,14 @@ class DeviceStage:
     into the caller: a failing CUDA call is counted and the stage goes on untimed.
     """
 
-    __slots__ = ("_current_key", "_decorate", "_device", "_stage", "_timer")
+    __slots__ = ("_decorate", "_device", "_runtime", "_stage", "_timer")
 
-    def __init__(
-        self,
-        stage: Any,
-        device: int | None,
-        timer: DeviceTimer,
-        current_key: Callable[[], int],
-        decorate: Callable[..., Any] | None,
-    ) -> None:
+    def __init__(self, stage: Any, device: int | None, timer: DeviceTimer, runtime: Any) -> None:
         self._stage = stage
         self._device = device
         self._timer = timer
-        self._current_key = current_key
-        self._decorate = decorate
+        self._runtime = runtime
+        self._decorate = runtime.decorate
 
     @property
     def name(self) -> str:
@@ -231,11 +224,13 @@ class DeviceStage:
     def __enter__(self) -> DeviceStage:
         self._stage.__enter__()
         opened = None
-        try:
-            # The stage is open: the current key is its own.
-            opened = self._timer.open(self._current_key(), self._device)
-        except Exception:
-            self._timer.errors += 1
+        runtime = self._runtime
+        if runtime.enabled:
+            try:
+                # The stage is open: the current key is its own.
+                opened = self._timer.open(runtime.current_key(), self._device)
+            except Exception:
+                self._timer.errors += 1
         _OPEN.set((*_OPEN.get(), opened))
         return self
 
@@ -275,10 +270,8 @@ def _device_index(device: object) -> int | Literal["cpu"] | None:
     raise ValueError(f"stage(device=...) got {device!r}; it accepts {_ACCEPTED}")
 
 
-def device_stage_factory(
-    timer: DeviceTimer, current_key: Callable[[], int], decorate: Callable[[], Callable[..., Any] | None]
-) -> Callable[[Any, object], Any]:
-    """``Runtime.device_stage``: what ``stage(name, device=...)`` returns for a device.
+def device_stage_factory(timer: DeviceTimer, runtime: Any) -> Callable[[Any, object], Any]:
+    """``Runtime.device_stage`` of ``runtime``: what ``stage(name, device=...)`` returns.
 
     The stage itself on the CPU, a ``DeviceStage`` on CUDA (one per stage and device, reused).
     """
@@ -291,7 +284,7 @@ def device_stage_factory(
         found = made.get((id(stage), index))
         if found is not None and found._stage is stage:
             return found
-        created = DeviceStage(stage, index, timer, current_key, decorate())
+        created = DeviceStage(stage, index, timer, runtime)
         if len(made) < 4096:
             made[(id(stage), index)] = created
         return created
