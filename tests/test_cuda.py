@@ -118,6 +118,39 @@ def test_enter_and_exit_read_it_like_a_tracked_call(runtime):
     assert record["counters"][SLOT_CUDA_PEAK] == 4096
 
 
+def test_only_the_outermost_inference_reads_the_allocator(runtime):
+    # An ensemble's members are inferences too; a reset of the peak inside them would cut the
+    # ensemble's peak short. So they record no CUDA memory of their own.
+    rt, registry = runtime
+    memory = Allocator()
+    rt.cuda_reader = memory.reader
+    ensemble_key = registry.inference_key("ensemble")
+    member_key = registry.inference_key("member")
+
+    def member():
+        memory.malloc(100)
+        memory.free(100)
+
+    tracked_member = rt.track(member, member_key)
+
+    def ensemble():
+        memory.malloc(500)
+        memory.free(500)
+        tracked_member()
+        owner = object()  # the path of instrumentors and of stage-like entries
+        rt.enter(owner, member_key)
+        member()
+        rt.exit(owner, None)
+
+    rt.track(ensemble, ensemble_key)()
+    records = drained(rt)
+    by_key = {int(r["key"]): r for r in records}
+    assert by_key[ensemble_key]["counters"][SLOT_CUDA_PEAK] == 500
+    members = records[records["key"] == member_key]
+    assert len(members) == 2 and not members["counters"][:, SLOT_CUDA_PEAK].any()
+    assert memory.calls == [True, False]
+
+
 def test_a_failing_inference_keeps_its_exception_and_records_its_memory(runtime):
     # The reader is Python code, called after the call raised: the exception must survive it.
     rt, registry = runtime

@@ -448,14 +448,15 @@ class Runtime:
         return top
 
     def _open(self, owner: object, key: int, top: _Entry | None, inference: bool = False) -> None:
-        """Opens an entry; only an inference (not a stage) reads the CUDA allocator."""
+        """Opens an entry. Only an outermost inference reads the CUDA allocator: not a stage, and
+        not an inference inside another (its peak reset would cut the outer one's peak short)."""
         depth = 1 if top is None else top[_DEPTH] + 1
         if depth > MAX_STACK_DEPTH:
             assert top is not None
             top[_OVERFLOW] += 1
             self._depth_dropped.add()
             return
-        mask = self.counters if inference else self.counters & ~COUNTER_CUDA_MEMORY
+        mask = self.counters if inference and top is None else self.counters & ~COUNTER_CUDA_MEMORY
         extra = None
         cpu = -1
         if mask & _EXTRA_COUNTERS:

@@ -542,7 +542,8 @@ static void trace_open(RuntimeObject *rt, FrameObject *f, TraceIds *t)
     Py_XDECREF(ctx);
 }
 
-/* Opens an entry on top of `f`. Only an inference (not a stage) reads the CUDA allocator. */
+/* Opens an entry on top of `f`. Only an outermost inference reads the CUDA allocator: not a stage,
+ * and not an inference inside another (its peak reset would cut the outer one's peak short). */
 static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner, uint32_t key, int inference)
 {
     if (f->depth >= MAX_STACK_DEPTH) {
@@ -550,8 +551,9 @@ static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner
         rt->depth_dropped++;
         return;
     }
+    int outermost = inference && f->depth == 0 && f->root_key == NO_MODEL_KEY;
     Entry *e = &f->stack[f->depth++];
-    int mask = inference ? rt->counters : rt->counters & ~COUNTER_CUDA_MEMORY;
+    int mask = outermost ? rt->counters : rt->counters & ~COUNTER_CUDA_MEMORY;
     e->owner = owner;
     e->key = key;
     e->mask = mask;
