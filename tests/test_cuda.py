@@ -500,11 +500,14 @@ def test_shutdown_waits_for_the_device_and_records_the_last_stages(gpu):
         gpu.launch(2.0)
     threading.Timer(0.05, gpu.synchronize).start()  # the device finishes after shutdown() began
     inferscope.shutdown()
-    assert inferscope.snapshot().row(None, "infer").gpu_count == 1
-    # Stopped: a stage is passed through, and no event is recorded for it.
-    with inferscope.stage("infer", device="cuda"):
-        gpu.launch(1.0)
-    assert len(DEVICE_TIMER) == 0
+    try:
+        assert inferscope.snapshot().row(None, "infer").gpu_count == 1
+        # Stopped: a stage is passed through, and no event is recorded for it.
+        with inferscope.stage("infer", device="cuda"):
+            gpu.launch(1.0)
+        assert len(DEVICE_TIMER) == 0
+    finally:
+        inferscope.configure()  # running again, for the tests that follow
 
 
 # -- a real CUDA device (the GPU machine) ----------------------------------------------------------
