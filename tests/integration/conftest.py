@@ -260,13 +260,22 @@ class Rotel:
     def wait_for_points(
         self, predicate: Callable[[RotelPoint], bool], timeout_s: float = 10.0
     ) -> list[RotelPoint]:
-        """The printed points matching ``predicate``, once there is at least one."""
+        """The printed points matching ``predicate``, once there is at least one and rotel has
+        finished printing them: rotel prints an export point by point, so a read in the middle
+        would see only its first points."""
+        settled: list[list[RotelPoint]] = []
 
-        def matching() -> list[RotelPoint]:
+        def matching() -> list[RotelPoint] | None:
             self.process.check_alive()
-            return [p for p in self.points() if predicate(p)]
+            found = [p for p in self.points() if predicate(p)]
+            if found and settled and len(settled[-1]) == len(found):
+                return found
+            settled.append(found)
+            return None
 
-        found: list[RotelPoint] = wait_until(matching, timeout_s, "rotel to print the exported points")
+        found: list[RotelPoint] = wait_until(
+            matching, timeout_s, "rotel to print the exported points", interval_s=0.2
+        )
         return found
 
 
