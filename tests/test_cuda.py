@@ -33,7 +33,7 @@ from inferscope._records import (
 from inferscope.counters.cuda import DEVICE_TIMER, DeviceTimer, cuda_memory
 from inferscope.export.metrics import STAGE_GPU_TIME, PointBuilder, PrometheusCollector
 
-from .conftest import BACKENDS
+from .conftest import BACKENDS, run_python
 
 # -- the hot path: cuda_reader around inferences, on both backends ---------------------------------
 
@@ -322,6 +322,27 @@ def test_counters_full_records_cuda_memory_per_inference(gpu):
     assert row["memory.cuda.change"] == 6 << 20
     assert row["memory.cuda.peak"] == 3 * (6 << 20)
     assert "memory.cuda.change" not in snap.row("generator", "infer").counters
+
+
+def test_the_reader_is_installed_only_once_torch_is_imported():
+    # A process that never imports torch pays nothing for cuda_memory, which is part of full.
+    pytest.importorskip("torch")
+    result = run_python(
+        """
+import sys
+import inferscope
+from inferscope._runtime import RUNTIME
+inferscope.configure(counters="full", metrics_exporters=[])
+assert "torch" not in sys.modules
+print(RUNTIME.cuda_reader)
+import torch
+print(RUNTIME.cuda_reader.__name__)
+inferscope.configure(counters="default", metrics_exporters=[])
+print(RUNTIME.cuda_reader)
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "cuda_memory", "None"]
 
 
 def test_cuda_memory_by_name_needs_a_cuda_device(monkeypatch):

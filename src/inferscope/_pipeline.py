@@ -44,7 +44,7 @@ from ._runtime import REGISTRY, RUNTIME
 from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
 from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
-from .counters.cuda import DEVICE_TIMER, cuda_memory
+from .counters.cuda import DEVICE_TIMER, install_cuda_reader
 from .export.metrics import (
     AggregatesExporter,
     PrometheusCollector,
@@ -509,7 +509,7 @@ def _apply(settings: Settings) -> None:
         RUNTIME.heap_reader = _traced_bytes
     else:
         RUNTIME.heap_reader = None
-    RUNTIME.cuda_reader = cuda_memory if settings.counter_mask & COUNTER_CUDA_MEMORY else None
+    install_cuda_reader(RUNTIME, bool(settings.counter_mask & COUNTER_CUDA_MEMORY))
     RUNTIME.counters = settings.counter_mask
     if RUNTIME.ring.capacity != settings.ring_capacity:
         from ._backend import Ring

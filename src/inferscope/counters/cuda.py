@@ -32,6 +32,7 @@ __all__ = [
     "cuda_memory",
     "cuda_unavailable_reason",
     "device_stage_factory",
+    "install_cuda_reader",
 ]
 
 
@@ -60,6 +61,36 @@ def cuda_memory(start: bool) -> tuple[int, int] | None:
         cuda.reset_peak_memory_stats()
     allocated = cuda.memory_stats_as_nested_dict().get("allocated_bytes", {}).get("all", {})
     return int(allocated.get("current", 0)), int(allocated.get("peak", 0))
+
+
+#: Whether the settings in force ask for ``cuda_memory`` (read by the torch import hook).
+_reader_wanted = False
+_hook_installed = False
+
+
+def install_cuda_reader(runtime: Any, wanted: bool) -> None:
+    """Set ``runtime.cuda_reader`` while ``cuda_memory`` is on, from the moment torch is imported.
+
+    Before torch is imported there is nothing to read, so the hot path does not even call the
+    reader: a process that never imports torch pays nothing for ``cuda_memory`` (it is in
+    ``full``). A wrapt post-import hook installs the reader when torch arrives.
+    """
+    global _reader_wanted, _hook_installed
+    _reader_wanted = wanted
+    if wanted and "torch" in sys.modules:
+        runtime.cuda_reader = cuda_memory
+        return
+    runtime.cuda_reader = None
+    if wanted and not _hook_installed:
+        import wrapt
+
+        _hook_installed = True
+        wrapt.register_post_import_hook(lambda _torch: _torch_imported(runtime), "torch")
+
+
+def _torch_imported(runtime: Any) -> None:
+    if _reader_wanted:
+        runtime.cuda_reader = cuda_memory
 
 
 def cuda_unavailable_reason(import_torch: bool = False) -> str | None:
