@@ -402,6 +402,35 @@ def test_device_time_is_exported_over_otlp_and_prometheus(gpu):
     assert samples["inferscope_stage_gpu_time_seconds_count"].value == 1
 
 
+def test_the_span_of_a_cuda_stage_carries_its_device_time(gpu):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    inferscope.configure(counters="full", metrics_exporters=[], span_exporters=[exporter], trace_ratio=1.0)
+    try:
+
+        @inferscope.track_inference(model="vision")
+        def classify() -> None:
+            with inferscope.stage("infer", device="cuda"):
+                gpu.launch(3.0)
+            gpu.memory.malloc(64)
+            gpu.synchronize()  # as the torch instrumentor's cuda_sync, or reading the result, does
+
+        classify()
+        _pipeline.DRAINER.drain()
+        assert _pipeline._exports is not None and _pipeline._exports.traces is not None
+        _pipeline._exports.traces.force_flush()
+        spans = {span.name: span for span in exporter.get_finished_spans()}
+        stage, inference = spans["stage infer"].attributes, spans["inference vision"].attributes
+        assert stage["inferscope.gpu.time"] == pytest.approx(0.003)
+        assert "inferscope.gpu.time" not in inference
+        # The allocator is read around the inference only: its span has the counters, the stage's not.
+        assert inference["inferscope.memory.cuda.change"] == 64
+        assert "inferscope.memory.cuda.change" not in stage
+    finally:
+        inferscope.configure()
+
+
 def test_a_cuda_stage_that_raises_passes_the_error_through_untimed(gpu):
     inferscope.configure(counters="minimal", metrics_exporters=[])
     with pytest.raises(KeyError, match="missing"):
@@ -509,10 +538,10 @@ def test_wait_polls_until_the_device_is_done_or_the_timeout(gpu):
     started = time.monotonic()
     timer.wait(0.05)  # the device never gets there: wait gives up
     assert time.monotonic() - started >= 0.05
-    assert timer.collect() == ([], [])
+    assert timer.collect() == ([], [], [])
     threading.Timer(0.02, gpu.synchronize).start()
     timer.wait(5.0)
-    assert timer.collect() == ([7], [pytest.approx(0.005)])
+    assert timer.collect() == ([7], [pytest.approx(0.005)], [0])
 
 
 def test_shutdown_waits_for_the_device_and_records_the_last_stages(gpu):

@@ -94,8 +94,9 @@ class Drainer:
     def drain(self) -> int:
         """Drain everything queued now; returns the number of records aggregated."""
         with self._lock:
-            total = self._drain_into_aggregator(RUNTIME.ring)
+            # Device times first: the spans of the stages drained next can then carry theirs.
             self._collect_device_times()
+            total = self._drain_into_aggregator(RUNTIME.ring)
             self._publish_counts(RUNTIME.ring)
         return total
 
@@ -103,8 +104,11 @@ class Drainer:
         if not len(DEVICE_TIMER):
             return
         try:
-            keys, seconds = DEVICE_TIMER.collect()
+            keys, seconds, span_ids = DEVICE_TIMER.collect()
             AGGREGATOR.add_gpu_times(np.array(keys, np.uint32), np.array(seconds, np.float64))
+            traces = self.traces
+            if traces is not None:
+                traces.add_device_times(span_ids, seconds)
         except Exception:
             self.errors += 1
             _log_once_a_minute("inferscope: reading the device times of CUDA stages failed")

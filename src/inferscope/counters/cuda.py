@@ -112,8 +112,8 @@ def cuda_unavailable_reason(import_torch: bool = False) -> str | None:
     return None
 
 
-#: A stage's open timing: (key, device index, start event), or None when it is not timed.
-_Opened = tuple[int, int, Any]
+#: A stage's open timing: (key, span id or 0, device index, start event); None when not timed.
+_Opened = tuple[int, int, int, Any]
 #: The device stages open in this context, innermost last.
 _OPEN: ContextVar[tuple[_Opened | None, ...]] = ContextVar("inferscope_device_stages", default=())
 
@@ -129,7 +129,7 @@ class DeviceTimer:
 
     def __init__(self, max_pending: int = 8192) -> None:
         self.max_pending = max_pending
-        self._pending: deque[tuple[int, int, Any, Any]] = deque()
+        self._pending: deque[tuple[int, int, int, Any, Any]] = deque()
         self._free: dict[int, list[Any]] = {}
         #: Timings dropped because ``max_pending`` pairs were waiting.
         self.dropped = 0
@@ -150,20 +150,21 @@ class DeviceTimer:
         if len(free) < 2 * self.max_pending:
             free.extend(events)
 
-    def open(self, key: int, device: int | None) -> _Opened | None:
-        """Record the start event of a stage on ``device`` (None: the current device)."""
+    def open(self, key: int, device: int | None, span_id: int = 0) -> _Opened | None:
+        """Record the start event of a stage on ``device`` (None: the current device). ``span_id``
+        is the stage's span while tracing is on, so that its span gets the device time too."""
         cuda = _cuda()
         if cuda is None:
             return None
         index = cuda.current_device() if device is None else device
         start = self._event(cuda, index)
         start.record(cuda.current_stream(index))
-        return key, index, start
+        return key, span_id, index, start
 
     def close(self, opened: _Opened, ok: bool) -> None:
         """Record the end event; keep the pair until the device reaches it. A stage that raised
         is not timed: its events go back to the pool."""
-        key, index, start = opened
+        key, span_id, index, start = opened
         cuda = _cuda()
         if cuda is None:
             return
@@ -175,35 +176,38 @@ class DeviceTimer:
             self.dropped += 1
             self._recycle(index, start, end)
         else:
-            self._pending.append((key, index, start, end))
+            self._pending.append((key, span_id, index, start, end))
 
-    def collect(self) -> tuple[list[int], list[float]]:
-        """(keys, seconds) of the pairs whose work has finished; the others keep waiting."""
+    def collect(self) -> tuple[list[int], list[float], list[int]]:
+        """(keys, seconds, span ids) of the pairs whose work has finished; the others keep
+        waiting. A span id is 0 where tracing was off."""
         keys: list[int] = []
         seconds: list[float] = []
+        span_ids: list[int] = []
         waiting = []
         for _ in range(len(self._pending)):
             item = self._pending.popleft()
-            key, index, start, end = item
+            key, span_id, index, start, end = item
             try:
                 if not end.query():
                     waiting.append(item)
                     continue
                 seconds.append(start.elapsed_time(end) / 1e3)  # elapsed_time() is in ms
                 keys.append(key)
+                span_ids.append(span_id)
             except Exception:
                 self.errors += 1
                 continue
             self._recycle(index, start, end)
         self._pending.extendleft(reversed(waiting))
-        return keys, seconds
+        return keys, seconds, span_ids
 
     def wait(self, timeout_s: float) -> None:
         """Poll until every pending pair has finished, or ``timeout_s`` passed (at shutdown)."""
         deadline = time.monotonic() + timeout_s
         while self._pending and time.monotonic() < deadline:
             try:
-                if all(end.query() for _, _, _, end in list(self._pending)):
+                if all(item[-1].query() for item in list(self._pending)):
                     return
             except Exception:
                 self.errors += 1
@@ -258,8 +262,9 @@ class DeviceStage:
         runtime = self._runtime
         if runtime.enabled:
             try:
-                # The stage is open: the current key is its own.
-                opened = self._timer.open(runtime.current_key(), self._device)
+                # The stage is open: the current key and span are its own.
+                span = runtime.current_span() if runtime.tracing else None
+                opened = self._timer.open(runtime.current_key(), self._device, span[2] if span else 0)
             except Exception:
                 self._timer.errors += 1
         _OPEN.set((*_OPEN.get(), opened))

@@ -34,6 +34,7 @@ current context, never on the hot path.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -70,7 +71,7 @@ from .._records import (
     SLOT_RSS_DELTA,
     SLOT_RSS_SAMPLES,
 )
-from ..counters import CounterMetric, counter_label
+from ..counters import CounterMetric, counter_label, counters_of
 
 __all__ = [
     "EXEMPLARS",
@@ -99,6 +100,8 @@ _KEPT_MEMORY_S = 60.0
 #: Records whose root has not been decided are held this long, at most this many.
 _PENDING_MAX_AGE_S = 30.0
 _PENDING_MAX_ROWS = 100_000
+#: Device times of CUDA stages held for their spans (span id -> seconds), oldest forgotten first.
+_DEVICE_TIMES_MAX = 16_384
 #: Exemplars kept per key between two exports.
 EXEMPLARS_PER_KEY = 4
 
@@ -209,6 +212,9 @@ class TracePipeline:
         self._quantiles = quantiles
         self._monotonic_ns = monotonic_ns
         self._counters = tuple(counters)
+        self._stage_counters = tuple(counters_of(self._counters, "stage"))
+        #: span id -> device time (s) of a stage marked device="cuda", until its span is built.
+        self._device_times: dict[int, float] = {}
         self._scope = InstrumentationScope("inferscope", scope_version)
         self._bucket = _TokenBucket(policy.max_spans_per_second)
         self._thresholds = np.zeros(0, dtype=np.int64)  # per key, in ns; 0 = none
@@ -217,7 +223,7 @@ class TracePipeline:
         self._kept: dict[int, float] = {}  # root span id -> when it was kept (monotonic s)
         self._dropped_before = np.zeros(0, dtype=np.uint64)  # roots dropped by the previous batch
         self._pending: np.ndarray | None = None
-        self._names: dict[int, tuple[str, dict[str, Any]]] = {}
+        self._names: dict[int, tuple[str, dict[str, Any], bool]] = {}
 
     # -- sampling ---------------------------------------------------------------------------------
 
@@ -255,6 +261,18 @@ class TracePipeline:
         self._emit(kept_roots, reasons[keep], offset_ns)
         self._emit(children[child_kept], None, offset_ns)
         self._forget(now)
+
+    def add_device_times(self, span_ids: Sequence[int], seconds: Sequence[float]) -> None:
+        """Device times of CUDA stages, read before their records are drained: the stage's span
+        gets ``inferscope.gpu.time``. A time whose span is never built is forgotten, oldest first."""
+        times = self._device_times
+        for span_id, value in zip(span_ids, seconds, strict=True):
+            if span_id:
+                times[span_id] = value
+        excess = len(times) - _DEVICE_TIMES_MAX
+        if excess > 0:
+            for span_id in list(itertools.islice(times, excess)):
+                del times[span_id]
 
     def _decide(self, roots: np.ndarray, child_roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which roots to keep, and why (an array of reason strings)."""
@@ -341,7 +359,8 @@ class TracePipeline:
 
     # -- spans ------------------------------------------------------------------------------------
 
-    def _describe(self, key: int) -> tuple[str, dict[str, Any]]:
+    def _describe(self, key: int) -> tuple[str, dict[str, Any], bool]:
+        """(span name, attributes, whether it is a stage) of a key."""
         found = self._names.get(key)
         if found is None:
             info = self.registry.info(key)
@@ -349,7 +368,7 @@ class TracePipeline:
                 name = f"stage {info.stage}"
             else:
                 name = f"inference {info.model}" if info.model else "inference"
-            found = self._names[key] = (name, dict(info.metric_attributes))
+            found = self._names[key] = (name, dict(info.metric_attributes), info.kind == "stage")
         return found
 
     def _emit(self, rows: np.ndarray, reasons: np.ndarray | None, offset_ns: int) -> None:
@@ -376,8 +395,9 @@ class TracePipeline:
         why = reasons[order].tolist() if reasons is not None else None
         on_end = self.processor.on_end
         store = self.exemplars.add
+        device_times = self._device_times
         for i, key in enumerate(columns["key"]):
-            name, base = self._describe(key)
+            name, base, is_stage = self._describe(key)
             attributes = dict(base)
             flags = columns["flags"][i]
             error = columns["error"][i]
@@ -387,7 +407,7 @@ class TracePipeline:
                 attributes["inferscope.cpu.time"] = cpu_ns / 1e9
                 attributes["inferscope.off_cpu.time"] = max(0, wall_ns - cpu_ns) / 1e9
             if counters is not None:
-                attributes.update(self._counter_attributes(counters[i]))
+                attributes.update(self._counter_attributes(counters[i], is_stage))
             if flags & FLAG_ABANDONED:
                 attributes["inferscope.abandoned"] = True
             if why is not None:
@@ -402,6 +422,10 @@ class TracePipeline:
                 events = (Event("exception", {"exception.type": error_type, "exception.escaped": True}, end),)
             trace_id = (columns["trace_hi"][i] << 64) | columns["trace_lo"][i]
             span_id = columns["span_id"][i]
+            if device_times:
+                gpu_seconds = device_times.pop(span_id, None)
+                if gpu_seconds is not None:
+                    attributes["inferscope.gpu.time"] = gpu_seconds
             parent_id = columns["parent_id"][i]
             parent = (
                 SpanContext(trace_id, parent_id, bool(flags & FLAG_PARENT_REMOTE), _SAMPLED)
@@ -425,8 +449,8 @@ class TracePipeline:
             self.spans_exported += 1
             store(key, Exemplar({}, wall_ns / 1e9, end, span_id, trace_id))
 
-    def _counter_attributes(self, slots: np.ndarray) -> Iterable[tuple[str, int]]:
-        for metric in self._counters:
+    def _counter_attributes(self, slots: np.ndarray, is_stage: bool) -> Iterable[tuple[str, int]]:
+        for metric in self._stage_counters if is_stage else self._counters:
             if metric.slot == SLOT_RSS_DELTA and slots[SLOT_RSS_SAMPLES] != 1:
                 continue  # this call was not one of the sampled ones
             yield f"inferscope.{counter_label(metric)}", int(slots[metric.slot])
