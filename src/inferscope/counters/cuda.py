@@ -1,8 +1,9 @@
 """CUDA through torch: the allocator's memory around inferences, and device time of stages.
 
 Both read ``torch.cuda`` only after torch itself has initialized CUDA. inferscope never imports
-torch and never initializes CUDA: a process that does not use the GPU pays one dictionary lookup
-per read (``sys.modules``), and a forked child, where CUDA cannot be used, reads nothing.
+torch and never initializes CUDA. A process that never imports torch pays nothing (the reader is
+installed when torch is imported), one that imports torch without using CUDA pays two short calls
+per inference, and a forked child, where CUDA cannot be used, reads nothing.
 
 - ``cuda_memory`` (a counter; part of ``full``): around each inference, the change of the bytes
   allocated by torch's caching allocator, and the inference's peak allocation above the
