@@ -233,6 +233,7 @@ class Device:
         self.done_ms = 0.0  # how far the device has got
         self.memory = Allocator()
         self.lock = threading.Lock()
+        self.capturing = False  # a CUDA graph capture is under way on the current stream
 
     def launch(self, ms: float) -> None:
         with self.lock:
@@ -277,6 +278,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda, "current_device", lambda: 0)
     monkeypatch.setattr(cuda, "current_stream", lambda index=None: f"stream-{index or 0}")
+    monkeypatch.setattr(cuda, "is_current_stream_capturing", lambda: device.capturing)
     monkeypatch.setattr(cuda, "Event", lambda enable_timing=False: Event(device, enable_timing))
 
     def reset_peak_memory_stats(device_index: Any = None) -> None:
@@ -496,6 +498,19 @@ def test_a_cuda_stage_without_cuda_in_use_is_a_plain_stage(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     with inferscope.stage("infer", device="cuda"):
         pass
+    row = inferscope.snapshot().row(None, "infer")
+    assert row.count == 1 and row.gpu_count == 0
+
+
+def test_no_event_is_recorded_inside_a_cuda_graph_capture(gpu):
+    # An event recorded while a stream is being captured would become part of the user's graph.
+    inferscope.configure(counters="minimal", metrics_exporters=[])
+    created = Event.created
+    gpu.capturing = True
+    with inferscope.stage("infer", device="cuda"):
+        gpu.launch(1.0)
+    gpu.capturing = False
+    assert Event.created == created and len(DEVICE_TIMER) == 0
     row = inferscope.snapshot().row(None, "infer")
     assert row.count == 1 and row.gpu_count == 0
 

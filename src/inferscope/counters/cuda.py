@@ -155,7 +155,8 @@ class DeviceTimer:
         """Record the start event of a stage on ``device`` (None: the current device). ``span_id``
         is the stage's span while tracing is on, so that its span gets the device time too."""
         cuda = _cuda()
-        if cuda is None:
+        # Inside a CUDA graph capture an event would become part of the graph: not ours to touch.
+        if cuda is None or cuda.is_current_stream_capturing():
             return None
         index = cuda.current_device() if device is None else device
         start = self._event(cuda, index)
@@ -167,7 +168,8 @@ class DeviceTimer:
         is not timed: its events go back to the pool."""
         key, span_id, index, start = opened
         cuda = _cuda()
-        if cuda is None:
+        if cuda is None or cuda.is_current_stream_capturing():
+            self._recycle(index, start)
             return
         end = self._event(cuda, index)
         end.record(cuda.current_stream(index))
