@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -19,6 +20,8 @@ import timeit
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 #: Set in the environment of a child process that re-runs a script on the pure-Python backend.
 NO_EXTENSION_VARIABLE = "INFERSCOPE_NO_EXTENSION"
@@ -421,3 +424,40 @@ def drops_line(runs: Mapping[str, Mapping[str, Any]]) -> str:
         if sum(case.get("dropped", {}).values())
     }
     return f"records dropped during the timed loops: {drops or 'none'}"
+
+
+# --- OTel span peers -------------------------------------------------------------------------------
+
+
+class DiscardSpans(SpanExporter):
+    """A span exporter that counts what it is given and sends nothing: the peers' spans are built
+    and batched as usual, and no network is involved."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.count += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class SpanDropCounter(logging.Handler):
+    """Counts the spans the SDK's batch processor drops: it logs "Queue full" for each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Queue full" in record.getMessage():
+            self.count += 1
+
+
+def count_span_drops() -> SpanDropCounter:
+    """A ``SpanDropCounter`` attached to the logger of the SDK's batch processor."""
+    counter = SpanDropCounter()
+    logging.getLogger("opentelemetry.sdk._shared_internal").addHandler(counter)
+    return counter

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import logging
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ import numpy as np
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 import inferscope
 
@@ -297,34 +296,13 @@ BUILDERS: dict[str, Callable[[int], Model]] = {
 # --- the OTel manual peer --------------------------------------------------------------------------
 
 
-class _DropSpans(SpanExporter):
-    def export(self, spans: Any) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-
-class _SpanDropCounter(logging.Handler):
-    """The SDK's batch processor logs "Queue full" for every span it drops; count them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "Queue full" in record.getMessage():
-            self.count += 1
-
-
 class OtelManual:
     """One span and one ``histogram.record`` (2 attributes) around a call, as written by hand."""
 
     def __init__(self) -> None:
-        self.span_drops = _SpanDropCounter()
-        logging.getLogger("opentelemetry.sdk._shared_internal").addHandler(self.span_drops)
+        self.span_drops = _common.count_span_drops()
         self.tracer_provider = TracerProvider(shutdown_on_exit=False)
-        self.tracer_provider.add_span_processor(BatchSpanProcessor(_DropSpans()))
+        self.tracer_provider.add_span_processor(BatchSpanProcessor(_common.DiscardSpans()))
         self.meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
         self.tracer = self.tracer_provider.get_tracer("bench")
         self.histogram = self.meter_provider.get_meter("bench").create_histogram("bench.duration", unit="s")

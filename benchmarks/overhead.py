@@ -23,7 +23,6 @@ measured by benchmarks/throughput.py.
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from typing import Any
 import _common
 import prometheus_client
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 import inferscope
 
@@ -81,26 +80,6 @@ def tracked_with_prebound_stage() -> None:
         pass
 
 
-class _SpanDropCounter(logging.Handler):
-    """The SDK's batch processor logs "Queue full" for every span it drops; count them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "Queue full" in record.getMessage():
-            self.count += 1
-
-
-class _DropSpans(SpanExporter):
-    def export(self, spans: Any) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
-
-
 def backend_cases(pipeline: _common.LoopPipeline) -> list[_common.Case]:
     """The cases that depend on the backend: measured in this process and in the pure-Python child."""
 
@@ -142,12 +121,11 @@ def _settler(pipeline: _common.LoopPipeline, name: str) -> Callable[[], None]:
     return lambda: pipeline.settle(name)
 
 
-def peer_cases() -> tuple[list[_common.Case], _SpanDropCounter]:
+def peer_cases() -> tuple[list[_common.Case], _common.SpanDropCounter]:
     """The peers measured only in the main process: an OTel span and prometheus_client."""
-    span_drops = _SpanDropCounter()
-    logging.getLogger("opentelemetry.sdk._shared_internal").addHandler(span_drops)
+    span_drops = _common.count_span_drops()
     tracer_provider = TracerProvider(shutdown_on_exit=False)
-    tracer_provider.add_span_processor(BatchSpanProcessor(_DropSpans()))
+    tracer_provider.add_span_processor(BatchSpanProcessor(_common.DiscardSpans()))
     tracer = tracer_provider.get_tracer("bench")
 
     registry = prometheus_client.CollectorRegistry()

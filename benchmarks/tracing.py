@@ -31,7 +31,7 @@ from typing import Any
 import _common
 import opentelemetry.context as otel_context
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 import inferscope
@@ -46,18 +46,6 @@ TARGET_SPAN_FRACTION = 10
 #: The drainer's share of one core at 10,000 inferences/s, at most.
 TARGET_DRAINER_SHARE = 0.05
 INFERENCES_PER_SECOND = 10_000
-
-
-class _DropSpans(SpanExporter):
-    def __init__(self) -> None:
-        self.count = 0
-
-    def export(self, spans: Any) -> SpanExportResult:
-        self.count += len(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        pass
 
 
 def noop() -> None:
@@ -83,7 +71,7 @@ class Modes:
 
     def __init__(self) -> None:
         self.mode = ""
-        self.exporter = _DropSpans()
+        self.exporter = _common.DiscardSpans()
         self.token: Any = None
 
     def use(self, mode: str) -> Callable[[], None]:
@@ -144,7 +132,7 @@ def hot_path_cases(modes: Modes) -> list[_common.Case]:
 
 def otel_span_case() -> _common.Case:
     provider = TracerProvider(shutdown_on_exit=False)
-    provider.add_span_processor(BatchSpanProcessor(_DropSpans()))
+    provider.add_span_processor(BatchSpanProcessor(_common.DiscardSpans()))
     tracer = provider.get_tracer("bench")
     return _common.Case(
         "OTel SDK span, batch processor",
@@ -170,7 +158,7 @@ def served(i: int) -> None:
 
 def drainer_cost(rounds: int) -> dict[str, Any]:
     """CPU seconds of the drainer's work on one second of traffic at 10,000 inferences/s."""
-    exporter = _DropSpans()
+    exporter = _common.DiscardSpans()
     buffer = empty_records(4 * INFERENCES_PER_SECOND)
     aggregate_s: list[float] = []
     traces_s: list[float] = []
