@@ -104,7 +104,7 @@ def cuda_unavailable_reason(import_torch: bool = False) -> str | None:
         if not import_torch:
             return None
         try:
-            import torch
+            torch = importlib.import_module("torch")
         except Exception as exc:
             return f"torch cannot be imported ({type(exc).__name__}: {exc})"
     cuda = getattr(torch, "cuda", None)
