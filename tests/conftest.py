@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 
-import inferscope
-from inferscope import _pipeline, _purepy
-from inferscope._runtime import RUNTIME
+# The flight recorder of every test (and of the interpreters it starts, which inherit the
+# environment) writes under a temporary directory, never the user's state directory: set before
+# inferscope is imported, since importing it configures it from the environment.
+_RECORDER_ROOT = tempfile.mkdtemp(prefix="inferscope-tests-")
+# Registered before inferscope's own exit hook, so it runs after that hook's last write.
+atexit.register(shutil.rmtree, _RECORDER_ROOT, ignore_errors=True)
+os.environ["XDG_STATE_HOME"] = _RECORDER_ROOT
+os.environ["INFERSCOPE_RECORDER"] = os.path.join(_RECORDER_ROOT, "session", "recorder.sqlite")
+
+import inferscope  # noqa: E402
+from inferscope import _pipeline, _purepy  # noqa: E402
+from inferscope._runtime import RUNTIME  # noqa: E402
 
 try:
     from inferscope import _native
@@ -25,6 +37,15 @@ if _native is not None:
     BACKENDS.append(pytest.param(_native, id="c"))
 elif os.environ.get("CI"):
     raise RuntimeError("CI builds the C extension; it must be importable")
+
+
+@pytest.fixture(autouse=True)
+def isolated_recorder(tmp_path_factory, monkeypatch):
+    """Each test's configure() calls and subprocesses record into a file of their own, so that no
+    test finds windows, baselines or an anchor left by another one."""
+    path = tmp_path_factory.mktemp("recorder") / "recorder.sqlite"
+    monkeypatch.setenv("INFERSCOPE_RECORDER", str(path))
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from inferscope.config import (
     Settings,
     SettingSpec,
     _markdown_table,
+    default_recorder_path,
     load_settings,
 )
 
@@ -54,7 +56,28 @@ def test_defaults() -> None:
     assert settings.prometheus_port == 9464
     assert settings.meter_provider is None
     assert settings.metric_exporters == ()
+    assert settings.window_seconds == 60.0
+    assert settings.baseline_seconds == 3600.0
+    assert settings.regression_threshold == 0.2
+    assert settings.regression_sustain_seconds == 3600.0
+    assert settings.regression_quantile == 0.95
+    assert settings.recorder == default_recorder_path()
+    assert settings.recorder_max_bytes == 256 * 2**20
+    assert (settings.recorder_window_retention_days, settings.recorder_rollup_retention_days) == (7, 90)
+    assert settings.canary is True
     assert settings == Settings()
+
+
+def test_recorder_default_path_follows_xdg_state_home(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    expected = str(tmp_path / "inferscope" / "recorder.sqlite")
+    assert default_recorder_path() == expected
+    assert load_settings(environ={"INFERSCOPE_RECORDER": "default"}).recorder == expected
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/dir")  # ignored, as the XDG spec says
+    assert default_recorder_path() == os.path.expanduser("~/.local/state/inferscope/recorder.sqlite")
+    assert load_settings({"recorder": "OFF"}, environ={}).recorder == "off"
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(environ={"INFERSCOPE_RECORDER": "r.sqlite"}).recorder == str(tmp_path / "r.sqlite")
 
 
 @pytest.mark.parametrize(
@@ -490,6 +513,19 @@ BAD_ENVIRONMENT = [
     ("trace_slow_ms", "INFERSCOPE_TRACE_SLOW_MS", "p50"),
     ("trace_errors", "INFERSCOPE_TRACE_ERRORS", "sometimes"),
     ("trace_max_spans_per_second", "INFERSCOPE_TRACE_MAX_SPANS_PER_SECOND", "0"),
+    ("window_seconds", "INFERSCOPE_WINDOW_SECONDS", "0.05"),
+    ("window_seconds", "INFERSCOPE_WINDOW_SECONDS", "1m"),
+    ("baseline_seconds", "INFERSCOPE_BASELINE_SECONDS", "0"),
+    ("regression_threshold", "INFERSCOPE_REGRESSION_THRESHOLD", "20%"),
+    ("regression_threshold", "INFERSCOPE_REGRESSION_THRESHOLD", "-0.1"),
+    ("regression_sustain_seconds", "INFERSCOPE_REGRESSION_SUSTAIN_SECONDS", "-1"),
+    ("regression_quantile", "INFERSCOPE_REGRESSION_QUANTILE", "1"),
+    ("regression_quantile", "INFERSCOPE_REGRESSION_QUANTILE", "p95"),
+    ("recorder", "INFERSCOPE_RECORDER", "/"),
+    ("recorder_max_bytes", "INFERSCOPE_RECORDER_MAX_BYTES", "1000"),
+    ("recorder_window_retention_days", "INFERSCOPE_RECORDER_WINDOW_RETENTION_DAYS", "0"),
+    ("recorder_rollup_retention_days", "INFERSCOPE_RECORDER_ROLLUP_RETENTION_DAYS", "nan"),
+    ("canary", "INFERSCOPE_CANARY", "sometimes"),
 ]
 
 # service_name is the one setting whose variables accept any non-blank text.
@@ -563,6 +599,20 @@ BAD_ARGUMENTS = [
     ("tracer_provider", object()),
     ("span_exporters", [object()]),
     ("span_exporters", ConsoleMetricExporter()),
+    ("window_seconds", 0),
+    ("window_seconds", "60"),
+    ("baseline_seconds", -5),
+    ("regression_threshold", 0),
+    ("regression_threshold", True),
+    ("regression_sustain_seconds", float("inf")),
+    ("regression_quantile", 0.0),
+    ("recorder", ""),
+    ("recorder", 5),
+    ("recorder_max_bytes", 2**19),
+    ("recorder_max_bytes", 1.5e9),
+    ("recorder_window_retention_days", -1),
+    ("recorder_rollup_retention_days", "90"),
+    ("canary", "on"),
 ]
 
 

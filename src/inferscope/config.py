@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "SettingSpec",
     "Settings",
+    "default_recorder_path",
     "load_settings",
 ]
 
@@ -382,6 +383,64 @@ def _boundaries(value: object) -> object:
     return tuple(result)
 
 
+def _number_check(
+    minimum: float, maximum: float | None = None, *, above: bool = False
+) -> Callable[[object], object]:
+    """A finite number from ``minimum`` (excluded when ``above``) to ``maximum``."""
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _Invalid
+        number = float(value)
+        if not math.isfinite(number) or number < minimum or (above and number == minimum):
+            raise _Invalid
+        if maximum is not None and number > maximum:
+            raise _Invalid
+        return number
+
+    return check
+
+
+def _open_fraction(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _Invalid
+    number = float(value)
+    if not 0.0 < number < 1.0:
+        raise _Invalid
+    return number
+
+
+#: ``recorder`` values besides a path.
+RECORDER_OFF = "off"
+RECORDER_DEFAULT = "default"
+
+
+def default_recorder_path(environ: Mapping[str, str] | None = None) -> str:
+    """The per-user state path of the flight recorder: ``$XDG_STATE_HOME/inferscope/recorder.sqlite``,
+    else ``~/.local/state/inferscope/recorder.sqlite`` (the XDG base directory default)."""
+    environ = os.environ if environ is None else environ
+    state = (environ.get("XDG_STATE_HOME") or "").strip()
+    if not state or not os.path.isabs(state):  # the XDG spec ignores a relative XDG_STATE_HOME
+        state = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "inferscope", "recorder.sqlite")
+
+
+def _recorder(value: object) -> object:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid
+    text = value.strip()
+    if text.lower() == RECORDER_OFF:
+        return RECORDER_OFF
+    if text.lower() == RECORDER_DEFAULT:
+        return default_recorder_path()
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.isdir(path):
+        raise _Invalid("that is a directory; name the database file in it")
+    return path
+
+
 _meter_provider = _sdk_instance("opentelemetry.sdk.metrics", "MeterProvider")
 _metric_exporters = _sdk_instances("opentelemetry.sdk.metrics.export", "MetricExporter")
 
@@ -676,6 +735,101 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Extra span exporters, next to traces_exporters (for example an InMemorySpanExporter in tests).",
         _sdk_instances("opentelemetry.sdk.trace.export", "SpanExporter"),
     ),
+    SettingSpec(
+        "window_seconds",
+        ("INFERSCOPE_WINDOW_SECONDS",),
+        "60",
+        "a number of seconds from 0.1 to 86400",
+        "Length of a window: every window_seconds the drainer closes one per model and stage (counts, "
+        "duration histogram, CPU, counters, input size) and one for the process and its host "
+        "(docs/regressions.md). The flight recorder stores them and the regression detector reads them.",
+        _number_check(0.1, 86_400.0),
+        _float_text,
+    ),
+    SettingSpec(
+        "baseline_seconds",
+        ("INFERSCOPE_BASELINE_SECONDS",),
+        "3600",
+        "a number of seconds above 0",
+        "How much of a model's first recorded history makes its anchor baseline.",
+        _number_check(0.0, above=True),
+        _float_text,
+    ),
+    SettingSpec(
+        "regression_threshold",
+        ("INFERSCOPE_REGRESSION_THRESHOLD",),
+        "0.2",
+        "a number above 0 (a fraction: 0.2 is +20%)",
+        "How much a figure (a quantile of the duration, CPU per call) must rise over its baseline to "
+        "count as a regression.",
+        _number_check(0.0, above=True),
+        _float_text,
+    ),
+    SettingSpec(
+        "regression_sustain_seconds",
+        ("INFERSCOPE_REGRESSION_SUSTAIN_SECONDS",),
+        "3600",
+        "a number of seconds from 0",
+        "How long a rise must last before it is reported; one that goes away sooner is dropped.",
+        _number_check(0.0),
+        _float_text,
+    ),
+    SettingSpec(
+        "regression_quantile",
+        ("INFERSCOPE_REGRESSION_QUANTILE",),
+        "0.95",
+        "a number above 0 and below 1",
+        "The quantile of the duration that the regression detector compares with the baseline.",
+        _open_fraction,
+        _float_text,
+    ),
+    SettingSpec(
+        "recorder",
+        ("INFERSCOPE_RECORDER",),
+        RECORDER_DEFAULT,
+        "a file path, 'default' ($XDG_STATE_HOME/inferscope/recorder.sqlite, else "
+        "~/.local/state/inferscope/recorder.sqlite) or 'off'",
+        "Where the flight recorder keeps windows, environment fingerprints, baselines and regressions "
+        "(SQLite; several processes may share one file). 'off' keeps them in memory only.",
+        _recorder,
+    ),
+    SettingSpec(
+        "recorder_max_bytes",
+        ("INFERSCOPE_RECORDER_MAX_BYTES",),
+        "268435456",
+        "an integer from 1048576",
+        "Size bound of the flight recorder's file: past it the oldest windows are deleted first.",
+        _int_check(1_048_576),
+        _int_text,
+    ),
+    SettingSpec(
+        "recorder_window_retention_days",
+        ("INFERSCOPE_RECORDER_WINDOW_RETENTION_DAYS",),
+        "7",
+        "a number of days above 0",
+        "How long the flight recorder keeps every window; older ones survive as hourly rollups.",
+        _number_check(0.0, above=True),
+        _float_text,
+    ),
+    SettingSpec(
+        "recorder_rollup_retention_days",
+        ("INFERSCOPE_RECORDER_ROLLUP_RETENTION_DAYS",),
+        "90",
+        "a number of days above 0",
+        "How long the flight recorder keeps hourly rollups of the windows.",
+        _number_check(0.0, above=True),
+        _float_text,
+    ),
+    SettingSpec(
+        "canary",
+        ("INFERSCOPE_CANARY",),
+        "true",
+        "True or False (in INFERSCOPE_CANARY: true/false, 1/0, yes/no or on/off, in any case)",
+        "Whether the drainer runs the machine canary, a fixed unit of work (hashing 64 KiB) timed twice "
+        "a second, under 0.01% of a core: when it takes longer the machine changed, not the code.",
+        _check_bool,
+        _bool_text,
+    ),
 )
 
 _SPECS: dict[str, SettingSpec] = {spec.name: spec for spec in SETTINGS}
@@ -731,6 +885,16 @@ class Settings:
     trace_max_spans_per_second: int = 1000
     tracer_provider: object | None = None
     span_exporters: tuple[object, ...] = ()
+    window_seconds: float = 60.0
+    baseline_seconds: float = 3600.0
+    regression_threshold: float = 0.2
+    regression_sustain_seconds: float = 3600.0
+    regression_quantile: float = 0.95
+    recorder: str = field(default_factory=default_recorder_path)
+    recorder_max_bytes: int = 268_435_456
+    recorder_window_retention_days: float = 7.0
+    recorder_rollup_retention_days: float = 90.0
+    canary: bool = True
 
     def __post_init__(self) -> None:
         for spec in SETTINGS:
