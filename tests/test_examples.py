@@ -1,31 +1,12 @@
-"""The examples and the demo run as documented and report what they claim."""
+"""The examples run as documented and report what they claim."""
 
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*argv: str) -> str:
-    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-def rows(table: str) -> dict[tuple[str, str], list[str]]:
-    """(first word of the model, stage) -> [count, p50, p95, p99, cpu/wall, errors] from a table."""
-    found = {}
-    for line in table.splitlines():
-        parts = line.split()
-        if len(parts) >= 8 and parts[-6].isdigit():
-            found[(parts[0], parts[-7])] = parts[-6:]
-    return found
+from ._output import rows, run
 
 
 def test_batch_scoring_example():
@@ -41,26 +22,6 @@ def test_async_service_example():
     assert out[("recommender", "preprocess/fetch")][0] == "300"
     assert out[("chat", "-")][0] == "2"
     assert out[("chat", "decode")][0] == "10"
-
-
-def test_demo_prints_both_models_and_stages():
-    text = run("-m", "inferscope.cli", "demo", "--seconds", "1", "--threads", "2")
-    out = rows(text)
-    assert int(out[("demo-fraud", "-")][0]) > 10
-    assert int(out[("demo-fraud", "infer/layer1")][0]) > 10
-    assert int(out[("demo-ranker", "queue")][0]) > 10
-    assert "dropped records: none" in text
-    assert "no exporter configured" in text
-
-
-def test_doctor_reports_every_counter_and_the_cost_of_each_set():
-    text = run("-m", "inferscope.cli", "doctor", "--calls", "500")
-    for name in ("thread_cpu", "rusage", "perf", "rss", "python_heap", "cuda_memory"):
-        assert f"  {name} " in text
-    costs = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  ")}
-    for counter_set in ("minimal", "default", "full"):
-        assert float(costs[counter_set][-1]) > 0  # the stage column
-    assert "GPU (NVML)" in text
 
 
 def test_tracing_example_keeps_slow_and_failed_calls_and_nests_the_application_spans():

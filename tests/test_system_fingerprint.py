@@ -328,7 +328,7 @@ def test_cli_env_diff(tmp_path):
     before.write_text(first.stdout)
     after.write_text(second.stdout)
     result = cli("env", "--diff", str(before), str(after))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # as diff does: they differ
     lines = result.stdout.splitlines()
     assert lines[0] == f"{before} -> {after}"
     assert any(line.split()[:2] == ["changed", "fingerprint"] for line in lines)
