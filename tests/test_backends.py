@@ -21,7 +21,7 @@ from inferscope._records import (
     empty_records,
 )
 
-from .conftest import BACKENDS, _native
+from .conftest import BACKENDS, _native, run_python
 
 
 @pytest.fixture(params=BACKENDS)
@@ -315,3 +315,121 @@ def test_same_operations_give_the_same_records_on_both_backends():
         )
     assert results[0] == results[1]
     assert results[0][-1] == (None, "ValueError", 0)
+
+
+# -- Robustness of the contract ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity", [2, 4, 8, 16])
+def test_small_rings_hold_every_slot(impl, capacity):
+    ring = impl.Ring(capacity)
+    assert [ring.push(1, 0, 0, i, 0, 0) for i in range(capacity + 1)] == [True] * capacity + [False]
+    assert drain_ring(ring, capacity)["start_ns"].tolist() == list(range(capacity))
+    assert ring.dropped == 1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda rt: rt.enter(Owner(), 1 << 32), id="enter-key"),
+        pytest.param(lambda rt: rt.enter(Owner(), -1), id="enter-negative-key"),
+        pytest.param(lambda rt: rt.exit(Owner(), None, 1 << 16), id="exit-flags"),
+        pytest.param(lambda rt: rt.exit(Owner(), None, -1), id="exit-negative-flags"),
+        pytest.param(lambda rt: rt.record(1 << 32, None, 0, 0, 0, 0), id="record-key"),
+        pytest.param(lambda rt: rt.record(2, None, 1 << 16, 0, 0, 0), id="record-flags"),
+        pytest.param(lambda rt: rt.use_frame(1 << 32), id="use_frame-key"),
+    ],
+)
+def test_out_of_range_keys_and_flags_raise_instead_of_truncating(env, call):
+    """As Ring.push does: key 2**32 must never become key 0, nor flags 2**16 become 0."""
+    rt, _ = env
+    with pytest.raises(OverflowError):
+        call(rt)
+    assert len(drain(rt)) == 0
+    assert rt.active_depth() == 0
+
+
+def test_set_tracing_rejects_a_bad_ratio_bound_before_reading_anything_else(env):
+    """The bound's OverflowError is raised as is: parent_based is not evaluated with it pending
+    (in C that made the error a SystemError once __bool__ ran Python code)."""
+    import contextvars
+
+    rt, _ = env
+    evaluated = []
+
+    class Truthy:
+        def __bool__(self):
+            evaluated.append(1)
+            return True
+
+    with pytest.raises(OverflowError):
+        rt.set_tracing(contextvars.ContextVar("otel"), "span", -1, Truthy())
+    assert not rt.tracing
+    assert evaluated == []
+
+
+@pytest.mark.c_only
+def test_read_counters_raises_memory_error_when_an_int_cannot_be_made():
+    """Every allocation failure inside read_counters() is a MemoryError, never a tuple with a hole."""
+    if _native is None:
+        pytest.skip("the C extension is not built")
+    result = run_python(
+        """
+        import _testcapi
+        from inferscope._native import read_counters
+        from inferscope._records import COUNTER_RSS, COUNTER_THREAD_CPU
+
+        mask = COUNTER_THREAD_CPU | COUNTER_RSS
+        outcomes = set()
+        for start in range(12):
+            _testcapi.set_nomemory(start, start + 1)
+            try:
+                cpu, values = read_counters(mask)
+            except MemoryError:
+                _testcapi.remove_mem_hooks()
+                outcomes.add("MemoryError")
+                continue
+            _testcapi.remove_mem_hooks()
+            assert isinstance(cpu, int) and all(isinstance(v, int) for v in values), values
+            outcomes.add("ok")
+        print(sorted(outcomes))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['MemoryError', 'ok']"
+
+
+@pytest.mark.c_only
+@pytest.mark.parametrize(
+    "kind, calls",
+    [("tracked", "obj()"), ("stage", "obj.__enter__()|obj.__exit__(None, None, None)|obj(print)")],
+)
+def test_a_tracked_call_or_stage_cleared_by_the_gc_raises_instead_of_crashing(kind, calls):
+    """tp_clear runs on objects that a finalizer can still reach while the collector breaks a cycle."""
+    if _native is None:
+        pytest.skip("the C extension is not built")
+    result = run_python(
+        f"""
+        import ctypes
+        from inferscope import _native
+        from inferscope._keys import KeyRegistry
+
+        registry = KeyRegistry()
+        rt = _native.Runtime(_native.Ring(64), registry)
+        obj = rt.track(lambda: 1, registry.inference_key("m")) if {kind!r} == "tracked" else rt.stage("s")
+        # tp_clear, as the collector calls it (with the GIL held); its offset in PyTypeObject is
+        # the same on 3.10 to 3.13.
+        tp_clear = ctypes.c_void_p.from_address(id(type(obj)) + 24 * ctypes.sizeof(ctypes.c_void_p))
+        assert ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object)(tp_clear.value)(obj) == 0
+        for call in {calls!r}.split("|"):
+            try:
+                eval(call)
+            except ValueError as exc:
+                assert "cleared by the garbage collector" in str(exc), exc
+            else:
+                raise AssertionError(call + " did not raise")
+        print("raised", repr(obj))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("raised <inferscope")

@@ -131,7 +131,7 @@ class Ring:
         return len(self._queue)
 
     def push(self, key: int, error: int, flags: int, start_ns: int, wall_ns: int, cpu_ns: int, /) -> bool:
-        if key < 0 or key > 0xFFFFFFFF or error < 0 or error > 0xFFFF or flags < 0 or flags > 0xFFFF:
+        if key < 0 or key > _U32 or error < 0 or error > _U16 or flags < 0 or flags > _U16:
             raise OverflowError("key must fit 32 bits, error and flags 16 bits")
         return self._push((key, error, flags, start_ns, wall_ns, cpu_ns))
 
@@ -274,6 +274,14 @@ def read_counters(mask: int, /) -> tuple[int, tuple[int, ...]]:
 
 
 _ROOT_OWNER = object()
+_U32 = 0xFFFFFFFF
+_U16 = 0xFFFF
+
+
+def _check_field(value: int, limit: int, what: str) -> None:
+    """A record's key or flags must fit its field, as in ``Ring.push``: never truncated into another."""
+    if not 0 <= value <= limit:
+        raise OverflowError(f"{what} must fit {limit.bit_length()} bits, got {value}")
 
 
 # random's generator is reseeded in a forked child, so a child never repeats its parent's ids.
@@ -730,6 +738,7 @@ class Runtime:
         trace: tuple[int, ...] | None = None,
         /,
     ) -> None:
+        _check_field(key, _U32, "key")
         if not self.enabled:
             return
         try:
@@ -763,6 +772,8 @@ class Runtime:
         self._var.set(top)
 
     def exit(self, owner: object, exc_type: type[BaseException] | None, flags: int = 0, /) -> None:
+        if flags:
+            _check_field(flags, _U16, "flags")
         if not self.enabled:
             return
         end_ns = monotonic_ns()
@@ -800,6 +811,8 @@ class Runtime:
         trace: tuple[int, ...] | None = None,
         /,
     ) -> None:
+        _check_field(key, _U32, "key")
+        _check_field(flags, _U16, "flags")
         if not self.enabled:
             return
         try:
@@ -826,6 +839,7 @@ class Runtime:
         return top[_KEY] if top is not None else NO_MODEL_KEY
 
     def use_frame(self, root_key: int, trace: tuple[int, ...] | None = None, /) -> None:
+        _check_field(root_key, _U32, "key")
         self._var.set([_ROOT_OWNER, int(root_key), None, 0, self._generation, 0, -1, 0, None, trace])
 
     def active_depth(self) -> int:

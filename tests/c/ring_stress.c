@@ -37,8 +37,38 @@ static void *produce(void *arg)
     return NULL;
 }
 
+/* Every small capacity, single-threaded: each slot is written, one record is dropped, and every
+ * record comes back. Under ASan this also checks that the slot array's size is one aligned_alloc
+ * accepts. */
+static int small_rings(void)
+{
+    int failures = 0;
+    for (uint64_t capacity = 2; capacity <= 1024; capacity *= 2) {
+        inferscope_ring small;
+        if (!inferscope_ring_init(&small, capacity)) {
+            fprintf(stderr, "allocation failed at capacity %llu\n", (unsigned long long)capacity);
+            return failures + 1;
+        }
+        inferscope_record rec = {0};
+        for (uint64_t i = 0; i <= capacity; i++) {
+            rec.start_ns = (int64_t)i;
+            inferscope_ring_push(&small, &rec);
+        }
+        inferscope_record out[1024];
+        size_t n = inferscope_ring_drain(&small, out, 1024);
+        if (n != capacity || atomic_load(&small.dropped) != 1 || out[capacity - 1].start_ns != (int64_t)capacity - 1) {
+            fprintf(stderr, "capacity %llu: drained %zu, dropped %llu\n", (unsigned long long)capacity, n,
+                    (unsigned long long)atomic_load(&small.dropped));
+            failures++;
+        }
+        inferscope_ring_free(&small);
+    }
+    return failures;
+}
+
 int main(void)
 {
+    int small_failures = small_rings();
     if (!inferscope_ring_init(&ring, CAPACITY)) {
         fprintf(stderr, "allocation failed\n");
         return 2;
@@ -53,7 +83,7 @@ int main(void)
         last[i] = -1;
     }
     inferscope_record batch[256];
-    int failures = 0;
+    int failures = small_failures;
     for (;;) {
         int done = atomic_load_explicit(&producers_done, memory_order_acquire) == PRODUCERS;
         size_t n = inferscope_ring_drain(&ring, batch, 256);

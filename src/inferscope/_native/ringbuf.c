@@ -752,6 +752,16 @@ static inline void error_put_back(SavedError *s)
 #endif
 }
 
+/* A Tracked or Stage whose references the garbage collector cleared (tp_clear) while breaking a
+ * cycle can still be reached from a finalizer: it raises, as wrapt's C wrapper does, instead of
+ * following a NULL pointer. */
+static PyObject *cleared_error(PyObject *self)
+{
+    PyErr_Format(PyExc_ValueError, "%s was cleared by the garbage collector and can no longer be used",
+                 Py_TYPE(self)->tp_name);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Tracked: the sync @track_inference wrapper                                                 */
 
@@ -771,6 +781,9 @@ static PyObject *Tracked_vectorcall(PyObject *callable, PyObject *const *args, s
 {
     TrackedObject *self = (TrackedObject *)callable;
     RuntimeObject *rt = self->runtime;
+    if (rt == NULL || self->func == NULL) {
+        return cleared_error(callable);
+    }
     if (!rt->enabled) {
         return PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     }
@@ -839,6 +852,9 @@ static PyObject *Tracked_descr_get(PyObject *self, PyObject *obj, PyObject *type
 
 static PyObject *Tracked_repr(TrackedObject *self)
 {
+    if (self->func == NULL) {
+        return PyUnicode_FromString("<inferscope tracked (cleared)>");
+    }
     return PyUnicode_FromFormat("<inferscope tracked %R>", self->func);
 }
 
@@ -979,6 +995,9 @@ static uint32_t stage_key(StageObject *s, uint32_t parent)
 static PyObject *Stage_enter(StageObject *self, PyObject *Py_UNUSED(ignored))
 {
     RuntimeObject *rt = self->runtime;
+    if (rt == NULL) {
+        return cleared_error((PyObject *)self);
+    }
     if (rt->enabled) {
         FrameObject *f = current_frame(rt);
         if (f == NULL) {
@@ -1001,6 +1020,9 @@ static PyObject *Stage_enter(StageObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *Stage_exit(StageObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     RuntimeObject *rt = self->runtime;
+    if (rt == NULL) {
+        return cleared_error((PyObject *)self);
+    }
     if (rt->enabled) {
         EndClocks c;
         read_end_clocks(rt, &c);
@@ -1019,6 +1041,9 @@ static PyObject *Stage_exit(StageObject *self, PyObject *const *args, Py_ssize_t
 
 static PyObject *Stage_call(StageObject *self, PyObject *args, PyObject *kwargs)
 {
+    if (self->runtime == NULL) {
+        return cleared_error((PyObject *)self);
+    }
     if (self->runtime->decorate == NULL || self->runtime->decorate == Py_None) {
         PyErr_SetString(PyExc_TypeError, "stage objects are not callable here");
         return NULL;
@@ -1309,6 +1334,22 @@ static PyObject *Runtime_stage(RuntimeObject *self, PyObject *const *args, size_
     return timed;
 }
 
+/* A record's key (32 bits) or flags (16 bits) from a Python int; -1 with OverflowError set when it
+ * does not fit, as Ring.push() does, instead of truncating it into another key. */
+static int uint_field(PyObject *value, uint64_t max, const char *what, uint64_t *out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v > max) {
+        PyErr_Format(PyExc_OverflowError, "%s must fit %d bits, got %llu", what, max == UINT32_MAX ? 32 : 16, v);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 /* enter(owner, key, stash=None, trace=None): open an entry; then reopen the entries that a
  * previous exit_segment(owner) stashed (the stages a generator was inside when it yielded). A
  * `trace` from exit_segment() gives the entry back its span: a generator is one span however
@@ -1329,15 +1370,15 @@ static PyObject *Runtime_enter(RuntimeObject *self, PyObject *const *args, Py_ss
         PyErr_SetString(PyExc_TypeError, "trace must be None or what exit_segment() returned");
         return NULL;
     }
-    if (!runtime_ready(self) || !self->enabled) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
-    }
-    unsigned long key = PyLong_AsUnsignedLong(args[1]);
-    if (PyErr_Occurred()) {
+    uint64_t key;
+    if (uint_field(args[1], UINT32_MAX, "key", &key) < 0) {
         return NULL;
+    }
+    if (!runtime_ready(self)) {
+        return NULL;
+    }
+    if (!self->enabled) {
+        Py_RETURN_NONE;
     }
     FrameObject *f = current_frame(self);
     if (f == NULL) {
@@ -1381,8 +1422,8 @@ static PyObject *Runtime_exit(RuntimeObject *self, PyObject *const *args, Py_ssi
     if (!runtime_ready(self)) {
         return NULL;
     }
-    long flags = nargs == 3 ? PyLong_AsLong(args[2]) : 0;
-    if (flags == -1 && PyErr_Occurred()) {
+    uint64_t flags = 0;
+    if (nargs == 3 && uint_field(args[2], UINT16_MAX, "flags", &flags) < 0) {
         return NULL;
     }
     if (!self->enabled) {
@@ -1480,8 +1521,10 @@ static PyObject *Runtime_record(RuntimeObject *self, PyObject *const *args, Py_s
         return NULL;
     }
     inferscope_record rec = {0};
-    unsigned long key = PyLong_AsUnsignedLong(args[0]);
-    long flags = PyLong_AsLong(args[2]);
+    uint64_t key, flags;
+    if (uint_field(args[0], UINT32_MAX, "key", &key) < 0 || uint_field(args[2], UINT16_MAX, "flags", &flags) < 0) {
+        return NULL;
+    }
     rec.start_ns = PyLong_AsLongLong(args[3]);
     rec.wall_ns = PyLong_AsLongLong(args[4]);
     rec.cpu_ns = PyLong_AsLongLong(args[5]);
@@ -1533,8 +1576,8 @@ static PyObject *Runtime_use_frame(RuntimeObject *self, PyObject *const *args, P
         PyErr_SetString(PyExc_TypeError, "trace must be None or what current_trace() returned");
         return NULL;
     }
-    unsigned long key = PyLong_AsUnsignedLong(args[0]);
-    if (PyErr_Occurred()) {
+    uint64_t key;
+    if (uint_field(args[0], UINT32_MAX, "key", &key) < 0) {
         return NULL;
     }
     FrameObject *f = new_frame(self, (uint32_t)key);
@@ -1626,8 +1669,11 @@ static PyObject *Runtime_set_tracing(RuntimeObject *self, PyObject *const *args,
         return NULL;
     }
     unsigned long long bound = PyLong_AsUnsignedLongLong(args[2]);
+    if (bound == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
     int parent_based = PyObject_IsTrue(args[3]);
-    if (PyErr_Occurred() || parent_based < 0) {
+    if (parent_based < 0) {
         return NULL;
     }
     Py_XSETREF(self->trace_var, Py_NewRef(args[0]));
@@ -1913,7 +1959,12 @@ static PyObject *mod_read_counters(PyObject *module, PyObject *arg)
         return NULL;
     }
     for (int i = 0; i < INFERSCOPE_COUNTER_SLOTS; i++) {
-        PyTuple_SET_ITEM(values, i, PyLong_FromLongLong(counters[i]));
+        PyObject *value = PyLong_FromLongLong(counters[i]);
+        if (value == NULL) {
+            Py_DECREF(values);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(values, i, value);
     }
     return Py_BuildValue("LN", (long long)cpu, values);
 }

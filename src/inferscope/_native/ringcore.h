@@ -48,10 +48,15 @@ _Static_assert(offsetof(inferscope_record, trace_hi) == 136, "record layout chan
 _Static_assert(offsetof(inferscope_record, start_ns) == 8, "record layout changed: update _records.py");
 _Static_assert(offsetof(inferscope_record, counters) == 32, "record layout changed: update _records.py");
 
+/* A slot is padded to a whole number of 64-byte cache lines (192 bytes): a producer writing one
+ * slot never shares a line with the slot next to it, and capacity * sizeof(slot) is a multiple of
+ * 64, which aligned_alloc requires of its size (C11 7.22.3.1; ASan aborts on anything else). */
 typedef struct {
-    _Atomic uint64_t seq;
+    _Alignas(64) _Atomic uint64_t seq;
     inferscope_record rec;
 } inferscope_slot;
+
+_Static_assert(sizeof(inferscope_slot) % 64 == 0, "a slot must fill whole cache lines");
 
 typedef struct {
     /* Producers hammer `tail`; the consumer owns `head`. Separate cache lines avoid false sharing. */
