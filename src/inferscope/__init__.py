@@ -15,6 +15,7 @@ from ._pipeline import configure, current_settings, prometheus_port, shutdown, s
 from .aggregate import Snapshot, StatsRow
 from .config import ConfigError, Settings
 from .counters import counters_status
+from .detector import Regression, regressions
 from .system import environment
 from .tracking import bind, stage, track_inference
 
@@ -24,6 +25,7 @@ __all__ = [
     "BACKEND_REASON",
     "ConfigError",
     "KeyInfo",
+    "Regression",
     "Settings",
     "Snapshot",
     "StatsRow",
@@ -35,6 +37,7 @@ __all__ = [
     "current_settings",
     "environment",
     "prometheus_port",
+    "regressions",
     "shutdown",
     "snapshot",
     "stage",

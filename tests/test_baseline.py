@@ -1,0 +1,129 @@
+"""Baselines: figures pooled from windows, and the versioned JSON format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from inferscope.aggregate import Histogram
+from inferscope.baseline import (
+    BASELINE_FORMAT,
+    Baseline,
+    BaselineFormatError,
+    load_baselines,
+    mad_noise,
+    save_baselines,
+)
+from inferscope.windows import SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
+
+
+def windows(count: int = 6, seed: int = 0) -> list[Window]:
+    rng = np.random.default_rng(seed)
+    result = []
+    for i in range(count):
+        infer = rng.lognormal(np.log(0.008), 0.2, 100)
+        pre = rng.lognormal(np.log(0.002), 0.2, 100)
+        keys = (
+            KeyWindow(
+                "fraud",
+                "1" if i < 3 else "2",
+                None,
+                100,
+                1,
+                Histogram.of(infer + pre),
+                float((infer + pre).sum()),
+                float((infer + pre).sum()) * 0.9,
+                float((infer + pre).sum()),
+                process_cpu_seconds=float((infer + pre).sum()) * 1.5,
+                counters={"involuntary_switches": 20.0},
+                size_sum=3200.0,
+                size_count=100,
+            ),
+            KeyWindow("fraud", "1", "infer", 100, 0, Histogram.of(infer), float(infer.sum())),
+            KeyWindow("other", "1", None, 5, 0, Histogram.of([0.1] * 5), 0.5),
+        )
+        process = ProcessWindow(
+            rss_bytes=100e6 + i,
+            canary_wall_seconds=1e-4 * (1 + 0.01 * i),
+            canary_cpu_seconds=1e-4,
+            canary_runs=2,
+            throttled_seconds=0.1,
+            cpu_model="Test CPU",
+            cpu_count=2.0,
+            fingerprint="abcd",
+        )
+        result.append(Window("svc", 100.0 + i, 101.0 + i, process, keys))
+    return result
+
+
+def test_figures_pool_every_window_of_the_model():
+    base = Baseline.from_windows("fraud", windows(), environment={"fingerprint": "abcd", "packages": {}})
+    assert base.versions == ("1", "2")
+    assert (base.start_unix, base.end_unix, base.window_seconds) == (100.0, 106.0, 1.0)
+    inference = base.stage(None)
+    assert inference is not None and base.stage("infer") is not None
+    assert inference.count == 600 and inference.errors == 6 and inference.windows == 6
+    assert inference.quantiles["p50"] == pytest.approx(0.0101, rel=0.1)
+    assert inference.cpu_per_call == pytest.approx(inference.mean_seconds * 0.9)
+    assert inference.process_cpu_per_call == pytest.approx(inference.mean_seconds * 1.5)
+    assert inference.counters_per_call == {"involuntary_switches": 0.2}
+    assert inference.size_per_call == 32.0
+    assert inference.calls_per_second == 100.0
+    assert 0 < inference.window_quantile_noise < 0.2 * inference.window_quantile
+    assert base.stage("infer").cpu_per_call is None  # not measured
+    assert base.process.throttled_fraction == pytest.approx(0.1)
+    assert base.process.canary_wall_seconds == pytest.approx(1.025e-4)
+    assert base.fingerprint == "abcd" and base.environment == {"fingerprint": "abcd", "packages": {}}
+
+
+def test_environment_of_another_fingerprint_is_not_kept():
+    base = Baseline.from_windows("fraud", windows(), environment={"fingerprint": "other"})
+    assert base.environment is None
+
+
+def test_no_window_of_the_model():
+    with pytest.raises(ValueError, match="no window holds a call of model 'nope'"):
+        Baseline.from_windows("nope", windows())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    base = Baseline.from_windows("fraud", windows())
+    other = Baseline.from_windows("other", windows(seed=2))
+    path = tmp_path / "baseline.json"
+    save_baselines(path, [base, other])
+    document = json.loads(path.read_text())
+    assert document["format"] == BASELINE_FORMAT and document["schema_version"] == SCHEMA_VERSION
+    loaded = load_baselines(path)
+    assert [b.model for b in loaded] == ["fraud", "other"]
+    assert loaded[0].source == "file"
+    assert loaded[0].stages == base.stages
+    assert loaded[0].process == base.process
+    assert load_baselines(path, source=None)[0].source == "anchor"
+
+
+def test_wrong_schema_version_and_format_say_what_to_do(tmp_path):
+    path = tmp_path / "b.json"
+    save_baselines(path, [Baseline.from_windows("fraud", windows())])
+    document = json.loads(path.read_text())
+    document["schema_version"] = SCHEMA_VERSION + 1
+    path.write_text(json.dumps(document))
+    with pytest.raises(BaselineFormatError, match="upgrade inferscope"):
+        load_baselines(path)
+    path.write_text(json.dumps({"fingerprint": "x"}))
+    with pytest.raises(BaselineFormatError, match="not an inferscope baseline file"):
+        load_baselines(path)
+    path.write_text("{not json")
+    with pytest.raises(BaselineFormatError, match="is not JSON"):
+        load_baselines(path)
+    document["schema_version"] = SCHEMA_VERSION
+    del document["baselines"][0]["stages"][0]["count"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(BaselineFormatError, match=r"baselines\[0\].*malformed"):
+        load_baselines(path)
+
+
+def test_mad_noise_ignores_outliers():
+    assert mad_noise([1.0, 1.0, 1.0, 1.0, 100.0]) == 0.0
+    assert mad_noise([1.0, 2.0]) == 0.0
