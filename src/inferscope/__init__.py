@@ -12,14 +12,13 @@
 from ._backend import BACKEND_REASON, backend
 from ._keys import KeyInfo
 from ._pipeline import configure, current_settings, prometheus_port, shutdown, snapshot
+from ._version import __version__
 from .aggregate import Snapshot, StatsRow
 from .config import ConfigError, Settings
 from .counters import counters_status
 from .detector import Regression, regressions
 from .system import environment
 from .tracking import bind, stage, track_inference
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_REASON",

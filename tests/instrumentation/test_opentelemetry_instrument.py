@@ -27,7 +27,6 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from packaging.requirements import Requirement
 
 import inferscope
 from inferscope import _pipeline, otel_distro
@@ -222,11 +221,6 @@ def test_the_zero_code_example_records_both_models(tmp_path: Path) -> None:
 # --- packaging -----------------------------------------------------------------------------------
 
 
-def _specifiers(requirements: list[str]) -> set[tuple[str, str]]:
-    parsed = [Requirement(text) for text in requirements]
-    return {(req.name, str(req.specifier)) for req in parsed}
-
-
 #: Every instrumentor: entry point name -> (subpackage of inferscope.instrumentation, class name).
 INSTRUMENTORS = {
     "inferscope_sklearn": ("sklearn", "SklearnInstrumentor"),
@@ -250,18 +244,19 @@ def test_every_instrumentation_subpackage_is_registered() -> None:
     assert subpackages == {package for package, _ in INSTRUMENTORS.values()}
 
 
-def test_instruments_any_extra_matches_the_package_files() -> None:
-    extra = [
-        text
-        for text in distribution("inferscope").requires or []
-        if Requirement(text).marker is not None
-        and Requirement(text).marker.evaluate({"extra": "instruments-any"})  # type: ignore[union-attr]
-    ]
-    declared = []
-    for package in sorted({package for package, _ in INSTRUMENTORS.values()}):
-        module = importlib.import_module(f"inferscope.instrumentation.{package}.package")
-        declared += [*module._instruments, *module._instruments_any]
-    assert _specifiers(extra) == _specifiers(declared)
+def test_the_distribution_offers_no_instruments_extra_and_each_instrumentor_checks_its_own() -> None:
+    from opentelemetry.instrumentation.dependencies import get_dist_dependency_conflicts
+
+    dist = distribution("inferscope-sdk")
+    # Nothing a user could install by mistake: no extra pulls every framework.
+    assert not [extra for extra in dist.metadata.get_all("Provides-Extra") or [] if "instruments" in extra]
+    assert not [text for text in dist.requires or [] if "instruments" in text]
+    # So opentelemetry-instrument's distribution-wide check passes and loads every instrumentor...
+    assert get_dist_dependency_conflicts(dist) is None
+    # ... each of which declares the frameworks it checks itself.
+    for package, class_name in INSTRUMENTORS.values():
+        instrumentor = getattr(importlib.import_module(f"inferscope.instrumentation.{package}"), class_name)
+        assert instrumentor._instruments or instrumentor._instruments_any, class_name
 
 
 def test_entry_points_load_the_instrumentors_and_hooks() -> None:

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import bisect
-import importlib.metadata
 import logging
 import re
 import threading
@@ -149,10 +148,9 @@ _AttributesKey = tuple[tuple[str, "str | bool"], ...]
 
 
 def _scope_version() -> str:
-    try:
-        return importlib.metadata.version("inferscope")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0+unknown"
+    from .._version import __version__
+
+    return __version__
 
 
 def _check_boundaries(boundaries: Sequence[float]) -> list[float]:

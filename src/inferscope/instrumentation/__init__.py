@@ -708,8 +708,9 @@ class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if self._patches is not None:  # called directly, twice: keep the first instrumentation
             return
         options, extra = self._parse_options(kwargs)
-        # Under opentelemetry-instrument the distribution-wide check ("instruments-any") passed
-        # for at least one framework, and the per-instrumentor check was skipped; do it here.
+        # opentelemetry-instrument skips this check (skip_dep_check) after its distribution-wide
+        # one, which finds no "instruments" requirements in inferscope-sdk and so loads every
+        # instrumentor: each checks its own framework here.
         conflict = self._check_dependency_conflicts()
         if conflict is not None:
             message = conflict._format_message(type(self).__name__)

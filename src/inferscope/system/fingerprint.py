@@ -300,12 +300,9 @@ def _safe(section: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
 
 
 def _inferscope_version() -> str:
-    try:
-        return importlib.metadata.version("inferscope")
-    except importlib.metadata.PackageNotFoundError:
-        from .. import __version__
+    from .._version import __version__
 
-        return __version__
+    return __version__
 
 
 def fingerprint(env: Mapping[str, Any] | None = None) -> str:

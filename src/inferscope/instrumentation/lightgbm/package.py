@@ -1,5 +1,4 @@
-"""The lightgbm versions this instrumentation supports. The same specifier is in the
-``instruments-any`` extra of the inferscope distribution."""
+"""The lightgbm versions this instrumentation supports."""
 
 _instruments: tuple[str, ...] = ("lightgbm >= 4.0",)
 _instruments_any: tuple[str, ...] = ()

@@ -1,6 +1,5 @@
 """The onnxruntime versions this instrumentation supports, in any of its distributions (the CPU
-package or the CUDA one). The same specifiers are in the ``instruments-any`` extra of the
-inferscope distribution."""
+package or the CUDA one)."""
 
 _instruments_onnxruntime = "onnxruntime >= 1.16"
 _instruments_onnxruntime_gpu = "onnxruntime-gpu >= 1.16"

@@ -1,7 +1,6 @@
 """The TensorFlow and Keras versions this instrumentation supports. TensorFlow comes as either of two
 distributions (``tensorflow``, or ``tensorflow-cpu``, which has no CUDA support; both provide the
-``tensorflow`` module). The same specifiers are in the ``instruments-any`` extra of the inferscope
-distribution.
+``tensorflow`` module).
 
 TensorFlow 2.18 is the first release that installs beside inferscope: earlier ones require
 protobuf < 5, and the OTLP exporters inferscope depends on (opentelemetry-proto >= 1.30) require

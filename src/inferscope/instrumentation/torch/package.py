@@ -1,5 +1,4 @@
-"""The torch versions this instrumentation supports. The same specifier is in the ``instruments-any``
-extra of the inferscope distribution.
+"""The torch versions this instrumentation supports.
 
 2.3 is the first release with ``torch.compiler.is_compiling()``, which the wrapper asks first so that
 ``torch.compile`` and ``torch.export`` trace straight through it."""

@@ -1,5 +1,4 @@
-"""The transformers versions this instrumentation supports. The same specifiers are in the
-``instruments-any`` extra of the inferscope distribution.
+"""The transformers versions this instrumentation supports.
 
 torch is required too: pipelines and ``generate()`` run PyTorch models (transformers 5 supports no
 other framework), and a pipeline's streamed output is transformers' ``PipelineIterator``, which is

@@ -1,6 +1,5 @@
 """The xgboost versions this instrumentation supports, in either of its distributions (``xgboost``,
-or ``xgboost-cpu``, which has no CUDA libraries; both provide the ``xgboost`` module). The same
-specifiers are in the ``instruments-any`` extra of the inferscope distribution."""
+or ``xgboost-cpu``, which has no CUDA libraries; both provide the ``xgboost`` module)."""
 
 _instruments_xgboost = "xgboost >= 2.0"
 _instruments_xgboost_cpu = "xgboost-cpu >= 2.1"
