@@ -32,10 +32,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .baseline import MIN_WINDOW_CALLS, Baseline, KeyFigures, ProcessFigures, StageBaseline
 from .windows import Window
+
+if TYPE_CHECKING:
+    from .history import HistoryStore
 
 __all__ = [
     "CAUSES",
@@ -161,16 +164,6 @@ class DetectorSettings:
         return f"p{self.quantile * 100:g}"
 
 
-class RecorderLike(Protocol):
-    """What the detector asks of the flight recorder (recorder.py); every method may be missing."""
-
-    def load_baseline(self, model: str) -> Baseline | None: ...
-
-    def save_baseline(self, baseline: Baseline) -> None: ...
-
-    def save_regression(self, regression: Regression) -> None: ...
-
-
 @dataclass
 class _Open:
     regression: Regression
@@ -248,15 +241,14 @@ class Detector:
         self,
         settings: DetectorSettings | None = None,
         *,
-        recorder: Any = None,
+        store: HistoryStore | None = None,
         environment: Callable[[], Mapping[str, Any]] | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings or DetectorSettings()
-        self._recorder = recorder
+        self.store = store
         self._environment = environment
         self._environment_cache: Mapping[str, Any] | None = None
-        self._clock = clock
+        self._service = ""
         self._lock = threading.Lock()
         keep = max(3.0 * self.settings.sustain_seconds, 4 * self.settings.window_seconds)
         self._history: deque[Window] = deque(
@@ -308,7 +300,7 @@ class Detector:
             self._anchor_loaded.add(baseline.model)
             self._anchor_windows.pop(baseline.model, None)
         if save:
-            self._record("save_baseline", baseline)
+            self._stored("save_baseline", baseline)
 
     def windows(self) -> list[Window]:
         """The windows in memory, oldest first."""
@@ -329,6 +321,7 @@ class Detector:
 
     def _on_window(self, window: Window) -> None:
         self.windows_seen += 1
+        self._service = window.service
         self._history.append(window)
         models = sorted({k.model for k in window.keys})
         for model in models:
@@ -339,15 +332,16 @@ class Detector:
         self._evaluate_memory(window)
         self._publish()
 
-    def _record(self, method: str, item: Any) -> None:
-        call = getattr(self._recorder, method, None)
-        if call is None:
-            return
+    def _stored(self, method: str, *args: Any) -> Any:
+        """Call ``self.store.<method>(*args)``; None without a store or when it failed."""
+        if self.store is None:
+            return None
         try:
-            call(item)
+            return getattr(self.store, method)(*args)
         except Exception:
             self.errors += 1
             _logger.debug("inferscope: the flight recorder's %s failed", method, exc_info=True)
+            return None
 
     def _current_environment(self) -> Mapping[str, Any] | None:
         if self._environment is None:
@@ -364,18 +358,19 @@ class Detector:
             return
         if model not in self._anchor_loaded:
             self._anchor_loaded.add(model)
-            loader = getattr(self._recorder, "load_baseline", None)
-            if loader is not None:
-                try:
-                    stored = loader(model)
-                except Exception:
-                    stored = None
-                    self.errors += 1
-                if isinstance(stored, Baseline):
-                    self._anchors[model] = stored
-                    return
-        collected = self._anchor_windows.setdefault(model, [])
-        collected.append(window)
+            stored = self._stored("load_anchor", window.service, model)
+            if isinstance(stored, Baseline):
+                self._anchors[model] = stored
+                _logger.info("inferscope: the anchor baseline of model %r is the stored one", model)
+                return
+        # The first baseline_seconds of the model's history, whichever process recorded them (the
+        # recorder holds this window already); in memory alone without a recorder.
+        recorded = self._stored("first_windows", window.service, model, self.settings.baseline_seconds)
+        if recorded:
+            collected = list(recorded)
+        else:
+            collected = self._anchor_windows.setdefault(model, [])
+            collected.append(window)
         covered = collected[-1].end_unix - collected[0].start_unix
         if covered + 1e-6 < self.settings.baseline_seconds:
             return
@@ -383,9 +378,9 @@ class Detector:
         anchor = Baseline.from_windows(
             model, collected, source="anchor", quantile=self.settings.quantile, environment=environment
         )
-        del self._anchor_windows[model]
+        self._anchor_windows.pop(model, None)
         self._anchors[model] = anchor
-        self._record("save_baseline", anchor)
+        self._stored("save_baseline", anchor)
         _logger.info(
             "inferscope: anchor baseline of model %r taken over %.0f s (%d windows)",
             model,
@@ -401,18 +396,13 @@ class Detector:
         if cached is not None and now - cached[0] < refresh:
             return cached[1]
         reference: Baseline | None = None
-        reader = getattr(self._recorder, "read_windows", None)
-        if reader is not None:
-            try:
-                day_ago = list(
-                    reader(model=model, start_unix=now - _DAY - _HOUR / 2, end_unix=now - _DAY + _HOUR / 2)
-                )
-                if len(day_ago) >= 3:
-                    reference = Baseline.from_windows(
-                        model, day_ago, source="rolling", quantile=self.settings.quantile
-                    )
-            except Exception:
-                self.errors += 1
+        day_ago = self._stored(
+            "windows", self._service, model, now - _DAY - _HOUR / 2, now - _DAY + _HOUR / 2
+        )
+        if day_ago and len(day_ago) >= 3:
+            reference = Baseline.from_windows(
+                model, day_ago, source="rolling", quantile=self.settings.quantile
+            )
         if reference is None:
             sustain = self.settings.sustain_seconds
             trailing = [
@@ -574,7 +564,7 @@ class Detector:
             active=True,
         )
         track.opened = _Open(regression)
-        self._record("save_regression", regression)
+        self._stored("save_regression", self._service, regression)
         _log_regression(regression, opened=True)
 
     def _update_open(
@@ -618,7 +608,7 @@ class Detector:
         track.opened = None
         track.since, track.hits, track.misses = None, 0, 0
         self._closed.appendleft(regression)
-        self._record("save_regression", regression)
+        self._stored("save_regression", self._service, regression)
         _log_regression(regression, opened=False)
 
     def _version(self, span: Sequence[Window], model: str) -> str | None:
@@ -989,14 +979,12 @@ class Detector:
         """The packages, BLAS, driver and Python that differ from the anchor's environment."""
         from .system.fingerprint import diff
 
-        now = self._current_environment()
         then = anchor.environment
-        loader = getattr(self._recorder, "load_environment", None)
-        if then is None and loader is not None and anchor.fingerprint:
-            try:
-                then = loader(anchor.fingerprint)
-            except Exception:
-                then = None
+        if then is None and anchor.fingerprint:
+            then = self._stored("environment", anchor.fingerprint)
+        now = self._stored("environment", fingerprint_now)
+        if now is None:
+            now = self._current_environment()
         if now is None or then is None or now.get("fingerprint") != fingerprint_now:
             return []
         names = []
@@ -1132,7 +1120,7 @@ class Detector:
             active=True,
         )
         track.opened = _Open(regression)
-        self._record("save_regression", regression)
+        self._stored("save_regression", self._service, regression)
         _log_regression(regression, opened=True)
 
     def _heap_stage(
