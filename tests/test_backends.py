@@ -433,3 +433,46 @@ def test_a_tracked_call_or_stage_cleared_by_the_gc_raises_instead_of_crashing(ki
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("raised <inferscope")
+
+
+@pytest.mark.c_only
+def test_a_frame_keeps_its_context_alive_so_a_reused_address_never_owns_it():
+    """A frame is owned by a Context held by reference: a freed Context's address, reused by a
+    copy (CPython keeps a free list of them), must not make the copy the owner."""
+    if _native is None:
+        pytest.skip("the C extension is not built")
+    import contextvars
+    import gc
+
+    registry = KeyRegistry()
+    rt = _native.Runtime(_native.Ring(64), registry)
+    owner = Owner()
+    first = contextvars.Context()
+    first.run(rt.enter, owner, registry.inference_key("m"))
+    copy = first.copy()
+    (frame,) = [value for value in copy.values() if isinstance(value, _native.Frame)]
+    assert gc.is_tracked(frame) and any(ref is first for ref in gc.get_referents(frame))
+    del first
+    reused = copy.copy()
+    assert reused.run(rt.active_depth) == 0
+    assert copy.run(rt.active_depth) == 0
+
+
+@pytest.mark.c_only
+def test_frames_and_their_contexts_are_collected():
+    if _native is None:
+        pytest.skip("the C extension is not built")
+    import contextvars
+    import gc
+
+    registry = KeyRegistry()
+    rt = _native.Runtime(_native.Ring(64), registry)
+
+    def frames():
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, _native.Frame))
+
+    before = frames()
+    for _ in range(200):
+        contextvars.Context().run(rt.current_key)
+    assert frames() == before

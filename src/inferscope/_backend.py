@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from types import ModuleType
+
+from ._contract import Backend
 
 _logger = logging.getLogger("inferscope")
 
 
-def _select() -> tuple[ModuleType, str, str]:
+def _select() -> tuple[Backend, str, str]:
     if os.environ.get("INFERSCOPE_NO_EXTENSION", "").strip() not in ("", "0"):
         from . import _purepy
 
@@ -31,6 +32,7 @@ def _select() -> tuple[ModuleType, str, str]:
     return _native, "c", "the C extension is built and enabled"
 
 
+# Annotated with the contract, so that mypy checks both backend modules against it.
 impl, BACKEND, BACKEND_REASON = _select()
 
 Ring = impl.Ring

@@ -7,9 +7,10 @@ They exist from import on, so ``@track_inference`` works before (and without) ``
 from __future__ import annotations
 
 from ._backend import Ring, Runtime
+from ._contract import RuntimeContract
 from ._keys import KeyRegistry
 
 DEFAULT_RING_CAPACITY = 65536
 
 REGISTRY = KeyRegistry()
-RUNTIME = Runtime(Ring(DEFAULT_RING_CAPACITY), REGISTRY)
+RUNTIME: RuntimeContract = Runtime(Ring(DEFAULT_RING_CAPACITY), REGISTRY)

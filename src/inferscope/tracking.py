@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
 from ._backend import monotonic_ns
+from ._contract import RuntimeContract
 from ._keys import ERROR_TYPE, MODEL_NAME, MODEL_VERSION, OVERFLOW_ATTRIBUTE, STAGE_NAME
 from ._records import FLAG_ABANDONED
 from ._runtime import REGISTRY, RUNTIME
@@ -150,8 +151,10 @@ def _wrap(func: Any, model: str | None, version: str | None, attributes: dict[st
     return wrapper
 
 
-def _track_coroutine(func: Callable[..., Any], key: int) -> Callable[..., Any]:
-    enter, exit_ = RUNTIME.enter, RUNTIME.exit
+def _track_coroutine(
+    func: Callable[..., Any], key: int, runtime: RuntimeContract = RUNTIME
+) -> Callable[..., Any]:
+    enter, exit_ = runtime.enter, runtime.exit
 
     async def tracked(*args: Any, **kwargs: Any) -> Any:
         # The entry lives in the frame of the awaiting task, so it spans every await of this call.
@@ -194,14 +197,18 @@ class _Segments:
         else:
             self.cpu_ns += cpu_ns
 
-    def record(self, key: int, exc_type: type[BaseException] | None, flags: int) -> None:
+    def record(
+        self, runtime: RuntimeContract, key: int, exc_type: type[BaseException] | None, flags: int
+    ) -> None:
         if self.start_ns is not None:
             wall_ns = monotonic_ns() - self.start_ns
-            RUNTIME.record(key, exc_type, flags, self.start_ns, wall_ns, self.cpu_ns, self.trace)
+            runtime.record(key, exc_type, flags, self.start_ns, wall_ns, self.cpu_ns, self.trace)
 
 
-def _track_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
-    enter, exit_segment = RUNTIME.enter, RUNTIME.exit_segment
+def _track_generator(
+    func: Callable[..., Any], key: int, runtime: RuntimeContract = RUNTIME
+) -> Callable[..., Any]:
+    enter, exit_segment = runtime.enter, runtime.exit_segment
 
     def tracked(*args: Any, **kwargs: Any) -> Any:
         gen = func(*args, **kwargs)
@@ -236,13 +243,15 @@ def _track_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
                 except BaseException as exc:
                     to_throw, to_send = exc, None
         finally:
-            segments.record(key, exc_type, flags)
+            segments.record(runtime, key, exc_type, flags)
 
     return tracked
 
 
-def _track_async_generator(func: Callable[..., Any], key: int) -> Callable[..., Any]:
-    enter, exit_segment = RUNTIME.enter, RUNTIME.exit_segment
+def _track_async_generator(
+    func: Callable[..., Any], key: int, runtime: RuntimeContract = RUNTIME
+) -> Callable[..., Any]:
+    enter, exit_segment = runtime.enter, runtime.exit_segment
 
     async def tracked(*args: Any, **kwargs: Any) -> Any:
         agen = func(*args, **kwargs)
@@ -275,7 +284,7 @@ def _track_async_generator(func: Callable[..., Any], key: int) -> Callable[..., 
                 except BaseException as exc:
                     to_throw, to_send = exc, None
         finally:
-            segments.record(key, exc_type, flags)
+            segments.record(runtime, key, exc_type, flags)
 
     return tracked
 
@@ -324,20 +333,21 @@ def bind(func: F) -> F:
         with inferscope.stage("infer"):
             futures = [pool.submit(inferscope.bind(score), shard) for shard in shards]
     """
-    root = RUNTIME.current_key()
-    trace = RUNTIME.current_trace()
+    return _bind(RUNTIME, func)
+
+
+def _bind(runtime: RuntimeContract, func: F) -> F:
+    root = runtime.current_key()
+    trace = runtime.current_trace()
     captured = contextvars.copy_context()
+
+    def run_in_frame(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        runtime.use_frame(root, trace)
+        return func(*args, **kwargs)
 
     @functools.wraps(func)
     def bound(*args: Any, **kwargs: Any) -> Any:
         # One copy per call: a Context can be entered by one thread at a time.
-        return captured.copy().run(_run_in_frame, root, trace, func, args, kwargs)
+        return captured.copy().run(run_in_frame, args, kwargs)
 
     return bound  # type: ignore[return-value]
-
-
-def _run_in_frame(
-    root: int, trace: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    RUNTIME.use_frame(root, trace)
-    return func(*args, **kwargs)

@@ -4,6 +4,12 @@ Semantics shared by both:
 - ``Ring`` is bounded; ``push`` never blocks and returns False (counting a drop) when full.
 - ``Runtime`` keeps one frame of open entries per ``contextvars.Context``; ``enter``/``exit`` and
   stages push and pop entries; an exit closes the most recent entry of the same owner.
+- Where work runs follows the contextvars meaning: a copied context (an asyncio task, the copy that
+  ``asyncio.to_thread`` or ``copy_context().run`` uses) belongs to the innermost entry that was open
+  when it was copied, whatever its creator opens or closes afterwards, even after the inference
+  returned. A new thread starts with an empty context and belongs to no inference unless
+  ``use_frame`` (``bind()``) roots it. A generator's body runs in its consumer's context.
+- A Tracked or Stage that the garbage collector cleared raises ValueError when used.
 - Nothing on the hot path raises into user code: failures are counted in ``internal_errors``.
 - Misuse at definition time (``stage("")``, ``@stage`` without a name) raises TypeError/ValueError.
 """
@@ -43,7 +49,8 @@ class Tracked:
     inferscope_key: int
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
-class Frame: ...
+class Frame:
+    """The open entries of one Context (C only); it holds that Context and takes part in GC."""
 
 class Runtime:
     ring: Ring

@@ -13,10 +13,16 @@
  *
  * Frames. A frame is a small stack of open entries, one frame per contextvars.Context, held in a
  * ContextVar. It is reused for every later inference in that context, so the steady state does no
- * ContextVar.set. A frame records which Context created it (tstate->context, compared by identity
- * only, never dereferenced): an asyncio task inherits its parent's frame through the copied
- * context, sees that it does not own it, and starts its own frame rooted at the parent's innermost
- * key. See docs/architecture.md.
+ * ContextVar.set. A frame holds a reference to the Context that owns it: an asyncio task inherits
+ * its parent's frame through the copied context, sees that it does not own it, and starts its own
+ * frame rooted at the innermost entry the parent had open when it copied the context.
+ *
+ * That is the contextvars meaning, the same as the pure-Python backend's: a task belongs to what
+ * was open when it was created, whatever its parent does afterwards. A frame is therefore copied on
+ * write: before the owner changes its frame while a copy of its context exists (the context's
+ * variable mapping is then shared, its reference count above one), the owner moves to a clone of
+ * the frame and leaves the old one, frozen, to the copies. Without copies, nothing is cloned. See
+ * docs/architecture.md.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -237,7 +243,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *context; /* identity of the owning contextvars.Context; never dereferenced */
+    PyObject *context; /* the owning contextvars.Context (a strong reference, so never reused) */
     uint64_t generation;
     uint32_t root_key;
     int depth;
@@ -277,7 +283,7 @@ static PyTypeObject Runtime_Type;
 
 static FrameObject *new_frame(RuntimeObject *rt, uint32_t root_key)
 {
-    FrameObject *f = PyObject_New(FrameObject, &Frame_Type);
+    FrameObject *f = PyObject_GC_New(FrameObject, &Frame_Type);
     if (f == NULL) {
         return NULL;
     }
@@ -287,7 +293,57 @@ static FrameObject *new_frame(RuntimeObject *rt, uint32_t root_key)
     f->depth = 0;
     f->overflow = 0;
     memset(&f->base, 0, sizeof(TraceIds));
+    PyObject_GC_Track(f);
     return f;
+}
+
+/* A frame and the Context it lives in refer to each other; the collector breaks the cycle. */
+static int Frame_traverse(FrameObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->context);
+    return 0;
+}
+
+static int Frame_clear(FrameObject *self)
+{
+    Py_CLEAR(self->context);
+    return 0;
+}
+
+static void Frame_dealloc(FrameObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Frame_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The start of a contextvars.Context, as CPython 3.8 to 3.13 lay it out (pycore_context.h), to
+ * read whether its variable mapping is shared with a copy. context_layout_known says whether the
+ * layout was confirmed when the module loaded; when it was not, every change copies the frame. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *ctx_prev;
+    PyObject *ctx_vars;
+} ContextLayout;
+
+static int context_layout_known;
+
+static int check_context_layout(void)
+{
+    PyObject *probe = PyContext_New();
+    if (probe == NULL) {
+        return -1;
+    }
+    PyObject *vars = ((ContextLayout *)probe)->ctx_vars;
+    context_layout_known = vars != NULL && strcmp(Py_TYPE(vars)->tp_name, "hamt") == 0;
+    Py_DECREF(probe);
+    return 0;
+}
+
+/* Whether a copy of `context` (an asyncio task's, copy_context()) shares its variables now. */
+static inline int context_is_shared(PyObject *context)
+{
+    return !context_layout_known || Py_REFCNT(((ContextLayout *)context)->ctx_vars) > 1;
 }
 
 static inline uint32_t frame_top_key(FrameObject *f)
@@ -310,8 +366,29 @@ static int install_frame(RuntimeObject *rt, FrameObject *f)
     }
     Py_DECREF(token);
     /* Setting a variable makes sure the thread has a current context. */
-    f->context = PyThreadState_Get()->context;
+    Py_XSETREF(f->context, Py_XNewRef(PyThreadState_Get()->context));
     return 0;
+}
+
+/* Moves the current context to a clone of its frame `f` (which it owns), leaving `f` unchanged
+ * for the copies of the context that share it. Returns the clone, a new reference; NULL with an
+ * exception set on failure. */
+static FrameObject *unshare_frame(RuntimeObject *rt, FrameObject *f)
+{
+    FrameObject *clone = new_frame(rt, f->root_key);
+    if (clone == NULL) {
+        return NULL;
+    }
+    clone->generation = f->generation;
+    clone->depth = f->depth;
+    clone->overflow = f->overflow;
+    clone->base = f->base;
+    memcpy(clone->stack, f->stack, (size_t)f->depth * sizeof(Entry));
+    if (install_frame(rt, clone) < 0) {
+        Py_DECREF(clone);
+        return NULL;
+    }
+    return clone;
 }
 
 /* The frame of the current context, as a new reference; creates one on first use. NULL with an
@@ -327,10 +404,18 @@ static FrameObject *current_frame(RuntimeObject *rt)
     if (value != NULL) {
         FrameObject *f = (FrameObject *)value;
         if (Py_IS_TYPE(value, &Frame_Type) && f->generation == rt->generation) {
-            if (f->context == PyThreadState_Get()->context) {
-                return f;
+            PyObject *context = PyThreadState_Get()->context;
+            if (f->context == context) {
+                if (!context_is_shared(context)) {
+                    return f;
+                }
+                /* A copy of this context sees `f` as it is now: change a clone instead. */
+                FrameObject *clone = unshare_frame(rt, f);
+                Py_DECREF(value);
+                return clone;
             }
-            /* Inherited through a copied context (an asyncio task, Context.run in a thread). */
+            /* Inherited through a copied context (an asyncio task, Context.run in a thread):
+             * `f` is what the parent had open when the context was copied. */
             root = frame_top_key(f);
             base = *frame_top_trace(f);
         }
@@ -793,20 +878,27 @@ static PyObject *Tracked_vectorcall(PyObject *callable, PyObject *const *args, s
         return PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     }
     entry_push(rt, f, callable, self->key, 1);
+    Py_DECREF(f);
     PyObject *result = PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     EndClocks c;
-    if (result != NULL) {
-        read_end_clocks(rt, &c);
-        entry_record(rt, f, callable, &c, 0, 0);
+    SavedError raised;
+    if (result == NULL) {
+        error_take(&raised);
+    }
+    read_end_clocks(rt, &c);
+    /* Looked up again: if the call copied its context (it created a task), the entry now lives
+     * in a clone of the frame it was pushed on. */
+    f = current_frame(rt);
+    if (f == NULL) {
+        count_internal_error(rt);
     }
     else {
-        SavedError raised;
-        error_take(&raised);
-        read_end_clocks(rt, &c);
-        entry_record(rt, f, callable, &c, error_id_for(rt, raised.type), 0);
+        entry_record(rt, f, callable, &c, result == NULL ? error_id_for(rt, raised.type) : 0, 0);
+        Py_DECREF(f);
+    }
+    if (result == NULL) {
         error_put_back(&raised);
     }
-    Py_DECREF(f);
     return result;
 }
 
@@ -1912,7 +2004,10 @@ static PyTypeObject Runtime_Type = {
 static PyTypeObject Frame_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "inferscope._native.Frame",
     .tp_basicsize = sizeof(FrameObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)Frame_traverse,
+    .tp_clear = (inquiry)Frame_clear,
+    .tp_dealloc = (destructor)Frame_dealloc,
     .tp_doc = "The open inference and stage entries of one context.",
 };
 
@@ -2002,6 +2097,10 @@ PyMODINIT_FUNC PyInit__ringbuf(void)
             Py_DECREF(m);
             return NULL;
         }
+    }
+    if (check_context_layout() < 0) {
+        Py_DECREF(m);
+        return NULL;
     }
     str_get_span_context = PyUnicode_InternFromString("get_span_context");
     int_64 = PyLong_FromLong(64);
