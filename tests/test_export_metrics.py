@@ -24,6 +24,7 @@ from opentelemetry.sdk.metrics.export import (
     Metric,
     MetricExporter,
     MetricExportResult,
+    MetricReader,
     MetricsData,
     NumberDataPoint,
     PeriodicExportingMetricReader,
@@ -557,7 +558,7 @@ def test_wrap_and_unwrap_meter_provider(aggregator: Aggregator, populated: dict[
     first, second = InMemoryMetricExporter(), InMemoryMetricExporter()
     reader_a = PeriodicExportingMetricReader(first, export_interval_millis=math.inf)
     reader_b = PeriodicExportingMetricReader(second, export_interval_millis=math.inf)
-    pull = InMemoryMetricReader()  # not periodic: left alone
+    pull = InMemoryMetricReader()  # not periodic: joined through its collect callback
     resource = Resource.create({"service.name": "users-own"})
     provider = MeterProvider(metric_readers=[reader_a, pull], resource=resource)
     provider.add_metric_reader(reader_b)
@@ -565,6 +566,7 @@ def test_wrap_and_unwrap_meter_provider(aggregator: Aggregator, populated: dict[
     try:
         wrappers = wrap_meter_provider(provider, aggregator.view, boundaries=BOUNDARIES)
         assert [w.delegate for w in wrappers] == [first, second]
+        assert points([pull.get_metrics_data()], INFERENCE_DURATION)
         assert reader_a._exporter is wrappers[0] and reader_b._exporter is wrappers[1]
         # Idempotent: the same wrappers, no wrapper around a wrapper.
         again = wrap_meter_provider(provider, aggregator.view, boundaries=BOUNDARIES)
@@ -582,6 +584,8 @@ def test_wrap_and_unwrap_meter_provider(aggregator: Aggregator, populated: dict[
         unwrap_meter_provider(provider)
         assert reader_a._exporter is first and reader_b._exporter is second
         assert reader_a._collect is collect_a
+        pull.get_metrics_data()  # what provider.force_flush() collected while wrapped
+        assert pull.get_metrics_data() is None  # the SDK's own behaviour: nothing collected
         first.clear()
         provider.force_flush()
         assert first.get_finished_metrics() == []  # back to the SDK's own behaviour: nothing to export
@@ -618,7 +622,9 @@ def scrape(collector: PrometheusCollector) -> dict[str, Any]:
 
 
 def test_prometheus_collector(aggregator: Aggregator, populated: dict[str, int]) -> None:
-    collector = PrometheusCollector(aggregator.view, BOUNDARIES, extra_counts=lambda: {EXPORTS_FAILED: 1})
+    collector = PrometheusCollector(
+        aggregator.view, BOUNDARIES, extra_counts=lambda: {EXPORTS_FAILED: 1}, signals=()
+    )
     families = scrape(collector)
     # Counter family names come back without "_total" from the parser.
     assert {
@@ -675,7 +681,7 @@ def test_prometheus_collector(aggregator: Aggregator, populated: dict[str, int])
 def test_prometheus_label_names_are_sanitized(registry: KeyRegistry, aggregator: Aggregator) -> None:
     key = registry.inference_key("m", attributes={"deploy.region": "eu-1", "k8s-pod": "p"})
     feed(aggregator, key, [0.01])
-    families = scrape(PrometheusCollector(aggregator.view, BOUNDARIES))
+    families = scrape(PrometheusCollector(aggregator.view, BOUNDARIES, signals=()))
     [count] = [
         s for s in families["inferscope_inference_duration_seconds"].samples if s.name.endswith("_count")
     ]
@@ -686,7 +692,7 @@ def test_prometheus_collector_survives_a_failing_source() -> None:
     def broken() -> AggregateView:
         raise RuntimeError("ring exploded")
 
-    assert scrape(PrometheusCollector(broken, BOUNDARIES)) == {}
+    assert scrape(PrometheusCollector(broken, BOUNDARIES, signals=())) == {}
 
 
 def test_prometheus_server_uses_a_private_registry(aggregator: Aggregator, populated: dict[str, int]) -> None:
@@ -739,3 +745,274 @@ def test_in_memory_exporter_is_thread_safe() -> None:
     assert exporter.get_finished_metrics() == []
     exporter.shutdown()
     assert exporter.export(point(1)) is MetricExportResult.FAILURE
+
+
+# --- one ScopeMetrics per scope (the OTLP encoder keeps one per scope) ------------------------------
+
+
+def encoded_metric_names(data: MetricsData) -> list[str]:
+    """The metric names that survive the OTLP encoder, as a collector would decode them."""
+    request = encode_metrics(data)
+    return [
+        metric.name
+        for resource_metrics in request.resource_metrics
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+    ]
+
+
+def test_system_signals_and_aggregates_survive_the_otlp_encoder(
+    aggregator: Aggregator, populated: dict[str, int]
+) -> None:
+    from inferscope.export.metrics import _scope_version
+    from inferscope.system.host import register_system_metrics
+
+    resource = Resource.create({"service.name": "svc"})
+    memory = InMemoryMetricExporter()
+    wrapper = AggregatesExporter(memory, aggregator.view, resource=resource, boundaries=BOUNDARIES)
+    reader = PeriodicExportingMetricReader(wrapper, export_interval_millis=math.inf)
+    provider = MeterProvider(metric_readers=[reader], resource=resource)
+    # As the pipeline does: the system signals live on the SDK meter of the same scope as our points.
+    instruments = register_system_metrics(
+        provider.get_meter("inferscope", _scope_version()), gpu=False, oversubscription=False
+    )
+    try:
+        provider.force_flush()
+    finally:
+        provider.shutdown()
+    [data] = memory.get_finished_metrics()
+    [rm] = data.resource_metrics
+    assert [sm.scope.name for sm in rm.scope_metrics] == ["inferscope"]  # merged, not two of one scope
+    names = encoded_metric_names(data)
+    assert len(names) == len(set(names))
+    assert {"process.cpu.time", INFERENCE_DURATION, STAGE_DURATION, RECORDS_DROPPED} <= set(names)
+    assert {i.name for i in instruments} <= set(names) | {
+        "inferscope.container.cpu.limit",  # no points while the cgroup is unlimited
+        "inferscope.container.memory.limit",
+    }
+
+
+def test_a_scope_of_another_version_is_kept_apart(aggregator: Aggregator, populated: dict[str, int]) -> None:
+    number = NumberDataPoint({}, 0, 1, 4)
+    theirs = ScopeMetrics(
+        InstrumentationScope("inferscope", "0.0.1"),
+        [Metric("old.metric", None, "1", Sum([number], AggregationTemporality.CUMULATIVE, True))],
+        "",
+    )
+    resource = Resource.create({"service.name": "svc"})
+    memory = InMemoryMetricExporter()
+    wrapper = AggregatesExporter(memory, aggregator.view, resource=resource, boundaries=BOUNDARIES)
+    wrapper.export(MetricsData([ResourceMetrics(resource, [theirs], "")]))
+    [data] = memory.get_finished_metrics()
+    names = encoded_metric_names(data)
+    assert "old.metric" in names and INFERENCE_DURATION in names
+
+
+# --- every reader kind of an application's MeterProvider ---------------------------------------------
+
+
+class PullReader(MetricReader):
+    """A reader that collects only when asked, as a scrape endpoint does (OTel's Prometheus reader)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.received: list[MetricsData] = []
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        self.received.append(metrics_data)
+
+    def scrape(self) -> MetricsData:
+        self.collect()
+        return self.received[-1]
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+def test_in_memory_and_pull_readers_get_the_histograms(
+    registry: KeyRegistry, aggregator: Aggregator, populated: dict[str, int]
+) -> None:
+    memory_reader = InMemoryMetricReader()
+    pull = PullReader(preferred_temporality={HistogramInstrument: AggregationTemporality.DELTA})
+    resource = Resource.create({"service.name": "app"})
+    provider = MeterProvider(metric_readers=[memory_reader, pull], resource=resource)
+    provider.get_meter("user.code").create_counter("user.requests").add(2)
+    try:
+        assert wrap_meter_provider(provider, aggregator.view, boundaries=BOUNDARIES) == []
+        data = memory_reader.get_metrics_data()
+        assert data is not None
+        [rm] = data.resource_metrics
+        assert rm.resource == resource
+        assert {sm.scope.name for sm in rm.scope_metrics} == {"user.code", "inferscope"}
+        [ok] = [p for p in points([data], INFERENCE_DURATION) if dict(p.attributes) == FRAUD]
+        assert ok.count == len(OK)
+        assert [p.value for p in points([data], "user.requests")] == [2]
+
+        # The pull reader asked for delta: a second scrape carries only what happened in between.
+        first = pull.scrape()
+        assert {p.count for p in points([first], INFERENCE_DURATION) if dict(p.attributes) == FRAUD} == {
+            len(OK)
+        }
+        feed(aggregator, populated["fraud"], [0.0023])
+        second = pull.scrape()
+        [delta] = [p for p in points([second], INFERENCE_DURATION) if dict(p.attributes) == FRAUD]
+        assert delta.count == 1
+        metric = next(
+            m for m in second.resource_metrics[0].scope_metrics[-1].metrics if m.name == INFERENCE_DURATION
+        )
+        assert metric.data.aggregation_temporality is AggregationTemporality.DELTA
+
+        # Idempotent: wrapping again adds no second copy.
+        wrap_meter_provider(provider, aggregator.view, boundaries=BOUNDARIES)
+        again = memory_reader.get_metrics_data()
+        assert again is not None
+        names = [m.name for sm in again.resource_metrics[0].scope_metrics for m in sm.metrics]
+        assert names.count(INFERENCE_DURATION) == 1
+    finally:
+        unwrap_meter_provider(provider)
+        provider.shutdown()
+
+
+def test_a_reader_the_sdk_keeps_out_of_reach_is_refused_with_config_error(
+    aggregator: Aggregator, caplog: pytest.LogCaptureFixture
+) -> None:
+    from inferscope import ConfigError
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        del reader._collect  # what a future SDK that keeps the callback elsewhere looks like
+        with caplog.at_level(logging.WARNING, logger="inferscope"), pytest.raises(ConfigError) as raised:
+            wrap_meter_provider(provider, aggregator.view, boundaries=BOUNDARIES)
+        assert "meter_provider" in str(raised.value)
+        assert "constraints/otel.txt" in str(raised.value)
+    finally:
+        reader._collect = None  # type: ignore[assignment]
+        provider.shutdown()
+
+
+def test_a_failing_collection_keeps_the_applications_points(
+    aggregator: Aggregator, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> AggregateView:
+        raise RuntimeError("ring exploded")
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    provider.get_meter("user.code").create_counter("user.requests").add(1)
+    try:
+        wrap_meter_provider(provider, broken, boundaries=BOUNDARIES)
+        with caplog.at_level(logging.WARNING, logger="inferscope"):
+            data = reader.get_metrics_data()
+        assert [p.value for p in points([data], "user.requests")] == [1]
+        assert "adding inferscope's points" in caplog.text
+    finally:
+        unwrap_meter_provider(provider)
+        provider.shutdown()
+
+
+# --- provider metrics (the tax meter's) --------------------------------------------------------------
+
+
+def test_provider_metrics_ride_along_on_otlp_and_prometheus(
+    aggregator: Aggregator, populated: dict[str, int]
+) -> None:
+    from inferscope.export import spec
+
+    tax = [(0.004, {MODEL_NAME: "fraud", STAGE_NAME: "infer"})]
+    memory = InMemoryMetricExporter()
+    spec.register_provider("inferscope.tax.latency", lambda: tax)
+    try:
+        wrapper = AggregatesExporter(
+            memory, aggregator.view, resource=Resource.create({}), boundaries=BOUNDARIES
+        )
+        wrapper.export(MetricsData([]))
+        [point] = memory.points("inferscope.tax.latency")
+        assert (point.value, dict(point.attributes)) == (0.004, tax[0][1])
+        assert memory.points("inferscope.tax.cpu") == []  # no provider: no points
+        families = scrape(PrometheusCollector(aggregator.view, BOUNDARIES))
+        [sample] = families["inferscope_tax_latency_seconds"].samples
+        assert sample.value == 0.004 and sample.labels["inferscope_stage_name"] == "infer"
+        assert spec.get("inferscope.tax.latency").unavailable_reason() is None
+    finally:
+        spec.unregister_provider("inferscope.tax.latency")
+    assert "no provider" in (spec.get("inferscope.tax.latency").unavailable_reason() or "")
+    with pytest.raises(ValueError, match="not a provider metric"):
+        spec.register_provider("process.cpu.time", lambda: [])
+
+
+def test_a_failing_provider_costs_only_its_own_points(
+    aggregator: Aggregator, populated: dict[str, int]
+) -> None:
+    from inferscope.export import spec
+    from inferscope.system.host import GUARD
+
+    def broken() -> list[tuple[float, dict[str, str]]]:
+        raise RuntimeError("detector busy")
+
+    before = GUARD.total()
+    spec.register_provider("inferscope.regression.active", broken)
+    try:
+        memory = InMemoryMetricExporter()
+        wrapper = AggregatesExporter(
+            memory, aggregator.view, resource=Resource.create({}), boundaries=BOUNDARIES
+        )
+        assert wrapper.export(MetricsData([])) is MetricExportResult.SUCCESS
+        assert memory.points(INFERENCE_DURATION)
+        assert memory.points("inferscope.regression.active") == []
+        assert GUARD.total() == before + 1
+    finally:
+        spec.unregister_provider("inferscope.regression.active")
+
+
+# --- the Prometheus endpoint: signals, target_info, /metrics only -------------------------------------
+
+
+def test_prometheus_serves_system_signals_and_target_info(
+    aggregator: Aggregator, populated: dict[str, int]
+) -> None:
+    resource = Resource.create(
+        {"service.name": "fraud-svc", "inferscope.env.fingerprint": "ab12", "process.pid": 7}
+    )
+    families = scrape(PrometheusCollector(aggregator.view, BOUNDARIES, resource=resource))
+    cpu = families["process_cpu_time_seconds"]
+    assert cpu.type == "counter"
+    assert {s.labels["cpu_mode"] for s in cpu.samples if s.name.endswith("_total")} == {"user", "system"}
+    assert families["process_memory_usage_bytes"].type == "gauge"
+    assert families["process_memory_usage_bytes"].samples[0].value > 0
+    assert "process_thread_count" in families
+    [info] = families["target_info"].samples
+    assert info.name == "target_info" and info.value == 1
+    assert info.labels["service_name"] == "fraud-svc"
+    assert info.labels["inferscope_env_fingerprint"] == "ab12"
+    assert info.labels["process_pid"] == "7"
+    # Every served family's name is the one the specification gives.
+    from inferscope.export import spec
+
+    served = {s.name for family in families.values() for s in family.samples}
+    for entry in spec.METRICS.values():
+        if entry.source == "system" and entry.prometheus_name.removesuffix("_total") in families:
+            assert entry.prometheus_name in served or entry.prometheus_name + "_total" in served
+
+
+def test_prometheus_endpoint_serves_metrics_and_404_elsewhere(
+    aggregator: Aggregator, populated: dict[str, int]
+) -> None:
+    server = start_prometheus_server(
+        PrometheusCollector(aggregator.view, BOUNDARIES, resource=Resource.create({"service.name": "s"})),
+        port=0,
+    )
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
+            assert response.status == 200
+            body = response.read().decode()
+        assert "process_cpu_time_seconds_total" in body and "target_info{" in body
+        for path in ("/", "/favicon.ico", "/metricsx", "/other/metrics"):
+            with pytest.raises(urllib.error.HTTPError) as raised:
+                urllib.request.urlopen(base + path, timeout=5)
+            assert raised.value.code == 404, path
+    finally:
+        server.shutdown()

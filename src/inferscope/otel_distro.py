@@ -35,7 +35,7 @@ from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
-from . import _pipeline
+from . import _otel_compat, _pipeline
 from .config import ConfigError, Settings, load_settings
 
 __all__ = ["attach_to_sdk", "post_instrument", "pre_instrument", "sdk_overrides"]
@@ -130,7 +130,7 @@ def _sdk_tracer_provider() -> Any:
     provider = get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         return None
-    if not getattr(provider._active_span_processor, "_span_processors", ()):
+    if not _otel_compat.span_processors(_otel_compat.active_span_processor(provider)):
         return None  # OTEL_TRACES_EXPORTER=none: nothing would receive our spans
     return provider
 
@@ -141,12 +141,11 @@ def _sdk_meter_provider() -> Any:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    from .export.metrics import _readers
-
     provider = get_meter_provider()
     if not isinstance(provider, MeterProvider):
         return None
-    if not any(isinstance(reader, PeriodicExportingMetricReader) for reader in _readers(provider)):
+    readers = _otel_compat.provider_readers(provider)
+    if not any(isinstance(reader, PeriodicExportingMetricReader) for reader in readers):
         return None
     return provider
 
@@ -172,10 +171,8 @@ class _Retired(MetricExporter):
     """An exporter being retired: exports nothing; shutting down shuts the real one down."""
 
     def __init__(self, exporter: MetricExporter) -> None:
-        super().__init__(
-            preferred_temporality=getattr(exporter, "_preferred_temporality", None),
-            preferred_aggregation=getattr(exporter, "_preferred_aggregation", None),
-        )
+        temporality, aggregation = _otel_compat.exporter_preferences(exporter)
+        super().__init__(preferred_temporality=temporality, preferred_aggregation=aggregation)
         self._exporter = exporter
 
     def export(

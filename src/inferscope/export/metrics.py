@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import re
+import socket
 import threading
 import time
 import weakref
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import accumulate, pairwise
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 from opentelemetry.sdk.metrics import Exemplar, MeterProvider
@@ -51,21 +54,31 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
     Sum,
 )
+from opentelemetry.sdk.metrics.export import Gauge as GaugeData
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import Metric as PrometheusMetric
 from prometheus_client.samples import Exemplar as PrometheusExemplar
 from prometheus_client.utils import floatToGoString
 
+from .. import _otel_compat
 from .._keys import ERROR_TYPE
+from ..config import ConfigError
 from ..counters import CounterMetric, counter_value, counters_of
+from . import spec as _spec
 from .traces import EXEMPLARS, ExemplarStore
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
     from ..aggregate import AggregateView, Histogram, Series
 
@@ -110,38 +123,8 @@ DROP_REASON = "reason"
 
 #: The histograms whose points carry exemplars of kept spans (export/traces.py).
 _EXEMPLAR_HISTOGRAMS = frozenset({INFERENCE_DURATION, STAGE_DURATION})
-_HISTOGRAM_DESCRIPTIONS = {
-    INFERENCE_DURATION: "Wall-clock duration of tracked inferences.",
-    INFERENCE_CPU_TIME: "Thread CPU time spent in tracked inferences.",
-    STAGE_DURATION: "Wall-clock duration of stages within inferences.",
-    STAGE_CPU_TIME: "Thread CPU time spent in stages within inferences.",
-    STAGE_GPU_TIME: 'Device time of stages marked device="cuda", measured with CUDA events.',
-}
-_COUNTER_UNITS = {
-    INFERENCE_ABANDONED: "{inference}",
-    RECORDS_DROPPED: "{record}",
-    SPANS_DROPPED: "{span}",
-    KEYS_OVERFLOWED: "{key}",
-    SDK_ERRORS: "{error}",
-    EXPORTS_FAILED: "{export}",
-}
-_COUNTER_DESCRIPTIONS = {
-    INFERENCE_ABANDONED: "Generator inferences closed before they were exhausted.",
-    RECORDS_DROPPED: "Records dropped instead of aggregated, by reason.",
-    SPANS_DROPPED: "Spans of kept calls that were not exported, by reason (rate_limit, unresolved).",
-    KEYS_OVERFLOWED: "Distinct keys folded into the overflow key because of the key cap.",
-    SDK_ERRORS: "Internal instrumentation errors.",
-    EXPORTS_FAILED: "Metric exports that failed or raised.",
-}
-# Prometheus sees the standard OTel conversion: dots become underscores, the unit "s" becomes a
-# "_seconds" suffix, and counters get "_total" (added by CounterMetricFamily).
-_PROMETHEUS_HISTOGRAMS = {
-    INFERENCE_DURATION: "inferscope_inference_duration",
-    INFERENCE_CPU_TIME: "inferscope_inference_cpu_time",
-    STAGE_DURATION: "inferscope_stage_duration",
-    STAGE_CPU_TIME: "inferscope_stage_cpu_time",
-    STAGE_GPU_TIME: "inferscope_stage_gpu_time",
-}
+#: The histograms of the specification, in its order; names, units and descriptions come from it.
+_HISTOGRAMS = tuple(name for name, entry in _spec.METRICS.items() if entry.kind == "histogram")
 
 Attributes = dict[str, "str | bool"]
 _AttributesKey = tuple[tuple[str, "str | bool"], ...]
@@ -284,7 +267,7 @@ class PointBuilder:
         next_histograms: dict[tuple[str, int, int], Histogram] = {}
         next_counts: dict[tuple[str, _AttributesKey], int] = {}
         histograms: dict[str, dict[_AttributesKey, tuple[Attributes, list[Histogram], list[Exemplar]]]] = {
-            name: {} for name in _HISTOGRAM_DESCRIPTIONS
+            name: {} for name in _HISTOGRAMS
         }
         exemplars_since, self._exemplars_since_unix_nano = self._exemplars_since_unix_nano, time_unix_nano
         abandoned: dict[_AttributesKey, tuple[Attributes, int]] = {}
@@ -353,16 +336,16 @@ class PointBuilder:
                 )
             )
         for name, number_points in sums.items():
-            kind = counter_kinds.get(name)
+            entry = _spec.get(name)
             metrics.append(
                 Metric(
                     name=name,
-                    description=kind.description if kind else _COUNTER_DESCRIPTIONS.get(name, ""),
-                    unit=kind.unit if kind else _COUNTER_UNITS.get(name, "1"),
+                    description=entry.description,
+                    unit=entry.unit,
                     data=Sum(
                         data_points=number_points,
                         aggregation_temporality=self.temporality,
-                        is_monotonic=kind.monotonic if kind else True,
+                        is_monotonic=entry.monotonic,
                     ),
                 )
             )
@@ -458,15 +441,73 @@ class PointBuilder:
             data = HistogramData(data_points=points, aggregation_temporality=self.temporality)
         else:
             data = ExponentialHistogram(data_points=points, aggregation_temporality=self.temporality)
-        return Metric(name=name, description=_HISTOGRAM_DESCRIPTIONS[name], unit="s", data=data)
+        entry = _spec.get(name)
+        return Metric(name=name, description=entry.description, unit=entry.unit, data=data)
+
+
+def signal_metrics(
+    signals: Sequence[_spec.Signal], time_unix_nano: int, start_unix_nano: int
+) -> list[Metric]:
+    """OTel metrics from the current points of sampled signals (the tax meter's providers): gauges,
+    and cumulative sums for counters and up-down counters. A signal without points is left out."""
+    metrics: list[Metric] = []
+    for signal in signals:
+        observations = signal.observe()
+        if not observations:
+            continue
+        entry = signal.spec
+        number_points = [
+            NumberDataPoint(
+                attributes=dict(o.attributes or {}),
+                start_time_unix_nano=start_unix_nano,
+                time_unix_nano=time_unix_nano,
+                value=o.value,
+            )
+            for o in observations
+        ]
+        data: GaugeData | Sum
+        if entry.kind == "gauge":
+            data = GaugeData(data_points=number_points)
+        else:
+            data = Sum(
+                data_points=number_points,
+                aggregation_temporality=AggregationTemporality.CUMULATIVE,
+                is_monotonic=entry.monotonic,
+            )
+        metrics.append(Metric(name=entry.name, description=entry.description, unit=entry.unit, data=data))
+    return metrics
+
+
+def _provided_signals() -> list[_spec.Signal]:
+    """The provider metrics (the tax meter's), each made safe: a provider that raises costs its own
+    points only, counted and logged at most once a minute."""
+    from ..system.host import GUARD
+
+    return [
+        _spec.Signal(signal.spec, GUARD.guarded(signal.spec.name, signal.observe))
+        for signal in _spec.provided_signals()
+    ]
 
 
 def _with_scope(metrics_data: MetricsData, resource: Resource, scope_metrics: ScopeMetrics) -> MetricsData:
-    """``metrics_data`` with ``scope_metrics`` added under ``resource`` (a new ResourceMetrics if absent)."""
+    """``metrics_data`` with ``scope_metrics`` added under ``resource`` (a new ResourceMetrics if absent).
+
+    Where the batch already holds a ScopeMetrics of the same scope (the SDK's ``inferscope`` meter,
+    which carries the process, host and container signals), the metrics are merged into it: the
+    OTLP encoder keys scopes by their InstrumentationScope, so a second ScopeMetrics of the same
+    scope would replace the first and lose its metrics.
+    """
     resource_metrics = list(metrics_data.resource_metrics)
     for i, found in enumerate(resource_metrics):
         if found.resource == resource:
-            resource_metrics[i] = replace(found, scope_metrics=[*found.scope_metrics, scope_metrics])
+            scopes = list(found.scope_metrics)
+            for j, existing in enumerate(scopes):
+                if existing.scope == scope_metrics.scope:
+                    scopes[j] = replace(existing, metrics=[*existing.metrics, *scope_metrics.metrics])
+                    break
+            else:
+                scopes.append(scope_metrics)
+            resource_metrics[i] = replace(found, scope_metrics=scopes)
             break
     else:
         resource_metrics.append(
@@ -501,8 +542,7 @@ class AggregatesExporter(MetricExporter):
         counters: Sequence[CounterMetric] = (),
     ) -> None:
         # The SDK reader asks its exporter for temporality and aggregation; answer as the delegate would.
-        preferred_temporality = getattr(delegate, "_preferred_temporality", None)
-        preferred_aggregation = getattr(delegate, "_preferred_aggregation", None)
+        preferred_temporality, preferred_aggregation = _otel_compat.exporter_preferences(delegate)
         super().__init__(
             preferred_temporality=preferred_temporality, preferred_aggregation=preferred_aggregation
         )
@@ -526,6 +566,7 @@ class AggregatesExporter(MetricExporter):
             counters=counters,
         )
         self._scope = InstrumentationScope(SCOPE_NAME, _scope_version())
+        self._signals = _provided_signals()
         self._log = _RateLimitedLog()
 
     @property
@@ -539,9 +580,10 @@ class AggregatesExporter(MetricExporter):
         outgoing = metrics_data
         if self.active:
             try:
-                metrics = self._builder.build(
-                    self._source(), time.time_ns(), {EXPORTS_FAILED: self.failed_exports}
-                )
+                view = self._source()
+                now = time.time_ns()
+                metrics = self._builder.build(view, now, {EXPORTS_FAILED: self.failed_exports})
+                metrics += signal_metrics(self._signals, now, view.start_time_unix_nano)
                 scope_metrics = ScopeMetrics(scope=self._scope, metrics=metrics, schema_url="")
                 outgoing = _with_scope(metrics_data, self.resource, scope_metrics)
             except Exception:  # the user's own metrics still go out below
@@ -607,33 +649,93 @@ def export_empty_collections(reader: MetricReader) -> None:
     >>> provider = MeterProvider(metric_readers=[reader])  # doctest: +SKIP
     >>> export_empty_collections(reader)  # doctest: +SKIP
     """
-    collect = getattr(reader, "_collect", None)
-    if collect is None or isinstance(collect, _CollectOrEmpty):
+    collect = _otel_compat.reader_collect(reader)
+    if collect is None or isinstance(collect, _CollectOrEmpty | _CollectWithAggregates):
         return
-    reader._collect = _CollectOrEmpty(collect)  # type: ignore[assignment]
+    _otel_compat.set_reader_collect(reader, _CollectOrEmpty(collect))
+
+
+class _CollectWithAggregates:
+    """A reader's collect callback that adds inferscope's points to what the SDK collected.
+
+    This is how a reader without an exporter of its own (``InMemoryMetricReader``, a pull reader
+    such as OTel's Prometheus reader, any custom ``MetricReader``) gets inferscope's histograms:
+    every ``reader.collect()`` goes through here, whatever the reader does with the result.
+    """
+
+    def __init__(
+        self,
+        original: Callable[..., MetricsData | None],
+        source: Callable[[], AggregateView],
+        *,
+        resource: Resource,
+        builder: PointBuilder,
+    ) -> None:
+        self.original = original
+        self.resource = resource
+        self.active = True
+        #: Collections whose inferscope points could not be built (the SDK's points still went out).
+        self.failed_collections = 0
+        self._source = source
+        self._builder = builder
+        self._lock = threading.Lock()  # a delta builder keeps state; collections may overlap
+        self._scope = InstrumentationScope(SCOPE_NAME, _scope_version())
+        self._signals = _provided_signals()
+        self._log = _RateLimitedLog()
+
+    def __call__(self, reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData | None:
+        collected = self.original(reader, timeout_millis=timeout_millis)
+        if not self.active:
+            return collected
+        try:
+            view = self._source()
+            now = time.time_ns()
+            with self._lock:
+                metrics = self._builder.build(view, now)
+            metrics += signal_metrics(self._signals, now, view.start_time_unix_nano)
+            scope_metrics = ScopeMetrics(scope=self._scope, metrics=metrics, schema_url="")
+            return _with_scope(collected or MetricsData(resource_metrics=[]), self.resource, scope_metrics)
+        except Exception:
+            self.failed_collections += 1
+            self._log.warning(
+                "inferscope: adding inferscope's points to a metric reader failed", exc_info=True
+            )
+            return collected
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
 
 @dataclass
 class _Wrapped:
-    exporter: MetricExporter
-    wrapper: AggregatesExporter
+    wrapper: AggregatesExporter | _CollectWithAggregates
+    exporter: MetricExporter | None
     collect: Callable[..., MetricsData | None] | None
-    patched_collect: _CollectOrEmpty | None
+    patched_collect: Callable[..., MetricsData | None] | None
 
 
 _wrapped_readers: weakref.WeakKeyDictionary[MetricReader, _Wrapped] = weakref.WeakKeyDictionary()
 _wrap_lock = threading.Lock()
 
 
-def _readers(provider: MeterProvider) -> list[MetricReader]:
-    # Readers passed to the constructor, plus any added later with add_metric_reader().
-    found: list[MetricReader] = list(getattr(provider, "_metric_readers", ()))
-    consumer = getattr(provider, "_measurement_consumer", None)
-    found += list(getattr(consumer, "_reader_storages", {}))
-    unique: dict[int, MetricReader] = {}
-    for reader in found:
-        unique.setdefault(id(reader), reader)
-    return list(unique.values())
+def _after_fork_in_child() -> None:
+    global _wrap_lock
+    _wrap_lock = threading.Lock()
+    for wrapped in list(_wrapped_readers.values()):
+        if isinstance(wrapped.wrapper, _CollectWithAggregates):
+            wrapped.wrapper.after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _unsupported_provider(provider: MeterProvider, why: str) -> ConfigError:
+    return ConfigError(
+        "meter_provider",
+        provider,
+        "an opentelemetry-sdk MeterProvider whose readers inferscope can join "
+        f"(tested with the versions in constraints/otel.txt); {why}",
+    )
 
 
 def wrap_meter_provider(
@@ -645,64 +747,86 @@ def wrap_meter_provider(
     max_buckets: int = 320,
     counters: Sequence[CounterMetric] = (),
 ) -> list[AggregatesExporter]:
-    """Make inferscope's points ride along with every export of a user's own ``MeterProvider``.
+    """Make inferscope's points ride along with every collection of a user's own ``MeterProvider``.
 
-    Wraps the exporter of each ``PeriodicExportingMetricReader`` of ``provider`` in an
-    :class:`AggregatesExporter` that uses the provider's resource, and makes the reader export
-    even when the provider has no instruments of its own. Idempotent; undone exactly by
-    :func:`unwrap_meter_provider`.
+    Every reader kind is joined. The exporter of each ``PeriodicExportingMetricReader`` is wrapped
+    in an :class:`AggregatesExporter` (which also counts failed exports), and the reader exports
+    even when the provider has no instruments of its own. Any other reader (``InMemoryMetricReader``,
+    a pull reader) gets inferscope's points added to each of its collections. All use the
+    provider's resource, and the temporality each reader asks for. Idempotent; undone exactly by
+    :func:`unwrap_meter_provider`. Returns the exporter wrappers.
+
+    Raises ``ConfigError`` (setting ``meter_provider``) when the installed SDK keeps its readers
+    where inferscope cannot reach them; nothing is changed then.
 
     >>> wrappers = wrap_meter_provider(provider, aggregator.view, boundaries=[0.1, 1.0])  # doctest: +SKIP
     """
-    resource: Resource = provider._sdk_config.resource
+    resource = _otel_compat.provider_resource(provider)
+    readers = _otel_compat.provider_readers(provider)
+    if resource is None or not all(_otel_compat.has_collect(reader) for reader in readers):
+        _otel_compat.warn_once(
+            "joining an application's MeterProvider", "MeterProvider._sdk_config or MetricReader._collect"
+        )
+        raise _unsupported_provider(provider, "this SDK keeps its Resource or reader callbacks elsewhere")
     wrappers: list[AggregatesExporter] = []
+    builder_options: dict[str, Any] = {
+        "aggregation": aggregation,
+        "boundaries": boundaries,
+        "max_buckets": max_buckets,
+        "counters": counters,
+    }
     with _wrap_lock:
-        for reader in _readers(provider):
-            if not isinstance(reader, PeriodicExportingMetricReader):
-                continue
+        for reader in readers:
             known = _wrapped_readers.get(reader)
-            if known is not None and reader._exporter is known.wrapper:
-                wrappers.append(known.wrapper)
+            if isinstance(reader, PeriodicExportingMetricReader):
+                if known is not None and _otel_compat.reader_exporter(reader) is known.wrapper:
+                    wrappers.append(known.wrapper)  # type: ignore[arg-type]
+                    continue
+                exporter: MetricExporter = _otel_compat.reader_exporter(reader)
+                wrapper = AggregatesExporter(exporter, source, resource=resource, **builder_options)
+                original_collect = _otel_compat.reader_collect(reader)
+                _otel_compat.set_reader_exporter(reader, wrapper)
+                export_empty_collections(reader)
+                patched = _otel_compat.reader_collect(reader)
+                _wrapped_readers[reader] = _Wrapped(
+                    wrapper=wrapper,
+                    exporter=exporter,
+                    collect=original_collect,
+                    patched_collect=patched if patched is not original_collect else None,
+                )
+                wrappers.append(wrapper)
                 continue
-            exporter: MetricExporter = reader._exporter
-            wrapper = AggregatesExporter(
-                exporter,
-                source,
-                resource=resource,
-                aggregation=aggregation,
-                boundaries=boundaries,
-                max_buckets=max_buckets,
-                counters=counters,
+            original = _otel_compat.reader_collect(reader)
+            if known is not None and original is known.wrapper:
+                continue
+            if original is None:
+                continue  # a reader being removed from its provider
+            builder = PointBuilder(
+                temporality=_otel_compat.reader_temporality(reader, HistogramInstrument), **builder_options
             )
-            original_collect = getattr(reader, "_collect", None)
-            reader._exporter = wrapper
-            export_empty_collections(reader)
-            patched = getattr(reader, "_collect", None)
+            collector = _CollectWithAggregates(original, source, resource=resource, builder=builder)
+            _otel_compat.set_reader_collect(reader, collector)
             _wrapped_readers[reader] = _Wrapped(
-                exporter=exporter,
-                wrapper=wrapper,
-                collect=original_collect,
-                patched_collect=patched if patched is not original_collect else None,
+                wrapper=collector, exporter=None, collect=original, patched_collect=collector
             )
-            wrappers.append(wrapper)
     return wrappers
 
 
 def unwrap_meter_provider(provider: MeterProvider) -> None:
     """Undo :func:`wrap_meter_provider`: every reader gets back its original exporter and callback."""
     with _wrap_lock:
-        for reader in _readers(provider):
+        for reader in _otel_compat.provider_readers(provider):
             wrapped = _wrapped_readers.pop(reader, None)
             if wrapped is None:
                 continue
-            if isinstance(reader, PeriodicExportingMetricReader) and reader._exporter is wrapped.wrapper:
-                reader._exporter = wrapped.exporter
+            if wrapped.exporter is not None and _otel_compat.reader_exporter(reader) is wrapped.wrapper:
+                _otel_compat.set_reader_exporter(reader, wrapped.exporter)
             # Restore the callback only if nobody replaced it since (the provider sets None on removal).
             if (
                 wrapped.patched_collect is not None
-                and getattr(reader, "_collect", None) is wrapped.patched_collect
+                and _otel_compat.reader_collect(reader) is wrapped.patched_collect
             ):
-                reader._collect = wrapped.collect  # type: ignore[assignment]
+                _otel_compat.set_reader_collect(reader, wrapped.collect)
 
 
 # --- Prometheus -----------------------------------------------------------------------------------
@@ -742,6 +866,11 @@ def _labels(attrs: Mapping[str, str | bool]) -> dict[str, str]:
 class PrometheusCollector:
     """A ``prometheus_client`` custom collector over the aggregates, with explicit buckets.
 
+    Each scrape also samples ``signals``: by default the process, host, container and GPU signals
+    of this machine (``system/host.py``) and the provider metrics of the specification (the tax
+    meter's). With a ``resource``, its attributes are served as ``target_info``, as the OTel
+    Prometheus conversion does, so that a query can join on service and environment fingerprint.
+
     >>> registry = CollectorRegistry()
     >>> registry.register(PrometheusCollector(aggregator.view, boundaries=[0.01, 0.1, 1.0]))  # doctest: +SKIP
     """
@@ -753,7 +882,17 @@ class PrometheusCollector:
         extra_counts: Callable[[], Mapping[str, int]] | None = None,
         counters: Sequence[CounterMetric] = (),
         exemplars: ExemplarStore | None = EXEMPLARS,
+        *,
+        signals: Sequence[_spec.Signal] | None = None,
+        resource: Resource | None = None,
     ) -> None:
+        if signals is None:
+            from ..system.host import system_signals
+
+            signals = [*system_signals(), *_provided_signals()]
+        #: What each scrape samples besides the aggregates.
+        self.signals = tuple(signal for signal in signals if signal.spec.prometheus)
+        self.resource = resource
         self._source = source
         self.counters = tuple(counters)
         #: The kept spans whose exemplars the duration buckets carry (OpenMetrics scrapes only).
@@ -777,7 +916,7 @@ class PrometheusCollector:
     def _collect(self) -> list[PrometheusMetric]:
         view = self._source()
         histograms: dict[str, list[tuple[dict[str, str], Histogram, list[Exemplar]]]] = {
-            name: [] for name in _PROMETHEUS_HISTOGRAMS
+            name: [] for name in _HISTOGRAMS
         }
         abandoned: list[tuple[dict[str, str], int]] = []
         per_series: dict[str, tuple[CounterMetric, list[tuple[dict[str, str], int]]]] = {}
@@ -828,6 +967,28 @@ class PrometheusCollector:
         if self._extra_counts is not None:
             for name, total in self._extra_counts().items():
                 families.append(self._counter_family(name, [({}, int(total))]))
+        families += self._signal_families()
+        if self.resource is not None:
+            families.append(target_info(self.resource))
+        return families
+
+    def _signal_families(self) -> list[PrometheusMetric]:
+        families: list[PrometheusMetric] = []
+        for signal in self.signals:
+            observations = signal.observe()  # guarded: never raises
+            if not observations:
+                continue
+            entry = signal.spec
+            rows = [(_prometheus_labels(o.attributes or {}), float(o.value)) for o in observations]
+            label_names = sorted({label for labels, _ in rows for label in labels})
+            family: CounterMetricFamily | GaugeMetricFamily
+            if entry.kind == "counter":
+                family = CounterMetricFamily(entry.prometheus_name, entry.description, labels=label_names)
+            else:
+                family = GaugeMetricFamily(entry.prometheus_name, entry.description, labels=label_names)
+            for labels, value in rows:
+                family.add_metric([labels.get(n, "") for n in label_names], value)
+            families.append(family)
         return families
 
     def _histogram_family(
@@ -840,8 +1001,9 @@ class PrometheusCollector:
             group, found = grouped.setdefault(tuple(labels.get(n, "") for n in label_names), ([], []))
             group.append(histogram)
             found.extend(exemplars)
+        entry = _spec.get(name)
         family = HistogramMetricFamily(
-            _PROMETHEUS_HISTOGRAMS[name], _HISTOGRAM_DESCRIPTIONS[name], labels=label_names, unit="seconds"
+            entry.prometheus_name, entry.description, labels=label_names, unit=_PROMETHEUS_SECONDS
         )
         for values, (group, exemplars) in grouped.items():
             histogram = _merged(group)
@@ -882,18 +1044,59 @@ class PrometheusCollector:
         for labels, total in rows:
             values = tuple(labels.get(n, "") for n in label_names)
             totals[values] = totals.get(values, 0) + total
+        entry = _spec.get(name)
         family: CounterMetricFamily | GaugeMetricFamily
-        if described is not None and not described.monotonic:
-            # A change that can go either way (memory) is a gauge of the running total in Prometheus.
-            family = GaugeMetricFamily(
-                prometheus_metric_name(name) + "_bytes", described.description, labels=label_names
-            )
+        if entry.kind == "counter":
+            family = CounterMetricFamily(entry.prometheus_name, entry.description, labels=label_names)
         else:
-            description = described.description if described else _COUNTER_DESCRIPTIONS.get(name, name)
-            family = CounterMetricFamily(prometheus_metric_name(name), description, labels=label_names)
+            # A change that can go either way (memory) is a gauge of the running total in Prometheus.
+            family = GaugeMetricFamily(entry.prometheus_name, entry.description, labels=label_names)
         for values, total in totals.items():
             family.add_metric(list(values), float(total))
         return family
+
+
+_PROMETHEUS_SECONDS = "seconds"
+#: The paths the endpoint answers; any other is a 404.
+METRICS_PATHS = frozenset({"/metrics", "/metrics/"})
+
+
+def target_info(resource: Resource) -> PrometheusMetric:
+    """The resource as Prometheus's ``target_info`` (value 1, one label per resource attribute),
+    as the OTel-to-Prometheus conversion spells it."""
+    return InfoMetricFamily("target", "Target metadata", value=_prometheus_labels(resource.attributes))
+
+
+def _prometheus_labels(attributes: Mapping[str, Any]) -> dict[str, str]:
+    return _labels({key: _resource_value(value) for key, value in attributes.items()})
+
+
+def _resource_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _metrics_only(app: WSGIApplication) -> WSGIApplication:
+    """``app`` on ``/metrics``; 404 on every other path."""
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") in METRICS_PATHS:
+            served: Iterable[bytes] = app(environ, start_response)
+            return served
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"Not Found: inferscope serves metrics on /metrics\n"]
+
+    return serve
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr for each scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 @dataclass
@@ -916,9 +1119,10 @@ class PrometheusServer:
 def start_prometheus_server(
     collector: PrometheusCollector, host: str = "127.0.0.1", port: int = 9464
 ) -> PrometheusServer:
-    """Serve ``collector`` on ``http://host:port/metrics`` from a daemon thread.
+    """Serve ``collector`` on ``http://host:port/metrics`` from a daemon thread; other paths get 404.
 
-    It uses its own ``CollectorRegistry``, never prometheus_client's global one.
+    It uses its own ``CollectorRegistry``, never prometheus_client's global one. Raises OSError
+    when the address cannot be resolved or bound.
 
     >>> collector = PrometheusCollector(aggregator.view, [0.1, 1.0])  # doctest: +SKIP
     >>> server = start_prometheus_server(collector, port=0)  # doctest: +SKIP
@@ -926,7 +1130,19 @@ def start_prometheus_server(
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    # The address family of the host (an IPv6 literal, say), as prometheus_client picks it.
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    server = make_server(
+        str(sockaddr[0]), port, _metrics_only(make_wsgi_app(registry)), Server, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="inferscope-prometheus", daemon=True)
+    thread.start()
     return PrometheusServer(
         port=int(server.server_port), host=host, registry=registry, _server=server, _thread=thread
     )

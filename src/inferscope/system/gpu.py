@@ -20,12 +20,15 @@ from typing import Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Instrument, Meter, Observation
 
+from ..export import spec as _spec
+
 __all__ = [
     "GPU_METRICS",
     "THROTTLE_REASONS",
     "GpuMetric",
     "NvmlSampler",
     "gpu_environment",
+    "gpu_signals",
     "import_nvml",
     "nvml_status",
     "register_gpu_metrics",
@@ -63,6 +66,8 @@ class Guard(Protocol):
     """What ``host.CallbackGuard`` offers: wrap a callback so it never raises, and count a failure."""
 
     def wrap(self, name: str, observe: Observe) -> ObservableCallback: ...
+
+    def guarded(self, name: str, observe: Observe) -> Observe: ...
 
     def record_error(self, name: str, error: BaseException) -> None: ...
 
@@ -243,29 +248,38 @@ def _throttle(nvml: ModuleType, device: GpuDevice) -> list[tuple[float, dict[str
 
 @dataclass(frozen=True)
 class GpuMetric:
+    """How one metric of the specification (``export/spec.py``) is read from NVML."""
+
     name: str
-    kind: str  #: "gauge", "updown" or "counter"
-    unit: str
-    description: str
     read: Reading
+
+    @property
+    def spec(self) -> _spec.MetricSpec:
+        return _spec.get(self.name)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def unit(self) -> str:
+        return self.spec.unit
+
+    @property
+    def description(self) -> str:
+        return self.spec.description
 
 
 GPU_METRICS: tuple[GpuMetric, ...] = (
-    GpuMetric("hw.gpu.utilization", "gauge", "1", "Fraction of time the GPU ran kernels", _utilization),
-    GpuMetric("hw.gpu.memory.usage", "updown", "By", "GPU memory used", _memory_used),
-    GpuMetric("hw.gpu.memory.limit", "updown", "By", "Size of the GPU memory", _memory_total),
-    GpuMetric("hw.gpu.memory.utilization", "gauge", "1", "Fraction of GPU memory used", _memory_fraction),
-    GpuMetric("hw.power", "gauge", "W", "Instantaneous power drawn by the GPU", _power),
-    GpuMetric("hw.energy", "counter", "J", "Energy consumed by the GPU since the driver loaded", _energy),
-    GpuMetric("hw.temperature", "gauge", "Cel", "GPU die temperature", _temperature),
-    GpuMetric("inferscope.hw.gpu.clock.sm", "gauge", "MHz", "Current SM clock", _sm_clock),
-    GpuMetric(
-        "inferscope.hw.gpu.clock.throttle",
-        "gauge",
-        "1",
-        "1 for each clock event (throttle) reason active now, 0 otherwise",
-        _throttle,
-    ),
+    GpuMetric("hw.gpu.utilization", _utilization),
+    GpuMetric("hw.gpu.memory.usage", _memory_used),
+    GpuMetric("hw.gpu.memory.limit", _memory_total),
+    GpuMetric("hw.gpu.memory.utilization", _memory_fraction),
+    GpuMetric("hw.power", _power),
+    GpuMetric("hw.energy", _energy),
+    GpuMetric("hw.temperature", _temperature),
+    GpuMetric("inferscope.hw.gpu.clock.sm", _sm_clock),
+    GpuMetric("inferscope.hw.gpu.clock.throttle", _throttle),
 )
 
 
@@ -338,8 +352,9 @@ class NvmlSampler:
         return points
 
 
-def register_gpu_metrics(meter: Meter, guard: Guard, *, nvml: ModuleType | None = None) -> list[Instrument]:
-    """Register the ``hw.*`` GPU instruments that at least one device supports; none without NVML."""
+def gpu_signals(guard: Guard, *, nvml: ModuleType | None = None) -> list[_spec.Signal]:
+    """The GPU metrics that at least one device supports, as specification entries with a safe
+    observe function; none without NVML, a driver or a device."""
     module = nvml if nvml is not None else import_nvml()
     if module is None:
         return []
@@ -347,16 +362,8 @@ def register_gpu_metrics(meter: Meter, guard: Guard, *, nvml: ModuleType | None 
         sampler = NvmlSampler(module)
     except Exception:
         return []  # nvml_status() explains why
-    factories = {
-        "gauge": meter.create_observable_gauge,
-        "updown": meter.create_observable_up_down_counter,
-        "counter": meter.create_observable_counter,
-    }
-    created: list[Instrument] = []
-    if not sampler.devices:
-        sampler.close()
-        return created
-    for metric in GPU_METRICS:
+    signals: list[_spec.Signal] = []
+    for metric in GPU_METRICS if sampler.devices else ():
         indexes = sampler.supported(metric)
         if not indexes:
             continue
@@ -364,14 +371,22 @@ def register_gpu_metrics(meter: Meter, guard: Guard, *, nvml: ModuleType | None 
         def observe(metric: GpuMetric = metric, indexes: list[int] = indexes) -> list[Observation]:
             return sampler.observe(metric, indexes, guard)
 
-        created.append(
-            factories[metric.kind](
-                metric.name,
-                callbacks=[guard.wrap(metric.name, observe)],
-                unit=metric.unit,
-                description=metric.description,
-            )
-        )
-    if not created:
+        signals.append(_spec.Signal(metric.spec, guard.guarded(metric.name, observe)))
+    if not signals:
         sampler.close()
-    return created
+    return signals
+
+
+def register_gpu_metrics(meter: Meter, guard: Guard, *, nvml: ModuleType | None = None) -> list[Instrument]:
+    """Register the ``hw.*`` GPU instruments that at least one device supports; none without NVML."""
+    return [
+        _spec.create_observable(meter, signal.spec, [_callback(signal.observe)])
+        for signal in gpu_signals(guard, nvml=nvml)
+    ]
+
+
+def _callback(observe: Observe) -> ObservableCallback:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        return observe()
+
+    return callback

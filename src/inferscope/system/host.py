@@ -22,6 +22,8 @@ from typing import Generic, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Instrument, Meter, Observation
 
+from ..export import spec as _spec
+
 try:
     import resource
 except ImportError:  # not on Windows: CPU time then comes from os.times()
@@ -40,6 +42,7 @@ __all__ = [
     "read_psi",
     "read_steal",
     "register_system_metrics",
+    "system_signals",
 ]
 
 _logger = logging.getLogger("inferscope.system")
@@ -207,17 +210,27 @@ class CallbackGuard:
             count,
         )
 
-    def wrap(self, name: str, observe: Observe) -> ObservableCallback:
-        """An SDK callback that returns ``observe()``'s points, or none when it raises."""
+    def guarded(self, name: str, observe: Observe) -> Observe:
+        """``observe`` made safe: its points, or none (counted and logged) when it raises."""
 
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
+        def call() -> list[Observation]:
             try:
                 return list(observe())
             except Exception as error:
                 self.record_error(name, error)
                 return []
 
-        callback.__name__ = f"observe_{name.replace('.', '_')}"
+        call.__name__ = f"observe_{name.replace('.', '_')}"
+        return call
+
+    def wrap(self, name: str, observe: Observe) -> ObservableCallback:
+        """An SDK callback that returns ``observe()``'s points, or none when it raises."""
+        call = self.guarded(name, observe)
+
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            return call()
+
+        callback.__name__ = call.__name__
         return callback
 
     def total(self) -> int:
@@ -284,6 +297,7 @@ def register_system_metrics(
 ) -> list[Instrument]:
     """Create an observable instrument for every process, host, container and GPU signal this machine
     has, and return them. Sources are probed once here; signals without a source are skipped silently.
+    Names, kinds, units and descriptions come from the metric specification (``export/spec.py``).
 
     The callbacks run when the SDK collects, never on the hot path, and never raise.
 
@@ -292,46 +306,77 @@ def register_system_metrics(
         meter = meter_provider.get_meter("inferscope")
         instruments = register_system_metrics(meter)
     """
-    src = sources or SignalSources()
     guard = guard or GUARD
     created: list[Instrument] = []
 
-    def add(kind: str, name: str, unit: str, description: str, observe: Observe) -> None:
-        factory = {
-            "counter": meter.create_observable_counter,
-            "updown": meter.create_observable_up_down_counter,
-            "gauge": meter.create_observable_gauge,
-        }[kind]
-        created.append(
-            factory(name, callbacks=[guard.wrap(name, observe)], unit=unit, description=description)
-        )
-
-    def register_oversubscription(add: AddInstrument, src: SignalSources) -> None:
-        add(
-            "gauge",
-            _threads.OVERSUBSCRIPTION_METRIC,
-            "1",
-            "Threads of each thread pool divided by the CPUs this process may use (affinity and cgroup "
-            "quota); above 1 the pool is oversubscribed",
-            _threads.oversubscription_observations,
-        )
+    def add(name: str, observe: Observe) -> None:
+        created.append(_spec.create_observable(meter, _spec.get(name), [guard.wrap(name, observe)]))
 
     def register_gpu(add: AddInstrument, src: SignalSources) -> None:
         created.extend(_gpu.register_gpu_metrics(meter, guard))
 
-    groups = [_register_process, _register_host, _register_cgroup]
-    groups += [register_oversubscription] if oversubscription else []
+    _register_groups(add, register_gpu, sources or SignalSources(), oversubscription, gpu, guard)
+    return created
+
+
+def system_signals(
+    *,
+    sources: SignalSources | None = None,
+    gpu: bool = True,
+    oversubscription: bool = True,
+    guard: CallbackGuard | None = None,
+) -> list[_spec.Signal]:
+    """The same signals as :func:`register_system_metrics`, as (specification entry, safe observe
+    function) pairs, for a reader that is not an OTel meter: the Prometheus endpoint samples them
+    on each scrape.
+
+    Example::
+
+        for signal in system_signals():
+            print(signal.spec.name, signal.observe())
+    """
+    guard = guard or GUARD
+    signals: list[_spec.Signal] = []
+
+    def add(name: str, observe: Observe) -> None:
+        signals.append(_spec.Signal(_spec.get(name), guard.guarded(name, observe)))
+
+    def register_gpu(add: AddInstrument, src: SignalSources) -> None:
+        signals.extend(_gpu.gpu_signals(guard))
+
+    _register_groups(add, register_gpu, sources or SignalSources(), oversubscription, gpu, guard)
+    return signals
+
+
+def _register_oversubscription(add: AddInstrument, src: SignalSources) -> None:
+    add(_threads.OVERSUBSCRIPTION_METRIC, _threads.oversubscription_observations)
+
+
+def _register_groups(
+    add: AddInstrument,
+    register_gpu: Callable[[AddInstrument, SignalSources], None],
+    src: SignalSources,
+    oversubscription: bool,
+    gpu: bool,
+    guard: CallbackGuard,
+) -> None:
+    groups: list[Callable[[AddInstrument, SignalSources], None]] = [
+        _register_process,
+        _register_host,
+        _register_cgroup,
+    ]
+    groups += [_register_oversubscription] if oversubscription else []
     groups += [register_gpu] if gpu else []
     for register in groups:
         # A probe that fails in an unforeseen way costs its own group of signals, never the caller.
         try:
             register(add, src)
         except Exception as error:
-            guard.record_error(f"registration ({register.__name__.lstrip('_')})", error)
-    return created
+            name = register.__name__.lstrip("_")
+            guard.record_error(f"registration ({name})", error)
 
 
-AddInstrument = Callable[[str, str, str, str, Observe], None]
+AddInstrument = Callable[[str, Observe], None]
 
 
 def _register_process(add: AddInstrument, src: SignalSources) -> None:
@@ -354,18 +399,15 @@ def _register_process(add: AddInstrument, src: SignalSources) -> None:
 
         return observe
 
-    add("counter", "process.cpu.time", "s", "Total CPU seconds broken down by CPU mode", cpu_time)
+    add("process.cpu.time", cpu_time)
     if first.rss_bytes is not None:
-        add("updown", "process.memory.usage", "By", "Resident set size of the process", field_of("rss_bytes"))
+        add("process.memory.usage", field_of("rss_bytes"))
         add(
-            "updown",
             "process.memory.virtual",
-            "By",
-            "Virtual memory size of the process",
             field_of("virtual_bytes"),
         )
     if first.threads is not None:
-        add("updown", "process.thread.count", "{thread}", "OS threads of the process", field_of("threads"))
+        add("process.thread.count", field_of("threads"))
 
 
 def _register_host(add: AddInstrument, src: SignalSources) -> None:
@@ -375,13 +417,7 @@ def _register_host(add: AddInstrument, src: SignalSources) -> None:
             value = read_steal(src.proc_stat)
             return [] if value is None else [Observation(value)]
 
-        add(
-            "counter",
-            "inferscope.host.cpu.steal.time",
-            "s",
-            "CPU time the hypervisor gave to other guests while this host was runnable (all CPUs)",
-            steal,
-        )
+        add("inferscope.host.cpu.steal.time", steal)
 
     if src.loadavg() is not None:
         load = _Reused(src.loadavg)
@@ -391,13 +427,7 @@ def _register_host(add: AddInstrument, src: SignalSources) -> None:
                 values = load.get()
                 return [] if values is None else [Observation(values[index])]
 
-            add(
-                "gauge",
-                f"system.linux.cpu.load_{window}",
-                "{thread}",
-                f"Load average over {window}: runnable plus uninterruptible threads, host-wide",
-                observe,
-            )
+            add(f"system.linux.cpu.load_{window}", observe)
 
     # In a v2 cgroup with its own pressure files, the container's pressure is the one that matters
     # (at the root cgroup it equals the host's); otherwise the host-wide /proc/pressure.
@@ -411,13 +441,7 @@ def _register_host(add: AddInstrument, src: SignalSources) -> None:
                 for (resource_name, kind), total_us in read_psi(pressure_root).items()
             ]
 
-        add(
-            "counter",
-            "inferscope.host.pressure.stall.time",
-            "s",
-            "Time tasks stalled waiting for a resource (PSI): some = at least one task, full = all at once",
-            pressure,
-        )
+        add("inferscope.host.pressure.stall.time", pressure)
 
 
 def _register_cgroup(add: AddInstrument, src: SignalSources) -> None:
@@ -435,24 +459,15 @@ def _register_cgroup(add: AddInstrument, src: SignalSources) -> None:
             return observe
 
         add(
-            "counter",
             "inferscope.container.cpu.periods",
-            "{period}",
-            "CFS enforcement periods that elapsed while the cgroup had runnable tasks",
             counter_of("nr_periods"),
         )
         add(
-            "counter",
             "inferscope.container.cpu.throttled.periods",
-            "{period}",
-            "CFS periods in which the cgroup used up its CPU quota and was throttled",
             counter_of("nr_throttled"),
         )
         add(
-            "counter",
             "inferscope.container.cpu.throttled.time",
-            "s",
-            "Total time the cgroup's tasks were held back by the CPU quota",
             counter_of("throttled_time_ns", 1e-9),
         )
 
@@ -462,13 +477,7 @@ def _register_cgroup(add: AddInstrument, src: SignalSources) -> None:
             quota = _cgroup.read_cpu_limit(paths)
             return [] if quota is None else [Observation(quota[0] / quota[1])]
 
-        add(
-            "gauge",
-            "inferscope.container.cpu.limit",
-            "{cpu}",
-            "CPU limit of the cgroup (quota / period); absent when unlimited",
-            cpu_limit,
-        )
+        add("inferscope.container.cpu.limit", cpu_limit)
 
     if _cgroup.memory_limit_source_exists(paths):
 
@@ -476,10 +485,4 @@ def _register_cgroup(add: AddInstrument, src: SignalSources) -> None:
             limit = _cgroup.read_memory_limit(paths)
             return [] if limit is None else [Observation(limit)]
 
-        add(
-            "gauge",
-            "inferscope.container.memory.limit",
-            "By",
-            "Memory limit of the cgroup; absent when unlimited",
-            memory_limit,
-        )
+        add("inferscope.container.memory.limit", memory_limit)
