@@ -24,8 +24,10 @@ the evidence holds the figures, and why every other cause lost. docs/regressions
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import statistics
 import threading
 import time
@@ -49,8 +51,10 @@ __all__ = [
     "Regression",
     "TaxPoint",
     "detector",
+    "install",
     "regressions",
     "set_detector",
+    "tax_of",
 ]
 
 _logger = logging.getLogger("inferscope.regression")
@@ -1155,31 +1159,10 @@ class Detector:
             return
         end = self._history[-1].end_unix
         span = self._span(end - max(self.settings.sustain_seconds, self.settings.window_seconds), end)
-        for model, anchor in sorted(self._anchors.items()):
-            base = anchor.stage(None)
-            current = self._pool(span, model, None)
-            if base is None or current.count < MIN_WINDOW_CALLS:
-                continue
-
-            def extra(
-                q: float, name: str, base: StageBaseline = base, current: KeyFigures = current
-            ) -> float | None:
-                then = base.quantiles.get(name)
-                return None if then is None else current.duration.quantile(q) - then
-
-            cpu_then: float | None
-            cpu_now: float | None
-            if base.process_cpu_per_call is not None and current.process_cpu_per_call is not None:
-                cpu_then, cpu_now = base.process_cpu_per_call, current.process_cpu_per_call
-            else:
-                cpu_then, cpu_now = base.cpu_per_call, current.cpu_per_call
-            rate = current.calls_per_second
-            cores = (
-                None if cpu_then is None or cpu_now is None or rate is None else (cpu_now - cpu_then) * rate
-            )
-            yield TaxPoint(
-                model, self._version(span, model), extra(0.5, "p50"), extra(0.95, "p95"), cores, rate
-            )
+        for _, anchor in sorted(self._anchors.items()):
+            point = tax_of(anchor, span)
+            if point is not None:
+                yield point
 
     def metric_points(self) -> dict[str, list[tuple[float, dict[str, str]]]]:
         """The points of ``inferscope.regression.active``, ``inferscope.tax.latency`` (attribute
@@ -1204,6 +1187,38 @@ class Detector:
             "inferscope.tax.latency": latency,
             "inferscope.tax.cpu": cpu,
         }
+
+
+def tax_of(anchor: Baseline, windows: Sequence[Window]) -> TaxPoint | None:
+    """What the anchor's model pays over ``windows`` against its anchor (None under
+    ``MIN_WINDOW_CALLS`` calls). The rate is the calls over the time the windows span, so that the
+    windows of several worker processes add up."""
+    model = anchor.model
+    base = anchor.stage(None)
+    current = KeyFigures.pool(
+        (k, w.seconds) for w in windows for k in w.keys if k.model == model and k.stage is None
+    )
+    if base is None or current.count < MIN_WINDOW_CALLS:
+        return None
+
+    def extra(q: float, name: str) -> float | None:
+        then = base.quantiles.get(name)
+        return None if then is None else current.duration.quantile(q) - then
+
+    cpu_then: float | None
+    cpu_now: float | None
+    if base.process_cpu_per_call is not None and current.process_cpu_per_call is not None:
+        cpu_then, cpu_now = base.process_cpu_per_call, current.process_cpu_per_call
+    else:
+        cpu_then, cpu_now = base.cpu_per_call, current.cpu_per_call
+    mine = [w for w in windows if any(k.model == model for k in w.keys)]
+    elapsed = max(w.end_unix for w in mine) - min(w.start_unix for w in mine)
+    rate = current.count / elapsed if elapsed > 0 else None
+    cores = None if cpu_then is None or cpu_now is None or rate is None else (cpu_now - cpu_then) * rate
+    version = next(
+        (k.version for w in reversed(mine) for k in w.keys if k.model == model and k.stage is None), None
+    )
+    return TaxPoint(model, version, extra(0.5, "p50"), extra(0.95, "p95"), cores, rate)
 
 
 def _attributes(model: str, version: str | None, stage: str | None) -> dict[str, str]:
@@ -1284,6 +1299,50 @@ def set_detector(new: Detector | None) -> None:
 def detector() -> Detector | None:
     """The process's detector, None while inferscope is not configured with windows."""
     return _DETECTOR
+
+
+_PROVIDED = ("inferscope.regression.active", "inferscope.tax.latency", "inferscope.tax.cpu")
+
+
+def _points(name: str) -> list[tuple[float, dict[str, str]]]:
+    current = _DETECTOR
+    return current.metric_points()[name] if current is not None else []
+
+
+def install(settings: Any) -> Detector:
+    """Run the process's detector on the windows with ``settings`` (an ``inferscope.Settings``); the
+    pipeline calls it from ``configure()``. A detector with other settings is replaced, keeping the
+    anchors it had; with the same settings it stays as it is."""
+    global _DETECTOR
+    from .export import spec
+    from .history import HistoryStore
+    from .system.fingerprint import environment
+    from .windows import WINDOWS, add_window_listener, remove_window_listener
+
+    wanted = DetectorSettings.of(settings)
+    old = _DETECTOR
+    if old is not None and old.settings == wanted:
+        add_window_listener(old.on_window)
+        return old
+    new = Detector(wanted, store=HistoryStore(WINDOWS.recorder), environment=environment)
+    if old is not None:
+        remove_window_listener(old.on_window)
+        if old.settings.quantile == wanted.quantile:
+            new._anchors.update(old._anchors)
+            new._anchor_loaded.update(old._anchor_loaded)
+    _DETECTOR = new
+    add_window_listener(new.on_window)
+    for name in _PROVIDED:
+        spec.register_provider(name, functools.partial(_points, name))
+    return new
+
+
+def _after_fork_in_child() -> None:
+    if _DETECTOR is not None:
+        _DETECTOR.after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def regressions() -> list[Regression]:

@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .baseline import Baseline, BaselineFormatError
@@ -80,8 +80,17 @@ class HistoryStore:
     raises for a storage failure, as the recorder itself.
     """
 
-    def __init__(self, recorder: FlightRecorder) -> None:
-        self.recorder = recorder
+    def __init__(self, recorder: FlightRecorder | Callable[[], FlightRecorder | None]) -> None:
+        #: The recorder, or a function that returns the one in force (None while it is off).
+        self._recorder = recorder
+
+    @property
+    def recorder(self) -> FlightRecorder | None:
+        """The recorder in force, None while there is none."""
+        from .recorder import FlightRecorder
+
+        found = self._recorder
+        return found if isinstance(found, FlightRecorder) else found()
 
     # --- windows -----------------------------------------------------------------------------
 
@@ -96,14 +105,17 @@ class HistoryStore:
     ) -> list[Window]:
         """The stored windows of ``model`` whose ends fall in [since, until], oldest first: one
         Window per process and window, with that process's figures (none for hourly rollups)."""
-        rows = self.recorder.key_windows(
+        recorder = self.recorder
+        if recorder is None:
+            return []
+        rows = recorder.key_windows(
             model, service=service, since_unix=since_unix, until_unix=until_unix, hourly=hourly
         )
         if not rows:
             return []
         processes: dict[tuple[float, float, str, int], ProcessWindow] = {}
         if not hourly:
-            for p in self.recorder.process_windows(
+            for p in recorder.process_windows(
                 service=service, since_unix=rows[0].end_unix, until_unix=rows[-1].end_unix
             ):
                 processes[(p.start_unix, p.end_unix, p.host, p.pid)] = p.window
@@ -119,7 +131,10 @@ class HistoryStore:
 
     def first_windows(self, service: str | None, model: str, seconds: float) -> list[Window]:
         """The first ``seconds`` of the model's stored history (every version), oldest first."""
-        first = [row[2] for row in self.recorder.models() if row[1] == model and service in (None, row[0])]
+        recorder = self.recorder
+        if recorder is None:
+            return []
+        first = [row[2] for row in recorder.models() if row[1] == model and service in (None, row[0])]
         if not first:
             return []
         start = min(first)
@@ -127,13 +142,15 @@ class HistoryStore:
 
     def environment(self, fingerprint: str) -> dict[str, Any] | None:
         """The environment recorded under ``fingerprint``."""
-        return self.recorder.environment(fingerprint)
+        recorder = self.recorder
+        return None if recorder is None else recorder.environment(fingerprint)
 
     # --- baselines ---------------------------------------------------------------------------
 
     def save_baseline(self, baseline: Baseline, name: str = ANCHOR) -> bool:
         """Store ``baseline`` as the model's ``name`` baseline (the anchor by default)."""
-        return self.recorder.save_baseline(
+        recorder = self.recorder
+        return recorder is not None and recorder.save_baseline(
             baseline.service or "",
             baseline.model,
             name,
@@ -143,7 +160,10 @@ class HistoryStore:
 
     def load_anchor(self, service: str | None, model: str, name: str = ANCHOR) -> Baseline | None:
         """The stored ``name`` baseline of the model (of any service when ``service`` is None)."""
-        for record in self.recorder.baselines(service=service, model=model, name=name):
+        recorder = self.recorder
+        if recorder is None:
+            return None
+        for record in recorder.baselines(service=service, model=model, name=name):
             payload = record["payload"]
             if payload.get("schema_version") != SCHEMA_VERSION:
                 _logger.warning(
@@ -165,8 +185,11 @@ class HistoryStore:
 
     def baselines(self, service: str | None = None, name: str = ANCHOR) -> list[Baseline]:
         """Every stored ``name`` baseline, of one service or of all."""
+        recorder = self.recorder
+        if recorder is None:
+            return []
         found = []
-        for record in self.recorder.baselines(service=service, name=name):
+        for record in recorder.baselines(service=service, name=name):
             payload = record["payload"]
             if payload.get("schema_version") == SCHEMA_VERSION:
                 try:
@@ -179,7 +202,8 @@ class HistoryStore:
 
     def save_regression(self, service: str, regression: Regression) -> bool:
         """Store a regression, or update it as it evolves and closes."""
-        return self.recorder.save_regression(
+        recorder = self.recorder
+        return recorder is not None and recorder.save_regression(
             service,
             regression.model,
             regression.version,
@@ -195,8 +219,11 @@ class HistoryStore:
         self, service: str | None = None, model: str | None = None, *, since_unix: float | None = None
     ) -> list[Regression]:
         """Stored regressions, newest update first."""
+        recorder = self.recorder
+        if recorder is None:
+            return []
         found = []
-        for record in self.recorder.regressions(service=service, model=model, since_unix=since_unix):
+        for record in recorder.regressions(service=service, model=model, since_unix=since_unix):
             try:
                 found.append(regression_from_json(record["payload"]))
             except (KeyError, TypeError, ValueError):

@@ -32,6 +32,8 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 #: The modules of inferscope.cli that each define one subcommand, in the order --help lists them.
 COMMANDS = (
     "demo",
+    "status",
+    "baseline",
     "doctor",
     "env",
     "version",
