@@ -87,7 +87,7 @@ def test_demo_reports_a_bad_value_with_its_own_usage(argv, message, capsys):
         cli.main(["demo", *argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("usage: inferscope demo [-h] [--seconds SECONDS] [--threads THREADS]\n")
+    assert err.startswith("usage: inferscope demo [-h] ")
     assert err.rstrip().endswith(f"inferscope demo: error: {message}")
 
 

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "src" / "inferscope" / "_native"
 STRESS = ROOT / "tests" / "c" / "ring_stress.c"
 
+# Expensive: two sanitizer builds and 800,000 records under each; CI runs them once.
+pytestmark = pytest.mark.expensive
+
 
 def _compiler() -> str:
     cc = shutil.which(os.environ.get("CC", "gcc"))

@@ -195,10 +195,13 @@ def test_async_function_times_the_awaited_call():
     assert inspect.iscoroutinefunction(predict)
     coro = predict(1)
     time.sleep(0.05)  # creating the coroutine must not start the clock
+    started = time.perf_counter()
     assert asyncio.run(coro) == 2
+    elapsed = time.perf_counter() - started
     row = inferscope.snapshot().row("async")
     assert row.count == 1
-    assert 0.02 <= row.p50 < 0.045
+    # Within the run, whatever a busy machine adds to it (quantiles are within 0.55%).
+    assert 0.02 * 0.994 <= row.p50 <= elapsed * 1.006
 
 
 def test_async_exception_and_cancellation_are_counted():
@@ -619,8 +622,8 @@ def _as_arguments(settings):
 def test_minimal_counters_skip_cpu_and_default_measures_it():
     @inferscope.track_inference(model="cpu")
     def spin():
-        end = time.perf_counter() + 0.005
-        while time.perf_counter() < end:
+        end = time.thread_time() + 0.005  # 5 ms of CPU, however long a busy machine makes it take
+        while time.thread_time() < end:
             pass
 
     settings = inferscope.current_settings()
@@ -631,9 +634,10 @@ def test_minimal_counters_skip_cpu_and_default_measures_it():
         inferscope.configure(counters="default")
         spin()
         row = inferscope.snapshot().row("cpu")
-        # A busy loop runs on the CPU unless another process takes it; bounds allow for that.
-        assert row.cpu_seconds is not None and row.cpu_seconds >= 0.001
-        assert 0.2 < row.cpu_ratio <= 1.2
+        # CPU time is what the loop burned; wall time is at least that (the ratio is below 1 when
+        # other processes take the CPU, so only its upper bound is certain).
+        assert row.cpu_seconds is not None and row.cpu_seconds >= 0.005 * 0.99
+        assert 0 < row.cpu_ratio <= 1.05
     finally:
         inferscope.configure(**_as_arguments(settings))
 
@@ -644,15 +648,18 @@ def test_cpu_time_separates_waiting_from_working():
         with inferscope.stage("wait"):
             time.sleep(0.01)
         with inferscope.stage("work"):
-            end = time.perf_counter() + 0.01
-            while time.perf_counter() < end:
+            end = time.thread_time() + 0.01
+            while time.thread_time() < end:
                 pass
 
     inferscope.configure(counters="default")
     predict()
     snap = inferscope.snapshot()
-    assert snap.row("wait-vs-work", "wait").cpu_ratio < 0.2
-    assert snap.row("wait-vs-work", "work").cpu_ratio > 0.3
+    wait, work = snap.row("wait-vs-work", "wait"), snap.row("wait-vs-work", "work")
+    # Load on the machine stretches wall time, never a stage's own CPU time: compare CPU seconds.
+    assert work.cpu_seconds is not None and work.cpu_seconds >= 0.01 * 0.99
+    assert wait.cpu_seconds is not None and wait.cpu_seconds < work.cpu_seconds / 5
+    assert wait.cpu_ratio < 0.5 and wait.p50 >= 0.01 * 0.994
 
 
 def test_wrapped_callable_objects_and_partials():

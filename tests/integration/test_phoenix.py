@@ -30,10 +30,12 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 import inferscope
 
-pytestmark = pytest.mark.integration
+# Expensive: Phoenix is an 850 MB install that takes 10-180 s to start; CI runs these once.
+pytestmark = [pytest.mark.integration, pytest.mark.expensive]
 
 PHOENIX_PYTHON_VARIABLE = "INFERSCOPE_TEST_PHOENIX_PYTHON"
-DEFAULT_PHOENIX_PYTHON = "/work/phoenix-venv/bin/python"
+#: Where README.md and .ci/run put Phoenix's virtual environment.
+DEFAULT_PHOENIX_PYTHON = str(Path(__file__).resolve().parents[2] / ".venv-phoenix" / "bin" / "python")
 SCENARIO = Path(__file__).with_name("phoenix_scenario.py")
 #: Phoenix takes 10-20 s to start, up to 180 s on a cold machine; the scenario waits that long.
 SCENARIO_TIMEOUT_S = 420.0
