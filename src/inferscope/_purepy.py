@@ -36,6 +36,7 @@ from ._records import (
     COUNTER_RUSAGE,
     COUNTER_SLOTS,
     COUNTER_THREAD_CPU,
+    FLAG_ABANDONED,
     FLAG_PARENT_REMOTE,
     FLAG_SAMPLED,
     FLAG_TRACED,
@@ -375,6 +376,9 @@ class Stage:
                 else:
                     flags = trace[_T_FLAGS]
                     rt._ring._push((top[_KEY], NO_ERROR, flags, start, end_ns - start, cpu, None, trace))
+            elif exc_type is GeneratorExit:
+                # The generator it was open in was closed before it finished: abandoned, no error.
+                rt._close(self, None, FLAG_ABANDONED, end_ns, cpu_end)
             else:
                 rt._close(self, exc_type, 0, end_ns, cpu_end)
         return False

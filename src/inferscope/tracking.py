@@ -128,6 +128,14 @@ def _wrap(func: Any, model: str | None, version: str | None, attributes: dict[st
         return staticmethod(_wrap(func.__func__, model, version, attributes))
     if isinstance(func, classmethod):
         return classmethod(_wrap(func.__func__, model, version, attributes))
+    if isinstance(func, type):
+        # Wrapping the class itself would replace it with a function: isinstance() and
+        # subclassing would break for every user of the class.
+        raise TypeError(
+            f"track_inference() decorates functions and methods, not the class {func.__qualname__}: "
+            f"decorate the method that runs the model instead (e.g. {func.__qualname__}.predict "
+            "or __call__)"
+        )
     if not callable(func):
         raise TypeError(f"track_inference() decorates a callable, got {func!r}")
     name = (
@@ -238,7 +246,13 @@ def _track_generator(
                     to_send = yield item
                 except GeneratorExit:
                     flags = FLAG_ABANDONED
-                    gen.close()
+                    # The body closes inside its entry, with the stages it yielded inside
+                    # reopened, so that they are recorded (as abandoned) instead of lost.
+                    enter(tracked, key, segments.stash, segments.trace)
+                    try:
+                        gen.close()
+                    finally:
+                        segments.add(exit_segment(tracked))
                     raise
                 except BaseException as exc:
                     to_throw, to_send = exc, None
@@ -279,7 +293,11 @@ def _track_async_generator(
                     to_send = yield item
                 except GeneratorExit:
                     flags = FLAG_ABANDONED
-                    await agen.aclose()
+                    enter(tracked, key, segments.stash, segments.trace)
+                    try:
+                        await agen.aclose()
+                    finally:
+                        segments.add(exit_segment(tracked))
                     raise
                 except BaseException as exc:
                     to_throw, to_send = exc, None

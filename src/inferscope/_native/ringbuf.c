@@ -1124,7 +1124,13 @@ static PyObject *Stage_exit(StageObject *self, PyObject *const *args, Py_ssize_t
         }
         else {
             PyObject *exc_type = nargs > 0 ? args[0] : Py_None;
-            entry_record(rt, f, (PyObject *)self, &c, error_id_for(rt, exc_type), 0);
+            if (exc_type == PyExc_GeneratorExit) {
+                /* The generator it was open in was closed before it finished: abandoned, no error. */
+                entry_record(rt, f, (PyObject *)self, &c, 0, FLAG_ABANDONED);
+            }
+            else {
+                entry_record(rt, f, (PyObject *)self, &c, error_id_for(rt, exc_type), 0);
+            }
             Py_DECREF(f);
         }
     }
