@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ._records import NO_ERROR, NO_MODEL_KEY, OTHER_ERROR, OVERFLOW_KEY
@@ -83,6 +83,9 @@ class KeyRegistry:
         self._error_names: list[str | None] = [None, OTHER_ERROR_TYPE]
         #: How many distinct keys were folded into the overflow key because of the cap.
         self.overflowed = 0
+        #: Called once, outside the lock, after the first key is made: the pipeline configured
+        #: from the environment starts there (the first tracked function or stage), not at import.
+        self.on_first_key: Callable[[], None] | None = None
         os.register_at_fork(after_in_child=self._reinit_lock_in_child)
 
     def _reinit_lock_in_child(self) -> None:
@@ -120,7 +123,14 @@ class KeyRegistry:
                 )
                 if key != OVERFLOW_KEY:
                     self._inference_keys[ident] = key
-            return key
+        if self.on_first_key is not None:
+            self._first_key_made()
+        return key
+
+    def _first_key_made(self) -> None:
+        hook, self.on_first_key = self.on_first_key, None
+        if hook is not None:
+            hook()
 
     def stage_key(self, parent: int, name: str) -> int:
         """The key of stage ``name`` entered while ``parent`` is the innermost key."""
@@ -142,7 +152,9 @@ class KeyRegistry:
                 )
                 if key != OVERFLOW_KEY:
                     self._stage_keys[(parent, name)] = key
-            return key
+        if self.on_first_key is not None:
+            self._first_key_made()
+        return key
 
     def error_id(self, exc_type: type[BaseException] | None) -> int:
         if exc_type is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -17,8 +18,8 @@ import time
 import tracemalloc
 import uuid
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 from opentelemetry.sdk.metrics import MeterProvider
@@ -29,6 +30,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
+from . import _otel_compat
 from ._backend import BACKEND
 from ._backend import monotonic_ns as _monotonic_ns
 from ._records import (
@@ -41,6 +43,7 @@ from ._records import (
     empty_records,
 )
 from ._runtime import REGISTRY, RUNTIME
+from ._selflog import ERRORS, exporting_quietly, quiet_exporter_loggers, redact, report_error
 from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
 from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
@@ -57,6 +60,7 @@ from .export.metrics import (
 from .export.traces import (
     EXEMPLARS,
     SLOW_QUANTILES,
+    BoundedBatchSpanProcessor,
     TracePipeline,
     TracePolicy,
     install_runtime_context,
@@ -66,13 +70,15 @@ from .system import check_oversubscription, install_import_hook, register_system
 
 _logger = logging.getLogger("inferscope")
 
-#: How often the drainer looks at the ring's fill level between full drains.
+#: How often the drainer looks at the ring's fill level between full drains while records arrive;
+#: while the ring stays empty it looks less and less often, down to once per drain interval.
 _POLL_MILLIS = 10
 _DRAIN_BATCH = 16384
-#: shutdown() at interpreter exit waits at most this long for exporters.
+#: shutdown() waits at most this long for exporters when nothing was configured.
 _EXIT_TIMEOUT_MILLIS = 5000
 
 AGGREGATOR = Aggregator(REGISTRY)
+_T = TypeVar("_T")
 
 
 class Drainer:
@@ -87,12 +93,17 @@ class Drainer:
         self._retired_ring_drops = 0
         self._unaggregated = 0
         self.interval_millis = 100
-        self.errors = 0
         #: Where traced records go after aggregation, while tracing is on.
         self.traces: TracePipeline | None = None
 
+    @property
+    def errors(self) -> int:
+        """inferscope's internal errors on the Python side so far (``_selflog.ERRORS``)."""
+        return ERRORS.value
+
     def drain(self) -> int:
-        """Drain everything queued now; returns the number of records aggregated."""
+        """Drain what the ring holds now, not what producers add meanwhile, so that a read
+        returns however hard they push; returns the number of records aggregated."""
         with self._lock:
             # Device times first: the spans of the stages drained next can then carry theirs.
             self._collect_device_times()
@@ -110,8 +121,7 @@ class Drainer:
             if traces is not None:
                 traces.add_device_times(span_ids, seconds)
         except Exception:
-            self.errors += 1
-            _log_once_a_minute("inferscope: reading the device times of CUDA stages failed")
+            report_error("inferscope: reading the device times of CUDA stages failed")
 
     def retire_ring(self, old_ring: Any) -> None:
         """Drain a ring that the runtime no longer writes to, and keep its drop count."""
@@ -121,11 +131,15 @@ class Drainer:
             self._publish_counts(RUNTIME.ring)
 
     def _drain_into_aggregator(self, ring: Any) -> int:
-        # Caller holds self._lock: the ring has a single consumer.
+        # Caller holds self._lock: the ring has a single consumer. Only what the ring held when the
+        # drain began is taken: producers that never pause would otherwise keep the drain, and
+        # every reader waiting on the lock, going for as long as they run.
         total = 0
+        left = len(ring)
         with _short_switch_interval():
-            while True:
-                n = ring.drain(self._buffer)
+            while left > 0:
+                n = ring.drain(self._buffer[: min(left, len(self._buffer))])
+                left -= n
                 if n:
                     try:
                         AGGREGATOR.add(self._buffer[:n])
@@ -133,17 +147,16 @@ class Drainer:
                     except Exception:
                         # The batch is out of the ring already: count it, never lose it silently.
                         self._unaggregated += n
-                        self.errors += 1
-                        _log_once_a_minute("inferscope: aggregating a batch of records failed")
+                        report_error("inferscope: aggregating a batch of records failed")
                     traces = self.traces
                     if traces is not None:
                         try:
                             traces.add(self._buffer[:n])
                         except Exception:
-                            self.errors += 1
-                            _log_once_a_minute("inferscope: building spans from a batch of records failed")
-                if n < len(self._buffer):
-                    return total
+                            report_error("inferscope: building spans from a batch of records failed")
+                if n == 0:
+                    break
+        return total
 
     def _publish_counts(self, ring: Any) -> None:
         AGGREGATOR.set_dropped(DROP_RING_FULL, self._retired_ring_drops + ring.dropped)
@@ -153,8 +166,8 @@ class Drainer:
         if DEVICE_TIMER.dropped:
             AGGREGATOR.set_dropped(DROP_GPU_TIMING_BACKLOG, DEVICE_TIMER.dropped)
         if self.traces is not None:
-            AGGREGATOR.set_spans_dropped(self.traces.spans_dropped)
-        AGGREGATOR.set_internal_errors(RUNTIME.internal_errors + self.errors + DEVICE_TIMER.errors)
+            AGGREGATOR.set_spans_dropped(self.traces.all_spans_dropped())
+        AGGREGATOR.set_internal_errors(RUNTIME.internal_errors + ERRORS.value + DEVICE_TIMER.errors)
 
     def start(self, interval_millis: int) -> None:
         self.stop()
@@ -173,38 +186,28 @@ class Drainer:
 
     def _run(self, stop: threading.Event) -> None:
         next_due = time.monotonic() + self.interval_millis / 1e3
-        poll = min(_POLL_MILLIS, self.interval_millis) / 1e3
+        busy_poll = min(_POLL_MILLIS, self.interval_millis) / 1e3
+        poll = busy_poll
         while not stop.wait(poll):
             ring = RUNTIME.ring
+            # Idle, the thread sleeps: each empty look doubles the wait, up to the drain interval.
+            poll = min(poll * 2, self.interval_millis / 1e3) if not len(ring) else busy_poll
             if time.monotonic() < next_due and len(ring) < ring.capacity // 2:
                 continue
             next_due = time.monotonic() + self.interval_millis / 1e3
             try:
                 self.drain()
             except Exception:
-                self.errors += 1
-                _log_once_a_minute("inferscope: draining the ring failed")
+                report_error("inferscope: draining the ring failed")
 
     def after_fork_in_child(self) -> None:
         # Only the forking thread survives fork(): the lock may be held by a thread that is gone.
         self._lock = threading.Lock()
         self._retired_ring_drops = 0
         self._unaggregated = 0
-        self.errors = 0
         self.traces = None
         self._thread = None
         self._stop = threading.Event()
-
-
-_last_logged = 0.0
-
-
-def _log_once_a_minute(message: str) -> None:
-    global _last_logged
-    now = time.monotonic()
-    if now - _last_logged >= 60:
-        _last_logged = now
-        _logger.error(message, exc_info=True)
 
 
 #: The GIL switch interval while the drainer aggregates (the default is 5 ms).
@@ -222,16 +225,31 @@ def _short_switch_interval() -> Iterator[None]:
     and the serving thread loses under 5% while a drain runs. The interval is restored unless
     the application changed it meanwhile.
     """
+    global _switch_interval_saved
     previous = sys.getswitchinterval()
     if previous <= _DRAIN_SWITCH_INTERVAL_S:
         yield
         return
+    _switch_interval_saved = previous
     sys.setswitchinterval(_DRAIN_SWITCH_INTERVAL_S)
     try:
         yield
     finally:
+        _switch_interval_saved = None
         if abs(sys.getswitchinterval() - _DRAIN_SWITCH_INTERVAL_S) < 1e-7:
             sys.setswitchinterval(previous)
+
+
+#: The application's switch interval while a drain runs with the short one.
+_switch_interval_saved: float | None = None
+
+
+def _restore_switch_interval_after_fork() -> None:
+    # A fork in the middle of a drain: the drain's thread is gone and would never restore it.
+    global _switch_interval_saved
+    saved, _switch_interval_saved = _switch_interval_saved, None
+    if saved is not None and abs(sys.getswitchinterval() - _DRAIN_SWITCH_INTERVAL_S) < 1e-7:
+        sys.setswitchinterval(saved)
 
 
 DRAINER = Drainer()
@@ -245,10 +263,24 @@ def collect_view() -> AggregateView:
 
 class Exports:
     """The export side built from one ``Settings``: our MeterProvider, a wrapped user provider,
-    and the Prometheus endpoint."""
+    the Prometheus endpoint and the span processors.
+
+    Building it (``__init__``) touches nothing that runs: the exporters are made and the endpoint
+    bound, but nothing is exported and no global hook is installed until ``activate()``. A setting
+    that cannot be served raises ``ConfigError`` with everything built so far closed again, so
+    ``configure()`` can keep the running pipeline when the new one fails. With ``strict=False``
+    (configuration from the environment, or after fork) a Prometheus endpoint that cannot be
+    served costs that exporter only: it is logged once, and the rest runs.
+    """
 
     def __init__(
-        self, settings: Settings, *, serve_prometheus: bool = True, resource: Resource | None = None
+        self,
+        settings: Settings,
+        *,
+        serve_prometheus: bool = True,
+        resource: Resource | None = None,
+        previous: Exports | None = None,
+        strict: bool = True,
     ) -> None:
         self.settings = settings
         self.resource = resource if resource is not None else _resource(settings)
@@ -256,16 +288,38 @@ class Exports:
         self.meter_provider: MeterProvider | None = None
         self.user_provider: Any = settings.meter_provider
         self.prometheus: PrometheusServer | None = None
+        self.prometheus_collector: PrometheusCollector | None = None
+        self._prometheus_taken_over = False
+        self._previous_collector: PrometheusCollector | None = None
         self.traces: TracePipeline | None = None
+        self._span_queues: list[BoundedBatchSpanProcessor] = []
         self._own_span_processor: Any = None
+        self._wrapped_user_provider = False
+        try:
+            self._build(settings, serve_prometheus, previous, strict)
+        except BaseException:
+            self._close_unused()
+            raise
+
+    def _build(
+        self, settings: Settings, serve_prometheus: bool, previous: Exports | None, strict: bool
+    ) -> None:
         histogram = {
             "aggregation": settings.histogram_aggregation,
             "boundaries": settings.histogram_boundaries,
             "max_buckets": settings.histogram_max_buckets,
             "counters": counter_metrics(settings.counter_mask),
         }
-        ours = [_make_exporter(name, settings) for name in settings.metrics_exporters if name != "prometheus"]
+        if serve_prometheus and "prometheus" in settings.metrics_exporters:
+            self._serve_prometheus(settings, previous, strict)
+        ours = [
+            _build_setting("metrics_exporters", name, functools.partial(_make_exporter, name, settings))
+            for name in settings.metrics_exporters
+            if name != "prometheus"
+        ]
         given: list[MetricExporter] = list(settings.metric_exporters)  # type: ignore[arg-type]
+        if settings.tracing:
+            self._build_tracing(settings)
         if ours or given:
             readers = []
             for exporter in ours + given:
@@ -276,6 +330,7 @@ class Exports:
                     owns_delegate=all(exporter is not g for g in given),
                     **histogram,  # type: ignore[arg-type]
                 )
+                wrapper.active = False  # until activate(): the running pipeline still exports
                 self.own_wrappers.append(wrapper)
                 readers.append(
                     PeriodicExportingMetricReader(
@@ -294,98 +349,163 @@ class Exports:
         provider: Any = self.user_provider
         if provider is not None:
             # Idempotent: after fork the child keeps the wrappers its parent installed.
-            wrap_meter_provider(provider, collect_view, **histogram)  # type: ignore[arg-type]
+            _build_setting(
+                "meter_provider",
+                provider,
+                lambda: wrap_meter_provider(provider, collect_view, **histogram),  # type: ignore[arg-type]
+            )
+            self._wrapped_user_provider = previous is None or previous.user_provider is not provider
             if provider not in _providers_with_system_metrics:
                 # Observable instruments live as long as their provider: register them once.
                 _providers_with_system_metrics.add(provider)
                 register_system_metrics(provider.get_meter("inferscope", _version()))
-        if serve_prometheus and "prometheus" in settings.metrics_exporters:
-            collector = PrometheusCollector(
-                collect_view, settings.histogram_boundaries, counters=counter_metrics(settings.counter_mask)
-            )
+
+    def _serve_prometheus(self, settings: Settings, previous: Exports | None, strict: bool) -> None:
+        self.prometheus_collector = PrometheusCollector(
+            collect_view, settings.histogram_boundaries, counters=counter_metrics(settings.counter_mask)
+        )
+        old = previous.prometheus if previous is not None else None
+        if (
+            old is not None
+            and settings.prometheus_port != 0
+            and (old.host, old.port) == (settings.prometheus_host, settings.prometheus_port)
+        ):
+            # The same address: the endpoint carries on, serving the new collector from activate().
+            self.prometheus = old
+            self._prometheus_taken_over = True
+            self._previous_collector = previous.prometheus_collector if previous is not None else None
+            return
+        try:
             self.prometheus = start_prometheus_server(
-                collector, settings.prometheus_host, settings.prometheus_port
+                self.prometheus_collector, settings.prometheus_host, settings.prometheus_port
             )
-            _logger.info(
-                "inferscope: serving Prometheus metrics on http://%s:%d/metrics",
-                self.prometheus.host,
-                self.prometheus.port,
-            )
-        if settings.tracing:
-            self.traces = self._start_tracing(settings)
+        except OSError as exc:
+            error = _prometheus_error(settings, exc)
+            if strict:
+                raise error from None
+            # A port that another process holds (a sibling worker of a pre-fork server, say)
+            # costs this exporter only: recording and the other exporters go on.
+            self.prometheus_collector = None
+            _logger.error("inferscope: not serving Prometheus metrics: %s", error)
 
-    def _start_tracing(self, settings: Settings) -> TracePipeline | None:
-        """Span processors for our exporters (or the application's TracerProvider), the OTel context
-        hook, and the hot path's trace linkage."""
+    def _build_tracing(self, settings: Settings) -> None:
+        """Span processors for our exporters (or the application's TracerProvider) and the
+        pipeline that builds spans; ``activate()`` links the hot path to them."""
         from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        hooks = install_runtime_context(RUNTIME.current_span)
-        if hooks is None:
-            return None
         processor = SynchronousMultiSpanProcessor()  # type: ignore[no-untyped-call]
-        exporters = [_make_span_exporter(name, settings) for name in settings.traces_exporters]
+        self._own_span_processor = processor
+        exporters = [
+            _build_setting("traces_exporters", name, functools.partial(_make_span_exporter, name, settings))
+            for name in settings.traces_exporters
+        ]
         exporters += list(settings.span_exporters)  # type: ignore[arg-type]
         for exporter in exporters:
-            processor.add_span_processor(BatchSpanProcessor(exporter))
-        self._own_span_processor = processor
+            queue = BoundedBatchSpanProcessor(exporter)
+            self._span_queues.append(queue)
+            processor.add_span_processor(queue)
         resource = self.resource
         provider: Any = settings.tracer_provider
         if provider is not None:
             # The application's processors and Resource: our spans travel with its own.
-            processor.add_span_processor(provider._active_span_processor)
+            app_processor = _otel_compat.active_span_processor(provider)
+            if app_processor is not None:
+                processor.add_span_processor(app_processor)
             resource = provider.resource
-        var, span_key = hooks
-        policy = _trace_policy(settings)
-        RUNTIME.set_tracing(var, span_key, policy.ratio_bound, policy.parent_based)
-        return TracePipeline(
+        self.traces = TracePipeline(
             registry=REGISTRY,
             processor=processor,
             resource=resource,
-            policy=policy,
+            policy=_trace_policy(settings),
             quantiles=AGGREGATOR.duration_quantiles,
             monotonic_ns=_monotonic_ns,
             counters=counter_metrics(settings.counter_mask),
             scope_version=_version(),
+            queues=self._span_queues,
         )
 
-    def shutdown(self, timeout_millis: float) -> None:
+    def activate(self) -> None:
+        """Start exporting: the wrappers add inferscope's points, a Prometheus endpoint taken over
+        from the previous pipeline serves the new collector, and tracing links the hot path."""
+        for wrapper in self.own_wrappers:
+            wrapper.active = True
+        if self._prometheus_taken_over and self.prometheus is not None and self.prometheus_collector:
+            registry = self.prometheus.registry
+            if self._previous_collector is not None:
+                registry.unregister(self._previous_collector)
+            registry.register(self.prometheus_collector)
+        if self.traces is not None:
+            hooks = install_runtime_context(RUNTIME.current_span)
+            if hooks is None:
+                self._shutdown_span_queues(0)
+                self.traces = None
+                return
+            var, span_key = hooks
+            policy = self.traces.policy
+            RUNTIME.set_tracing(var, span_key, policy.ratio_bound, policy.parent_based)
+
+    def _close_unused(self) -> None:
+        """Close what a failed build made; the running pipeline keeps what it owns."""
+        self._shutdown_span_queues(0)
+        self.traces = None
+        if self.meter_provider is not None:
+            with contextlib.suppress(Exception):
+                self.meter_provider.shutdown(timeout_millis=_CLOSE_UNUSED_MILLIS)
+        if self._wrapped_user_provider:
+            unwrap_meter_provider(self.user_provider)
+        if self.prometheus is not None and not self._prometheus_taken_over:
+            self.prometheus.shutdown(timeout_millis=_CLOSE_UNUSED_MILLIS)
+        self.prometheus = None
+
+    def shutdown(self, timeout_millis: float, successor: Exports | None = None) -> None:
+        """Export what was recorded and stop, within ``timeout_millis`` for metrics and spans
+        together: spans are exported while the metric exporters finish. ``successor``, the
+        pipeline replacing this one, keeps what it took over (the endpoint, a user provider)."""
         deadline = time.monotonic() + timeout_millis / 1e3
 
         def left() -> float:
             return max(0.0, (deadline - time.monotonic()) * 1e3)
 
+        tracing = self.traces is not None
+        if tracing:
+            RUNTIME.set_tracing(None)
+            uninstall_runtime_context()
+            self.traces = None
+        for queue in self._span_queues:
+            queue.begin_shutdown()  # their threads export while the metrics go out below
         if self.meter_provider is not None:
-            try:
-                # The readers' final collection exports everything aggregated so far.
-                self.meter_provider.shutdown(timeout_millis=left())
-            except Exception:
-                _logger.warning("inferscope: shutting down the metric exporters failed", exc_info=True)
+            # The readers' final collection exports everything aggregated so far.
+            _within(left(), "shutting down the metric exporters", self.meter_provider.shutdown, left())
+        keeps_provider = successor is not None and successor.user_provider is self.user_provider
         if self.user_provider is not None:
-            try:
-                self.user_provider.force_flush(timeout_millis=left())
-            except Exception:
-                _logger.warning("inferscope: flushing the application's MeterProvider failed", exc_info=True)
-            unwrap_meter_provider(self.user_provider)
-        if self.prometheus is not None:
+            flush = self.user_provider.force_flush
+            _within(left(), "flushing the application's MeterProvider", flush, left())
+            if not keeps_provider:
+                unwrap_meter_provider(self.user_provider)
+        handed_over = successor is not None and successor.prometheus is self.prometheus
+        if self.prometheus is not None and not handed_over:
             self.prometheus.shutdown(timeout_millis=left())
-        self.stop_tracing(left())
+        if tracing:
+            app_processor = _otel_compat.active_span_processor(self.settings.tracer_provider)
+            if app_processor is not None:
+                # The application's TracerProvider is only flushed: it is the application's.
+                what = "flushing the application's span processors"
+                _within(left(), what, app_processor.force_flush, int(left()))
+        self._shutdown_span_queues(left())
+
+    def _shutdown_span_queues(self, timeout_millis: float) -> None:
+        deadline = time.monotonic() + timeout_millis / 1e3
+        for queue in self._span_queues:
+            queue.shutdown(max(0.0, (deadline - time.monotonic()) * 1e3))
 
     def stop_tracing(self, timeout_millis: float) -> None:
-        """Stop giving entries span ids, then flush the spans built so far. Our own processors are
-        shut down; the application's TracerProvider is only flushed: it is the application's."""
+        """Stop giving entries span ids, then export the spans built so far."""
         if self.traces is None:
             return
         RUNTIME.set_tracing(None)
         uninstall_runtime_context()
-        traces, self.traces = self.traces, None
-        try:
-            traces.force_flush(int(timeout_millis))
-            for processor in self._own_span_processor._span_processors:
-                if processor is not getattr(self.settings.tracer_provider, "_active_span_processor", None):
-                    processor.shutdown()
-        except Exception:
-            _logger.warning("inferscope: flushing spans failed", exc_info=True)
+        self.traces = None
+        self._shutdown_span_queues(timeout_millis)
 
     def detach_after_fork(self) -> None:
         """In a forked child: stop contributing to the parent's exporters and endpoint.
@@ -397,6 +517,64 @@ class Exports:
         for wrapper in self.own_wrappers:
             wrapper.active = False
         self.prometheus = None  # the parent's socket and thread; not ours to close
+
+
+#: What a failed build may spend closing what it had started (reader threads, an endpoint).
+_CLOSE_UNUSED_MILLIS = 500
+
+
+def _build_setting(setting: str, value: object, build: Callable[[], _T]) -> _T:
+    """``build()``, with a failure turned into a ConfigError that names ``setting``."""
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            setting,
+            value,
+            "a value whose exporter can be built here",
+            message=redact(
+                f"{setting}: got {value!r}, but it could not be set up: {type(exc).__name__}: {exc}"
+            ),
+        ) from None
+
+
+def _prometheus_error(settings: Settings, exc: OSError) -> ConfigError:
+    host, port = settings.prometheus_host, settings.prometheus_port
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(
+            "prometheus_host",
+            host,
+            "a host name or address of this machine",
+            message=f"prometheus_host: got {host!r}, which does not resolve ({exc}); "
+            "accepted: a host name or address of this machine",
+        )
+    return ConfigError(
+        "prometheus_port",
+        port,
+        "a port that this process can bind, or 0 for a free one",
+        message=f"prometheus_port: cannot serve on {host}:{port} ({exc.strerror or exc}); accepted: a port "
+        "that this process can bind on prometheus_host, or 0 for a free one",
+    )
+
+
+def _within(timeout_millis: float, what: str, call: Callable[..., Any], *args: Any) -> None:
+    """Run ``call(*args)`` in a helper thread and wait for it at most ``timeout_millis``: the
+    SDK's flushes and shutdowns call exporters that may wait much longer than they are asked to
+    (a force_flush of a BatchSpanProcessor has no timeout). A failure is logged, never raised."""
+
+    def run() -> None:
+        try:
+            call(*args)
+        except Exception:
+            _logger.warning("inferscope: %s failed", what, exc_info=True)
+
+    thread = threading.Thread(target=run, name="inferscope-shutdown", daemon=True)
+    thread.start()
+    thread.join(timeout_millis / 1e3)
+    if thread.is_alive():
+        _logger.warning("inferscope: %s did not finish within the shutdown timeout; left behind", what)
 
 
 def _resource(settings: Settings) -> Resource:
@@ -419,6 +597,20 @@ def _version() -> str:
     return __version__
 
 
+@functools.cache
+def _quiet(cls: type[_T]) -> type[_T]:
+    """``cls`` whose ``export`` limits the exporter library's own log lines to one a minute
+    (``_selflog.exporting_quietly``); for the exporters inferscope builds, never the application's."""
+
+    def export(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with exporting_quietly(self):
+            return cls.export(self, *args, **kwargs)  # type: ignore[attr-defined]
+
+    quiet_exporter_loggers()  # the exporter's module is imported by now: its loggers exist
+    namespace = {"export": export, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    return type(cls.__name__, (cls,), namespace)
+
+
 def _make_exporter(name: str, settings: Settings) -> MetricExporter:
     if name == "console":
         return ConsoleMetricExporter()
@@ -431,12 +623,14 @@ def _make_exporter(name: str, settings: Settings) -> MetricExporter:
         endpoint = settings.otlp_endpoint
         if endpoint is not None and not endpoint.rstrip("/").endswith("/v1/metrics"):
             endpoint = endpoint.rstrip("/") + "/v1/metrics"
-        return HttpExporter(endpoint=endpoint, timeout=timeout_s)
+        exporter: MetricExporter = _quiet(HttpExporter)(endpoint=endpoint, timeout=timeout_s)
+        return exporter
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
     endpoint = settings.otlp_endpoint
     insecure = None if endpoint is None else endpoint.startswith("http://")
-    return GrpcExporter(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
+    exporter = _quiet(GrpcExporter)(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
+    return exporter
 
 
 def _make_span_exporter(name: str, settings: Settings) -> Any:
@@ -452,11 +646,11 @@ def _make_span_exporter(name: str, settings: Settings) -> Any:
 
         if endpoint is not None and not endpoint.rstrip("/").endswith("/v1/traces"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
-        return HttpExporter(endpoint=endpoint, timeout=timeout_s)
+        return _quiet(HttpExporter)(endpoint=endpoint, timeout=timeout_s)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
     insecure = None if endpoint is None else endpoint.startswith("http://")
-    return GrpcExporter(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
+    return _quiet(GrpcExporter)(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
 
 
 def _trace_policy(settings: Settings) -> TracePolicy:
@@ -480,32 +674,57 @@ _providers_with_system_metrics: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.RLock()
 _settings: Settings | None = None
 _exports: Exports | None = None
+#: Settings read from the environment at import, applied on the first key (the first tracked
+#: function or stage) or the first read: importing inferscope starts no thread.
+_deferred: Settings | None = None
 
 
 def configure(**settings: Any) -> Settings:
     """Configure inferscope; optional, since environment variables work alone.
 
     Idempotent and safe to call again: the pipeline is rebuilt from the new settings while
-    aggregates and keys are kept. Raises ``ConfigError`` naming any invalid setting, the value it
-    got and what it accepts; then nothing changes.
+    aggregates and keys are kept. The new pipeline is built before the running one is stopped:
+    when a setting is invalid, or cannot be served (a Prometheus port in use, a host that does not
+    resolve), ``ConfigError`` names it, the value it got and what it accepts, and the running
+    pipeline goes on unchanged.
 
     >>> import inferscope
     >>> inferscope.configure(counters="minimal", metrics_exporters=["prometheus"])  # doctest: +SKIP
     """
     new = load_settings(settings)
     with _lock:
-        _apply(new)
+        _apply(new, strict=True)
     return new
 
 
-def _apply(settings: Settings) -> None:
-    global _settings, _exports
-    previous, _exports = _exports, None
-    DRAINER.stop()
+def _apply(settings: Settings, *, strict: bool) -> None:
+    global _settings, _exports, _deferred
+    previous = _exports
+    # Everything that can fail on a setting happens first, while the running pipeline runs.
+    exports = Exports(settings, previous=previous, strict=strict) if settings.enabled else None
+    _deferred = None
+    deadline = time.monotonic() + settings.shutdown_timeout_millis / 1e3
+    DRAINER.stop(settings.shutdown_timeout_millis)
     if previous is not None:
         DRAINER.drain()
         DRAINER.traces = None
-        previous.shutdown(settings.export_timeout_millis)
+        previous.shutdown(max(0.0, (deadline - time.monotonic()) * 1e3), successor=exports)
+    _apply_runtime(settings)
+    _settings = settings
+    _exports = exports
+    if exports is None:
+        return
+    # Threads of torch, BLAS and OpenMP beyond the CPUs this process may use: warn once, now and
+    # whenever one of those libraries is imported later.
+    check_oversubscription()
+    install_import_hook()
+    exports.activate()
+    DRAINER.traces = exports.traces
+    DRAINER.start(settings.drain_interval_millis)
+
+
+def _apply_runtime(settings: Settings) -> None:
+    """What the hot path reads: counters, the ring, the key cap, and whether it records."""
     REGISTRY.max_keys = settings.max_keys
     if settings.counter_mask & COUNTER_PY_HEAP:
         if not tracemalloc.is_tracing():
@@ -521,37 +740,54 @@ def _apply(settings: Settings) -> None:
         old_ring = RUNTIME.ring
         RUNTIME.ring = Ring(settings.ring_capacity)
         DRAINER.retire_ring(old_ring)
-    _settings = settings
     RUNTIME.enabled = settings.enabled
-    if not settings.enabled:
+
+
+def _start_deferred() -> None:
+    """Apply the settings read at import, once: on the first key or the first read."""
+    global _deferred
+    if _deferred is None:
         return
-    # Threads of torch, BLAS and OpenMP beyond the CPUs this process may use: warn once, now and
-    # whenever one of those libraries is imported later.
-    check_oversubscription()
-    install_import_hook()
-    _exports = Exports(settings)
-    DRAINER.traces = _exports.traces
-    DRAINER.start(settings.drain_interval_millis)
+    with _lock:
+        settings = _deferred
+        if settings is None:
+            return
+        try:
+            _apply(settings, strict=False)
+        except Exception:
+            _deferred = None
+            RUNTIME.enabled = False
+            _logger.error("inferscope is disabled: starting it failed", exc_info=True)
 
 
-def shutdown(timeout_millis: float = 30_000) -> None:
+def shutdown(timeout_millis: float | None = None) -> None:
     """Flush everything recorded so far to every exporter, then stop. Also runs at exit.
 
-    Calls made after ``shutdown()`` are passed straight through, unrecorded, until the next
-    ``configure()``. Never raises; a backend that is down costs at most ``timeout_millis``.
+    ``timeout_millis`` (default: the ``shutdown_timeout_millis`` setting, 5 s) bounds the whole
+    of it, metrics and spans together: a backend that is down or never answers costs at most
+    that. Calls made after ``shutdown()`` are passed straight through, unrecorded, until the next
+    ``configure()``. Never raises, except ``KeyboardInterrupt``, which ends it at once.
     """
     global _exports
+    if timeout_millis is None:
+        settings = _settings
+        timeout_millis = settings.shutdown_timeout_millis if settings is not None else _EXIT_TIMEOUT_MILLIS
+    deadline = time.monotonic() + timeout_millis / 1e3
+
+    def left() -> float:
+        return max(0.0, (deadline - time.monotonic()) * 1e3)
+
     with _lock:
         try:
-            DRAINER.stop(timeout_millis)
+            DRAINER.stop(left())
             RUNTIME.enabled = False
             # Stages on CUDA whose work is still running: their device time is recorded too.
-            DEVICE_TIMER.wait(min(timeout_millis / 1e3, 2.0))
+            DEVICE_TIMER.wait(min(left() / 1e3, 2.0))
             DRAINER.drain()
             exports, _exports = _exports, None
             DRAINER.traces = None
             if exports is not None:
-                exports.shutdown(timeout_millis)
+                exports.shutdown(left())
         except Exception:
             _logger.error("inferscope: shutdown failed", exc_info=True)
 
@@ -564,6 +800,7 @@ def snapshot() -> Snapshot:
     >>> isinstance(snap.table(), str)
     True
     """
+    _start_deferred()
     mask = _settings.counter_mask if _settings is not None else 0
     return build_snapshot(collect_view(), BACKEND, counter_metrics(mask))
 
@@ -575,6 +812,7 @@ def current_settings() -> Settings | None:
 
 def prometheus_port() -> int | None:
     """The port the Prometheus endpoint is bound to, if one is being served."""
+    _start_deferred()
     exports = _exports
     return exports.prometheus.port if exports is not None and exports.prometheus is not None else None
 
@@ -583,26 +821,29 @@ def _after_fork_in_child() -> None:
     RUNTIME.after_fork_in_child()
     AGGREGATOR.after_fork_in_child()
     DRAINER.after_fork_in_child()
+    _restore_switch_interval_after_fork()
     global _lock, _exports
     _lock = threading.RLock()
     settings, exports = _settings, _exports
-    if settings is None or not settings.enabled:
-        return
+    if settings is None or not settings.enabled or _deferred is not None:
+        return  # not started yet: the child starts on its own first key, as the parent would
     try:
         # Rebuilt here, in the forking thread, while no other thread of this process exists yet:
         # a thread started from a fork handler would race the handlers that run after this one
         # (concurrent.futures, for one, resets its locks there). The child keeps the parent's
         # resource with its own process.pid and service.instance.id, so building it needs no
         # resource detectors. The parent owns the Prometheus port: a child serves none unless
-        # configure() asks.
+        # configure() asks. Every lock this takes was replaced above or by its owner's own fork
+        # hook (the key registry, the exemplars, the span queues, the log limiter), since the
+        # parent's threads may have held any of them at fork().
         resource = None
         if exports is not None:
             exports.detach_after_fork()
             resource = exports.resource.merge(
                 Resource({"process.pid": os.getpid(), "service.instance.id": str(uuid.uuid4())})
             )
-        EXEMPLARS.clear()  # the parent's spans; the child exports its own
-        _exports = Exports(settings, serve_prometheus=False, resource=resource)
+        _exports = Exports(settings, serve_prometheus=False, resource=resource, strict=False)
+        _exports.activate()
         DRAINER.traces = _exports.traces
     except Exception:
         _exports = None
@@ -612,7 +853,12 @@ def _after_fork_in_child() -> None:
 
 def autoconfigure() -> None:
     """Configure from the environment at import. Never raises: an invalid variable is logged at
-    ERROR and inferscope stays off (calls pass straight through) until configure() succeeds."""
+    ERROR and inferscope stays off (calls pass straight through) until configure() succeeds.
+
+    Nothing starts here: the pipeline (the drainer thread, exporters, the Prometheus endpoint)
+    starts on the first key (the first tracked function or stage), on the first read, or on
+    ``configure()``. Until then records wait in the ring."""
+    global _deferred, _settings
     try:
         settings = load_settings({})
         if settings.enabled and "opentelemetry.instrumentation.auto_instrumentation" in sys.modules:
@@ -627,12 +873,15 @@ def autoconfigure() -> None:
         RUNTIME.enabled = False
         _logger.error("inferscope is disabled: %s", exc)
         return
-    try:
-        with _lock:
-            _apply(settings)
-    except Exception:
-        RUNTIME.enabled = False
-        _logger.error("inferscope is disabled: starting it failed", exc_info=True)
+    with _lock:
+        if not settings.enabled:
+            _apply(settings, strict=False)
+            return
+        _apply_runtime(settings)
+        _settings = _deferred = settings
+        REGISTRY.on_first_key = _start_deferred
+        if len(REGISTRY) > 2:  # keys made before this import finished: start now
+            _start_deferred()
 
 
 def reset_aggregates() -> None:
@@ -643,7 +892,11 @@ def reset_aggregates() -> None:
 
 
 def _shutdown_at_exit() -> None:
-    shutdown(_EXIT_TIMEOUT_MILLIS)
+    try:
+        shutdown()
+    except KeyboardInterrupt:
+        # Ctrl-C while exiting: stop waiting for the exporters and let the process end now.
+        _logger.warning("inferscope: shutdown interrupted; what was not exported yet is lost")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import ipaddress
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,7 @@ from urllib.parse import urlsplit
 
 from ._keys import DEFAULT_MAX_KEYS
 from ._records import RECORD_DTYPE
+from ._selflog import redact
 from .counters import COUNTER_SETS, CounterUnavailable, accepted_counter_values, counter_mask
 
 __all__ = [
@@ -70,7 +73,8 @@ class ConfigError(ValueError):
             where = source if source in (CONFIGURE_ARGUMENT, SETTINGS_FIELD) else f"from {source}"
             detail = f" ({note})" if note else ""
             message = f"{setting} ({where}): got {value!r}{detail}; accepted: {accepted}"
-        super().__init__(message)
+        # An endpoint may carry a password (https://user:secret@host): never repeat it.
+        super().__init__(redact(message))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The default reduce would call ConfigError(message) and fail; keep every attribute instead.
@@ -223,9 +227,24 @@ def _name(value: object) -> str:
     return value.strip()
 
 
+#: A DNS name: dot-separated labels of letters, digits and hyphens (underscores are tolerated, as
+#: resolvers do), none starting or ending with a hyphen.
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _is_host(host: str) -> bool:
+    """Whether ``host`` is an IP address (IPv6 with or without brackets) or a DNS name."""
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(literal)
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+
+
 def _host(value: object) -> object:
     host = _name(value)
-    if any(char.isspace() for char in host):
+    if not _is_host(host):
         raise _Invalid
     return host
 
@@ -356,6 +375,8 @@ def _endpoint(value: object) -> object:
     if not isinstance(value, str):
         raise _Invalid
     url = value.strip()
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise _Invalid("it contains a space or a control character")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
@@ -363,6 +384,8 @@ def _endpoint(value: object) -> object:
         raise _Invalid from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise _Invalid
+    if not _is_host(parts.hostname):
+        raise _Invalid(f"{parts.hostname!r} is not a host name or address")
     return url
 
 
@@ -584,6 +607,17 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "an integer of at least 1",
         "How long one push may take before it is abandoned.",
         _int_check(1),
+        _int_text,
+    ),
+    SettingSpec(
+        "shutdown_timeout_millis",
+        ("INFERSCOPE_SHUTDOWN_TIMEOUT_MILLIS",),
+        "5000",
+        "an integer from 0 to 600000",
+        "The most that shutdown() and exit wait for the last metrics and spans to be exported, all "
+        "exporters together, and what configure() waits for the pipeline it replaces. A collector that "
+        "is down or never answers costs at most this; what is not exported by then is dropped.",
+        _int_check(0, 600_000),
         _int_text,
     ),
     SettingSpec(
@@ -870,6 +904,7 @@ class Settings:
     otlp_endpoint: str | None = None
     export_interval_millis: int = 60000
     export_timeout_millis: int = 30000
+    shutdown_timeout_millis: int = 5000
     histogram_aggregation: str = "exponential"
     histogram_boundaries: tuple[float, ...] = DEFAULT_HISTOGRAM_BOUNDARIES
     histogram_max_buckets: int = 320

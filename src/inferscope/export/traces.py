@@ -18,9 +18,9 @@ carries them. Everything else happens here, in the drainer:
    in spans); what the cap drops is counted in ``inferscope.sdk.spans.dropped``. Roots sampled
    when they opened are never capped: spans the application made inside them are already out.
 
-2. **Spans** are ``ReadableSpan`` objects with the recorded ids and timestamps, handed to the span
-   processors of the SDK's pipeline (``BatchSpanProcessor`` and its exporter), so OTLP, console
-   and any processor the application registered see them as they see their own.
+2. **Spans** are ``ReadableSpan`` objects with the recorded ids and timestamps, handed to span
+   processors: one :class:`BoundedBatchSpanProcessor` per exporter of inferscope's own, and any
+   processor of the application's TracerProvider, which see them as they see their own.
 
 3. **Exemplars.** Each kept span leaves an exemplar (its duration, end time, trace and span id) for
    its key; the metric exporters attach the newest ones to the duration histograms.
@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import Token
@@ -45,12 +47,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import opentelemetry.context as otel_context
-from opentelemetry.context.context import Context, _RuntimeContext
+from opentelemetry.context.context import Context
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -61,8 +63,8 @@ from opentelemetry.trace import (
     TraceFlags,
     set_span_in_context,
 )
-from opentelemetry.trace.propagation import _SPAN_KEY
 
+from .. import _otel_compat
 from .._records import (
     FLAG_ABANDONED,
     FLAG_PARENT_REMOTE,
@@ -71,11 +73,15 @@ from .._records import (
     SLOT_RSS_DELTA,
     SLOT_RSS_SAMPLES,
 )
+from .._selflog import RateLimitedLog, exporting_quietly
 from ..counters import CounterMetric, counter_label, counters_of
 
 __all__ = [
+    "DROP_EXPORT_FAILED",
+    "DROP_QUEUE_FULL",
     "EXEMPLARS",
     "SLOW_QUANTILES",
+    "BoundedBatchSpanProcessor",
     "ExemplarStore",
     "TracePipeline",
     "TracePolicy",
@@ -107,6 +113,9 @@ EXEMPLARS_PER_KEY = 4
 
 DROP_RATE_LIMIT = "rate_limit"
 DROP_UNRESOLVED = "unresolved"
+#: Spans that found the export queue full, or whose export failed (a collector down or too slow).
+DROP_QUEUE_FULL = "queue_full"
+DROP_EXPORT_FAILED = "export_failed"
 _U64 = (1 << 64) - 1
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _INTERNAL = SpanKind.INTERNAL
@@ -144,6 +153,16 @@ class ExemplarStore:
         self._lock = threading.Lock()
         self._per_key = per_key
         self._by_key: dict[int, deque[Exemplar]] = {}
+        # Weakly: a store dropped by its owner (a test's) is not kept alive by the hook.
+        reinit = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: _call_if_alive(reinit))
+
+    def _after_fork_in_child(self) -> None:
+        # The drainer may have held the lock when another thread forked: only the forking thread
+        # survives fork(), so the lock would stay taken for good. The parent's exemplars point at
+        # the parent's spans; the child starts with none.
+        self._lock = threading.Lock()
+        self._by_key = {}
 
     def add(self, key: int, exemplar: Exemplar) -> None:
         with self._lock:
@@ -163,6 +182,12 @@ class ExemplarStore:
     def clear(self) -> None:
         with self._lock:
             self._by_key.clear()
+
+
+def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 #: The exemplars of this process: the metric exporters read them (export/metrics.py).
@@ -200,9 +225,12 @@ class TracePipeline:
         counters: Sequence[CounterMetric] = (),
         exemplars: ExemplarStore = EXEMPLARS,
         scope_version: str = "",
+        queues: Sequence[BoundedBatchSpanProcessor] = (),
     ) -> None:
         self.registry = registry
         self.processor = processor
+        #: inferscope's own export queues (inside ``processor``), whose losses count as drops here.
+        self.queues = tuple(queues)
         self.resource = resource
         self.policy = policy
         self.exemplars = exemplars
@@ -455,17 +483,169 @@ class TracePipeline:
                 continue  # this call was not one of the sampled ones
             yield f"inferscope.{counter_label(metric)}", int(slots[metric.slot])
 
+    def all_spans_dropped(self) -> dict[str, int]:
+        """Spans dropped by reason: by sampling's budget and bookkeeping, and by the export queues."""
+        totals = dict(self.spans_dropped)
+        if self.queues:
+            totals[DROP_QUEUE_FULL] = sum(queue.dropped for queue in self.queues)
+            totals[DROP_EXPORT_FAILED] = sum(queue.failed for queue in self.queues)
+        return totals
+
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return bool(self.processor.force_flush(timeout_millis))
 
-    def shutdown(self) -> None:
-        self.processor.shutdown()
+
+class BoundedBatchSpanProcessor(SpanProcessor):
+    """Batches ended spans and exports them from one thread, as the SDK's ``BatchSpanProcessor``
+    does, but with a deadline on every wait.
+
+    The SDK's processor (1.45) flushes in the caller's thread without a timeout and joins its
+    thread on shutdown for up to 30 s, whatever the caller's budget: with a collector that is down,
+    a 5 s shutdown took 35 s. Here ``force_flush`` and ``shutdown`` wait at most their timeout;
+    when it runs out, the exporter is shut down, which aborts its retries and its call in flight,
+    and what is still queued is counted as dropped. The queue is bounded (``max_queue_size``);
+    spans that find it full are counted, never blocked on. The thread starts with the first span
+    and sleeps while there is none.
+
+    >>> processor = BoundedBatchSpanProcessor(exporter)  # doctest: +SKIP
+    >>> processor.shutdown(timeout_millis=5000)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        exporter: Any,
+        *,
+        max_queue_size: int = 2048,
+        max_export_batch_size: int = 512,
+        schedule_delay_millis: float = 5000,
+    ) -> None:
+        self.exporter = exporter
+        self._max_queue_size = max_queue_size
+        self._batch_size = max(1, min(max_export_batch_size, max_queue_size))
+        self._delay_s = schedule_delay_millis / 1e3
+        self._queue: deque[ReadableSpan] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._abandoned = False  # the shutdown deadline passed: export nothing more
+        self._flush_requested = 0
+        self._flushed = 0
+        #: Spans that found the queue full (or came after shutdown), and spans whose export failed.
+        self.dropped = 0
+        self.failed = 0
+        self._log = RateLimitedLog(_logger)
+        reinit = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: _call_if_alive(reinit))
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        with self._cond:
+            if self._stopping or len(self._queue) >= self._max_queue_size:
+                self.dropped += 1
+                return
+            self._queue.append(span)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="inferscope-spans", daemon=True)
+                self._thread.start()
+            if len(self._queue) >= self._batch_size:
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not (
+                    self._stopping
+                    or len(self._queue) >= self._batch_size
+                    or self._flush_requested > self._flushed
+                ):
+                    self._cond.wait(self._delay_s)
+                generation, stopping = self._flush_requested, self._stopping
+            self._export_queued()
+            with self._cond:
+                self._flushed = max(self._flushed, generation)
+                self._cond.notify_all()
+                if stopping:
+                    return
+
+    def _export_queued(self) -> None:
+        while True:
+            with self._cond:
+                if self._abandoned:
+                    self.dropped += len(self._queue)
+                    self._queue.clear()
+                if not self._queue:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(self._batch_size, len(self._queue)))]
+            try:
+                with exporting_quietly(self.exporter):
+                    ok = self.exporter.export(batch) is SpanExportResult.SUCCESS
+            except Exception:
+                ok = False
+                self._log.warning(
+                    "inferscope: the span exporter %s raised; its spans are counted as dropped "
+                    "(logged at most once a minute)",
+                    type(self.exporter).__name__,
+                    exc_info=True,
+                )
+            if not ok:
+                with self._cond:
+                    self.failed += len(batch)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Export every span queued now; False when ``timeout_millis`` ran out first."""
+        deadline = time.monotonic() + timeout_millis / 1e3
+        with self._cond:
+            if self._thread is None or self._stopping:
+                return not self._queue
+            self._flush_requested += 1
+            target = self._flush_requested
+            self._cond.notify_all()
+            while self._flushed < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def begin_shutdown(self) -> None:
+        """Refuse new spans and start exporting the queued ones; ``shutdown()`` waits for them."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def shutdown(self, timeout_millis: float = 30_000) -> None:
+        """Export what is queued within ``timeout_millis``, then shut the exporter down; what
+        could not be exported in time is counted as dropped. Never waits longer."""
+        deadline = time.monotonic() + timeout_millis / 1e3
+        self.begin_shutdown()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            self._abandoned = True
+            self.dropped += len(self._queue)
+            self._queue.clear()
+        try:
+            # Aborts the exporter's retries and cancels its call in flight, so that the thread
+            # ends now rather than at the exporter's own timeout.
+            self.exporter.shutdown()
+        except Exception:
+            self._log.warning("inferscope: shutting down the span exporter failed", exc_info=True)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's thread and its lock do not exist in the child; the child exports its own.
+        self._cond = threading.Condition(threading.Lock())
+        self._queue = deque()
+        self._thread = None
+        self._flush_requested = self._flushed = 0
 
 
 # -- context propagation ------------------------------------------------------------------------
 
 
-class TracingRuntimeContext(_RuntimeContext):
+class TracingRuntimeContext(_otel_compat.RuntimeContextBase):
     """OTel's runtime context, plus inferscope's open spans.
 
     ``get_current()`` returns the wrapped context, except when the innermost open inferscope entry
@@ -505,20 +685,21 @@ class TracingRuntimeContext(_RuntimeContext):
 def install_runtime_context(current_span: Callable[[], Any]) -> tuple[Any, str] | None:
     """Wrap OTel's runtime context; returns (its ContextVar, the span key) for the hot path, or None
     (logged) when the runtime context is not the contextvars one and cannot be followed."""
-    runtime = otel_context._RUNTIME_CONTEXT  # type: ignore[attr-defined]
+    runtime = _otel_compat.runtime_context()
     if isinstance(runtime, TracingRuntimeContext):
         runtime = runtime.inner
-    if not isinstance(runtime, ContextVarsRuntimeContext):
+    var = _otel_compat.runtime_context_var(runtime)
+    if not isinstance(runtime, ContextVarsRuntimeContext) or var is None:
         _logger.warning(
             "inferscope: tracing is off: the OTel runtime context is %s, not the contextvars one",
             type(runtime).__name__,
         )
         return None
-    otel_context._RUNTIME_CONTEXT = TracingRuntimeContext(runtime, current_span)  # type: ignore[attr-defined]
-    return runtime._current_context, _SPAN_KEY
+    _otel_compat.set_runtime_context(TracingRuntimeContext(runtime, current_span))
+    return var, _otel_compat.SPAN_KEY
 
 
 def uninstall_runtime_context() -> None:
-    runtime = otel_context._RUNTIME_CONTEXT  # type: ignore[attr-defined]
+    runtime = _otel_compat.runtime_context()
     if isinstance(runtime, TracingRuntimeContext):
-        otel_context._RUNTIME_CONTEXT = runtime.inner  # type: ignore[attr-defined]
+        _otel_compat.set_runtime_context(runtime.inner)

@@ -41,8 +41,6 @@ import difflib
 import functools
 import logging
 import sys
-import threading
-import time
 import types
 import weakref
 from abc import abstractmethod
@@ -57,6 +55,7 @@ from packaging.requirements import Requirement
 
 from .._records import NO_MODEL_KEY
 from .._runtime import REGISTRY, RUNTIME
+from .._selflog import install_redaction, report_error
 from ..tracking import _check_attributes, _check_model, _check_version
 
 __all__ = [
@@ -87,7 +86,7 @@ __all__ = [
     "wrap_own_functions",
 ]
 
-_logger = logging.getLogger("inferscope.instrumentation")
+_logger = install_redaction(logging.getLogger("inferscope.instrumentation"))
 
 V = TypeVar("V")
 S = TypeVar("S")
@@ -645,27 +644,10 @@ def inference_open() -> bool:
     return info.model is not None or info.overflow
 
 
-_error_lock = threading.Lock()
-_last_error_log = 0.0
-
-
 def report_internal_error(message: str) -> None:
     """Count a failure of instrumentation bookkeeping (exported as ``inferscope.sdk.errors``) and
     log it with its traceback at most once a minute. Never raises."""
-    global _last_error_log
-    try:
-        from .._pipeline import DRAINER
-
-        DRAINER.errors += 1  # the Python-side count of internal errors, published with the C one
-        now = time.monotonic()
-        with _error_lock:
-            due = now - _last_error_log >= 60
-            if due:
-                _last_error_log = now
-        if due:
-            _logger.error(message, exc_info=True)
-    except Exception:  # reporting must never fail the caller
-        pass
+    report_error(message, logger=_logger)
 
 
 class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
