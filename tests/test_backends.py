@@ -476,3 +476,22 @@ def test_frames_and_their_contexts_are_collected():
     for _ in range(200):
         contextvars.Context().run(rt.current_key)
     assert frames() == before
+
+
+def test_cpu_time_never_exceeds_wall_time_for_one_thread(env):
+    """Tiny calls are where the clock reads around the window weigh most."""
+    rt, reg = env
+    rt.counters = COUNTER_THREAD_CPU
+    tracked = rt.track(lambda: None, reg.inference_key("tiny"))
+    gen_owner = Owner()
+    for _ in range(500):
+        tracked()
+        with rt.stage("s"):
+            pass
+        rt.enter(gen_owner, reg.inference_key("gen"))
+        segment = rt.exit_segment(gen_owner)
+        assert 0 <= segment[2] <= segment[1]
+    out = drain(rt)
+    assert len(out) == 1000
+    assert (out["cpu_ns"] >= 0).all()
+    assert (out["cpu_ns"] <= out["wall_ns"]).all(), (out["cpu_ns"] - out["wall_ns"]).max()

@@ -332,7 +332,6 @@ class Stage:
                     rt._open(self, key, top)
                 else:
                     trace = rt._trace_open(top) if rt._trace_var is not None else None
-                    cpu = thread_cpu_ns() if mask & COUNTER_THREAD_CPU else -1
                     entry = [
                         self,
                         key,
@@ -340,12 +339,15 @@ class Stage:
                         1 if top is None else top[_DEPTH] + 1,
                         generation,
                         0,
-                        cpu,
+                        -1,
                         0,
                         None,
                         trace,
                     ]
                     var.set(entry)
+                    # The clocks last, the CPU clock just before the wall clock (see _open()).
+                    if mask & COUNTER_THREAD_CPU:
+                        entry[_CPU] = thread_cpu_ns()
                     entry[_START] = monotonic_ns()
             except Exception:
                 rt._internal_errors.add()
@@ -369,13 +371,16 @@ class Stage:
                 # Runtime._close(), inlined for the common case.
                 var.set(top[_PARENT])
                 start = top[_START]
+                wall = end_ns - start
                 cpu = cpu_end - top[_CPU] if top[_CPU] >= 0 and cpu_end >= 0 else -1
+                if cpu > wall:  # see _close()
+                    cpu = wall
                 trace = top[_TRACE]
                 if trace is None:
-                    rt._ring._push((top[_KEY], NO_ERROR, 0, start, end_ns - start, cpu))
+                    rt._ring._push((top[_KEY], NO_ERROR, 0, start, wall, cpu))
                 else:
                     flags = trace[_T_FLAGS]
-                    rt._ring._push((top[_KEY], NO_ERROR, flags, start, end_ns - start, cpu, None, trace))
+                    rt._ring._push((top[_KEY], NO_ERROR, flags, start, wall, cpu, None, trace))
             elif exc_type is GeneratorExit:
                 # The generator it was open in was closed before it finished: abandoned, no error.
                 rt._close(self, None, FLAG_ABANDONED, end_ns, cpu_end)
@@ -480,11 +485,13 @@ class Runtime:
                 values[SLOT_CUDA_ALLOCATED_DELTA], values[SLOT_CUDA_PEAK] = self._cuda_read(True) or (0, -1)
             extra = (mask, values)
         trace = self._trace_open(top) if self._trace_var is not None else None
-        if mask & COUNTER_THREAD_CPU:
-            cpu = thread_cpu_ns()
         entry = [owner, key, top, depth, self._generation, 0, cpu, 0, extra, trace]
         self._var.set(entry)
-        entry[_START] = monotonic_ns()  # read last: our own bookkeeping stays outside the window
+        # The clocks are read last, so that our own bookkeeping stays outside the window, and the
+        # CPU clock right before the wall clock, so that the CPU window adds no bookkeeping either.
+        if mask & COUNTER_THREAD_CPU:
+            entry[_CPU] = thread_cpu_ns()
+        entry[_START] = monotonic_ns()
 
     def _close(
         self, owner: object, exc_type: type[BaseException] | None, flags: int, end_ns: int, cpu_end: int
@@ -498,6 +505,11 @@ class Runtime:
             trace = entry[_TRACE]
             cpu = cpu_end - entry[_CPU] if entry[_CPU] >= 0 and cpu_end >= 0 else -1
             start_ns = entry[_START]
+            if cpu > end_ns - start_ns:
+                # One thread cannot spend more CPU than wall time. The CPU window is a little
+                # wider than the wall window (its reads sit just outside it) and the two clocks
+                # run at slightly different rates, so a tiny call could read above 1 otherwise.
+                cpu = end_ns - start_ns
             if extra is None and trace is None:
                 self._ring._push((entry[_KEY], error, flags, start_ns, end_ns - start_ns, cpu))
                 return
@@ -667,10 +679,11 @@ class Runtime:
                     top = None
                 if (top is None or top[_DEPTH] < MAX_STACK_DEPTH) and not rt.counters & _EXTRA_COUNTERS:
                     trace = rt._trace_open(top) if rt._trace_var is not None else None
-                    cpu = thread_cpu_ns() if rt.counters & COUNTER_THREAD_CPU else -1
                     depth = 1 if top is None else top[_DEPTH] + 1
-                    entry = [tracked, key, top, depth, generation, 0, cpu, 0, None, trace]
+                    entry = [tracked, key, top, depth, generation, 0, -1, 0, None, trace]
                     var.set(entry)
+                    if rt.counters & COUNTER_THREAD_CPU:  # the clocks last (see _open())
+                        entry[_CPU] = thread_cpu_ns()
                     entry[_START] = monotonic_ns()
                 else:
                     rt._open(tracked, key, top, True)  # counters beyond the clocks, or the depth overflow
@@ -692,12 +705,15 @@ class Runtime:
             ):
                 var.set(entry[_PARENT])
                 start = entry[_START]
+                wall = end_ns - start
                 cpu = cpu_end - entry[_CPU] if entry[_CPU] >= 0 and cpu_end >= 0 else -1
+                if cpu > wall:  # see _close()
+                    cpu = wall
                 trace = entry[_TRACE]
                 if trace is None:
-                    rt._ring._push((key, NO_ERROR, 0, start, end_ns - start, cpu))
+                    rt._ring._push((key, NO_ERROR, 0, start, wall, cpu))
                 else:
-                    rt._ring._push((key, NO_ERROR, trace[_T_FLAGS], start, end_ns - start, cpu, None, trace))
+                    rt._ring._push((key, NO_ERROR, trace[_T_FLAGS], start, wall, cpu, None, trace))
             else:
                 rt._close(tracked, None, 0, end_ns, cpu_end)
             return result
@@ -801,8 +817,9 @@ class Runtime:
             return None
         self._var.set(node[_PARENT])
         above.reverse()
+        wall = end_ns - node[_START]
         cpu = cpu_end - node[_CPU] if node[_CPU] >= 0 and cpu_end >= 0 else -1
-        return node[_START], end_ns - node[_START], cpu, above or None, node[_TRACE]
+        return node[_START], wall, min(cpu, wall), above or None, node[_TRACE]
 
     def record(
         self,

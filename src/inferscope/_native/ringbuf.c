@@ -777,6 +777,12 @@ static inline void entry_record(RuntimeObject *rt, FrameObject *f, PyObject *own
         rec.start_ns = e->start_ns;
         rec.wall_ns = c->end_ns - e->start_ns;
         rec.cpu_ns = (e->cpu_ns >= 0 && c->cpu_end >= 0) ? c->cpu_end - e->cpu_ns : -1;
+        /* One thread cannot spend more CPU than wall time. The CPU window is a little wider than
+         * the wall window (its reads sit just outside it) and the two clocks run at slightly
+         * different rates, so a tiny call could read above 1 otherwise. */
+        if (rec.cpu_ns > rec.wall_ns) {
+            rec.cpu_ns = rec.wall_ns;
+        }
         if (e->mask & ~COUNTER_THREAD_CPU) {
             counters_delta(rt, e, c, &rec);
         }
@@ -1590,6 +1596,9 @@ static PyObject *Runtime_exit_segment(RuntimeObject *self, PyObject *owner)
         }
     }
     long long cpu = (e.cpu_ns >= 0 && cpu_end >= 0) ? cpu_end - e.cpu_ns : -1;
+    if (cpu > end_ns - e.start_ns) {
+        cpu = end_ns - e.start_ns; /* as in entry_record() */
+    }
     PyObject *result =
         Py_BuildValue("LLLOO", (long long)e.start_ns, (long long)(end_ns - e.start_ns), cpu, stash, trace);
     if (stash != Py_None) {
