@@ -217,7 +217,7 @@ NEEDS: dict[str, Need] = {
             _perf("software"),
         ),
         Need("cuda", 'torch with CUDA, and stages marked device="cuda"', _cuda),
-        Need("gpu", "an NVIDIA GPU, its driver and nvidia-ml-py (inferscope[gpu])", _gpu),
+        Need("gpu", "an NVIDIA GPU, its driver and nvidia-ml-py (inferscope-sdk[gpu])", _gpu),
         Need("procfs", "Linux /proc/self/statm and /proc/self/status", _proc_file("/proc/self/statm")),
         Need("steal", "Linux /proc/stat with a steal field", _steal),
         Need("loadavg", "an OS with load averages", _loadavg),
@@ -348,7 +348,17 @@ def _gpu_entry(name: str, kind: Kind, unit: str, description: str, extra: tuple[
 
 
 def _tax(name: str, kind: Kind, unit: str, description: str, attributes: tuple[str, ...]) -> MetricSpec:
-    return MetricSpec(name, kind, unit, description, attributes, "provider", "tax", (_need_provider(name),))
+    return MetricSpec(
+        name,
+        kind,
+        unit,
+        description,
+        attributes,
+        "provider",
+        "tax",
+        (_need_provider(name),),
+        when="while the regression detector reports them (an open regression, a measured tax)",
+    )
 
 
 _ENTRIES: tuple[MetricSpec, ...] = (
@@ -574,6 +584,7 @@ def _counter_entries() -> tuple[MetricSpec, ...]:
                     (*attributes, *(key for key, _ in metric.attributes)),
                     group="counters",
                     needs=(need,),
+                    when="once the series' total is not zero",
                     prometheus_override=override,
                 )
     return tuple(entries.values())
