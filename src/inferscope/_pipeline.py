@@ -362,7 +362,10 @@ class Exports:
 
     def _serve_prometheus(self, settings: Settings, previous: Exports | None, strict: bool) -> None:
         self.prometheus_collector = PrometheusCollector(
-            collect_view, settings.histogram_boundaries, counters=counter_metrics(settings.counter_mask)
+            collect_view,
+            settings.histogram_boundaries,
+            counters=counter_metrics(settings.counter_mask),
+            resource=self.resource,  # served as target_info
         )
         old = previous.prometheus if previous is not None else None
         if (
@@ -462,9 +465,12 @@ class Exports:
         together: spans are exported while the metric exporters finish. ``successor``, the
         pipeline replacing this one, keeps what it took over (the endpoint, a user provider)."""
         deadline = time.monotonic() + timeout_millis / 1e3
+        # The span queues export meanwhile; a slice of the budget is kept for their exporters to
+        # be shut down and their threads to end, whatever the metric exporters took.
+        reserve_ms = min(timeout_millis * 0.2, 500.0) if self._span_queues else 0.0
 
         def left() -> float:
-            return max(0.0, (deadline - time.monotonic()) * 1e3)
+            return max(0.0, (deadline - time.monotonic()) * 1e3 - reserve_ms)
 
         tracing = self.traces is not None
         if tracing:
@@ -491,7 +497,7 @@ class Exports:
                 # The application's TracerProvider is only flushed: it is the application's.
                 what = "flushing the application's span processors"
                 _within(left(), what, app_processor.force_flush, int(left()))
-        self._shutdown_span_queues(left())
+        self._shutdown_span_queues(left() + reserve_ms)
 
     def _shutdown_span_queues(self, timeout_millis: float) -> None:
         deadline = time.monotonic() + timeout_millis / 1e3

@@ -56,12 +56,17 @@ def _hide_userinfo(match: re.Match[str]) -> str:
     return f"{match['scheme']}{hidden}@"
 
 
+# user:password@host without a scheme, as gRPC quotes a target.
+_BARE_USERINFO = re.compile(r"(?<![\w/@:.-])(?P<user>[\w.%+-]+):(?P<password>[^\s/@]+)@(?=[\w\[])")
+
+
 def redact(text: str) -> str:
     """``text`` with the credentials of any URL (``user:password@``, a lone token before ``@``)
     and the values of secret-looking parameters (``token=``, ``api_key=``, ``Authorization=``)
     replaced by ``***``."""
     if "@" in text:
         text = _USERINFO.sub(_hide_userinfo, text)
+        text = _BARE_USERINFO.sub(lambda m: f"{m['user']}:***@", text)
     return _SECRET_PARAMS.sub(lambda m: f"{m['name']}{m['sep']}***", text)
 
 

@@ -103,11 +103,17 @@ _THRESHOLD_REFRESH_S = 1.0
 _YOUNG_REFRESHES = 20
 #: How long a kept root is remembered, for records under it that arrive later (a task it spawned).
 _KEPT_MEMORY_S = 60.0
+#: At most this many of them: memory stays bounded however many roots are kept per minute.
+_KEPT_MAX = 65_536
 #: Records whose root has not been decided are held this long, at most this many.
 _PENDING_MAX_AGE_S = 30.0
 _PENDING_MAX_ROWS = 100_000
 #: Device times of CUDA stages held for their spans (span id -> seconds), oldest forgotten first.
 _DEVICE_TIMES_MAX = 16_384
+#: The share of a span processor's shutdown budget (at most _SHUTDOWN_RESERVE_MAX_S) kept for its
+#: thread to end after the exporter was shut down.
+_SHUTDOWN_RESERVE = 0.2
+_SHUTDOWN_RESERVE_MAX_S = 0.5
 #: Exemplars kept per key between two exports.
 EXEMPLARS_PER_KEY = 4
 
@@ -383,7 +389,11 @@ class TracePipeline:
     def _forget(self, now: float) -> None:
         if len(self._kept) > 1024:
             horizon = now - _KEPT_MEMORY_S
-            self._kept = {root: at for root, at in self._kept.items() if at >= horizon}
+            kept = {root: at for root, at in self._kept.items() if at >= horizon}
+            if len(kept) > _KEPT_MAX:
+                # Sampling everything at a high rate: the newest roots only (insertion order).
+                kept = dict(itertools.islice(kept.items(), len(kept) - _KEPT_MAX, None))
+            self._kept = kept
 
     # -- spans ------------------------------------------------------------------------------------
 
@@ -619,10 +629,13 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         """Export what is queued within ``timeout_millis``, then shut the exporter down; what
         could not be exported in time is counted as dropped. Never waits longer."""
         deadline = time.monotonic() + timeout_millis / 1e3
+        # A slice of the budget is kept for the thread to end once the exporter is shut down.
+        reserve_s = min(timeout_millis / 1e3 * _SHUTDOWN_RESERVE, _SHUTDOWN_RESERVE_MAX_S)
         self.begin_shutdown()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
+        own = thread is not None and thread is not threading.current_thread()
+        if own:
+            thread.join(max(0.0, deadline - reserve_s - time.monotonic()))  # type: ignore[union-attr]
         with self._cond:
             self._abandoned = True
             self.dropped += len(self._queue)
@@ -633,6 +646,8 @@ class BoundedBatchSpanProcessor(SpanProcessor):
             self.exporter.shutdown()
         except Exception:
             self._log.warning("inferscope: shutting down the span exporter failed", exc_info=True)
+        if own:
+            thread.join(max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
 
     def _after_fork_in_child(self) -> None:
         # The parent's thread and its lock do not exist in the child; the child exports its own.

@@ -1,0 +1,485 @@
+"""Faults an operator's service meets: forks while threads record, collectors that are down or never
+answer, ports that are taken, producers that never pause, credentials in endpoints.
+
+Each scenario runs in a fresh interpreter (a hang or a crash fails the test instead of pytest), on
+both backends where it applies: the scenarios that depend on the backend run once per backend in
+the same test run. Nothing here asserts a duration: a scenario that used to hang must end, and a
+bounded one must end before a timeout many times its budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from inferscope import ConfigError, _selflog
+from inferscope._selflog import ErrorCounter, RateLimitedLog, redact
+
+from .conftest import _native, run_python
+
+#: Backend selections for scenarios that run once per backend in the same test run.
+BACKEND_ENVS = [pytest.param({"INFERSCOPE_NO_EXTENSION": "1"}, id="python")]
+if _native is not None:
+    BACKEND_ENVS.append(pytest.param({"INFERSCOPE_NO_EXTENSION": ""}, id="c"))
+
+PRELUDE = """
+import json, logging, os, signal, socket, sys, threading, time
+import inferscope
+from inferscope.testing import InMemoryMetricExporter
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+@inferscope.track_inference(model="m")
+def predict():
+    with inferscope.stage("s"):
+        return 1
+
+def result(**values):
+    # A line of its own, whatever an exporter printed to stdout meanwhile.
+    os.write(1, ("\\nRESULT " + json.dumps(values) + "\\n").encode())
+"""
+
+
+def scenario(code: str, *, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[dict, str]:
+    """Run PRELUDE + code; returns the RESULT it printed and its stderr."""
+    done = run_python(PRELUDE + textwrap.dedent(code), env=env, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :]), done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port that another socket holds, listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def silent_collector() -> Iterator[int]:
+    """A collector that accepts connections and never answers (a hung backend)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield int(sock.getsockname()[1])
+    stop.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    sock.close()
+
+
+# --- 1. fork under recording threads ---------------------------------------------------------------
+
+FORKS = """
+import os, signal
+EXPORTER, TRACING, FORKS, CLOSED = {exporter!r}, {tracing!r}, {forks}, {closed}
+settings = dict(export_interval_millis=200, export_timeout_millis=200, drain_interval_millis=5)
+if EXPORTER == "memory":
+    settings["metric_exporters"] = [InMemoryMetricExporter()]
+    if TRACING:
+        settings["span_exporters"] = [InMemorySpanExporter()]
+elif EXPORTER in ("grpc", "http/protobuf"):
+    settings.update(metrics_exporters="otlp", otlp_endpoint=f"http://127.0.0.1:{{CLOSED}}",
+                    otlp_protocol=EXPORTER, traces_exporters="otlp" if TRACING else "none")
+elif EXPORTER == "console":
+    settings.update(metrics_exporters="console", traces_exporters="console" if TRACING else "none")
+elif EXPORTER == "prometheus":
+    settings.update(metrics_exporters="prometheus", prometheus_port=0)
+    if TRACING:
+        settings["span_exporters"] = [InMemorySpanExporter()]
+if TRACING:
+    settings["trace_sampler"] = "always_on"
+inferscope.configure(**settings)
+
+stop = threading.Event()
+def work():
+    while not stop.is_set():
+        predict()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+hung = failed = 0
+for _ in range(FORKS):
+    pid = os.fork()
+    if pid == 0:
+        for _ in range(3):
+            predict()
+        os._exit(0 if inferscope.snapshot().row("m").count == 3 else 3)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            failed += os.waitstatus_to_exitcode(status) != 0
+            break
+        if time.monotonic() > deadline:  # hung: inside fork(), before the child's code ran
+            hung += 1
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.002)
+stop.set()
+for t in threads:
+    t.join()
+result(hung=hung, failed=failed)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("backend", BACKEND_ENVS)
+@pytest.mark.parametrize(
+    ("exporter", "tracing", "forks"),
+    [
+        ("memory", True, 100),
+        ("memory", False, 100),
+        ("grpc", True, 30),
+        ("http/protobuf", True, 30),
+        ("console", True, 30),
+        ("prometheus", False, 30),
+    ],
+)
+def test_children_forked_under_recording_threads_all_run(backend, exporter, tracing, forks) -> None:
+    # Before: 2 to 7 children in 100 hung in the fork handler, on the exemplars' lock that the
+    # drainer held when the main thread forked.
+    code = FORKS.format(exporter=exporter, tracing=tracing, forks=forks, closed=free_port())
+    out, _ = scenario(code, env=backend, timeout=600)
+    assert out == {"hung": 0, "failed": 0}
+
+
+# --- 2. one shutdown budget, a dead collector ------------------------------------------------------
+
+DEAD_COLLECTOR = """
+PROTOCOL, PORT, EXPLICIT = {protocol!r}, {port}, {explicit!r}
+inferscope.configure(
+    otlp_endpoint=f"http://127.0.0.1:{{PORT}}", otlp_protocol=PROTOCOL, trace_sampler="always_on",
+    export_interval_millis=200, export_timeout_millis=120_000, shutdown_timeout_millis=1000,
+)
+for _ in range(2000):
+    predict()
+time.sleep(1.0)  # a few failed pushes and span batches
+if EXPLICIT:
+    inferscope.shutdown()
+    alive = sorted(t.name for t in threading.enumerate() if t.name == "inferscope-spans")
+    result(after_shutdown=alive)
+else:
+    result(exiting=True)  # exit shuts down within shutdown_timeout_millis
+"""
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize("collector", ["closed", "silent"])
+@pytest.mark.parametrize("explicit", [True, False], ids=["shutdown", "exit"])
+def test_shutdown_with_a_dead_collector_keeps_its_budget(
+    protocol, collector, explicit, silent_collector
+) -> None:
+    # Before: 35 s and more for a 5 s budget (the span processor's flush and join had no timeout);
+    # here 1 s against exporters allowed 120 s per push: without the budget this cannot finish
+    # within the subprocess timeout.
+    port = free_port() if collector == "closed" else silent_collector
+    code = DEAD_COLLECTOR.format(protocol=protocol, port=port, explicit=explicit)
+    out, stderr = scenario(code, timeout=60)
+    if explicit and not (collector == "silent" and protocol == "http/protobuf"):
+        # The exporter's shutdown cancels its call in flight; only an HTTP request to a backend
+        # that never answers runs on to its own timeout, in a daemon thread.
+        assert out["after_shutdown"] == []
+    # A dead collector: one line per exporter (metrics, spans) per minute, not one per retry.
+    mentions = [line for line in stderr.splitlines() if f"127.0.0.1:{port}" in line]
+    assert len(mentions) <= 2, stderr[-3000:]
+
+
+def test_ctrl_c_during_the_exit_shutdown_ends_it_at_once(silent_collector) -> None:
+    code = PRELUDE + textwrap.dedent(
+        f"""
+        inferscope.configure(
+            otlp_endpoint="http://127.0.0.1:{silent_collector}", trace_sampler="always_on",
+            export_timeout_millis=120_000, shutdown_timeout_millis=120_000,
+        )
+        for _ in range(100):
+            predict()
+        print("exiting", flush=True)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "exiting"
+        time.sleep(1.0)  # inside the exit-time shutdown, waiting on the silent collector
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)  # the budget is 120 s: only Ctrl-C ends it
+    finally:
+        proc.kill()
+    assert "shutdown interrupted" in stderr, stderr[-3000:]
+
+
+# --- 3. configure() is atomic -----------------------------------------------------------------------
+
+ATOMIC = """
+exporter = InMemoryMetricExporter()
+inferscope.configure(metric_exporters=[exporter], export_interval_millis=60_000)
+for _ in range(100):
+    predict()
+errors = []
+for bad in ({BAD}):
+    try:
+        inferscope.configure(metrics_exporters="prometheus", **bad)
+    except inferscope.ConfigError as exc:
+        errors.append([exc.setting, str(exc)])
+    except Exception as exc:
+        errors.append(["raw", repr(exc)])
+for _ in range(20_000):
+    predict()
+drainer = [t.name for t in threading.enumerate() if t.name == "inferscope-drainer"]
+count = inferscope.snapshot().row("m").count
+inferscope.shutdown()
+exported = sum(p.count for p in exporter.latest_points("inferscope.inference.duration"))
+result(errors=errors, drainer=drainer, count=count, exported=exported,
+       settings=inferscope.current_settings().metrics_exporters)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKEND_ENVS)
+def test_a_configure_that_cannot_be_served_keeps_the_running_pipeline(backend, busy_port) -> None:
+    # Before: a raw OSError/gaierror, the running exporter shut down and the drainer gone, and
+    # most of the following records dropped.
+    bad = f'{{"prometheus_port": {busy_port}}}, {{"prometheus_host": "no-such-host.invalid"}}'
+    out, _ = scenario(ATOMIC.replace("{BAD}", bad), env=backend)
+    assert [setting for setting, _ in out["errors"]] == ["prometheus_port", "prometheus_host"]
+    assert str(busy_port) in out["errors"][0][1]
+    assert "no-such-host.invalid" in out["errors"][1][1]
+    assert out["drainer"] == ["inferscope-drainer"]
+    assert out["count"] == out["exported"] == 20_100
+    assert out["settings"] == []  # the settings in force are the previous ones
+
+
+def test_configure_on_the_same_prometheus_port_keeps_serving_it() -> None:
+    port = free_port()
+    out, _ = scenario(
+        f"""
+        import urllib.request
+        inferscope.configure(metrics_exporters="prometheus", prometheus_port={port})
+        predict()
+        inferscope.configure(metrics_exporters="prometheus", prometheus_port={port}, counters="minimal")
+        predict()
+        body = urllib.request.urlopen("http://127.0.0.1:{port}/metrics").read().decode()
+        line = [l for l in body.splitlines() if l.startswith("inferscope_inference_duration_seconds_count")]
+        result(port=inferscope.prometheus_port(), line=line)
+        """
+    )
+    assert out["port"] == port
+    assert len(out["line"]) == 1 and out["line"][0].endswith(" 2.0")
+
+
+# --- 4. a Prometheus port that is taken costs that exporter only -----------------------------------
+
+BUSY_PORT_WORKER = """
+for _ in range(CALLS):
+    predict()
+result(count=inferscope.snapshot().row("m").count, port=inferscope.prometheus_port())
+"""
+
+
+@pytest.mark.parametrize("backend", BACKEND_ENVS)
+def test_a_taken_prometheus_port_costs_that_exporter_only(backend, busy_port) -> None:
+    env = {
+        **backend,
+        "INFERSCOPE_METRICS_EXPORTER": "prometheus,console",
+        "INFERSCOPE_PROMETHEUS_PORT": str(busy_port),
+        "INFERSCOPE_EXPORT_INTERVAL_MILLIS": "600000",
+    }
+    done = run_python(PRELUDE + "CALLS = 500\n" + BUSY_PORT_WORKER, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.split("RESULT ")[1].splitlines()[0]) == {"count": 500, "port": None}
+    assert '"count": 500' in done.stdout  # the console exporter's export at exit
+    errors = [line for line in done.stderr.splitlines() if "prometheus" in line.lower()]
+    assert len(errors) == 1, done.stderr
+    assert "prometheus_port" in errors[0] and str(busy_port) in errors[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_pre_fork_workers_sharing_one_prometheus_port_all_record_and_export() -> None:
+    # Several worker processes configured alike from the environment, as a pre-fork server
+    # starts them: one serves the port, every one records and pushes its own counts.
+    env = {
+        **os.environ,
+        "INFERSCOPE_METRICS_EXPORTER": "prometheus,console",
+        "INFERSCOPE_PROMETHEUS_PORT": str(free_port()),
+        "INFERSCOPE_EXPORT_INTERVAL_MILLIS": "600000",
+    }
+    code = PRELUDE + "time.sleep(0.5)\nCALLS = 300\n" + BUSY_PORT_WORKER + "time.sleep(1.0)\n"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    results = []
+    for worker, (stdout, stderr) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, stderr
+        results.append(json.loads(stdout.split("RESULT ")[1].splitlines()[0]))
+        assert '"count": 300' in stdout, stdout[-2000:]
+    assert [r["count"] for r in results] == [300, 300, 300]
+    assert sum(r["port"] is not None for r in results) == 1
+
+
+# --- 5. reads return under producers that never pause -----------------------------------------------
+
+FREE_RUNNING = """
+def produce():
+    while True:
+        predict()
+for _ in range(4):
+    threading.Thread(target=produce, daemon=True).start()
+time.sleep(0.5)
+reads = 0
+for _ in range(10):
+    inferscope.snapshot()
+    reads += 1
+inferscope.configure(counters="minimal")  # drains the old pipeline's ring, then rebuilds
+inferscope.snapshot()
+result(reads=reads, configured=inferscope.current_settings().counters)
+os._exit(0)  # the producers never stop
+"""
+
+
+@pytest.mark.parametrize("backend", BACKEND_ENVS)
+def test_reads_return_while_producers_never_pause(backend) -> None:
+    # Before: snapshot() held the drainer for as long as the producers ran, and configure() never
+    # returned on the pure-Python backend.
+    out, _ = scenario(FREE_RUNNING, env=backend, timeout=300)
+    assert out == {"reads": 10, "configured": "minimal"}
+
+
+# --- smaller defects --------------------------------------------------------------------------------
+
+
+def test_importing_starts_no_thread_until_the_first_tracked_function() -> None:
+    done = run_python(
+        """
+        import threading
+        import inferscope
+        before = threading.active_count()
+        @inferscope.track_inference(model="m")
+        def predict():
+            return 1
+        names = sorted(t.name for t in threading.enumerate())
+        print(before, "inferscope-drainer" in names)
+        """,
+        env={"INFERSCOPE_METRICS_EXPORTER": "console", "INFERSCOPE_EXPORT_INTERVAL_MILLIS": "600000"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:2] == ["1", "True"]
+
+
+def test_credentials_never_reach_an_error_message_or_a_log_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        from inferscope.config import load_settings
+
+        load_settings({"otlp_endpoint": "http://user:hunter2@a b:4317"}, environ={})
+    assert "hunter2" not in str(caught.value)
+    assert "user:***@" in str(caught.value)
+    port = free_port()
+    _, stderr = scenario(
+        f"""
+        inferscope.configure(otlp_endpoint="http://svc:hunter2@127.0.0.1:{port}", export_interval_millis=200)
+        for _ in range(10):
+            predict()
+        time.sleep(1.0)
+        result(done=True)
+        """
+    )
+    assert "127.0.0.1" in stderr  # the failure is logged ...
+    assert "hunter2" not in stderr  # ... without the password
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("https://svc:hunter2@otel:4318/v1/traces", "https://svc:***@otel:4318/v1/traces"),
+        ("grpc://t0ken@otel:4317", "grpc://***@otel:4317"),
+        ("http://u:p@ss@otel:4317", "http://u:***@otel:4317"),
+        ("https://otel/v1?api_key=abc&x=1", "https://otel/v1?api_key=***&x=1"),
+        ("Authorization=Bearer abc123,x=1", "Authorization=***,x=1"),
+        ("ops@example.com reached http://otel:4317", "ops@example.com reached http://otel:4317"),
+        ("errors resolving svc:hunter2@127.0.0.1:4317", "errors resolving svc:***@127.0.0.1:4317"),
+    ],
+)
+def test_redact(text: str, redacted: str) -> None:
+    assert redact(text) == redacted
+
+
+def test_the_error_counter_is_exact_from_many_threads() -> None:
+    counter = ErrorCounter()
+
+    def hammer() -> None:
+        for _ in range(20_000):
+            counter.add()
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counter.value == 160_000
+
+
+def test_the_log_limiter_logs_each_kind_once_per_interval(caplog) -> None:
+    now = [100.0]
+    log = RateLimitedLog(interval_seconds=60.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="inferscope"):
+        assert log.warning("inferscope: collector down") is True
+        assert log.warning("inferscope: collector down") is False
+        assert log.warning("inferscope: another failure") is True
+        now[0] += 60.0
+        assert log.warning("inferscope: collector down") is True
+    assert [r.getMessage() for r in caplog.records] == [
+        "inferscope: collector down",
+        "inferscope: another failure",
+        "inferscope: collector down",
+    ]
+
+
+def test_report_error_counts_every_failure_and_logs_once(caplog) -> None:
+    before = _selflog.ERRORS.value
+    with caplog.at_level("ERROR", logger="inferscope"):
+        for _ in range(5):
+            try:
+                raise RuntimeError("boom")
+            except RuntimeError:
+                _selflog.report_error("inferscope: a test failure, reported five times")
+    assert _selflog.ERRORS.value == before + 5
+    assert len([r for r in caplog.records if "reported five times" in r.getMessage()]) <= 1
