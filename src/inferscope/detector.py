@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .baseline import MIN_WINDOW_CALLS, Baseline, KeyFigures, ProcessFigures, StageBaseline
@@ -76,7 +76,7 @@ PRECEDENCE = (
 CAUSES = (*PRECEDENCE, "memory_growth")
 
 #: Calls a run of windows must hold before it can be reported.
-MIN_CALLS = 50
+MIN_CALLS = 30
 #: A window exceeds only when its figure is this many noise units (1.4826 x MAD) above the baseline.
 NOISE_UNITS = 3.0
 #: Windows of a candidate that may miss (not exceed) in a row before it is dropped.
@@ -89,8 +89,12 @@ STEAL_RISE = 0.05
 THROTTLED_RISE = 0.05
 SWITCHES_RATIO = 2.0
 SWITCHES_RISE = 0.5
+#: Off-CPU time per call must grow this many times faster than CPU time per call to count.
+OFF_CPU_OUTGROWS = 1.5
 #: A descendant's (or a sibling's) change that covers this share of a key's change explains it.
 _EXPLAINED_SHARE = 0.5
+#: A stage's rise (per inference) under this share of the inference's cost is not raised.
+MATERIAL_SHARE = 0.01
 #: Regressions kept after they close, for ``regressions()``.
 _RECENT_CLOSED = 100
 
@@ -184,6 +188,8 @@ class _Track:
     reference: str = "anchor"
     opened: _Open | None = None
     suppressed: str | None = None
+    #: Windows with too few calls to vote, waiting to be pooled with the next ones.
+    pending: list[Window] = field(default_factory=list)
 
 
 def _fraction(now: float | None, base: float | None) -> float | None:
@@ -484,7 +490,17 @@ class Detector:
     ) -> None:
         thr = self.settings.threshold
         track = self._tracks.setdefault((model, stage, metric), _Track())
-        figures = self._pool([window], model, stage)
+        # A window with too few calls to say anything is pooled with the next ones (a slow service,
+        # or one slowed down so much that it serves a few calls a window).
+        voting = [*track.pending, window]
+        figures = self._pool(voting, model, stage)
+        if (
+            figures.count < MIN_WINDOW_CALLS
+            and window.end_unix - voting[0].start_unix < self.settings.sustain_seconds
+        ):
+            track.pending = voting
+            return
+        track.pending = []
         value = self._value(figures, metric, base, pooled=False)
         ref, noise = self._reference(base, metric, pooled=False)
         rolling_base = rolling.stage(stage) if rolling is not None else None
@@ -500,7 +516,7 @@ class Detector:
             return  # too few calls to vote
         if exceeds_anchor or exceeds_rolling:
             if track.since is None:
-                track.since, track.hits, track.misses = window.start_unix, 0, 0
+                track.since, track.hits, track.misses = voting[0].start_unix, 0, 0
             track.hits += 1
             track.misses = 0
             track.reference = "anchor" if exceeds_anchor else "rolling"
@@ -665,6 +681,15 @@ class Detector:
                 covered = max(covered, child or 0.0)
         if covered >= _EXPLAINED_SHARE * delta:
             return f"an open regression of a stage below explains {covered / delta:.0%} of the rise"
+        inference = anchor.stage(None)
+        total_then = None
+        if inference is not None:
+            total_then = inference.cpu_per_call if metric == "cpu" else inference.mean_seconds
+        if stage is not None and total_then and delta < MATERIAL_SHARE * total_then:
+            return (
+                f"the rise ({delta * 1e3:.4f} ms per inference) is under {MATERIAL_SHARE:.0%} of the "
+                "inference's cost"
+            )
         if stage is None:
             return None
         total = self._mean_delta(span, model, None, metric, anchor)
@@ -804,14 +829,43 @@ class Detector:
             then = switches_then or 0.0
             if switches_now >= SWITCHES_RATIO * then and switches_now - then >= SWITCHES_RISE:
                 signals.append(f"involuntary switches per call {then:.2f} -> {switches_now:.2f}")
+        # Off the CPU: the calling thread spends most of the rise waiting, and its waiting grew
+        # faster than its CPU time (more of the same work makes both grow alike, BLAS helpers
+        # included). Preempted (contention) unless the thread switched out on its own (voluntary
+        # switches up, involuntary not: I/O, locks, sleeps), which rusage tells.
         off_then, off_now = base.off_cpu_per_call, current.off_cpu_per_call
-        off_up = (
-            off_then is not None
+        mean_then, mean_now = base.mean_seconds, current.mean_seconds
+        cpu_then_call, cpu_now_call = base.cpu_per_call, current.cpu_per_call
+        off_up = False
+        share_then = share_now = 0.0
+        if (
+            off_then
             and off_now is not None
-            and current.mean_seconds is not None
-            and base.mean_seconds is not None
-            and off_now - off_then >= 0.5 * (current.mean_seconds - base.mean_seconds) > 0
+            and cpu_then_call
+            and cpu_now_call is not None
+            and mean_then
+            and mean_now
+            and mean_now > mean_then
+        ):
+            share_then, share_now = off_then / mean_then, off_now / mean_now
+            off_growth, cpu_growth = off_now / off_then, cpu_now_call / cpu_then_call
+            off_up = (
+                off_growth >= 1 + thr
+                and off_growth >= OFF_CPU_OUTGROWS * cpu_growth
+                and off_now - off_then >= 0.5 * (mean_now - mean_then)
+            )
+        voluntary_then = base.counters_per_call.get("voluntary_switches")
+        voluntary_now = current.counter_per_call("voluntary_switches")
+        waits_on_its_own = (
+            voluntary_now is not None
+            and voluntary_now >= SWITCHES_RATIO * (voluntary_then or 0.0)
+            and not any(s.startswith("involuntary") for s in signals)
         )
+        if off_up and not waits_on_its_own:
+            signals.append(
+                f"the calling thread is off the CPU {share_now:.0%} of the time (anchor {share_then:.0%}): "
+                f"{_ms(off_then)} -> {_ms(off_now)} ms per call"
+            )
         holds["contention"] = bool(signals)
         if signals:
             cpu_then, cpu_now = base.cpu_per_call, current.cpu_per_call
@@ -820,16 +874,14 @@ class Detector:
                     f"CPU per call rose too ({cpu_now / cpu_then:.1f}x): "
                     "threads spin while they wait for a core"
                 )
-            if off_up:
-                signals.append("the calling thread spends the rise off the CPU")
             evidence["contention"] = signals
             why["contention"] = "; ".join(signals)
         else:
             why["contention"] = (
-                "off-CPU time rose, but with no sign from the host (canary, pressure, steal, throttling, "
-                "involuntary switches): the stage waits on something of its own"
+                "the calling thread waits longer, but it switches out on its own (voluntary switches "
+                "up): I/O, locks or sleeps of the stage itself"
                 if off_up
-                else "canary, CPU pressure, steal, throttling and involuntary switches as in the anchor"
+                else "canary, CPU pressure, steal, throttling, switches and off-CPU time as in the anchor"
             )
 
         # load: a queueing key grew with the arrival rate.

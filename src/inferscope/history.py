@@ -138,7 +138,13 @@ class HistoryStore:
         if not first:
             return []
         start = min(first)
-        return self.windows(service, model, until_unix=start + seconds)
+        # Window boundaries need not fall on start + seconds: read a little past it, and keep the
+        # windows up to the first one that completes the span.
+        windows = self.windows(service, model, until_unix=start + 2 * seconds)
+        for index, window in enumerate(windows):
+            if window.end_unix - start >= seconds - 1e-6:
+                return windows[: index + 1]
+        return windows
 
     def environment(self, fingerprint: str) -> dict[str, Any] | None:
         """The environment recorded under ``fingerprint``."""
