@@ -19,6 +19,7 @@ from .counters import counters_status
 from .detector import Regression, regressions
 from .system import environment
 from .tracking import bind, stage, track_inference
+from .windows import add_window_listener, recent_windows, remove_window_listener, set_input_size
 
 __all__ = [
     "BACKEND_REASON",
@@ -29,6 +30,7 @@ __all__ = [
     "Snapshot",
     "StatsRow",
     "__version__",
+    "add_window_listener",
     "backend",
     "bind",
     "configure",
@@ -36,7 +38,10 @@ __all__ = [
     "current_settings",
     "environment",
     "prometheus_port",
+    "recent_windows",
     "regressions",
+    "remove_window_listener",
+    "set_input_size",
     "shutdown",
     "snapshot",
     "stage",

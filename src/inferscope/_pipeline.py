@@ -67,6 +67,7 @@ from .export.traces import (
     uninstall_runtime_context,
 )
 from .system import check_oversubscription, install_import_hook, register_system_metrics, resource_attributes
+from .windows import WINDOWS
 
 _logger = logging.getLogger("inferscope")
 
@@ -154,6 +155,7 @@ class Drainer:
                             traces.add(self._buffer[:n])
                         except Exception:
                             report_error("inferscope: building spans from a batch of records failed")
+                    WINDOWS.add_records(self._buffer[:n])  # never raises
                 if n == 0:
                     break
         return total
@@ -197,6 +199,7 @@ class Drainer:
             next_due = time.monotonic() + self.interval_millis / 1e3
             try:
                 self.drain()
+                WINDOWS.tick()  # closes a window every window_seconds; never raises
             except Exception:
                 report_error("inferscope: draining the ring failed")
 
@@ -362,10 +365,7 @@ class Exports:
 
     def _serve_prometheus(self, settings: Settings, previous: Exports | None, strict: bool) -> None:
         self.prometheus_collector = PrometheusCollector(
-            collect_view,
-            settings.histogram_boundaries,
-            counters=counter_metrics(settings.counter_mask),
-            resource=self.resource,  # served as target_info
+            collect_view, settings.histogram_boundaries, counters=counter_metrics(settings.counter_mask)
         )
         old = previous.prometheus if previous is not None else None
         if (
@@ -465,12 +465,9 @@ class Exports:
         together: spans are exported while the metric exporters finish. ``successor``, the
         pipeline replacing this one, keeps what it took over (the endpoint, a user provider)."""
         deadline = time.monotonic() + timeout_millis / 1e3
-        # The span queues export meanwhile; a slice of the budget is kept for their exporters to
-        # be shut down and their threads to end, whatever the metric exporters took.
-        reserve_ms = min(timeout_millis * 0.2, 500.0) if self._span_queues else 0.0
 
         def left() -> float:
-            return max(0.0, (deadline - time.monotonic()) * 1e3 - reserve_ms)
+            return max(0.0, (deadline - time.monotonic()) * 1e3)
 
         tracing = self.traces is not None
         if tracing:
@@ -497,7 +494,7 @@ class Exports:
                 # The application's TracerProvider is only flushed: it is the application's.
                 what = "flushing the application's span processors"
                 _within(left(), what, app_processor.force_flush, int(left()))
-        self._shutdown_span_queues(left() + reserve_ms)
+        self._shutdown_span_queues(left())
 
     def _shutdown_span_queues(self, timeout_millis: float) -> None:
         deadline = time.monotonic() + timeout_millis / 1e3
@@ -790,6 +787,7 @@ def shutdown(timeout_millis: float | None = None) -> None:
             # Stages on CUDA whose work is still running: their device time is recorded too.
             DEVICE_TIMER.wait(min(left() / 1e3, 2.0))
             DRAINER.drain()
+            WINDOWS.shutdown()  # the last, partial window: recorded and handed on
             exports, _exports = _exports, None
             DRAINER.traces = None
             if exports is not None:

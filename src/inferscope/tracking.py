@@ -19,6 +19,7 @@ from ._keys import ERROR_TYPE, MODEL_NAME, MODEL_VERSION, OVERFLOW_ATTRIBUTE, ST
 from ._records import FLAG_ABANDONED
 from ._runtime import REGISTRY, RUNTIME
 from .counters.cuda import DEVICE_TIMER, device_stage_factory
+from .windows import WINDOWS, check_size
 
 __all__ = ["bind", "stage", "track_inference"]
 
@@ -44,6 +45,7 @@ def track_inference(
     *,
     version: str | int | None = None,
     attributes: Mapping[str, str | int | float | bool] | None = None,
+    size: Callable[..., float] | None = None,
 ) -> Callable[[F], F]: ...
 @overload
 def track_inference(
@@ -51,6 +53,7 @@ def track_inference(
     model: str | None = None,
     version: str | int | None = None,
     attributes: Mapping[str, str | int | float | bool] | None = None,
+    size: Callable[..., float] | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -61,6 +64,7 @@ def track_inference(
     model: str | None = None,
     version: str | int | None = None,
     attributes: Mapping[str, str | int | float | bool] | None = None,
+    size: Callable[..., float] | None = None,
 ) -> Any:
     """Track every call of a model: latency, CPU time, errors, and the stages inside it.
 
@@ -77,6 +81,14 @@ def track_inference(
     ``model`` defaults to the function's qualified name. ``attributes`` are static: never put
     request data or user ids in them. The caller's exceptions pass through unchanged and are
     counted with ``error.type``.
+
+    ``size`` takes the call's arguments (``self`` too, for a method) and returns its input size:
+    items in the batch, tokens, bytes. Sizes are summed per window (``KeyWindow.size_sum``), so
+    that cost per item tells more data from more work. A size known only inside the call is given
+    with ``inferscope.set_input_size(n)``. A size function that raises is counted, never raised::
+
+        @inferscope.track_inference(model="fraud", size=lambda batch: len(batch))
+        def predict(batch): ...
     """
     if isinstance(func, str):
         if model is not None:
@@ -85,9 +97,11 @@ def track_inference(
     model = _check_model(model)
     version_text = _check_version(version)
     attrs = _check_attributes(attributes)
+    if size is not None and not callable(size):
+        raise TypeError(f"track_inference(size=...) must be a callable of the call's arguments, got {size!r}")
     if func is None:
-        return lambda f: _wrap(f, model, version_text, attrs)
-    return _wrap(func, model, version_text, attrs)
+        return lambda f: _wrap(f, model, version_text, attrs, size)
+    return _wrap(func, model, version_text, attrs, size)
 
 
 def _check_model(model: object) -> str | None:
@@ -123,11 +137,17 @@ def _check_attributes(attributes: object) -> dict[str, str]:
     return checked
 
 
-def _wrap(func: Any, model: str | None, version: str | None, attributes: dict[str, str]) -> Any:
+def _wrap(
+    func: Any,
+    model: str | None,
+    version: str | None,
+    attributes: dict[str, str],
+    size: Callable[..., float] | None = None,
+) -> Any:
     if isinstance(func, staticmethod):
-        return staticmethod(_wrap(func.__func__, model, version, attributes))
+        return staticmethod(_wrap(func.__func__, model, version, attributes, size))
     if isinstance(func, classmethod):
-        return classmethod(_wrap(func.__func__, model, version, attributes))
+        return classmethod(_wrap(func.__func__, model, version, attributes, size))
     if isinstance(func, type):
         # Wrapping the class itself would replace it with a function: isinstance() and
         # subclassing would break for every user of the class.
@@ -153,10 +173,39 @@ def _wrap(func: Any, model: str | None, version: str | None, attributes: dict[st
         wrapper = _track_coroutine(func, key)
     else:
         wrapper = RUNTIME.track(func, key)
+    if size is not None:
+        wrapper = _sized(wrapper, func, key, size)
     # A callable object without a writable __dict__ is tracked all the same.
     with contextlib.suppress(AttributeError):
         functools.update_wrapper(wrapper, func)
     return wrapper
+
+
+def _sized(tracked: Any, func: Any, key: int, size: Callable[..., float]) -> Any:
+    """``tracked`` that first adds ``size(*args, **kwargs)`` to the inference's input size. Only
+    models tracked with ``size=`` pay for it; the others keep the bare tracked call."""
+    if inspect.iscoroutinefunction(func):
+
+        async def sized_coroutine(*args: Any, **kwargs: Any) -> Any:
+            _add_size(key, size, args, kwargs)
+            return await tracked(*args, **kwargs)
+
+        return sized_coroutine
+
+    def sized(*args: Any, **kwargs: Any) -> Any:
+        _add_size(key, size, args, kwargs)
+        return tracked(*args, **kwargs)
+
+    return sized
+
+
+def _add_size(key: int, size: Callable[..., float], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if not RUNTIME.enabled:
+        return
+    try:
+        WINDOWS.sizes.add(key, check_size(size(*args, **kwargs)))
+    except Exception:
+        WINDOWS.size_failed()
 
 
 def _track_coroutine(

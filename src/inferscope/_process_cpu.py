@@ -1,0 +1,162 @@
+"""Process CPU per inference: the CPU of every thread, shared out to inferences by wall-time overlap.
+
+The per-stage CPU clock counts the calling thread only; the threads of BLAS, torch's intra-op pool
+or onnxruntime work for the inference too. Reading the process CPU clock on the hot path would cost
+500-700 ns per call, so the drainer samples it once per drain instead (``sample()``), which cuts
+time into intervals, each with the process CPU it used. Each inference record (``add_records()``)
+adds its overlap with each interval; once an interval is ``horizon_seconds`` old, the inferences
+that ran in it are known, and its CPU goes to them in proportion to their overlap. An interval in
+which no inference ran keeps its CPU: that is the process's own, not an inference's.
+
+An inference longer than the horizon reaches intervals already shared out; it is credited at their
+rate (CPU per second of inference), or at the interval's whole CPU per second where nothing else
+ran, so a long inference is never free.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+
+from ._keys import KeyRegistry
+
+__all__ = ["ProcessCpuSharer"]
+
+#: Intervals kept after they are shared out, for inferences that end late (a 100 ms drain: ~7 min).
+_MAX_INTERVALS = 4096
+
+
+class ProcessCpuSharer:
+    """Shares the process CPU of each drain interval among the inferences that overlapped it.
+
+    ``sample()`` and ``take()`` run on the drainer thread; ``add_records()`` wherever the ring is
+    drained (the drainer, or a reader's thread through ``snapshot()``). One lock guards the state.
+    """
+
+    def __init__(self, registry: KeyRegistry, horizon_seconds: float = 1.0) -> None:
+        self._registry = registry
+        self.horizon_ns = int(horizon_seconds * 1e9)
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        #: Interval boundaries (monotonic ns): interval i is [_bounds[i], _bounds[i+1]]; the last one
+        #: is open until the next sample.
+        self._bounds: deque[int] = deque()
+        self._cpu: deque[float] = deque()  # CPU seconds of each closed interval
+        self._overlap: deque[dict[int, int]] = deque()  # per inference key: ns of overlap
+        self._rate: deque[float | None] = deque()  # CPU s per overlap ns, once shared out
+        self._shared = 0  # intervals [0, _shared) are shared out
+        self._last_cpu: float | None = None
+        self._credits: dict[int, float] = {}
+        self._is_inference = np.zeros(0, dtype=bool)
+        #: Records that ended before the oldest interval kept: their CPU is unknown.
+        self.missed = 0
+
+    def sample(self, now_ns: int, process_cpu_seconds: float) -> None:
+        """Close the open interval at ``now_ns`` with the process CPU clock's reading."""
+        with self._lock:
+            if self._last_cpu is None:
+                self._bounds.append(now_ns)
+                self._overlap.append({})
+                self._last_cpu = process_cpu_seconds
+                return
+            if now_ns <= self._bounds[-1]:
+                return
+            self._cpu.append(max(process_cpu_seconds - self._last_cpu, 0.0))
+            self._rate.append(None)
+            self._last_cpu = process_cpu_seconds
+            self._bounds.append(now_ns)
+            self._overlap.append({})  # the new open interval
+            self._share_until(now_ns - self.horizon_ns)
+            while len(self._cpu) > _MAX_INTERVALS and self._shared > 0:
+                self._bounds.popleft()
+                self._cpu.popleft()
+                self._overlap.popleft()
+                self._rate.popleft()
+                self._shared -= 1
+
+    def _share_until(self, until_ns: int) -> None:
+        # Caller holds the lock.
+        while self._shared < len(self._cpu) and self._bounds[self._shared + 1] <= until_ns:
+            i = self._shared
+            overlaps = self._overlap[i]
+            total = sum(overlaps.values())
+            cpu = self._cpu[i]
+            if total > 0:
+                rate = cpu / total
+                for key, ns in overlaps.items():
+                    self._credits[key] = self._credits.get(key, 0.0) + ns * rate
+            else:
+                rate = cpu / max(self._bounds[i + 1] - self._bounds[i], 1)
+            self._rate[i] = rate
+            overlaps.clear()
+            self._shared += 1
+
+    def flush(self) -> None:
+        """Share out every closed interval now (at shutdown: nothing more will arrive)."""
+        with self._lock:
+            self._share_until(1 << 62)
+
+    def add_records(self, records: np.ndarray) -> None:
+        """Add the wall time of the batch's inference records to the intervals they overlapped."""
+        if records.size == 0:
+            return
+        keys = records["key"]
+        with self._lock:
+            if not self._bounds:
+                return
+            if int(keys.max()) >= self._is_inference.size:
+                infos = self._registry.infos()
+                self._is_inference = np.array(
+                    [info.kind == "inference" and info.model is not None for info in infos], dtype=bool
+                )
+            inference = self._is_inference[np.minimum(keys, self._is_inference.size - 1)]
+            if not inference.any():
+                return
+            keys = keys[inference].astype(np.int64)
+            starts = records["start_ns"][inference]
+            ends = starts + np.maximum(records["wall_ns"][inference], 0)
+            bounds = np.fromiter(self._bounds, dtype=np.int64, count=len(self._bounds))
+            first = np.searchsorted(bounds, starts, side="right") - 1
+            last = np.searchsorted(bounds, ends, side="right") - 1
+            self.missed += int((last < 0).sum())
+            single = (first == last) & (first >= 0)
+            if single.any():
+                # The common case, one interval per record: sum the walls per (interval, key).
+                walls = (ends - starts)[single]
+                pairs, inverse = np.unique(
+                    np.stack((first[single], keys[single]), axis=1), axis=0, return_inverse=True
+                )
+                sums = np.bincount(inverse.ravel(), weights=walls, minlength=len(pairs))
+                for (index, key), ns in zip(pairs.tolist(), sums.tolist(), strict=True):
+                    self._add_overlap(index, key, int(ns))
+            for r in np.flatnonzero(~single & (last >= 0)).tolist():
+                start, end, key = int(starts[r]), int(ends[r]), int(keys[r])
+                for index in range(max(int(first[r]), 0), int(last[r]) + 1):
+                    low = max(start, self._bounds[index])
+                    high = end if index + 1 >= len(self._bounds) else min(end, self._bounds[index + 1])
+                    if high > low:
+                        self._add_overlap(index, key, high - low)
+
+    def _add_overlap(self, index: int, key: int, ns: int) -> None:
+        # Caller holds the lock.
+        if index >= self._shared:
+            overlaps = self._overlap[index]
+            overlaps[key] = overlaps.get(key, 0) + ns
+            return
+        rate = self._rate[index]
+        if rate is not None:
+            self._credits[key] = self._credits.get(key, 0.0) + ns * rate
+
+    def take(self) -> dict[int, float]:
+        """Process CPU seconds credited per inference key since the last ``take()``."""
+        with self._lock:
+            credits, self._credits = self._credits, {}
+        return credits
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()

@@ -1,0 +1,392 @@
+"""Windows: differences of the aggregates at window boundaries, per key and for the process."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import inferscope
+from inferscope import _pipeline
+from inferscope._keys import KeyRegistry
+from inferscope._process_cpu import ProcessCpuSharer
+from inferscope._records import empty_records
+from inferscope.windows import WINDOWS, Window
+
+from .conftest import run_python
+
+
+@pytest.fixture
+def windows(tmp_path):
+    """inferscope configured with windows that close only when the test closes them."""
+    inferscope.configure(window_seconds=86400, recorder=str(tmp_path / "r.sqlite"), counters="default")
+    WINDOWS.tick()
+    WINDOWS.close()  # a clean boundary: what the test does next is in the next window
+    yield WINDOWS
+    inferscope.configure()
+
+
+@inferscope.track_inference(model="win-model", version="7")
+def predict(x, fail=False):
+    with inferscope.stage("preprocess"):
+        total = sum(range(x))
+    with inferscope.stage("infer"):
+        if fail:
+            raise ValueError("bad input")
+        return total
+
+
+def _calls(n: int, failures: int = 0) -> None:
+    for i in range(n):
+        predict(200 + i)
+    for _ in range(failures):
+        with pytest.raises(ValueError):
+            predict(10, fail=True)
+
+
+def _key(window: Window, stage: str | None):
+    (found,) = [k for k in window.keys if k.model == "win-model" and k.stage == stage]
+    return found
+
+
+def test_a_window_is_the_difference_of_two_snapshots(windows) -> None:
+    _calls(30, failures=2)
+    before = inferscope.snapshot()
+    first = windows.close()
+    _calls(50, failures=3)
+    after = inferscope.snapshot()
+    second = windows.close()
+    assert first is not None and second is not None
+    assert second.start_unix == first.end_unix and second.seconds > 0
+    for stage in (None, "preprocess", "infer"):
+        key = _key(second, stage)
+        row_before, row_after = before.row("win-model", stage), after.row("win-model", stage)
+        assert key.count == row_after.count - row_before.count
+        assert key.errors == row_after.errors - row_before.errors
+        assert key.duration.count == key.count - key.errors  # successful calls only
+        assert key.version == "7"
+        assert key.cpu_seconds is not None and key.cpu_seconds > 0
+        assert key.cpu_wall_seconds > 0
+    assert _key(second, None).count == 53 and _key(second, None).errors == 3
+    assert _key(second, "preprocess").count == 53
+    # The duration histogram is the bucket delta of the aggregates.
+    view = _pipeline.AGGREGATOR.view()
+    whole = [
+        s for s in view.series if s.info.model == "win-model" and s.info.stage is None and not s.error_id
+    ]
+    assert _key(second, None).duration.count + _key(first, None).duration.count == whole[0].duration.count
+    # Stages carry no process CPU; the inference does (shared out by overlap, possibly later).
+    assert _key(second, "infer").process_cpu_seconds is None
+    assert _key(second, None).process_cpu_seconds is not None
+
+
+def test_windows_are_recent_and_listeners_get_each_one(windows, caplog) -> None:
+    got: list[Window] = []
+
+    def broken(window: Window) -> None:
+        raise RuntimeError("listener bug")
+
+    inferscope.add_window_listener(broken)
+    inferscope.add_window_listener(got.append)
+    inferscope.add_window_listener(got.append)  # once only
+    try:
+        errors_before = windows.listener_errors
+        _calls(5)
+        closed = [windows.close(), windows.close()]
+        assert got == closed
+        assert windows.listener_errors == errors_before + 2
+        assert inferscope.recent_windows(last=2) == tuple(closed)
+        assert len(inferscope.recent_windows()) >= 2
+        assert closed[1].keys == ()  # nothing happened in it
+    finally:
+        inferscope.remove_window_listener(broken)
+        inferscope.remove_window_listener(got.append)
+    windows.close()
+    assert len(got) == 2
+
+
+def test_the_process_window_holds_the_process_and_its_host(windows) -> None:
+    _calls(20)
+    time.sleep(0.6)  # the canary runs twice a second
+    WINDOWS.tick()
+    window = windows.close()
+    process = window.process
+    assert process.rss_bytes and process.rss_bytes > 10e6
+    assert process.process_cpu_seconds is not None and process.process_cpu_seconds > 0
+    assert process.canary_runs >= 1 and process.canary_wall_seconds and process.canary_cpu_seconds
+    assert process.cpu_count and process.cpu_count >= 1
+    assert process.fingerprint == inferscope.environment()["fingerprint"]
+    assert process.steal_fraction is None or 0 <= process.steal_fraction <= 1
+    assert process.cpu_pressure is None or 0 <= process.cpu_pressure <= 1
+    assert process.records_dropped == 0
+    # The recorder holds the window and the environment of its fingerprint.
+    recorder = WINDOWS.recorder()
+    stored = recorder.key_windows("win-model", stage=None, since_unix=window.end_unix)
+    assert [r.window for r in stored] == [_key(window, None)]
+    assert recorder.environment(process.fingerprint)["fingerprint"] == process.fingerprint
+
+
+def test_input_size_from_inside_the_call(windows) -> None:
+    @inferscope.track_inference(model="sized")
+    def sized(batch):
+        with inferscope.stage("infer"):
+            assert inferscope.set_input_size(len(batch))  # from a stage: the inference gets it
+        return batch
+
+    for n in (1, 2, 3, 10):
+        sized(list(range(n)))
+    assert inferscope.set_input_size(5) is False  # no inference open
+    with pytest.raises(TypeError):
+        inferscope.set_input_size("5")
+    with pytest.raises(ValueError):
+        inferscope.set_input_size(float("nan"))
+    window = windows.close()
+    (key,) = [k for k in window.keys if k.model == "sized" and k.stage is None]
+    assert (key.size_sum, key.size_count) == (16.0, 4)
+    (stage,) = [k for k in window.keys if k.model == "sized" and k.stage == "infer"]
+    assert (stage.size_sum, stage.size_count) == (0.0, 0)
+
+
+def test_input_size_from_the_arguments(windows) -> None:
+    @inferscope.track_inference(model="sized-args", size=lambda batch, **_: len(batch))
+    def sized(batch, scale=1):
+        return [x * scale for x in batch]
+
+    @inferscope.track_inference(model="sized-async", size=lambda batch: len(batch))
+    async def sized_async(batch):
+        return batch
+
+    @inferscope.track_inference(model="sized-broken", size=lambda batch: batch["missing"])
+    def broken(batch):
+        return batch
+
+    import asyncio
+
+    assert sized([1, 2, 3], scale=2) == [2, 4, 6]
+    assert sized([1]) == [1]
+    assert asyncio.run(sized_async([1, 2])) == [1, 2]
+    assert broken([1]) == [1]  # a failing size function never reaches the caller
+    window = windows.close()
+    sizes = {k.model: (k.size_sum, k.size_count) for k in window.keys if k.stage is None}
+    assert sizes["sized-args"] == (4.0, 2)
+    assert sizes["sized-async"] == (2.0, 1)
+    assert sizes["sized-broken"] == (0.0, 0)
+
+
+def test_process_cpu_is_shared_by_overlap() -> None:
+    registry = KeyRegistry()
+    a, b = registry.inference_key("a"), registry.inference_key("b")
+    stage = registry.stage_key(a, "infer")
+    sharer = ProcessCpuSharer(registry, horizon_seconds=0.15)
+    ms = 1_000_000
+    sharer.sample(0, 10.0)
+    records = empty_records(4)
+    # a: 0-100 ms; b: 50-100 ms; a's stage (not an inference); a again 100-300 ms, across intervals.
+    records["key"] = [a, b, stage, a]
+    records["start_ns"] = [0, 50 * ms, 0, 100 * ms]
+    records["wall_ns"] = [100 * ms, 50 * ms, 100 * ms, 200 * ms]
+    sharer.sample(100 * ms, 10.3)  # 0.3 CPU-s in the first 100 ms
+    sharer.sample(200 * ms, 10.4)
+    sharer.add_records(records)
+    sharer.sample(300 * ms, 10.5)
+    sharer.sample(400 * ms, 10.7)  # nobody ran here: the process's own
+    sharer.flush()
+    credits = sharer.take()
+    # Interval 1: a overlapped 100 ms, b 50 ms -> 0.2 and 0.1; intervals 2 and 3: a alone.
+    assert credits[a] == pytest.approx(0.2 + 0.1 + 0.1)
+    assert credits[b] == pytest.approx(0.1)
+    assert stage not in credits
+    assert sharer.take() == {}
+
+
+def test_process_cpu_reaches_an_inference_that_ends_late() -> None:
+    registry = KeyRegistry()
+    a = registry.inference_key("a")
+    sharer = ProcessCpuSharer(registry, horizon_seconds=0.0)
+    s = 1_000_000_000
+    for i in range(4):
+        sharer.sample(i * s, float(i))  # one core busy throughout
+    record = empty_records(1)
+    record["key"], record["start_ns"], record["wall_ns"] = a, 0, 3 * s
+    sharer.add_records(record)  # arrives after its intervals were shared out (to nobody)
+    assert sharer.take()[a] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_process_cpu_counts_helper_threads(tmp_path, threads) -> None:
+    code = f"""
+        import hashlib, json, threading, time, inferscope
+        inferscope.configure(window_seconds=86400, counters="default")
+        from inferscope.windows import WINDOWS
+        data = bytes(4 * 1024 * 1024)
+
+        def work():
+            hashlib.sha256(data).digest()  # releases the GIL: helper threads really run
+
+        @inferscope.track_inference(model="pool")
+        def predict():
+            helpers = [threading.Thread(target=work) for _ in range({threads - 1})]
+            for t in helpers:
+                t.start()
+            work()
+            for t in helpers:
+                t.join()
+
+        WINDOWS.tick(); WINDOWS.close()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            predict()
+            WINDOWS.tick()
+            time.sleep(0.001)
+        inferscope.shutdown()
+        keys = [k for w in inferscope.recent_windows() for k in w.keys if k.model == "pool"]
+        print(json.dumps({{"thread_cpu": sum(k.cpu_seconds for k in keys),
+                           "process_cpu": sum(k.process_cpu_seconds for k in keys)}}))
+    """
+    result = run_python(code, env={"INFERSCOPE_RECORDER": str(tmp_path / "r.sqlite")})
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    ratio = figures["process_cpu"] / figures["thread_cpu"]
+    if threads == 1:
+        assert 0.7 < ratio < 1.6, figures
+    else:
+        assert ratio > 1.8, figures  # the calling thread's clock misses the helpers' CPU
+
+
+def test_fork_child_starts_fresh_windows(tmp_path) -> None:
+    code = """
+        import json, os, threading, time, inferscope
+        from inferscope.windows import WINDOWS
+        inferscope.configure(window_seconds=0.2)
+
+        @inferscope.track_inference(model="parent")
+        def parent_call():
+            with inferscope.stage("s"):
+                return 1
+
+        @inferscope.track_inference(model="child")
+        def child_call():
+            return 2
+
+        stop = threading.Event()
+
+        def busy():
+            while not stop.is_set():
+                parent_call()
+                inferscope.set_input_size(1)
+
+        threads = [threading.Thread(target=busy) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.6)
+        assert inferscope.recent_windows()
+        pid = os.fork()
+        if pid == 0:
+            fresh = len(inferscope.recent_windows())
+            for _ in range(200):
+                child_call()
+            time.sleep(0.7)
+            models = {k.model for w in inferscope.recent_windows() for k in w.keys}
+            child_calls = sum(
+                k.count for w in inferscope.recent_windows() for k in w.keys if k.model == "child"
+            )
+            recorder = WINDOWS.recorder()
+            stored = sum(r.window.count for r in recorder.key_windows("child", stage=None))
+            print(json.dumps({"fresh": fresh, "models": sorted(models), "child_calls": child_calls,
+                              "stored": stored, "failures": recorder.failures}), flush=True)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        windows = inferscope.recent_windows()
+        assert all(k.model == "parent" for w in windows for k in w.keys), "the child's calls leaked"
+        assert windows[-1].end_unix > time.time() - 1.0, "the parent's windows stopped"
+        assert status == 0
+    """
+    result = run_python(code, env={"INFERSCOPE_RECORDER": str(tmp_path / "r.sqlite")})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["fresh"] == 0
+    assert report["models"] == ["child"]  # the parent's threads are gone in the child
+    assert report["child_calls"] == 200
+    assert report["stored"] == 200
+    assert report["failures"] == {}
+
+
+def test_a_failing_window_never_stops_the_drainer(windows, monkeypatch, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="inferscope")
+    errors = windows.errors
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot read the host")
+
+    monkeypatch.setattr(windows, "_process_window", broken)
+    windows._next_close_unix = 0.0
+    windows.tick()
+    assert windows.errors == errors + 1
+    monkeypatch.undo()
+    _calls(3)
+    assert _key(windows.close(), None).count == 3
+
+
+def test_windows_close_on_their_own_on_the_boundaries(tmp_path) -> None:
+    code = """
+        import json, time, inferscope
+        inferscope.configure(window_seconds=0.25)
+
+        @inferscope.track_inference(model="m")
+        def predict():
+            return 1
+
+        deadline = time.monotonic() + 1.6
+        while time.monotonic() < deadline:
+            predict()
+            time.sleep(0.002)
+        windows = inferscope.recent_windows()
+        print(json.dumps([[w.start_unix, w.end_unix, sum(k.count for k in w.keys)] for w in windows]))
+    """
+    result = run_python(code, env={"INFERSCOPE_RECORDER": "off"})
+    assert result.returncode == 0, result.stderr
+    spans = json.loads(result.stdout)
+    assert len(spans) >= 4
+    for (_, end, _), (start, _, _) in itertools.pairwise(spans):
+        assert start == end  # contiguous
+    for start, end, _ in spans:
+        # Closed at the first drain past a multiple of window_seconds, never before one.
+        assert math.floor(end / 0.25) > math.floor(start / 0.25)
+    assert all(count > 0 for _, _, count in spans[1:])
+
+
+def test_recording_threads_and_a_busy_drainer_agree(windows) -> None:
+    stop = threading.Event()
+    done = [0] * 4
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            predict(50)
+            done[i] += 1
+            time.sleep(0.0005)  # free-running producers would overflow the ring (dropped, counted)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    closed = []
+    for _ in range(5):
+        time.sleep(0.05)
+        closed.append(windows.close())
+    stop.set()
+    for t in threads:
+        t.join()
+    closed.append(windows.close())
+    total = sum(_key(w, None).count for w in closed if any(k.model == "win-model" for k in w.keys))
+    assert sum(w.process.records_dropped for w in closed) == 0
+    assert total == sum(done)
+    assert np.all(np.diff([w.end_unix for w in closed]) >= 0)
