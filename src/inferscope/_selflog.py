@@ -129,8 +129,9 @@ class ErrorCounter:
 
 
 class RateLimitedLog:
-    """Logs each kind of message (its ``key``, by default the message itself) at most once per
-    ``interval_seconds``; callers count what is not logged.
+    """Logs each kind of message (its ``key``, by default the message itself, or one kind for all
+    with ``per_message=False``) at most once per ``interval_seconds``; callers count what is not
+    logged.
 
     >>> log = RateLimitedLog(logging.getLogger("inferscope"))
     >>> log.warning("inferscope: the collector is down")  # doctest: +SKIP
@@ -142,7 +143,10 @@ class RateLimitedLog:
         logger: logging.Logger = _logger,
         interval_seconds: float = LOG_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        per_message: bool = True,
     ) -> None:
+        self.per_message = per_message
         self.logger = install_redaction(logger) if logger.name.startswith("inferscope") else logger
         self.interval_seconds = interval_seconds
         self._clock = clock
@@ -165,7 +169,7 @@ class RateLimitedLog:
     ) -> bool:
         """Log ``message % args`` unless a line of the same kind was logged within the interval;
         returns whether it was logged."""
-        if not self.due(message if key is None else key):
+        if not self.due(key if key is not None else message if self.per_message else None):
             return False
         self.logger.log(level, message, *args, exc_info=exc_info)
         return True

@@ -72,6 +72,7 @@ from prometheus_client.utils import floatToGoString
 
 from .. import _otel_compat
 from .._keys import ERROR_TYPE
+from .._selflog import RateLimitedLog
 from ..config import ConfigError
 from ..counters import CounterMetric, counter_value, counters_of
 from . import spec as _spec
@@ -184,23 +185,6 @@ def series_counters(
         )
         for metric in metrics
     ]
-
-
-class _RateLimitedLog:
-    """Logs at most once per ``interval_s``; the rest are only counted by the caller."""
-
-    def __init__(self, interval_s: float = 60.0) -> None:
-        self._interval_s = interval_s
-        self._last = -float("inf")
-        self._lock = threading.Lock()
-
-    def warning(self, message: str, *, exc_info: bool = False) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last < self._interval_s:
-                return
-            self._last = now
-        _logger.warning(message, exc_info=exc_info)
 
 
 class PointBuilder:
@@ -567,7 +551,7 @@ class AggregatesExporter(MetricExporter):
         )
         self._scope = InstrumentationScope(SCOPE_NAME, _scope_version())
         self._signals = _provided_signals()
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(_logger, per_message=False)
 
     @property
     def temporality(self) -> AggregationTemporality:
@@ -681,7 +665,7 @@ class _CollectWithAggregates:
         self._lock = threading.Lock()  # a delta builder keeps state; collections may overlap
         self._scope = InstrumentationScope(SCOPE_NAME, _scope_version())
         self._signals = _provided_signals()
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(_logger, per_message=False)
 
     def __call__(self, reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData | None:
         collected = self.original(reader, timeout_millis=timeout_millis)
@@ -900,7 +884,7 @@ class PrometheusCollector:
         self.boundaries = _check_boundaries(boundaries)
         self._le = [floatToGoString(b) for b in self.boundaries]  # type: ignore[no-untyped-call]
         self._extra_counts = extra_counts
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(_logger, per_message=False)
 
     def describe(self) -> list[PrometheusMetric]:
         # Returning nothing keeps registration from calling collect() (which drains the ring).

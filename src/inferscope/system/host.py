@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 
 from opentelemetry.metrics import CallbackOptions, Instrument, Meter, Observation
 
+from .._selflog import ERRORS, RateLimitedLog
 from ..export import spec as _spec
 
 try:
@@ -185,29 +186,23 @@ class CallbackGuard:
         log_interval_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._logger = logger
-        self._log_interval_seconds = log_interval_seconds
-        self._clock = clock
+        self._log = RateLimitedLog(logger, log_interval_seconds, clock)
         self._lock = threading.Lock()
-        self._last_logged: dict[str, float] = {}
         self.errors: dict[str, int] = {}
 
     def record_error(self, name: str, error: BaseException) -> None:
         """Count a failure of ``name`` and log it unless it was logged less than a minute ago."""
-        now = self._clock()
+        ERRORS.add()  # inferscope.sdk.errors counts every internal failure
         with self._lock:
             self.errors[name] = self.errors.get(name, 0) + 1
-            last = self._last_logged.get(name)
-            if last is not None and now - last < self._log_interval_seconds:
-                return
-            self._last_logged[name] = now
             count = self.errors[name]
-        self._logger.warning(
+        self._log.warning(
             "inferscope: sampling %s failed (%s: %s); %d failure(s) so far, logged at most once a minute",
             name,
             type(error).__name__,
             error,
             count,
+            key=name,
         )
 
     def guarded(self, name: str, observe: Observe) -> Observe:
