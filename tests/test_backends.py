@@ -495,3 +495,18 @@ def test_cpu_time_never_exceeds_wall_time_for_one_thread(env):
     assert len(out) == 1000
     assert (out["cpu_ns"] >= 0).all()
     assert (out["cpu_ns"] <= out["wall_ns"]).all(), (out["cpu_ns"] - out["wall_ns"]).max()
+
+
+def test_stage_names_are_capped_in_length_and_a_long_one_is_not_kept(env):
+    rt, reg = env
+    keys_before = len(reg)
+    longest = "s" * 256
+    with rt.stage(longest):
+        pass
+    huge = "x" * 10_000_000
+    with pytest.raises(ValueError, match="10000000 characters long; at most 256"):
+        rt.stage(huge)
+    with pytest.raises(ValueError, match="at most 256"):
+        rt.stage(longest + "s")
+    assert [reg.info(int(k)).stage for k in drain(rt)["key"]] == [longest]
+    assert len(reg) == keys_before + 1

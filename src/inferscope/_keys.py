@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from ._records import NO_ERROR, NO_MODEL_KEY, OTHER_ERROR, OVERFLOW_KEY
 
 DEFAULT_MAX_KEYS = 2000
+#: The most keys ``max_keys`` may allow. A key that records keeps about 6 KiB of aggregation state
+#: (the histograms of its duration and CPU time, its counters and windows) for the life of the
+#: process, so 20,000 keys hold about 120 MiB; a Prometheus scrape renders about 5 KiB of text per
+#: key on top while it runs. Measured by benchmarks/key_memory.py; see docs/metrics.md.
+MAX_KEYS_LIMIT = 20_000
 MAX_ERROR_TYPES = 256
 OTHER_ERROR_TYPE = "_OTHER"  # the OTel semantic-convention fallback for error.type
 

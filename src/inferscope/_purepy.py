@@ -41,6 +41,7 @@ from ._records import (
     FLAG_SAMPLED,
     FLAG_TRACED,
     MAX_STACK_DEPTH,
+    MAX_STAGE_NAME_LENGTH,
     NO_ERROR,
     NO_MODEL_KEY,
     OTHER_ERROR,
@@ -741,6 +742,11 @@ class Runtime:
             raise TypeError(f"stage name must be a str, got {name!r}")
         if not name:
             raise ValueError('stage name must not be empty, e.g. stage("preprocess")')
+        if len(name) > MAX_STAGE_NAME_LENGTH:
+            raise ValueError(
+                f"stage name is {len(name)} characters long; at most {MAX_STAGE_NAME_LENGTH} are "
+                f"accepted: {name[:40]!r}..."
+            )
         if "/" in name:
             raise ValueError(
                 f"stage name {name!r} must not contain '/': nest stages instead, the path is built for you"

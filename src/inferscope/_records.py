@@ -86,6 +86,10 @@ DROP_AGGREGATION_FAILED = "aggregation_failed"
 #: The device time of a stage marked device="cuda", when too many were waiting for the GPU.
 DROP_GPU_TIMING_BACKLOG = "gpu_timing_backlog"
 
+#: The longest stage name, in characters: a name is kept for the life of the process (in the stage
+#: cache and the key registry), so a name built from request data must not grow it without bound.
+MAX_STAGE_NAME_LENGTH = 256
+
 #: Stages deeper than this (per inference, per context) are not recorded and are counted as
 #: ``stack_depth`` drops.
 MAX_STACK_DEPTH = 32

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._keys import DEFAULT_MAX_KEYS
+from ._keys import DEFAULT_MAX_KEYS, MAX_KEYS_LIMIT
 from ._records import RECORD_DTYPE
 from ._selflog import redact
 from .counters import COUNTER_SETS, CounterUnavailable, accepted_counter_values, counter_mask
@@ -552,10 +552,11 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "max_keys",
         ("INFERSCOPE_MAX_KEYS",),
         str(DEFAULT_MAX_KEYS),
-        "an integer from 10 to 1000000",
+        f"an integer from 10 to {MAX_KEYS_LIMIT}",
         "Cap on distinct (model, version, stage path, attributes) keys. Past it, new keys fold into "
-        "one overflow series marked otel.metric.overflow=true.",
-        _int_check(10, 1_000_000),
+        "one overflow series marked otel.metric.overflow=true. Each key that records keeps about "
+        "6 KiB for the life of the process (docs/metrics.md, Cardinality).",
+        _int_check(10, MAX_KEYS_LIMIT),
         _int_text,
     ),
     SettingSpec(

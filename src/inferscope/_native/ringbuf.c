@@ -34,6 +34,7 @@
 #include "ringcore.h"
 
 #define MAX_STACK_DEPTH 32
+#define MAX_STAGE_NAME_LENGTH 256 /* as in _records.py */
 #define NO_MODEL_KEY 0
 #define STAGE_CACHE_LIMIT 10000
 #define FLAG_ABANDONED 1
@@ -1392,6 +1393,15 @@ static PyObject *stage_named(RuntimeObject *self, PyObject *name)
     }
     if (PyUnicode_GET_LENGTH(name) == 0) {
         PyErr_SetString(PyExc_ValueError, "stage name must not be empty, e.g. stage(\"preprocess\")");
+        return NULL;
+    }
+    if (PyUnicode_GET_LENGTH(name) > MAX_STAGE_NAME_LENGTH) {
+        PyObject *head = PyUnicode_Substring(name, 0, 40);
+        if (head != NULL) {
+            PyErr_Format(PyExc_ValueError, "stage name is %zd characters long; at most %d are accepted: %R...",
+                         PyUnicode_GET_LENGTH(name), MAX_STAGE_NAME_LENGTH, head);
+            Py_DECREF(head);
+        }
         return NULL;
     }
     if (PyUnicode_FindChar(name, '/', 0, PyUnicode_GET_LENGTH(name), 1) >= 0) {
