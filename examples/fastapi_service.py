@@ -18,7 +18,7 @@ What inferscope records, with no code here:
 - every request's serving stages: ``queue`` (receiving and parsing the JSON body), ``handler``
   (the endpoint, until its response starts) and ``response`` (sending it; for
   ``/predict/fraud/stream``, producing the stream, whose model calls are inferences too). They have
-  no model name: naming a route's model takes code (docs/frameworks.md).
+  no model name: naming a route's model takes code (docs/frameworks/serving.md).
 
 Without torch the service serves the scikit-learn model only, and says so; ``/predict/ranker``
 answers 404. Without opentelemetry-instrument it serves the same and records nothing.

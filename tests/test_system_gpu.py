@@ -180,7 +180,7 @@ def test_status_when_pynvml_is_not_installed():
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "(False, 'pynvml is not installed (pip install nvidia-ml-py, or inferscope[gpu])')"
+    assert lines[0] == "(False, 'pynvml is not installed (pip install nvidia-ml-py, or inferscope-sdk[gpu])')"
     assert lines[1] == "[]"
     assert lines[2] == "False True"
 

@@ -1,7 +1,7 @@
 """NVIDIA GPUs through NVML: device-level metrics under the semconv ``hw.*`` names, and GPU facts for
 the environment fingerprint.
 
-``pynvml`` (the ``nvidia-ml-py`` distribution, extra ``inferscope[gpu]``) is optional. Without it, or
+``pynvml`` (the ``nvidia-ml-py`` distribution, extra ``inferscope-sdk[gpu]``) is optional. Without it, or
 without a driver, or without devices, nothing here registers and ``nvml_status()`` says why.
 
 Every reading is taken in an OTel observable callback, i.e. when the SDK collects, off the hot path.
@@ -98,7 +98,7 @@ def _describe_init_error(error: BaseException) -> str:
     return f"NVML failed to initialise ({name}: {error})"
 
 
-_NOT_INSTALLED = "pynvml is not installed (pip install nvidia-ml-py, or inferscope[gpu])"
+_NOT_INSTALLED = "pynvml is not installed (pip install nvidia-ml-py, or inferscope-sdk[gpu])"
 
 
 def nvml_status(nvml: ModuleType | None = None) -> tuple[bool, str]:
