@@ -127,3 +127,47 @@ def test_exemplars_reach_prometheus_and_name_kept_spans(start_prometheus: Callab
             assert float(exemplar["value"]) == pytest.approx((span.end_time - span.start_time) / 1e9)
     finally:
         _pipeline.configure()
+
+
+def test_system_signals_and_target_info_reach_prometheus(start_prometheus: Callable[..., Prometheus]) -> None:
+    import urllib.error
+    import urllib.request
+
+    import inferscope
+    from inferscope import _pipeline
+    from inferscope.export import spec
+    from inferscope.system.host import system_signals
+
+    try:
+        inferscope.configure(service_name="scraped-svc", metrics_exporters=["prometheus"], prometheus_port=0)
+        port = _pipeline.prometheus_port()
+        assert port is not None
+        resource = _pipeline._exports.resource  # type: ignore[union-attr]
+
+        # Only /metrics is served.
+        for path in ("/", "/favicon.ico", "/metrics/extra"):
+            with pytest.raises(urllib.error.HTTPError) as raised:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+            assert raised.value.code == 404
+
+        prometheus = start_prometheus([f"127.0.0.1:{port}"])
+        [info] = prometheus.wait_for('target_info{service_name="scraped-svc"}')
+        labels = info["metric"]
+        assert labels["inferscope_env_fingerprint"] == resource.attributes["inferscope.env.fingerprint"]
+        assert labels["process_pid"] == str(resource.attributes["process.pid"])
+        assert float(info["value"][1]) == 1
+
+        cpu = prometheus.wait_for("process_cpu_time_seconds_total")
+        assert {sample["metric"]["cpu_mode"] for sample in cpu} == {"user", "system"}
+        assert float(prometheus.wait_for("process_memory_usage_bytes")[0]["value"][1]) > 0
+
+        # Every process, host and container signal this machine has, under the specification's name.
+        expected = {s.spec.prometheus_name for s in system_signals() if s.observe()}
+        assert {"process_cpu_time_seconds_total", "process_thread_count"} <= expected
+        for name in sorted(expected):
+            assert prometheus.wait_for(name), name
+        for entry in spec.METRICS.values():
+            if entry.source == "system" and entry.prometheus_name not in expected:
+                assert entry.unavailable_reason() or entry.name.endswith(".limit"), entry.name
+    finally:
+        _pipeline.configure()
