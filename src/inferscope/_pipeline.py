@@ -365,7 +365,10 @@ class Exports:
 
     def _serve_prometheus(self, settings: Settings, previous: Exports | None, strict: bool) -> None:
         self.prometheus_collector = PrometheusCollector(
-            collect_view, settings.histogram_boundaries, counters=counter_metrics(settings.counter_mask)
+            collect_view,
+            settings.histogram_boundaries,
+            counters=counter_metrics(settings.counter_mask),
+            resource=self.resource,  # served as target_info
         )
         old = previous.prometheus if previous is not None else None
         if (
