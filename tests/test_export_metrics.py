@@ -1016,3 +1016,48 @@ def test_prometheus_endpoint_serves_metrics_and_404_elsewhere(
             assert raised.value.code == 404, path
     finally:
         server.shutdown()
+
+
+def test_configure_with_an_in_memory_reader_gets_the_histograms() -> None:
+    import inferscope
+    from inferscope import _pipeline
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], resource=Resource.create({"service.name": "tests-own"}))
+
+    @inferscope.track_inference(model="in-memory")
+    def predict() -> None:
+        with inferscope.stage("infer"):
+            pass
+
+    try:
+        inferscope.configure(meter_provider=provider, metrics_exporters=[])
+        for _ in range(3):
+            predict()
+        data = reader.get_metrics_data()
+        assert data is not None
+        [point] = [
+            p for p in points([data], INFERENCE_DURATION) if dict(p.attributes)[MODEL_NAME] == "in-memory"
+        ]
+        assert point.count == 3
+        assert points([data], "process.cpu.time")  # the system signals ride on the same reader
+        assert data.resource_metrics[0].resource.attributes["service.name"] == "tests-own"
+    finally:
+        _pipeline.configure()
+        provider.shutdown()
+
+
+def test_configure_refuses_a_provider_whose_readers_cannot_be_joined() -> None:
+    import inferscope
+    from inferscope import ConfigError, _pipeline
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        del reader._collect
+        with pytest.raises(ConfigError, match="meter_provider"):
+            inferscope.configure(meter_provider=provider, metrics_exporters=[])
+    finally:
+        reader._collect = None  # type: ignore[assignment]
+        _pipeline.configure()
+        provider.shutdown()

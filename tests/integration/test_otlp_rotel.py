@@ -196,3 +196,49 @@ def test_down_backend_counts_failure_and_never_raises(protocol: str, unused_port
     provider.force_flush(timeout_millis=5_000)
     provider.shutdown(timeout_millis=5_000)
     assert exporter.failed_exports == 2
+
+
+@pytest.mark.parametrize("protocol", sorted(EXPORTERS))
+def test_system_signals_arrive_with_inferscopes_points(rotel: Rotel, protocol: str) -> None:
+    """The process, host and container signals share the scope ``inferscope`` with the aggregates;
+    the OTLP encoder keeps one ScopeMetrics per scope, so they must travel in one."""
+    import inferscope
+    from inferscope import _pipeline
+    from inferscope.system.host import system_signals
+
+    service = f"signals-{protocol}-{uuid.uuid4().hex[:8]}"
+    endpoint = (
+        f"http://{rotel.grpc_endpoint}" if protocol == "grpc" else f"http://127.0.0.1:{rotel.http_port}"
+    )
+
+    @inferscope.track_inference(model=service)
+    def predict() -> None:
+        with inferscope.stage("infer"):
+            time.sleep(0.001)
+
+    try:
+        inferscope.configure(
+            service_name=service,
+            metrics_exporters=["otlp"],
+            otlp_endpoint=endpoint,
+            otlp_protocol="grpc" if protocol == "grpc" else "http/protobuf",
+        )
+        for _ in range(5):
+            predict()
+        inferscope.shutdown()  # the final export
+        expected = {s.spec.name for s in system_signals(gpu=False) if s.observe()}
+        assert {
+            "process.cpu.time",
+            "process.memory.usage",
+            "process.memory.virtual",
+            "process.thread.count",
+        } <= expected
+        ours = rotel.wait_for_points(lambda p: p.resource.get("service.name") == service)
+        arrived = {p.metric for p in ours if p.scope.split()[0] == "inferscope"}
+        assert expected | {"inferscope.inference.duration", "inferscope.stage.duration"} <= arrived
+        assert {p.attributes["cpu.mode"] for p in ours if p.metric == "process.cpu.time"} == {
+            "user",
+            "system",
+        }
+    finally:
+        _pipeline.configure()
