@@ -1,6 +1,6 @@
 """A FastAPI service that serves a scikit-learn Pipeline and a torch model, with no inferscope import.
 
-Run it under opentelemetry-instrument (pip install inferscope opentelemetry-distro fastapi uvicorn
+Run it under opentelemetry-instrument (pip install inferscope-sdk opentelemetry-distro fastapi uvicorn
 scikit-learn, and torch if you have it) to export per-model, per-stage and per-request metrics over
 OTLP, next to OpenTelemetry's own HTTP spans and metrics:
 
