@@ -99,7 +99,9 @@ __all__ = [
     "PrometheusCollector",
     "PrometheusServer",
     "export_empty_collections",
+    "signal_metrics",
     "start_prometheus_server",
+    "target_info",
     "unwrap_meter_provider",
     "wrap_meter_provider",
 ]
@@ -824,11 +826,6 @@ def prometheus_label_name(attribute: str) -> str:
     if name[:1].isdigit():
         name = "key_" + name
     return name
-
-
-def prometheus_metric_name(name: str) -> str:
-    """``inferscope.sdk.errors`` → ``inferscope_sdk_errors`` (counter families add ``_total``)."""
-    return _INVALID_LABEL_CHARS.sub("_", name)
 
 
 def _label_value(value: str | bool) -> str:

@@ -326,9 +326,17 @@ def _histogram(name: str, description: str, *, stage: bool, needs: tuple[str, ..
 
 
 def _sdk(
-    name: str, unit: str, description: str, attributes: tuple[str, ...] = (), **extra: object
+    name: str,
+    unit: str,
+    description: str,
+    attributes: tuple[str, ...] = (),
+    *,
+    when: str = "",
+    prometheus: bool = True,
 ) -> MetricSpec:
-    return MetricSpec(name, "counter", unit, description, attributes, group="sdk", **extra)  # type: ignore[arg-type]
+    return MetricSpec(
+        name, "counter", unit, description, attributes, group="sdk", when=when, prometheus=prometheus
+    )
 
 
 def _system(
