@@ -867,7 +867,13 @@ class Detector:
                 f"{_ms(off_then)} -> {_ms(off_now)} ms per call"
             )
         holds["contention"] = bool(signals)
-        if signals:
+        own_work = self._own_work_grew(model, stage, span, anchor, base, current) if signals else None
+        if signals and own_work is not None:
+            # The other stages ran on the same machine at the same time: they are the control.
+            holds["contention"] = False
+            evidence["contention_also"] = signals
+            why["contention"] = f"the machine is contended ({'; '.join(signals)}), but {own_work}"
+        elif signals:
             cpu_then, cpu_now = base.cpu_per_call, current.cpu_per_call
             if cpu_then and cpu_now and cpu_now > (1 + thr) * cpu_then:
                 signals.append(
@@ -1001,6 +1007,48 @@ class Detector:
         }
         evidence["candidates"]["memory_growth"] = "not a memory figure"
         return cause, {k: v for k, v in evidence.items() if v is not None}
+
+    def _own_work_grew(
+        self,
+        model: str,
+        stage: str | None,
+        span: Sequence[Window],
+        anchor: Baseline,
+        base: StageBaseline,
+        current: KeyFigures,
+    ) -> str | None:
+        """Why the stage's own work grew beyond what contention explains, or None.
+
+        Contention raises the CPU time of every stage a little (caches, SMT siblings) and that of
+        stages whose helper threads spin a lot, but then their waiting grows faster still. A stage
+        whose CPU per call grew ``1 + threshold`` times more than the other stages' (the median),
+        without its off-CPU time outgrowing its CPU time, does more work of its own.
+        """
+        thr = self.settings.threshold
+        if stage is None or not base.cpu_per_call or current.cpu_per_call is None:
+            return None
+        own = current.cpu_per_call / base.cpu_per_call
+        off_then, off_now = base.off_cpu_per_call, current.off_cpu_per_call
+        if off_then and off_now is not None and off_now / off_then >= OFF_CPU_OUTGROWS * own:
+            return None  # spinning helpers: their waiting outgrew their CPU
+        controls = []
+        for other in anchor.stages.values():
+            if other.stage is None or other.stage == stage or not other.cpu_per_call:
+                continue
+            if _is_ancestor(other.stage, stage) or _is_ancestor(stage, other.stage):
+                continue
+            now = self._pool(span, model, other.stage)
+            if now.count >= MIN_WINDOW_CALLS and now.cpu_per_call is not None:
+                controls.append(now.cpu_per_call / other.cpu_per_call)
+        if not controls:
+            return None
+        control = statistics.median(controls)
+        if own >= 1 + thr and own >= (1 + thr) * control:
+            return (
+                f"its CPU per call grew {own:.1f}x while the other stages' grew {control:.1f}x on the same "
+                "machine: its own work grew"
+            )
+        return None
 
     @staticmethod
     def _rate(anchor: Baseline) -> float | None:
