@@ -842,6 +842,8 @@ class Runtime:
         _check_field(flags, _U16, "flags")
         if not self.enabled:
             return
+        if cpu_ns > wall_ns:  # as in _close()
+            cpu_ns = wall_ns
         try:
             error = self._error_id(exc_type)
             if trace is None:

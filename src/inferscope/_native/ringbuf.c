@@ -1654,6 +1654,9 @@ static PyObject *Runtime_record(RuntimeObject *self, PyObject *const *args, Py_s
     rec.key = (uint32_t)key;
     rec.flags = (uint16_t)flags;
     rec.error = error_id_for(self, args[1]);
+    if (rec.cpu_ns > rec.wall_ns) {
+        rec.cpu_ns = rec.wall_ns; /* as in entry_record() */
+    }
     if (trace != Py_None) {
         TraceIds t;
         memcpy(&t, PyBytes_AS_STRING(trace), sizeof(TraceIds));
