@@ -127,3 +127,52 @@ def test_wrong_schema_version_and_format_say_what_to_do(tmp_path):
 def test_mad_noise_ignores_outliers():
     assert mad_noise([1.0, 1.0, 1.0, 1.0, 100.0]) == 0.0
     assert mad_noise([1.0, 2.0]) == 0.0
+
+
+def test_cli_saves_and_loads_anchors(tmp_path, capsys):
+    from inferscope.cli import main
+    from inferscope.history import HistoryStore
+    from inferscope.recorder import FlightRecorder
+
+    source = FlightRecorder(tmp_path / "a.sqlite")
+    for window in windows():
+        source.save_window(window)
+    anchor = Baseline.from_windows("fraud", windows())
+    HistoryStore(source).save_baseline(anchor)
+    source.close()
+
+    out = tmp_path / "anchors.json"
+    assert main(["baseline", "save", str(out), "--recorder", str(tmp_path / "a.sqlite")]) == 0
+    (saved,) = load_baselines(out)
+    assert saved.stages == anchor.stages and saved.model == "fraud"
+    ci = tmp_path / "ci.json"
+    assert (
+        main(
+            [
+                "baseline",
+                "save",
+                str(ci),
+                "--from",
+                "windows",
+                "--model",
+                "other",
+                "--recorder",
+                str(tmp_path / "a.sqlite"),
+            ]
+        )
+        == 0
+    )
+    (bench,) = load_baselines(ci, source=None)
+    assert bench.source == "ci" and bench.model == "other" and bench.stage(None).count == 30
+
+    target = tmp_path / "b.sqlite"
+    assert main(["baseline", "load", str(out), "--recorder", str(target), "--service", "prod"]) == 0
+    store = HistoryStore(FlightRecorder(target))
+    loaded = store.load_anchor("prod", "fraud")
+    assert loaded is not None and loaded.stages == anchor.stages and loaded.source == "file"
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "inferscope.baseline", "schema_version": 99, "baselines": []}')
+    assert main(["baseline", "load", str(bad), "--recorder", str(target)]) == 2
+    assert "upgrade inferscope" in capsys.readouterr().err
+    assert main(["baseline", "save", str(out), "--recorder", str(tmp_path / "missing.sqlite")]) == 2

@@ -182,14 +182,39 @@ def test_too_few_calls_are_not_enough():
 
 def test_contention_when_the_canary_slows_even_with_cpu_up():
     detector, stream = steady()
-    stream.stage_ms["infer"] = 24.0
+    # Every stage slows; infer's BLAS helpers spin while they wait: its CPU rises, its waiting more.
+    stream.stage_ms.update(preprocess=4.0, infer=24.0)
+    stream.cpu_share.update(preprocess=0.6, infer=0.5)
     stream.process.update(canary_wall_seconds=3e-4, cpu_pressure=0.6)
     stream.run(detector, 8)
     found = active(detector)
     assert found and {r.cause for r in found} == {"contention"}
-    evidence = found[0].evidence
+    evidence = next(r for r in found if r.stage == "infer" and r.metric == "cpu").evidence
     assert evidence["canary_ratio"] > 2
     assert any("CPU per call rose too" in s for s in evidence["contention"])
+    assert any("off the CPU" in s for s in evidence["contention"])
+
+
+def test_a_stage_that_does_more_work_on_a_contended_machine_is_more_work():
+    detector, stream = steady()
+    stream.stage_ms.update(preprocess=2.4, infer=30.0)  # infer does 3x the work; preprocess waits
+    stream.cpu_share["preprocess"] = 0.8
+    stream.process.update(canary_wall_seconds=3e-4, cpu_pressure=0.6)
+    stream.run(detector, 8)
+    infer = [r for r in active(detector) if r.stage == "infer"]
+    assert infer and {r.cause for r in infer} == {"more_work"}
+    assert "its own work grew" in infer[0].evidence["candidates"]["contention"]
+    assert infer[0].evidence["contention_also"]
+
+
+def test_waiting_that_outgrows_cpu_without_host_signals_is_contention_and_voluntary_waits_are_not():
+    detector, stream = steady()
+    stream.cpu_share["infer"] = 0.3  # the same CPU, three times the wall: preempted
+    stream.stage_ms["infer"] = 8.0 / 0.3 * 0.95
+    stream.run(detector, 8)
+    infer = [r for r in active(detector) if r.stage == "infer"]
+    assert infer and {r.cause for r in infer} == {"contention"}
+    assert "off the CPU" in infer[0].evidence["why"]
 
 
 def test_data_growth_when_size_and_cost_grow_together():
@@ -234,7 +259,7 @@ def test_model_change_and_machine_change():
     found = active(detector)
     assert {r.cause for r in found} == {"machine_change"}
     assert found[0].evidence["machine"] == ["usable CPUs 2 -> 1"]
-    assert "machine_change comes first" in found[0].evidence["candidates"]["contention"]
+    assert "canary takes 2.0" in found[0].evidence["candidates"]["contention"]
 
 
 def test_load_when_the_queue_grows_with_arrivals():
@@ -350,3 +375,90 @@ def test_a_failing_window_is_counted_not_raised():
 def test_theil_sen_ignores_an_outlier():
     assert theil_sen_slope([0, 1, 2, 3, 4], [0, 1, 2, 3, 400]) == pytest.approx(1.0)
     assert theil_sen_slope([0, 1], [0, 1]) is None
+
+
+def test_anchor_and_regressions_survive_a_restart(tmp_path):
+    from inferscope.history import HistoryStore
+    from inferscope.recorder import FlightRecorder
+
+    path = tmp_path / "recorder.sqlite"
+    stream = Stream()
+
+    def run(detector: Detector, recorder: FlightRecorder, seconds: int) -> None:
+        for _ in range(seconds):
+            window = stream.window()
+            assert recorder.save_window(window)
+            detector.on_window(window)
+
+    # The first process dies 6 s into its anchor; the second finishes it from the recorded history.
+    first_recorder = FlightRecorder(path)
+    first = Detector(SETTINGS, store=HistoryStore(first_recorder))
+    run(first, first_recorder, 6)
+    assert first.anchor("fraud") is None
+    first_recorder.close()
+    second_recorder = FlightRecorder(path)
+    second = Detector(SETTINGS, store=HistoryStore(second_recorder))
+    run(second, second_recorder, 6)
+    anchor = second.anchor("fraud")
+    assert anchor is not None and anchor.start_unix == 1_000_000.0 and anchor.seconds >= 10
+    second_recorder.close()
+
+    # A third process loads that anchor, and its regressions are stored as they open and close.
+    third_recorder = FlightRecorder(path)
+    store = HistoryStore(third_recorder)
+    third = Detector(SETTINGS, store=store)
+    stream.stage_ms["infer"] = 30.0
+    run(third, third_recorder, 8)
+    assert third.anchor("fraud") == anchor
+    stored = store.regressions(model="fraud")
+    assert stored and {(r.stage, r.cause, r.active) for r in stored} == {("infer", "more_work", True)}
+    stream.stage_ms["infer"] = 8.0
+    run(third, third_recorder, 12)
+    assert {r.active for r in store.regressions(model="fraud")} == {False}
+    third_recorder.close()
+
+
+def test_status_reads_the_recorder(tmp_path, capsys):
+    import json
+
+    from inferscope.cli import main
+    from inferscope.history import HistoryStore
+    from inferscope.recorder import FlightRecorder
+
+    path = tmp_path / "recorder.sqlite"
+    recorder = FlightRecorder(path)
+    detector = Detector(SETTINGS, store=HistoryStore(recorder))
+    stream = Stream()
+    for seconds, infer_ms in ((12, 8.0), (8, 24.0)):
+        stream.stage_ms["infer"] = infer_ms
+        for _ in range(seconds):
+            window = stream.window()
+            recorder.save_window(window)
+            detector.on_window(window)
+    recorder.close()
+
+    assert main(["status", "--recorder", str(path), "--last", "4", "--json"]) == 0
+    (model,) = json.loads(capsys.readouterr().out)["models"]
+    assert model["model"] == "fraud" and model["anchor"]["source"] == "anchor"
+    rows = {row["stage"]: row for row in model["stages"]}
+    assert rows["infer"]["p95_change"] > 1.5 and abs(rows["preprocess"]["p95_change"]) < 0.3
+    assert {(r["stage"], r["cause"]) for r in model["regressions"] if r["active"]} == {("infer", "more_work")}
+    # 16 ms more per call at 100 calls/s, 95% on the CPU: about 1.5 cores, 36 CPU-hours a day.
+    assert model["tax"]["latency_p50_ms"] == pytest.approx(16, rel=0.3)
+    assert model["tax"]["cpu_hours_per_day"] == pytest.approx(16e-3 * 0.95 * 100 * 24, rel=0.3)
+
+    assert main(["status", "--recorder", str(path), "--last", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "model fraud (service svc)" in text
+    assert "more_work" in text and "CPU-hours per day" in text
+    assert main(["status", "--recorder", str(tmp_path / "none.sqlite")]) == 2
+
+
+def test_every_stage_slower_alike_is_the_machine_not_the_code():
+    detector, stream = steady()
+    # The same code, the same inputs: every stage takes 1.6x the CPU (a slower or shared core).
+    stream.stage_ms = {stage: ms * 1.6 for stage, ms in stream.stage_ms.items()}
+    stream.run(detector, 8)
+    found = active(detector)
+    assert found and {r.cause for r in found} == {"contention"}
+    assert all("the machine runs the same code slower" in r.evidence["why"] for r in found if r.stage)

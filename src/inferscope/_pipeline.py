@@ -48,6 +48,7 @@ from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
 from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
 from .counters.cuda import DEVICE_TIMER, install_cuda_reader
+from .detector import install as install_detector
 from .export.metrics import (
     AggregatesExporter,
     PrometheusCollector,
@@ -726,6 +727,7 @@ def _apply(settings: Settings, *, strict: bool) -> None:
     install_import_hook()
     exports.activate()
     DRAINER.traces = exports.traces
+    install_detector(settings)  # the regression detector reads every window as it closes
     DRAINER.start(settings.drain_interval_millis)
 
 

@@ -835,25 +835,9 @@ class Detector:
         # switches up, involuntary not: I/O, locks, sleeps), which rusage tells.
         off_then, off_now = base.off_cpu_per_call, current.off_cpu_per_call
         mean_then, mean_now = base.mean_seconds, current.mean_seconds
-        cpu_then_call, cpu_now_call = base.cpu_per_call, current.cpu_per_call
-        off_up = False
-        share_then = share_now = 0.0
-        if (
-            off_then
-            and off_now is not None
-            and cpu_then_call
-            and cpu_now_call is not None
-            and mean_then
-            and mean_now
-            and mean_now > mean_then
-        ):
-            share_then, share_now = off_then / mean_then, off_now / mean_now
-            off_growth, cpu_growth = off_now / off_then, cpu_now_call / cpu_then_call
-            off_up = (
-                off_growth >= 1 + thr
-                and off_growth >= OFF_CPU_OUTGROWS * cpu_growth
-                and off_now - off_then >= 0.5 * (mean_now - mean_then)
-            )
+        off_up = _waits_more(base, current, thr)
+        share_then = off_then / mean_then if off_then is not None and mean_then else 0.0
+        share_now = off_now / mean_now if off_now is not None and mean_now else 0.0
         voluntary_then = base.counters_per_call.get("voluntary_switches")
         voluntary_now = current.counter_per_call("voluntary_switches")
         waits_on_its_own = (
@@ -866,6 +850,34 @@ class Detector:
                 f"the calling thread is off the CPU {share_now:.0%} of the time (anchor {share_then:.0%}): "
                 f"{_ms(off_then)} -> {_ms(off_now)} ms per call"
             )
+        controls = self._controls(model, stage, span, anchor)
+        growths = [f.cpu_per_call / b.cpu_per_call for b, f in controls if f.cpu_per_call and b.cpu_per_call]
+        if growths:
+            evidence["cpu_growth_other_stages"] = _round(statistics.median(growths), 3)
+        if not signals and controls:
+            # Contention is the machine's, not one stage's: the other stages of the same calls,
+            # at the same time, show it where this one's figures cannot. They wait far longer...
+            waiting = sum(_waits_more(b, f, thr) for b, f in controls)
+            if waiting and 2 * waiting >= len(controls):
+                signals.append(
+                    f"{waiting} of {len(controls)} other stages wait off the CPU far longer than in the "
+                    "anchor"
+                )
+            # ... or every stage runs its same code slower, with the same inputs, software and model.
+            own = _fraction(current.cpu_per_call, base.cpu_per_call)
+            machine = statistics.median(growths) if growths else None
+            if (
+                not signals
+                and machine is not None
+                and own is not None
+                and machine >= 1 + thr
+                and 1 + own <= (1 + thr) * machine
+                and not self._inputs_software_or_model_changed(model, span, anchor, process)
+            ):
+                signals.append(
+                    f"the other stages' CPU per call grew {machine:.1f}x too, with the same inputs, software "
+                    "and model: the machine runs the same code slower"
+                )
         holds["contention"] = bool(signals)
         own_work = self._own_work_grew(model, stage, span, anchor, base, current) if signals else None
         if signals and own_work is not None:
@@ -1008,6 +1020,43 @@ class Detector:
         evidence["candidates"]["memory_growth"] = "not a memory figure"
         return cause, {k: v for k, v in evidence.items() if v is not None}
 
+    def _controls(
+        self, model: str, stage: str | None, span: Sequence[Window], anchor: Baseline
+    ) -> list[tuple[StageBaseline, KeyFigures]]:
+        """The other stages of the model, neither above nor below ``stage``, with enough calls in
+        ``span``: they ran on the same machine at the same time (the inference's are its stages)."""
+        found = []
+        for other in anchor.stages.values():
+            if other.stage is None or other.stage == stage or other.cpu_per_call is None:
+                continue
+            if stage is None and "/" in other.stage:
+                continue  # the inference's controls are its top-level stages
+            if stage is not None and (_is_ancestor(other.stage, stage) or _is_ancestor(stage, other.stage)):
+                continue
+            figures = self._pool(span, model, other.stage)
+            if figures.count >= MIN_WINDOW_CALLS:
+                found.append((other, figures))
+        return found
+
+    def _inputs_software_or_model_changed(
+        self, model: str, span: Sequence[Window], anchor: Baseline, process: ProcessFigures
+    ) -> bool:
+        thr = self.settings.threshold
+        base = anchor.stage(None)
+        now = self._pool(span, model, None)
+        if (
+            base is not None
+            and base.size_per_call
+            and now.size_per_call
+            and now.size_per_call >= (1 + thr) * base.size_per_call
+        ):
+            return True
+        fingerprint = process.fingerprints[-1] if process.fingerprints else None
+        if anchor.fingerprint and fingerprint and fingerprint != anchor.fingerprint:
+            return True
+        versions = {k.version for w in span for k in w.keys if k.model == model and k.version is not None}
+        return bool(anchor.versions) and not versions <= set(anchor.versions)
+
     def _own_work_grew(
         self,
         model: str,
@@ -1123,12 +1172,8 @@ class Detector:
         models = sorted(self._anchors)
         if not models:
             return
-        busiest = max(
-            models,
-            key=lambda m: sum(
-                k.count for w in self._history for k in w.keys if k.model == m and k.stage is None
-            ),
-        )
+        # The process's memory is charged to the model that served the most calls in its anchor.
+        busiest = max(models, key=lambda m: getattr(self._anchors[m].stage(None), "count", 0))
         anchor = self._anchors[busiest]
         for metric, attribute in (("rss", "rss_bytes"), ("py_heap", "py_heap_bytes")):
             ref = getattr(anchor.process, attribute)
@@ -1166,7 +1211,7 @@ class Detector:
                 change=now / regression.baseline_value - 1.0,
                 evidence={
                     **regression.evidence,
-                    "slope_mb_per_hour": _round((slope or 0.0) * _HOUR / _MB, 3),
+                    "slope_mb_per_hour_now": _round((slope or 0.0) * _HOUR / _MB, 3),
                 },
             )
             track.opened.regression = regression
@@ -1181,8 +1226,11 @@ class Detector:
             track.since = None
             return
         if track.since is None:
-            # The rise began where the fit leaves the reference.
-            track.since = span[0].start_unix if span else window.start_unix
+            # The rise began with the first window of the span past a quarter of the threshold.
+            track.since = next(
+                (w.start_unix for w in span if getattr(w.process, attribute) > ref * (1 + thr / 4)),
+                window.start_unix,
+            )
         if window.end_unix - track.since + 1e-6 < self.settings.sustain_seconds:
             return
         stage, heap_share = (None, None)
@@ -1287,6 +1335,25 @@ class Detector:
             "inferscope.tax.latency": latency,
             "inferscope.tax.cpu": cpu,
         }
+
+
+def _waits_more(base: StageBaseline, current: KeyFigures, threshold: float) -> bool:
+    """Whether the calling thread spends most of a key's rise off the CPU, its waiting grown
+    ``OFF_CPU_OUTGROWS`` times faster than its CPU time: it waited for a core (or the GIL), where
+    more of the same work makes both grow alike (BLAS helpers included)."""
+    off_then, off_now = base.off_cpu_per_call, current.off_cpu_per_call
+    cpu_then, cpu_now = base.cpu_per_call, current.cpu_per_call
+    mean_then, mean_now = base.mean_seconds, current.mean_seconds
+    if not off_then or off_now is None or not cpu_then or cpu_now is None or not mean_then or not mean_now:
+        return False
+    if mean_now <= mean_then:
+        return False
+    off_growth, cpu_growth = off_now / off_then, cpu_now / cpu_then
+    return (
+        off_growth >= 1 + threshold
+        and off_growth >= OFF_CPU_OUTGROWS * cpu_growth
+        and off_now - off_then >= 0.5 * (mean_now - mean_then)
+    )
 
 
 def tax_of(anchor: Baseline, windows: Sequence[Window]) -> TaxPoint | None:

@@ -135,6 +135,20 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=bounded(int, 1, 64), default=2, help="concurrent callers, 1 to 64 (default 2)"
     )
+    parser.add_argument(
+        "--tax",
+        action="store_true",
+        help="instead: inject causes one after another into a small service (CPU hogs, a slower library "
+        "path, a growing step, larger inputs, a leak) and print what the regression detector names (~1 min)",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.tax:
+        from .demo_tax import run_tax_demo
+
+        return run_tax_demo()
+    return demo(args.seconds, args.threads)
 
 
 COMMAND = Command(
@@ -144,5 +158,5 @@ COMMAND = Command(
     "and print what each model and stage cost. Exports go wherever the environment says "
     "(OTEL_EXPORTER_OTLP_ENDPOINT, INFERSCOPE_METRICS_EXPORTER).",
     add_arguments=_add_arguments,
-    run=lambda args: demo(args.seconds, args.threads),
+    run=_run,
 )
