@@ -50,6 +50,7 @@ __all__ = [
     "DetectorSettings",
     "Regression",
     "TaxPoint",
+    "describe",
     "detector",
     "install",
     "regressions",
@@ -1419,7 +1420,8 @@ def _flatten_evidence(evidence: Mapping[str, Any], prefix: str) -> dict[str, Any
     return flat
 
 
-def _describe(r: Regression) -> str:
+def describe(r: Regression) -> str:
+    """One line: where, what, how much, the shape, the cause and why (the log records' message)."""
     where = f"{r.model}/{r.stage}" if r.stage else r.model
     if r.metric in ("rss", "py_heap"):
         figures = f"{r.baseline_value / _MB:.1f} MB -> {r.current_value / _MB:.1f} MB"
@@ -1447,9 +1449,9 @@ def _log_regression(r: Regression, *, opened: bool) -> None:
     if r.stage is not None:
         extra["inferscope.stage.name"] = r.stage
     if opened:
-        _logger.warning("inferscope: regression opened: %s", _describe(r), extra=extra)
+        _logger.warning("inferscope: regression opened: %s", describe(r), extra=extra)
     else:
-        _logger.info("inferscope: regression closed: %s", _describe(r), extra=extra)
+        _logger.info("inferscope: regression closed: %s", describe(r), extra=extra)
 
 
 # --- the process's detector --------------------------------------------------------------------

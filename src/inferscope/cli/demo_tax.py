@@ -235,19 +235,6 @@ def _key(r: object) -> tuple[object, ...]:
     )
 
 
-def _describe(r: object) -> str:
-    from ..detector import Regression
-
-    assert isinstance(r, Regression)
-    where = r.stage or "(inference)"
-    if r.metric in ("rss", "py_heap"):
-        figures = f"{r.baseline_value / 2**20:.0f} MB -> {r.current_value / 2**20:.0f} MB"
-    else:
-        figures = f"{r.baseline_value * 1e3:.2f} ms -> {r.current_value * 1e3:.2f} ms"
-    why = r.evidence.get("why", "")
-    return f"{r.cause:<16} {where:<12} {r.metric:<7} {r.change:+7.0%} ({figures}, {r.shape})\n{'':21}{why}"
-
-
 @contextlib.contextmanager
 def _load(service: TaxService) -> Iterator[threading.Event]:
     stop = threading.Event()
@@ -266,7 +253,7 @@ def run_tax_demo(
     """Run the demo; returns 0 (what the detector found is printed, not judged)."""
     import inferscope
 
-    from ..detector import regressions
+    from ..detector import Regression, describe, regressions
 
     directory = tempfile.mkdtemp(prefix="inferscope-tax-demo-")
     inferscope.configure(
@@ -293,7 +280,7 @@ def run_tax_demo(
                 print(f"\n== {phase.name}: {phase.what}")
                 started = time.monotonic()
                 phase.start(service)
-                opened: list[object] = []
+                opened: list[Regression] = []
                 try:
                     while time.monotonic() - started < inject_limit:
                         time.sleep(window_seconds / 2)
@@ -307,7 +294,7 @@ def run_tax_demo(
                 if not opened:
                     print(f"   the detector named nothing within {inject_limit:g} s")
                 for r in opened:
-                    print(f"   named: {_describe(r)}")
+                    print(f"   named: {describe(r)}")
                 waited = time.monotonic()
                 while any(r.active for r in regressions()) and time.monotonic() - waited < recover_limit:
                     time.sleep(window_seconds / 2)
@@ -319,7 +306,7 @@ def run_tax_demo(
         _stop_hogs(service)
     print("\nevery regression of the run (inferscope.regressions()):")
     for r in regressions():
-        print(f"   {'active' if r.active else 'closed'} {_describe(r)}")
+        print(f"   {'active' if r.active else 'closed'} {describe(r)}")
     print(
         "\nthe same from another shell, while it runs: inferscope status --recorder "
         f"{directory}/recorder.sqlite"
