@@ -362,7 +362,7 @@ FREE_RUNNING = """
 def produce():
     while True:
         predict()
-for _ in range(4):
+for _ in range(8):  # more than the drainer keeps up with: the ring refills while it drains
     threading.Thread(target=produce, daemon=True).start()
 time.sleep(0.5)
 reads = 0

@@ -138,6 +138,8 @@ class Drainer:
         # every reader waiting on the lock, going for as long as they run.
         total = 0
         left = len(ring)
+        if not left:
+            return 0
         with _short_switch_interval():
             while left > 0:
                 n = ring.drain(self._buffer[: min(left, len(self._buffer))])
@@ -299,6 +301,7 @@ class Exports:
         self._span_queues: list[BoundedBatchSpanProcessor] = []
         self._own_span_processor: Any = None
         self._wrapped_user_provider = False
+        self._unattached_exporters: list[MetricExporter] = []
         try:
             self._build(settings, serve_prometheus, previous, strict)
         except BaseException:
@@ -322,6 +325,7 @@ class Exports:
             if name != "prometheus"
         ]
         given: list[MetricExporter] = list(settings.metric_exporters)  # type: ignore[arg-type]
+        self._unattached_exporters = ours  # closed by _close_unused until a reader owns them
         if settings.tracing:
             self._build_tracing(settings)
         if ours or given:
@@ -347,18 +351,19 @@ class Exports:
             self.meter_provider = MeterProvider(
                 resource=self.resource, metric_readers=readers, shutdown_on_exit=False
             )
+            self._unattached_exporters = []
             for reader in readers:
                 export_empty_collections(reader)
             register_system_metrics(self.meter_provider.get_meter("inferscope", _version()))
         provider: Any = self.user_provider
         if provider is not None:
             # Idempotent: after fork the child keeps the wrappers its parent installed.
+            self._wrapped_user_provider = previous is None or previous.user_provider is not provider
             _build_setting(
                 "meter_provider",
                 provider,
                 lambda: wrap_meter_provider(provider, collect_view, **histogram),  # type: ignore[arg-type]
             )
-            self._wrapped_user_provider = previous is None or previous.user_provider is not provider
             if provider not in _providers_with_system_metrics:
                 # Observable instruments live as long as their provider: register them once.
                 _providers_with_system_metrics.add(provider)
@@ -455,6 +460,9 @@ class Exports:
         """Close what a failed build made; the running pipeline keeps what it owns."""
         self._shutdown_span_queues(0)
         self.traces = None
+        for exporter in self._unattached_exporters:
+            with contextlib.suppress(Exception):
+                exporter.shutdown(timeout_millis=0)
         if self.meter_provider is not None:
             with contextlib.suppress(Exception):
                 self.meter_provider.shutdown(timeout_millis=_CLOSE_UNUSED_MILLIS)
@@ -469,9 +477,12 @@ class Exports:
         together: spans are exported while the metric exporters finish. ``successor``, the
         pipeline replacing this one, keeps what it took over (the endpoint, a user provider)."""
         deadline = time.monotonic() + timeout_millis / 1e3
+        # The span queues export meanwhile; a slice of the budget is kept for their exporters to
+        # be shut down and their threads to end, whatever the metric exporters took.
+        reserve_ms = min(timeout_millis * 0.2, 500.0) if self._span_queues else 0.0
 
         def left() -> float:
-            return max(0.0, (deadline - time.monotonic()) * 1e3)
+            return max(0.0, (deadline - time.monotonic()) * 1e3 - reserve_ms)
 
         tracing = self.traces is not None
         if tracing:
@@ -498,7 +509,7 @@ class Exports:
                 # The application's TracerProvider is only flushed: it is the application's.
                 what = "flushing the application's span processors"
                 _within(left(), what, app_processor.force_flush, int(left()))
-        self._shutdown_span_queues(left())
+        self._shutdown_span_queues(left() + reserve_ms)
 
     def _shutdown_span_queues(self, timeout_millis: float) -> None:
         deadline = time.monotonic() + timeout_millis / 1e3
@@ -571,17 +582,32 @@ def _within(timeout_millis: float, what: str, call: Callable[..., Any], *args: A
     SDK's flushes and shutdowns call exporters that may wait much longer than they are asked to
     (a force_flush of a BatchSpanProcessor has no timeout). A failure is logged, never raised."""
 
+    deadline = time.monotonic() + timeout_millis / 1e3
+    logged = threading.Lock()  # held once the timeout is logged: by whichever thread sees it first
+
+    def give_up() -> None:
+        if logged.acquire(blocking=False):
+            _logger.warning(
+                "inferscope: %s did not finish within the shutdown timeout; what it had not "
+                "exported is dropped",
+                what,
+            )
+
     def run() -> None:
         try:
             call(*args)
-        except Exception:
-            _logger.warning("inferscope: %s failed", what, exc_info=True)
+        except Exception as exc:
+            # The SDK raises when its own deadline, the same as ours, ran out: that is a timeout.
+            if time.monotonic() >= deadline - 0.05:
+                give_up()
+            else:
+                _logger.warning("inferscope: %s failed: %s", what, redact(str(exc)))
 
     thread = threading.Thread(target=run, name="inferscope-shutdown", daemon=True)
     thread.start()
     thread.join(timeout_millis / 1e3)
     if thread.is_alive():
-        _logger.warning("inferscope: %s did not finish within the shutdown timeout; left behind", what)
+        give_up()
 
 
 def _resource(settings: Settings) -> Resource:

@@ -28,6 +28,7 @@ __all__ = [
     "ERRORS",
     "ErrorCounter",
     "RateLimitedLog",
+    "exporter_log",
     "exporting_quietly",
     "install_redaction",
     "quiet_exporter_loggers",
@@ -145,8 +146,12 @@ class RateLimitedLog:
         clock: Callable[[], float] = time.monotonic,
         *,
         per_message: bool = True,
+        key: Hashable = None,
+        shared_with: RateLimitedLog | None = None,
     ) -> None:
         self.per_message = per_message
+        self._key = key
+        self._shared_with = shared_with
         self.logger = install_redaction(logger) if logger.name.startswith("inferscope") else logger
         self.interval_seconds = interval_seconds
         self._clock = clock
@@ -169,7 +174,10 @@ class RateLimitedLog:
     ) -> bool:
         """Log ``message % args`` unless a line of the same kind was logged within the interval;
         returns whether it was logged."""
-        if not self.due(key if key is not None else message if self.per_message else None):
+        if key is None:
+            key = self._key if self._key is not None else message if self.per_message else None
+        limiter = self._shared_with if self._shared_with is not None else self
+        if not limiter.due(key):
             return False
         self.logger.log(level, message, *args, exc_info=exc_info)
         return True
@@ -244,6 +252,13 @@ def quiet_exporter_loggers(prefix: str = "opentelemetry.exporter") -> None:
         quiet = name.startswith(prefix) and isinstance(logger, logging.Logger)
         if quiet and _EXPORTER_FILTER not in logger.filters:  # type: ignore[union-attr]
             logger.addFilter(_EXPORTER_FILTER)  # type: ignore[union-attr]
+
+
+def exporter_log(exporter: object, logger: logging.Logger = _logger) -> RateLimitedLog:
+    """The once-a-minute log of inferscope's lines about ``exporter``, sharing its minute with the
+    exporter library's own lines (:func:`exporting_quietly`): a collector that is down gives one
+    line per exporter per minute, whichever of the two writes it."""
+    return RateLimitedLog(logger, key=id(exporter), shared_with=_EXPORTER_LOG)
 
 
 def report_error(message: str, *, logger: logging.Logger | None = None) -> None:

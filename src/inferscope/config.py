@@ -586,7 +586,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "otlp_endpoint",
         ("INFERSCOPE_OTLP_ENDPOINT",),
         "unset",
-        "an http:// or https:// URL",
+        "an http:// or https:// URL whose host is a host name or an IP address, without spaces",
         "Where the otlp exporter sends metrics. Unset leaves it to the exporter, which reads "
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT itself (default "
         "localhost:4317 for grpc, localhost:4318/v1/metrics for http/protobuf).",
@@ -655,7 +655,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "prometheus_host",
         ("INFERSCOPE_PROMETHEUS_HOST", "OTEL_EXPORTER_PROMETHEUS_HOST"),
         "127.0.0.1",
-        "a host name or address without spaces",
+        "a host name or an IP address",
         "Address the Prometheus endpoint listens on. The default serves this machine only; use 0.0.0.0 "
         "to let a Prometheus server elsewhere scrape it.",
         _host,

@@ -73,7 +73,7 @@ from .._records import (
     SLOT_RSS_DELTA,
     SLOT_RSS_SAMPLES,
 )
-from .._selflog import RateLimitedLog, exporting_quietly
+from .._selflog import exporter_log, exporting_quietly
 from ..counters import CounterMetric, counter_label, counters_of
 
 __all__ = [
@@ -543,7 +543,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         #: Spans that found the queue full (or came after shutdown), and spans whose export failed.
         self.dropped = 0
         self.failed = 0
-        self._log = RateLimitedLog(_logger)
+        self._log = exporter_log(exporter)
         reinit = weakref.WeakMethod(self._after_fork_in_child)
         os.register_at_fork(after_in_child=lambda: _call_if_alive(reinit))
 
