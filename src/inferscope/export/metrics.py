@@ -72,7 +72,7 @@ from prometheus_client.utils import floatToGoString
 
 from .. import _otel_compat
 from .._keys import ERROR_TYPE
-from .._selflog import RateLimitedLog
+from .._selflog import RateLimitedLog, exporter_log
 from ..config import ConfigError
 from ..counters import CounterMetric, counter_value, counters_of
 from . import spec as _spec
@@ -553,7 +553,7 @@ class AggregatesExporter(MetricExporter):
         )
         self._scope = InstrumentationScope(SCOPE_NAME, _scope_version())
         self._signals = _provided_signals()
-        self._log = RateLimitedLog(_logger, per_message=False)
+        self._log = exporter_log(delegate)  # one line a minute, with the exporter's own
 
     @property
     def temporality(self) -> AggregationTemporality:
