@@ -131,3 +131,77 @@ def test_a_need_whose_probe_raises_gives_a_reason_instead() -> None:
     need = spec.Need("broken", "a broken probe", broken)
     entry = spec.MetricSpec("x.y", "gauge", "1", "A test metric.", needs=(need,))
     assert entry.unavailable_reason() == "x.y needs a broken probe: probing broken failed (OSError: no /proc)"
+
+
+def test_collections_and_providers_survive_fork_under_busy_threads() -> None:
+    """Threads add inferscope's points to a reader's collection, call providers and join a provider
+    while the main thread forks: every child does the same and exits; none hangs on a lock of ours.
+    (The SDK's own reader locks are not fork-safe, so the collection here is ours alone.)"""
+    from tests.conftest import run_python
+
+    result = run_python(
+        """
+        import os, threading, time
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from inferscope import _otel_compat
+        from inferscope._pipeline import collect_view
+        from inferscope.export import spec
+        from inferscope.export.metrics import PointBuilder, _CollectWithAggregates, wrap_meter_provider
+
+        spec.register_provider("inferscope.tax.cpu", lambda: [(0.001, {"inferscope.model.name": "m"})])
+        collect = _CollectWithAggregates(
+            lambda reader, timeout_millis: None,
+            collect_view,  # the process's aggregates, which a fork hands over in a usable state
+            resource=Resource.create({}),
+            builder=PointBuilder(boundaries=[0.1, 1.0]),
+        )
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+
+        def work():
+            data = collect(None)
+            names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+            assert "inferscope.tax.cpu" in names, names
+            wrap_meter_provider(provider, collect_view, boundaries=[0.1, 1.0])
+            _otel_compat.warn_once("a test", "nothing")
+
+        stop = threading.Event()
+
+        def busy():
+            while not stop.is_set():
+                work()
+
+        threads = [threading.Thread(target=busy) for _ in range(3)]
+        for t in threads:
+            t.start()
+        hung = failed = 0
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    work()
+                except BaseException:
+                    os._exit(3)
+                os._exit(0)
+            deadline = time.monotonic() + 10
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    failed += os.waitstatus_to_exitcode(status) != 0
+                    break
+                if time.monotonic() > deadline:
+                    hung += 1
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.005)
+        stop.set()
+        for t in threads:
+            t.join()
+        print("hung", hung, "failed", failed)
+        """,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "hung 0 failed 0"

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -76,6 +77,14 @@ SPAN_KEY: str = _SPAN_KEY
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _warned_lock
+    _warned_lock = threading.Lock()  # a thread that held it at fork() is gone in the child
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def warn_once(what: str, attribute: str) -> None:

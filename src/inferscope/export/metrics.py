@@ -665,6 +665,7 @@ class _CollectWithAggregates:
         self._source = source
         self._builder = builder
         self._lock = threading.Lock()  # a delta builder keeps state; collections may overlap
+        _collectors.add(self)
         self._scope = InstrumentationScope(SCOPE_NAME, _scope_version())
         self._signals = _provided_signals()
         self._log = RateLimitedLog(_logger, per_message=False)
@@ -704,12 +705,16 @@ _wrapped_readers: weakref.WeakKeyDictionary[MetricReader, _Wrapped] = weakref.We
 _wrap_lock = threading.Lock()
 
 
+#: Every collect wrapper alive, so that a fork resets their locks.
+_collectors: weakref.WeakSet[_CollectWithAggregates] = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
+    # Only the forking thread survives fork(): a lock another thread held would stay taken.
     global _wrap_lock
     _wrap_lock = threading.Lock()
-    for wrapped in list(_wrapped_readers.values()):
-        if isinstance(wrapped.wrapper, _CollectWithAggregates):
-            wrapped.wrapper.after_fork_in_child()
+    for collector in list(_collectors):
+        collector.after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
