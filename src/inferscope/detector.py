@@ -80,8 +80,10 @@ CAUSES = (*PRECEDENCE, "memory_growth")
 MIN_CALLS = 30
 #: A window exceeds only when its figure is this many noise units (1.4826 x MAD) above the baseline.
 NOISE_UNITS = 3.0
-#: Windows of a candidate that may miss (not exceed) in a row before it is dropped.
+#: Windows of a candidate that may miss (not exceed) in a row before it is dropped, at the least.
 _MAX_MISSES = 2
+#: The share of a candidate's windows that must exceed for it to last.
+_MIN_HIT_SHARE = 0.6
 #: Contention signals: the canary slower by this factor; PSI, steal and throttling up by these
 #: fractions of the time; involuntary switches per call up this factor and by this many.
 CANARY_RATIO = 1.3
@@ -186,6 +188,7 @@ class _Track:
     since: float | None = None
     hits: int = 0
     misses: int = 0
+    votes: int = 0
     reference: str = "anchor"
     opened: _Open | None = None
     suppressed: str | None = None
@@ -517,13 +520,20 @@ class Detector:
             return  # too few calls to vote
         if exceeds_anchor or exceeds_rolling:
             if track.since is None:
-                track.since, track.hits, track.misses = voting[0].start_unix, 0, 0
+                track.since, track.hits, track.misses, track.votes = voting[0].start_unix, 0, 0, 0
             track.hits += 1
+            track.votes += 1
             track.misses = 0
             track.reference = "anchor" if exceeds_anchor else "rolling"
         elif track.since is not None:
             track.misses += 1
-            if track.misses >= _MAX_MISSES:
+            track.votes += 1
+            # Gone: misses in a row for a sixth of the sustain time (two at least), or most votes
+            # missed. A noisy window inside a lasting rise is not enough to drop it.
+            allowed = max(
+                _MAX_MISSES, math.ceil(self.settings.sustain_seconds / self.settings.window_seconds / 6)
+            )
+            if track.misses >= allowed or (track.votes >= 4 and track.hits < _MIN_HIT_SHARE * track.votes):
                 _logger.debug(
                     "inferscope: %s %s %s went back within %.0f s: dropped",
                     model,
@@ -531,9 +541,11 @@ class Detector:
                     metric,
                     window.end_unix - track.since,
                 )
-                track.since, track.hits, track.misses = None, 0, 0
+                track.since, track.hits, track.misses, track.votes = None, 0, 0, 0
             return
         if track.since is None or window.end_unix - track.since + 1e-6 < self.settings.sustain_seconds:
+            return
+        if track.hits < _MIN_HIT_SHARE * track.votes:
             return
         reference_base = base if track.reference == "anchor" or rolling_base is None else rolling_base
         self._try_open(track, model, stage, metric, window, anchor, reference_base, rolling)
@@ -627,7 +639,7 @@ class Detector:
 
     def _close(self, track: _Track, regression: Regression) -> None:
         track.opened = None
-        track.since, track.hits, track.misses = None, 0, 0
+        track.since, track.hits, track.misses, track.votes = None, 0, 0, 0
         self._closed.appendleft(regression)
         self._stored("save_regression", self._service, regression)
         _log_regression(regression, opened=False)
