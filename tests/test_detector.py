@@ -462,3 +462,28 @@ def test_every_stage_slower_alike_is_the_machine_not_the_code():
     found = active(detector)
     assert found and {r.cause for r in found} == {"contention"}
     assert all("the machine runs the same code slower" in r.evidence["why"] for r in found if r.stage)
+
+
+def test_configure_installs_the_detector_and_its_metric_points():
+    from inferscope import detector as detector_module
+    from inferscope.export import spec
+
+    inferscope.configure(
+        window_seconds=1, baseline_seconds=10, regression_sustain_seconds=4, metrics_exporters=()
+    )
+    try:
+        installed = detector_module.detector()
+        assert installed is not None and installed.settings == SETTINGS
+        stream = Stream()
+        stream.run(installed, 12)
+        stream.stage_ms["infer"] = 30.0
+        stream.run(installed, 8)
+        points = {s.spec.name: s.observe() for s in spec.provided_signals()}
+        active = points["inferscope.regression.active"]
+        assert active and {p.attributes["inferscope.regression.cause"] for p in active} == {"more_work"}
+        latency = {p.attributes["inferscope.quantile"]: p.value for p in points["inferscope.tax.latency"]}
+        assert latency["0.5"] > 0.015
+        assert points["inferscope.tax.cpu"][0].value > 1.0  # cores: ~20 ms more CPU x 100 calls/s
+        assert inferscope.regressions() == installed.regressions()
+    finally:
+        inferscope.configure(metrics_exporters=())
