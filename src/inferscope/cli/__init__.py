@@ -43,8 +43,9 @@ _DESCRIPTION = """\
 inferscope measures what each inference of a deployed model costs (latency, CPU time, memory and
 other counters, per model and per stage) and exports it through OpenTelemetry and Prometheus.
 
-This command tries it out without writing code (demo), checks what this machine can measure and at
-what cost (doctor), and records or compares the environment a service runs in (env).
+Its commands try it out without writing code (demo), read what a service recorded and which of its
+costs regressed, check what this machine can measure and at what cost (doctor), and record or
+compare the environment a service runs in (env).
 """
 
 _EPILOG = "Run `inferscope COMMAND --help` for the options of a command."
