@@ -189,7 +189,11 @@ inferscope.configure(
 for _ in range(2000):
     predict()
 time.sleep(1.0)  # a few failed pushes and span batches
-if EXPLICIT:
+if EXPLICIT == "configure":  # away from the dead collector: the old pipeline gets the budget
+    inferscope.configure(metrics_exporters="none", traces_exporters="none", shutdown_timeout_millis=1000)
+    alive = sorted(t.name for t in threading.enumerate() if t.name == "inferscope-spans")
+    result(after_shutdown=alive)
+elif EXPLICIT:
     inferscope.shutdown()
     alive = sorted(t.name for t in threading.enumerate() if t.name == "inferscope-spans")
     result(after_shutdown=alive)
@@ -200,7 +204,7 @@ else:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 @pytest.mark.parametrize("collector", ["closed", "silent"])
-@pytest.mark.parametrize("explicit", [True, False], ids=["shutdown", "exit"])
+@pytest.mark.parametrize("explicit", [True, False, "configure"], ids=["shutdown", "exit", "configure"])
 def test_shutdown_with_a_dead_collector_keeps_its_budget(
     protocol, collector, explicit, silent_collector
 ) -> None:
