@@ -33,6 +33,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS = (
     "demo",
     "status",
+    "report",
     "baseline",
     "doctor",
     "env",
