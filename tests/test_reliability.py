@@ -487,3 +487,68 @@ def test_report_error_counts_every_failure_and_logs_once(caplog) -> None:
                 _selflog.report_error("inferscope: a test failure, reported five times")
     assert _selflog.ERRORS.value == before + 5
     assert len([r for r in caplog.records if "reported five times" in r.getMessage()]) <= 1
+
+
+# --- the span queue ---------------------------------------------------------------------------------
+
+
+class _BlockingSpanExporter:
+    """A span exporter whose export waits until it is shut down, as one waiting on a silent collector."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self.exported: list[object] = []
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        self.stopped.wait(600)
+        self.exported.extend(spans)
+        return SpanExportResult.FAILURE if self.stopped.is_set() else SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.stopped.set()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def _span(name: str):  # type: ignore[no-untyped-def]
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    return ReadableSpan(name=name)
+
+
+def test_the_span_queue_is_bounded_and_counts_what_it_drops() -> None:
+    from inferscope.export.traces import BoundedBatchSpanProcessor
+
+    exporter = _BlockingSpanExporter()
+    queue = BoundedBatchSpanProcessor(exporter, max_queue_size=8, max_export_batch_size=4)
+    for i in range(30):
+        queue.on_end(_span(f"s{i}"))
+    assert queue.force_flush(timeout_millis=50) is False  # the exporter is stuck: flush gives up
+    queue.shutdown(timeout_millis=200)  # returns although the export never would on its own
+    assert exporter.stopped.is_set()
+    # Every span is accounted for: exported (here: handed over, then failed) or dropped.
+    assert queue.dropped + queue.failed == 30
+    assert queue.dropped >= 30 - 8 - 4
+    queue.on_end(_span("after"))  # after shutdown: dropped, never queued
+    assert queue.dropped + queue.failed == 31
+
+
+def test_the_span_queue_exports_everything_on_flush_and_reads_the_bsp_variables() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from inferscope.export.traces import BoundedBatchSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    queue = BoundedBatchSpanProcessor.from_environment(
+        exporter, {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "3", "OTEL_BSP_SCHEDULE_DELAY": "x"}
+    )
+    assert queue._thread is None  # no thread until the first span
+    for i in range(10):
+        queue.on_end(_span(f"s{i}"))
+    assert queue.force_flush(timeout_millis=60_000) is True
+    assert [s.name for s in exporter.get_finished_spans()] == [f"s{i}" for i in range(10)]
+    queue.shutdown(timeout_millis=60_000)
+    assert (queue.dropped, queue.failed) == (0, 0)

@@ -413,7 +413,7 @@ class Exports:
         ]
         exporters += list(settings.span_exporters)  # type: ignore[arg-type]
         for exporter in exporters:
-            queue = BoundedBatchSpanProcessor(exporter)
+            queue = BoundedBatchSpanProcessor.from_environment(exporter)
             self._span_queues.append(queue)
             processor.add_span_processor(queue)
         resource = self.resource

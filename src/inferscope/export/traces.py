@@ -547,6 +547,29 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         reinit = weakref.WeakMethod(self._after_fork_in_child)
         os.register_at_fork(after_in_child=lambda: _call_if_alive(reinit))
 
+    @classmethod
+    def from_environment(
+        cls, exporter: Any, environ: Mapping[str, str] | None = None
+    ) -> BoundedBatchSpanProcessor:
+        """A processor sized as the SDK's would be: ``OTEL_BSP_SCHEDULE_DELAY``,
+        ``OTEL_BSP_MAX_QUEUE_SIZE`` and ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` apply (a value that is
+        not a positive integer is ignored, as the SDK does)."""
+        environ = os.environ if environ is None else environ
+
+        def positive(name: str, default: int) -> int:
+            try:
+                value = int((environ.get(name) or "").strip())
+            except ValueError:
+                return default
+            return value if value > 0 else default
+
+        return cls(
+            exporter,
+            max_queue_size=positive("OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+            max_export_batch_size=positive("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+            schedule_delay_millis=positive("OTEL_BSP_SCHEDULE_DELAY", 5000),
+        )
+
     def on_start(self, span: Any, parent_context: Context | None = None) -> None:
         pass
 
