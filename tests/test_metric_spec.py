@@ -25,7 +25,7 @@ for _bit in (*COUNTERS.values(), *COUNTER_SETS.values()):
 def test_docs_tables_are_generated_from_the_specification() -> None:
     text = DOC.read_text()
     assert spec.replace_generated(text) == text, (
-        "docs/metrics.md differs from the specification: run python -m inferscope.export.spec docs/metrics.md"
+        "docs/metrics.md differs from the specification: run python -m inferscope.export docs/metrics.md"
     )
     for entry in spec.METRICS.values():
         assert f"`{entry.name}`" in text
@@ -205,3 +205,17 @@ def test_collections_and_providers_survive_fork_under_busy_threads() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "hung 0 failed 0"
+
+
+def test_the_docs_command_rewrites_a_stale_table(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    stale = tmp_path / "metrics.md"
+    text = DOC.read_text()
+    stale.write_text(text.replace("`process.cpu.time`", "`process.cpu.old`"))
+    argv = [sys.executable, "-m", "inferscope.export", str(stale)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert stale.read_text() == text
+    assert "Warning" not in result.stderr

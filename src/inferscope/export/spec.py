@@ -18,7 +18,7 @@ reader in ``system/``, or, for metrics computed elsewhere (the regression detect
 
     spec.register_provider("inferscope.tax.latency", current_tax)  # exported from the next collection
 
-Regenerate the tables in docs/metrics.md with ``python -m inferscope.export.spec docs/metrics.md``.
+Regenerate the tables in docs/metrics.md with ``python -m inferscope.export docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -744,15 +744,11 @@ def replace_generated(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m inferscope.export.spec docs/metrics.md``: rewrite the generated tables."""
+    """``python -m inferscope.export docs/metrics.md``: rewrite the generated tables."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m inferscope.export.spec PATH/TO/metrics.md", file=sys.stderr)
+        print("usage: python -m inferscope.export PATH/TO/metrics.md", file=sys.stderr)
         return 2
     path = Path(args[0])
     path.write_text(replace_generated(path.read_text()))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
