@@ -200,7 +200,7 @@ def detect(
     seed: int,
     hours: float,
 ) -> float | None:
-    """Hours from the injection to a regression of the key (None: not within ``hours``)."""
+    """Hours from the injection to a regression (None: not within ``hours``)."""
     rng = random.Random(seed)
     detector = Detector(SETTINGS)
     stream = Stream(recorded, seed)
@@ -216,7 +216,9 @@ def detect(
 
     for index in range(begin + int(hours * per_hour)):
         detector.on_window(stream.window(index, factor_of))
-        found = [r for r in detector.regressions() if r.active and r.stage == stage]
+        # A stage's injection must be found on that stage; the whole inference's on any key of the
+        # model (its stages rise with it, and the detector reports the rise where it happens).
+        found = [r for r in detector.regressions() if r.active and (stage is None or r.stage == stage)]
         if found and index >= begin:
             return (index + 1 - begin) / per_hour
     return None

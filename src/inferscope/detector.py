@@ -96,6 +96,8 @@ SWITCHES_RISE = 0.5
 OFF_CPU_OUTGROWS = 1.5
 #: A descendant's (or a sibling's) change that covers this share of a key's change explains it.
 _EXPLAINED_SHARE = 0.5
+#: Memory growth under this many bytes over the anchor is not raised, however fast.
+MIN_MEMORY_GROWTH_BYTES = 16 * 1024 * 1024
 #: A stage's rise (per inference) under this share of the inference's cost is not raised.
 MATERIAL_SHARE = 0.01
 #: Regressions kept after they close, for ``regressions()``.
@@ -623,10 +625,12 @@ class Detector:
             elif opened.clear_since is None:
                 opened.clear_since = window.start_unix
         sustain = max(self.settings.sustain_seconds, 2 * self.settings.window_seconds)
+        # While it still exceeds, the regression follows the last sustain period; once it is going
+        # away, it keeps the figures it had, so that a closed regression says how large it was.
         span = self._span(max(regression.since, window.end_unix - sustain), window.end_unix)
         current = self._pool(span, model, stage)
         pooled = self._value(current, metric, base, pooled=True)
-        if pooled is not None:
+        if pooled is not None and opened.clear_since is None:
             regression = replace(
                 regression,
                 current_value=pooled,
@@ -1220,8 +1224,8 @@ class Detector:
             regression = track.opened.regression
             regression = replace(
                 regression,
-                current_value=now,
-                change=now / regression.baseline_value - 1.0,
+                current_value=now if growing else regression.current_value,
+                change=(now if growing else regression.current_value) / regression.baseline_value - 1.0,
                 evidence={
                     **regression.evidence,
                     "slope_mb_per_hour_now": _round((slope or 0.0) * _HOUR / _MB, 3),
@@ -1235,7 +1239,7 @@ class Detector:
             elif window.end_unix - track.opened.clear_since + 1e-6 >= sustain:
                 self._close(track, replace(regression, active=False))
             return
-        if not (now > ref * (1 + thr) and growing):
+        if not (now > ref * (1 + thr) and now - ref >= MIN_MEMORY_GROWTH_BYTES and growing):
             track.since = None
             return
         if track.since is None:
