@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
@@ -119,7 +120,7 @@ def _bucketed(windows: Sequence[Window], max_points: int) -> tuple[float, list[t
     narrower than a window), each with the end of its last window."""
     if not windows:
         return 0.0, []
-    finest = min(w.seconds for w in windows) or 1.0
+    finest = statistics.median(w.seconds for w in windows) or 1.0  # the last one may be cut short
     span = max(w.end_unix for w in windows) - min(w.start_unix for w in windows)
     width = max(finest, span / max(1, max_points))
     buckets: dict[int, _Bucket] = {}
@@ -217,7 +218,7 @@ def _model_report(
             "ms",
             [_series(name, quantile(inference, q)) for name, q in _QUANTILES]
             + [
-                _series(f"anchor {name}", [refs.get(name)] * len(times), dash=True)
+                _series(f"anchor {name}", [refs.get(name)] * len(times), dash=True, like=name)
                 for name, _ in _QUANTILES
                 if refs.get(name) is not None
             ],
@@ -253,8 +254,13 @@ def _model_report(
                 series
                 for s in stages
                 for series in (
-                    _series(f"{s} CPU", [_num(f.cpu_per_call, 1e3) for f in per_stage[s]]),
-                    _series(f"{s} off-CPU", [_num(f.off_cpu_per_call, 1e3) for f in per_stage[s]]),
+                    _series(f"{s} CPU", [_num(f.cpu_per_call, 1e3) for f in per_stage[s]], group=s),
+                    _series(
+                        f"{s} off-CPU",
+                        [_num(f.off_cpu_per_call, 1e3) for f in per_stage[s]],
+                        group=s,
+                        light=True,
+                    ),
                 )
             ],
             stacked=True,

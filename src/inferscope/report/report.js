@@ -42,8 +42,10 @@
     return typeof value === "string" ? value : JSON.stringify(value);
   }
 
+  // Two charts side by side on a wide page, one on a narrow one (the grid's columns, in CSS).
   function chartWidth(container) {
-    return Math.max(320, Math.min(1100, (container.clientWidth || 900) - 8));
+    var width = container.clientWidth || 900;
+    return Math.max(300, Math.floor(width >= 900 ? width / 2 - 24 : width - 8));
   }
 
   // Vertical lines at each regression's start; the regressions near the cursor are named below the chart.
@@ -98,17 +100,24 @@
       });
       stacked.reverse();
     }
+    // A reference line takes the colour of the series it belongs to ("like"); the layers of one
+    // stage share a colour, its off-CPU layer lighter than its CPU layer.
+    var colors = {};
+    chart.series.forEach(function (s) {
+      var name = s.group || s.label;
+      if (!s.like && !(name in colors)) colors[name] = PALETTE[Object.keys(colors).length % PALETTE.length];
+    });
     list.forEach(function (s, index) {
-      var color = PALETTE[(chart.stacked ? list.length - 1 - index : index) % PALETTE.length];
+      var color = colors[s.like || s.group || s.label] || PALETTE[index % PALETTE.length];
       var values = chart.stacked ? stacked[index] : s.values;
       data.push(values);
       raw.push(s.values);
       series.push({
         label: s.label,
         stroke: color,
-        width: 1.5,
+        width: s.dash ? 1 : 1.5,
         dash: s.dash ? [6, 4] : undefined,
-        fill: chart.stacked ? color + "99" : undefined,
+        fill: chart.stacked ? color + (s.light ? "55" : "cc") : undefined,
         spanGaps: false,
         value: function (u, v, si, idx) {
           var own = idx === null || idx === undefined ? v : raw[si][idx];
@@ -161,12 +170,13 @@
       var scale = memory ? 1 / (1024 * 1024) : 1000;
       var unit = memory ? " MB" : " ms";
       var evidence = el("td");
-      var entries = Object.keys(r.evidence || {});
-      if (r.evidence && r.evidence.why) evidence.appendChild(el("div", "why: " + r.evidence.why));
-      entries.forEach(function (name) {
+      var details = el("details");
+      details.appendChild(el("summary", (r.evidence && r.evidence.why) || "evidence"));
+      Object.keys(r.evidence || {}).forEach(function (name) {
         if (name === "why") return;
-        evidence.appendChild(el("div", name + ": " + show(r.evidence[name]), "evidence"));
+        details.appendChild(el("div", name + ": " + show(r.evidence[name]), "evidence"));
       });
+      evidence.appendChild(details);
       [when(r.since), r.active ? "active" : "closed", r.cause, r.stage || "(inference)", r.metric, percent(r.change),
         fmt(r.baseline_value * scale) + unit + " -> " + fmt(r.current_value * scale) + unit].forEach(function (text) {
         row.appendChild(el("td", text));
@@ -182,7 +192,7 @@
     section.dataset.model = model.model;
     section.appendChild(el("h2", model.model));
     var meta = "service " + model.service + "; versions " + (model.versions.join(", ") || "-") + "; " + model.windows +
-      " window(s), one point per " + fmt(model.bucket_seconds, 0) + " s";
+      " window(s), one point per " + fmt(model.bucket_seconds, model.bucket_seconds < 10 ? 1 : 0) + " s";
     section.appendChild(el("p", meta, "meta"));
     if (model.anchor !== null) {
       section.appendChild(el("p", "anchor (" + model.anchor.source + "): " + when(model.anchor.start_unix) + " to " +
