@@ -68,6 +68,7 @@ SKIP_REASONS: dict[str, tuple[bool, str]] = {
     "gpu": (_has_cuda(), "needs an NVIDIA GPU with CUDA"),
     "collector": (False, "sends to an OTLP collector at an address of the reader's own"),
     "service": (False, "runs the reader's own service (serve.py, app)"),
+    "recorded": (False, "reads what a service recorded over hours (the flight recorder)"),
     "index": (False, "installs a release from the package index"),
     "test-environment": (False, "installs the whole test environment; .ci/run does that"),
 }
