@@ -39,6 +39,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,14 +64,18 @@ def _has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-#: Why a block may not run here: reason -> (when it runs anyway, what the skip says).
-SKIP_REASONS: dict[str, tuple[bool, str]] = {
-    "gpu": (_has_cuda(), "needs an NVIDIA GPU with CUDA"),
-    "collector": (False, "sends to an OTLP collector at an address of the reader's own"),
-    "service": (False, "runs the reader's own service (serve.py, app)"),
-    "recorded": (False, "reads what a service recorded over hours (the flight recorder)"),
-    "index": (False, "installs a release from the package index"),
-    "test-environment": (False, "installs the whole test environment; .ci/run does that"),
+def _never() -> bool:
+    return False
+
+
+#: Why a block may not run here: reason -> (whether it runs here anyway, what the skip says).
+SKIP_REASONS: dict[str, tuple[Callable[[], bool], str]] = {
+    "gpu": (_has_cuda, "needs an NVIDIA GPU with CUDA"),
+    "collector": (_never, "sends to an OTLP collector at an address of the reader's own"),
+    "service": (_never, "runs the reader's own service (serve.py, app)"),
+    "recorded": (_never, "reads what a service recorded over hours (the flight recorder)"),
+    "index": (_never, "installs a release from the package index"),
+    "test-environment": (_never, "installs the whole test environment; .ci/run does that"),
 }
 
 DIRECTIVE_KEYS = {
@@ -266,7 +271,7 @@ def test_block_runs_as_written(block: Block, tmp_path: Path) -> None:
     if reason is not None:
         assert reason in SKIP_REASONS, f"{block.where}: skip: {reason!r}; accepted: {sorted(SKIP_REASONS)}"
         runs_here, why = SKIP_REASONS[reason]
-        if not runs_here:
+        if not runs_here():
             pytest.skip(why)
     for module in block.directive.get("requires") or []:
         pytest.importorskip(module, reason=f"{module} is not installed (pip install -e . --group frameworks)")
