@@ -103,12 +103,41 @@ def record(seconds: float) -> None:
     print(f"recorded {len(rows)} windows to {FIXTURE}")
 
 
-def load_fixture() -> list[dict[str, Any]]:
+def load_fixture(merge: int = 1) -> list[dict[str, Any]]:
+    """The recorded windows; with ``merge`` > 1, each one merges that many consecutive recorded
+    windows (a sliding merge, so the recording keeps its length): closer to the noise of a longer
+    window, where a burst of a few seconds is diluted."""
     windows: list[dict[str, Any]] = json.loads(FIXTURE.read_text())["windows"]
     for w in windows:
         for k in w["keys"]:
             k["duration"] = histogram_from_json(k["duration"])
-    return windows
+    if merge <= 1:
+        return windows
+    return [_merge(windows[i : i + merge]) for i in range(len(windows) - merge + 1)]
+
+
+def _merge(group: list[dict[str, Any]]) -> dict[str, Any]:
+    keys: dict[Any, dict[str, Any]] = {}
+    for w in group:
+        for k in w["keys"]:
+            into = keys.get(k["stage"])
+            if into is None:
+                keys[k["stage"]] = dict(k, duration=k["duration"].copy(), counters=dict(k["counters"]))
+                continue
+            into["duration"].merge(k["duration"])
+            for name in ("count", "errors", "wall_seconds", "cpu_wall_seconds", "size_sum", "size_count"):
+                into[name] += k[name]
+            for name in ("cpu_seconds", "process_cpu_seconds"):
+                if k[name] is not None:
+                    into[name] = (into[name] or 0.0) + k[name]
+            for name, value in k["counters"].items():
+                into["counters"][name] = into["counters"].get(name, 0.0) + value
+    process = dict(group[len(group) // 2]["process"])
+    for name in ("canary_wall_seconds", "canary_cpu_seconds", "cpu_pressure", "steal_fraction"):
+        values = [w["process"][name] for w in group if w["process"].get(name) is not None]
+        if values:
+            process[name] = statistics.median(values)
+    return {"seconds": sum(w["seconds"] for w in group), "process": process, "keys": list(keys.values())}
 
 
 # --- streams -----------------------------------------------------------------------------------
@@ -237,20 +266,34 @@ def main() -> int:
     )
     parser.add_argument("--trials", type=int, default=10, help="trials per injected case (default 10)")
     parser.add_argument("--record", type=float, metavar="SECONDS", help="re-record the fixture, then stop")
+    parser.add_argument(
+        "--merge",
+        type=int,
+        default=1,
+        help="recorded one-second windows merged into each simulated window (default 1: the noisiest)",
+    )
     args = parser.parse_args()
     if args.record:
         record(args.record)
         return 0
     _quiet()
     days, trials = (5.0, 4) if args.quick else (args.days, args.trials)
-    recorded = load_fixture()
-    figures: dict[str, Any] = {"fixture_windows": len(recorded), "days": days, "trials": trials}
+    recorded = load_fixture(args.merge)
+    figures: dict[str, Any] = {
+        "fixture_windows": len(recorded),
+        "merge": args.merge,
+        "days": days,
+        "trials": trials,
+    }
     causes, rate = false_alarms(recorded, days, seed=1)
     blamed = [c for c in causes if c != "contention"]
     figures["false_alarms_per_day"] = len(causes) / days
     figures["false_blame_per_day"] = len(blamed) / days
     figures["replay_windows_per_second"] = rate
-    print(f"replay of {len(recorded)} recorded windows in blocks of {BLOCK}; defaults: {SETTINGS}")
+    print(
+        f"replay of {len(recorded)} recorded windows (each merging {args.merge} recorded second(s)) in "
+        f"blocks of {BLOCK}; defaults: {SETTINGS}"
+    )
     print(
         f"steady service, {days:g} simulated days: {len(causes)} regression(s) opened "
         f"({len(causes) / days:.3f} per day), {len(blamed)} of them blamed on a cause other than "
