@@ -280,7 +280,7 @@ def _model_report(
         _chart(
             "size",
             "Input size per call",
-            "items",
+            "items, tokens or bytes",
             [_series("size per call", [_num(f.size_per_call) for f in inference])],
         ),
         _chart(
@@ -315,8 +315,9 @@ def _model_report(
         ),
     ]
     regressions = []
-    for regression in store.regressions(service, model):
-        if regression.since > until or (not regression.active and regression.since < since):
+    # Those updated in the period (open ones are updated as they evolve), begun by its end.
+    for regression in store.regressions(service, model, since_unix=since):
+        if regression.since > until:
             continue
         entry = regression_to_json(regression)
         entry["summary"] = describe(regression)
