@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 
 from inferscope.system.canary import CANARY_BYTES, Canary
 
@@ -31,7 +33,7 @@ def test_runs_at_most_once_per_interval_and_take_gives_medians() -> None:
     assert result.runs == 2
     assert result.wall_seconds is not None and result.wall_seconds > 0
     assert result.cpu_seconds is not None
-    assert canary.take() == (None, None, 0)  # the next window starts empty
+    assert canary.take()[:3] == (None, None, 0)  # the next window starts empty
 
 
 def test_fork_forgets_the_parents_runs() -> None:
@@ -69,3 +71,15 @@ def test_the_canary_can_be_turned_off(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     runs = json.loads(result.stdout)
     assert runs and all(r == 0 for r in runs)
+
+
+def test_the_canary_reads_its_threads_wait_for_a_core() -> None:
+    canary = Canary(interval_seconds=0.0)
+    for _ in range(5):
+        canary.maybe_run()
+        time.sleep(0.002)  # each sleep ends in a wake-up, whose wait schedstat counts
+    result = canary.take()
+    if not os.path.exists("/proc/thread-self/schedstat"):
+        assert result.wait_seconds is None
+    else:
+        assert result.wait_seconds is not None and result.wait_seconds >= 0

@@ -395,9 +395,21 @@ class FlightRecorder:
                 with suppress(sqlite3.Error):
                     connection.close()
 
+    def before_fork(self) -> None:
+        """Before fork(): wait (at most the busy timeout and a second) until no thread is inside
+        SQLite through this recorder, so that the child never inherits one of SQLite's mutexes
+        held by a thread it does not have. ``after_fork_in_parent`` lets go."""
+        self._held_for_fork = self._lock.acquire(timeout=self.busy_timeout_seconds + 1.0)
+
+    def after_fork_in_parent(self) -> None:
+        if getattr(self, "_held_for_fork", False):
+            self._held_for_fork = False
+            self._lock.release()
+
     def after_fork_in_child(self) -> None:
         """In a forked child: leave the parent's connection alone (never close it here) and open a
         new one on next use."""
+        self._held_for_fork = False
         self._lock = threading.Lock()
         if self._connection is not None:
             _INHERITED_CONNECTIONS.append(self._connection)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -44,14 +44,11 @@ from ._selflog import report_error
 from .aggregate import AggregateView, Histogram, Series
 from .config import RECORDER_OFF
 from .counters import CounterMetric, counter_label, counter_metrics, counter_value, counters_of
-from .system.canary import Canary
+from .system.canary import Canary, read_schedstat
 from .system.cgroup import read_cgroup
 from .system.fingerprint import environment
 from .system.host import read_process, read_psi, read_steal
 from .system.threads import usable_cpus
-
-if TYPE_CHECKING:
-    from .recorder import FlightRecorder
 
 #: The schema version of windows, baselines and regressions written to disk (the recorder's tables
 #: and the baseline JSON). Raise it on an incompatible change.
@@ -127,6 +124,12 @@ class ProcessWindow:
     #: Process CPU seconds that went to inferences (``KeyWindow.process_cpu_seconds`` summed): the
     #: rest of ``process_cpu_seconds`` ran outside every inference.
     inference_cpu_seconds: float | None = None
+    #: Seconds the process's threads spent runnable but waiting for a core during the window (the
+    #: run-queue delay of /proc/self/task/*/schedstat): what CPU contention and throttling cost.
+    run_queue_seconds: float | None = None
+    #: The canary thread's mean wait for a core per wake-up (seconds): contention seen by a thread
+    #: that does almost nothing, so it does not depend on the service's own load.
+    canary_wait_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,11 @@ class Window:
         """The window's length."""
         return self.end_unix - self.start_unix
 
+
+# The recorder stores the types above, so it is imported once they exist. Imported here and not
+# on first use: a lazy import holds the module's import lock, and a fork() at that moment would
+# leave the lock held forever in the child.
+from .recorder import FlightRecorder  # noqa: E402
 
 # --- building windows ------------------------------------------------------------------------------
 
@@ -230,6 +238,10 @@ class InputSizes:
 
 def check_size(size: object) -> float:
     """``size`` as a float: a finite number of at least 0 (items, tokens, bytes)."""
+    if type(size) in (int, float):  # the common case, without the cost of the ABC checks below
+        value = float(cast(float, size))
+        if 0.0 <= value < math.inf:
+            return value
     if isinstance(size, bool) or not isinstance(size, numbers.Real):
         raise TypeError(f"an input size must be a number (items, tokens, bytes), got {size!r}")
     value = float(size)
@@ -272,6 +284,7 @@ class _HostReading:
     throttled_ns: int | None
     cpu_stall_us: int | None
     dropped: int
+    run_queue_ns: int | None
 
 
 class WindowBuilder:
@@ -475,6 +488,7 @@ class WindowBuilder:
             throttled_ns=throttling.throttled_time_ns if throttling is not None else None,
             cpu_stall_us=read_psi(psi_root).get(("cpu", "some")),
             dropped=dropped,
+            run_queue_ns=_run_queue_ns(),
         )
 
     def _process_window(self, view: AggregateView, seconds: float, inference_cpu: float) -> ProcessWindow:
@@ -489,6 +503,7 @@ class WindowBuilder:
         steal = change(before.steal_seconds, now.steal_seconds) if before else None
         throttled = change(before.throttled_ns, now.throttled_ns) if before else None
         stall = change(before.cpu_stall_us, now.cpu_stall_us) if before else None
+        run_queue = change(before.run_queue_ns, now.run_queue_ns) if before else None
         cgroup = read_cgroup()
         env = self._current_environment()
         canary = self.canary.take()
@@ -511,6 +526,8 @@ class WindowBuilder:
             fingerprint=env.get("fingerprint"),
             records_dropped=max(now.dropped - before.dropped, 0) if before else 0,
             inference_cpu_seconds=inference_cpu,
+            run_queue_seconds=None if run_queue is None else run_queue / 1e9,
+            canary_wait_seconds=canary.wait_seconds,
         )
 
     def _current_environment(self) -> Mapping[str, Any]:
@@ -538,8 +555,6 @@ class WindowBuilder:
         if settings is None or settings.recorder == RECORDER_OFF:
             return None
         if self._recorder is None or self._recorder.path != settings.recorder:
-            from .recorder import FlightRecorder
-
             self._close_recorder()
             self._recorder = FlightRecorder(
                 settings.recorder,
@@ -601,9 +616,26 @@ class WindowBuilder:
         self._settings = None
         self._start_unix = None
 
+    def before_fork(self) -> None:
+        """No window is closing and no SQLite call of the recorder is running while fork() copies
+        the process (both may hold locks that the child could never get back)."""
+        self._held_for_fork = self._close_lock.acquire(timeout=5.0)
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.before_fork()
+
+    def after_fork_in_parent(self) -> None:
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.after_fork_in_parent()
+        if getattr(self, "_held_for_fork", False):
+            self._held_for_fork = False
+            self._close_lock.release()
+
     def after_fork_in_child(self) -> None:
         """The child starts with fresh windows; its recorder connection is opened anew on use (a
         SQLite connection must not cross fork()). Listeners stay."""
+        self._held_for_fork = False
         self._close_lock = threading.Lock()
         self._recent = deque(maxlen=RECENT_WINDOWS)
         recorder, self._recorder = self._recorder, None
@@ -619,6 +651,22 @@ class WindowBuilder:
             self._apply(settings)
 
 
+def _run_queue_ns() -> int | None:
+    """Nanoseconds this process's live threads have waited on a run queue (None without
+    schedstats). A thread that ended takes its share with it: a window's figure may fall short."""
+    total, found = 0, False
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in threads:
+        stat = read_schedstat(f"/proc/self/task/{tid}/schedstat")
+        if stat is not None:
+            total += stat[0]
+            found = True
+    return total if found else None
+
+
 def _current_settings() -> Any:
     from ._pipeline import current_settings
 
@@ -626,7 +674,11 @@ def _current_settings() -> Any:
 
 
 WINDOWS = WindowBuilder(REGISTRY, RUNTIME.current_key)
-os.register_at_fork(after_in_child=WINDOWS.after_fork_in_child)
+os.register_at_fork(
+    before=WINDOWS.before_fork,
+    after_in_parent=WINDOWS.after_fork_in_parent,
+    after_in_child=WINDOWS.after_fork_in_child,
+)
 
 
 def recent_windows(last: int | None = None) -> tuple[Window, ...]:
@@ -652,6 +704,29 @@ def add_window_listener(listener: Listener) -> None:
 def remove_window_listener(listener: Listener) -> None:
     """Stop calling ``listener``; nothing happens when it was not added."""
     WINDOWS.remove_listener(listener)
+
+
+def add_batch_size(tracked: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """For the instrumentors: add the batch's first dimension (rows of an array, a tensor, a
+    DataFrame or a sparse matrix, items of a list) as the input size of the inference that
+    ``tracked`` (a tracked call) opens. The batch is the first positional argument, else the
+    first keyword argument that has a shape. Nothing is added when there is no such batch; never
+    raises."""
+    try:
+        batch = args[0] if args else next((v for v in kwargs.values() if hasattr(v, "shape")), None)
+        shape = getattr(batch, "shape", None)
+        if shape is not None:
+            if not len(shape):
+                return
+            rows = shape[0]
+        elif isinstance(batch, (list, tuple)):
+            rows = len(batch)
+        else:
+            return
+        if isinstance(rows, numbers.Integral) and int(rows) >= 0:
+            WINDOWS.sizes.add(tracked.inferscope_key, float(int(rows)))
+    except Exception:
+        WINDOWS.size_failed()
 
 
 def set_input_size(size: float) -> bool:

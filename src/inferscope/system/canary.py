@@ -6,9 +6,13 @@ interpreter's other threads. The drainer runs it every ``interval_seconds`` (twi
 default; one run takes ~40 us on a 2020s x86 core, so under 0.01% of a core) and each window keeps
 the median wall and CPU time of its runs.
 
-When the same work takes longer on the wall clock while its CPU time stays flat, the thread waited
-for a core (contention, CFS throttling, steal); when its CPU time rises too, the core itself got
-slower (another CPU model, frequency, a noisy neighbour sharing caches).
+When the same work takes more CPU time, the core itself got slower (another CPU model, a lower
+frequency, a neighbour sharing its caches). One run is too short to be preempted: a thread that
+wakes from a sleep gets a core first under Linux's CFS, and keeps it for milliseconds. So the
+canary also reads how long its thread waited for a core after each wake-up (the run-queue delay
+of ``/proc/thread-self/schedstat``): that wait is what CPU contention, CFS throttling and steal
+add to every request, and it needs no work at all. benchmarks/canary.py measures both under real
+CPU hogs.
 
 >>> canary = Canary()
 >>> wall, cpu = canary.run()
@@ -33,11 +37,24 @@ _MAX_RUNS_PER_WINDOW = 1024
 
 
 class CanaryResult(NamedTuple):
-    """One window's canary: median wall and CPU seconds of a run, and how many runs; None when none ran."""
+    """One window's canary: median wall and CPU seconds of a run, how many runs, and the mean wait
+    for a core per wake-up of the canary's thread; None when nothing was measured."""
 
     wall_seconds: float | None
     cpu_seconds: float | None
     runs: int
+    wait_seconds: float | None = None
+
+
+def read_schedstat(path: str) -> tuple[int, int] | None:
+    """(ns spent waiting on a run queue, times it was scheduled) from a ``schedstat`` file of
+    /proc; None where the kernel has no schedstats."""
+    try:
+        with open(path, "rb") as f:
+            fields = f.read().split()
+        return int(fields[1]), int(fields[2])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Canary:
@@ -55,6 +72,8 @@ class Canary:
         self._walls: list[float] = []
         self._cpus: list[float] = []
         self._next_due = 0.0
+        self._thread_id: int | None = None
+        self._schedstat: tuple[int, int] | None = None
 
     def run(self) -> tuple[float, float]:
         """One run: (wall seconds, CPU seconds of this thread)."""
@@ -71,6 +90,9 @@ class Canary:
         if now < self._next_due:
             return False
         self._next_due = now + self.interval_seconds
+        if self._thread_id is None:
+            self._thread_id = threading.get_native_id()
+            self._schedstat = read_schedstat(self._schedstat_path())
         wall, cpu = self.run()
         with self._lock:
             if len(self._walls) < _MAX_RUNS_PER_WINDOW:
@@ -78,16 +100,27 @@ class Canary:
                 self._cpus.append(cpu)
         return True
 
+    def _schedstat_path(self) -> str:
+        return f"/proc/self/task/{self._thread_id}/schedstat"
+
     def take(self) -> CanaryResult:
-        """The window's medians and run count, and start the next window."""
+        """The window's medians, run count and wait per wake-up, and start the next window."""
         with self._lock:
             walls, cpus = self._walls, self._cpus
             self._walls, self._cpus = [], []
+        wait = None
+        if self._thread_id is not None:
+            before, now = self._schedstat, read_schedstat(self._schedstat_path())
+            self._schedstat = now
+            if before is not None and now is not None and now[1] > before[1]:
+                wait = (now[0] - before[0]) / (now[1] - before[1]) / 1e9
         if not walls:
-            return CanaryResult(None, None, 0)
-        return CanaryResult(statistics.median(walls), statistics.median(cpus), len(walls))
+            return CanaryResult(None, None, 0, wait)
+        return CanaryResult(statistics.median(walls), statistics.median(cpus), len(walls), wait)
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         self._walls, self._cpus = [], []
         self._next_due = 0.0
+        self._thread_id = None
+        self._schedstat = None

@@ -47,6 +47,7 @@ from typing import Any
 
 from ..._records import NO_MODEL_KEY
 from ..._runtime import RUNTIME
+from ...windows import add_batch_size
 from .. import (
     IdentityCache,
     InferscopeInstrumentor,
@@ -315,6 +316,7 @@ def _tracked_method(state: _State, original: Any) -> Any:
                                 steps = state.steps(self, entry)
                         if current_key() == NO_MODEL_KEY or not inference_open():
                             call = entry.tracked.get(original) or entry.track(original)
+                            add_batch_size(call, args, kwargs)  # rows of X: the input size
             except Exception:
                 report_internal_error(_FAILURE)
                 call, steps = original, None

@@ -65,6 +65,7 @@ from typing import Any
 
 from ..._records import NO_MODEL_KEY
 from ..._runtime import RUNTIME
+from ...windows import add_batch_size
 from .. import (
     VERSION_ATTRIBUTE,
     InferscopeInstrumentor,
@@ -406,6 +407,7 @@ def _module_call(state: _State, original: Any) -> Any:
                             tensor = None if probe is None else probe()
                             tracked = entry.cpu_call if tensor is not None and tensor.is_cpu else None
                             call = tracked or entry.call(original, state.cuda_sync)
+                            add_batch_size(call, args, kwargs)  # the batch dimension: the input size
             except Exception:
                 report_internal_error(_FAILURE)
                 call, scope = original, _PASS
