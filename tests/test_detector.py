@@ -259,7 +259,11 @@ def test_model_change_and_machine_change():
     found = active(detector)
     assert {r.cause for r in found} == {"machine_change"}
     assert found[0].evidence["machine"] == ["usable CPUs 2 -> 1"]
-    assert "canary takes 2.0" in found[0].evidence["candidates"]["contention"]
+    assert found[0].evidence["canary_ratio"] > 1.9
+    assert (
+        found[0].evidence["candidates"]["contention"]
+        == "only the canary is slower, and it also waits for the GIL"
+    )
 
 
 def test_load_when_the_queue_grows_with_arrivals():

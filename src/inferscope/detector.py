@@ -63,12 +63,14 @@ _logger = logging.getLogger("inferscope.regression")
 #: The causes, in the order they are tried (the first whose condition holds is named). Conditions
 #: outside the code come first (the machine, neighbours, traffic, the inputs), then what was
 #: deployed (the environment, the model), then where the time went (the GPU), then ``more_work``,
-#: which holds when nothing else does. ``memory_growth`` is the cause of the memory figures.
+#: which holds when nothing else does. ``data_growth`` precedes ``contention``: it holds only when
+#: the cost per item stayed flat, which contention would not leave. ``memory_growth`` is the cause
+#: of the memory figures.
 PRECEDENCE = (
     "machine_change",
+    "data_growth",
     "contention",
     "load",
-    "data_growth",
     "dependency_change",
     "model_change",
     "gpu",
@@ -819,6 +821,7 @@ class Detector:
 
         # contention: the machine gives this process less than before.
         canary_ratio = None
+        canary_slow = False
         if process.canary_wall_seconds and pb.canary_wall_seconds:
             canary_ratio = process.canary_wall_seconds / pb.canary_wall_seconds
         signals: list[str] = []
@@ -827,8 +830,7 @@ class Detector:
             floor = max(
                 CANARY_RATIO, 1.0 + NOISE_UNITS * pb.canary_wall_noise / (pb.canary_wall_seconds or 1.0)
             )
-            if canary_ratio >= floor:
-                signals.append(f"the canary takes {canary_ratio:.2f}x as long")
+            canary_slow = canary_ratio >= floor
         for label, then, now, rise in (
             ("CPU pressure", pb.cpu_pressure, process.cpu_pressure, PRESSURE_RISE),
             ("CPU steal", pb.steal_fraction, process.steal_fraction, STEAL_RISE),
@@ -895,6 +897,15 @@ class Detector:
                     f"the other stages' CPU per call grew {machine:.1f}x too, with the same inputs, software "
                     "and model: the machine runs the same code slower"
                 )
+        if canary_slow and canary_ratio is not None:
+            # The canary runs on a Python thread: its wall time includes waiting for the GIL, so in a
+            # busy process it corroborates the other signals and is not enough alone.
+            if signals:
+                signals.insert(0, f"the canary takes {canary_ratio:.2f}x as long")
+            else:
+                evidence["canary_alone"] = (
+                    "slower, with no other sign of contention (it also waits for the GIL)"
+                )
         holds["contention"] = bool(signals)
         own_work = self._own_work_grew(model, stage, span, anchor, base, current) if signals else None
         if signals and own_work is not None:
@@ -916,6 +927,8 @@ class Detector:
                 "the calling thread waits longer, but it switches out on its own (voluntary switches "
                 "up): I/O, locks or sleeps of the stage itself"
                 if off_up
+                else "only the canary is slower, and it also waits for the GIL"
+                if "canary_alone" in evidence
                 else "canary, CPU pressure, steal, throttling, switches and off-CPU time as in the anchor"
             )
 

@@ -290,7 +290,7 @@ def run_tax_demo(
                         time.sleep(window_seconds / 2)
                         phase.tick(service, time.monotonic() - started)
                         opened = [r for r in regressions() if r.active and _key(r) not in seen]
-                        if opened and time.monotonic() - started >= sustain_seconds + 2 * window_seconds:
+                        if opened and time.monotonic() - started >= sustain_seconds + 5 * window_seconds:
                             break
                 finally:
                     phase.stop(service)
