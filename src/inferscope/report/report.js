@@ -250,6 +250,8 @@
     data.models.forEach(modelSection);
     environmentSection(data.environment);
     document.body.dataset.ready = String(Number(document.body.dataset.ready || 0) + 1);
+    // Milliseconds from the start of navigation to the last chart drawn (benchmarks/report.py reads it).
+    document.body.dataset.renderedMs = String(Math.round(performance.now()));
   }
 
   var data = JSON.parse(document.getElementById("inferscope-data").textContent);
