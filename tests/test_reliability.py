@@ -409,6 +409,24 @@ def test_importing_starts_no_thread_until_the_first_tracked_function() -> None:
     assert done.stdout.split()[:2] == ["1", "True"]
 
 
+def test_a_pipeline_shut_down_before_it_started_stays_stopped() -> None:
+    done = run_python(
+        """
+        import threading
+        import inferscope
+        inferscope.shutdown()
+        @inferscope.track_inference(model="m")
+        def predict():
+            return 1
+        predict()
+        print(sorted(t.name for t in threading.enumerate()), len(inferscope.snapshot().rows))
+        """,
+        env={"INFERSCOPE_METRICS_EXPORTER": "console"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['MainThread'] 0"
+
+
 def test_credentials_never_reach_an_error_message_or_a_log_line() -> None:
     with pytest.raises(ConfigError) as caught:
         from inferscope.config import load_settings

@@ -802,7 +802,9 @@ def shutdown(timeout_millis: float | None = None) -> None:
     that. Calls made after ``shutdown()`` are passed straight through, unrecorded, until the next
     ``configure()``. Never raises, except ``KeyboardInterrupt``, which ends it at once.
     """
-    global _exports
+    global _exports, _deferred
+    _deferred = None  # a pipeline that never started stays stopped, until configure()
+    REGISTRY.on_first_key = None
     if timeout_millis is None:
         settings = _settings
         timeout_millis = settings.shutdown_timeout_millis if settings is not None else _EXIT_TIMEOUT_MILLIS
