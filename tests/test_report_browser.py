@@ -10,6 +10,7 @@ dialog, and list exactly the recorder's regressions. Screenshots are kept as tes
 from __future__ import annotations
 
 import base64
+import copy
 import itertools
 import json
 import os
@@ -27,6 +28,7 @@ import pytest
 
 from inferscope.history import HistoryStore
 from inferscope.recorder import FlightRecorder
+from inferscope.report import render_html
 
 from .test_report import HOSTILE, DemoRun, demo_run
 
@@ -277,3 +279,31 @@ def test_served_report_refreshes_from_the_recorder_and_fetches_only_its_own_orig
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_markup_in_every_name_and_value_of_the_data_is_shown_as_text(browser, run, tmp_path):
+    # The real run's data with every label, stage, cause and evidence value made hostile: whatever
+    # a recorder could hold reaches the page as text, in the legends and tables uPlot and the page draw.
+    data = copy.deepcopy(run.data)
+    for n, model in enumerate(data["models"]):
+        for chart in model["charts"]:
+            chart["title"] = f"<b>{chart['title']}</b>"
+            for series in chart["series"]:
+                series["label"] = f"<img src=x onerror=alert({n})>{series['label']}"
+        for regression in model["regressions"]:
+            regression["stage"] = HOSTILE
+            regression["cause"] = "<script>alert(2)</script>"
+            regression["summary"] = HOSTILE
+            regression["evidence"] = {"why": HOSTILE, "<i>name</i>": [HOSTILE]}
+    page = tmp_path / "hostile.html"
+    page.write_text(render_html(data), encoding="utf-8")
+    url = page.resolve().as_uri()
+    browser.open(url)
+    browser.screenshot(artifacts_dir() / "report-hostile.png")
+    assert browser.errors() == [] and browser.dialogs() == []
+    assert browser.evaluate("document.querySelectorAll('img, b, i, main script').length") == 0
+    legends = browser.evaluate(
+        "Array.from(document.querySelectorAll('.u-legend .u-label')).map(e => e.textContent)"
+    )
+    assert any(label.startswith("<img src=x onerror=alert(") for label in legends)
+    assert browser.requests() == [url]
