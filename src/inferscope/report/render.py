@@ -454,7 +454,6 @@ def render_html(data: Mapping[str, Any], *, served: bool = False) -> str:
             "default-src 'none'",
             "script-src " + " ".join(_sha256(s) for s in scripts),
             "style-src " + " ".join(_sha256(s) for s in styles),
-            "img-src data:",
             "connect-src 'self'" if served else "connect-src 'none'",
             "base-uri 'none'",
             "form-action 'none'",
