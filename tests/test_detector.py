@@ -491,3 +491,20 @@ def test_configure_installs_the_detector_and_its_metric_points():
         assert inferscope.regressions() == installed.regressions()
     finally:
         inferscope.configure(metrics_exporters=())
+
+
+def test_waits_for_a_core_counted_by_the_scheduler_are_contention():
+    detector, stream = Detector(SETTINGS), Stream()
+    stream.process.update(run_queue_seconds=0.02, process_cpu_seconds=1.0, canary_wait_seconds=2e-5)
+    stream.run(detector, 12)
+    # The same work, preempted: every stage waits, and the scheduler says for what.
+    stream.stage_ms.update(preprocess=4.0, infer=16.0)
+    stream.cpu_share.update(preprocess=0.5, infer=0.5)
+    stream.process.update(run_queue_seconds=0.5, canary_wait_seconds=4e-4)
+    stream.run(detector, 8)
+    found = active(detector)
+    assert found and {r.cause for r in found} == {"contention"}
+    evidence = next(r for r in found if r.stage == "infer").evidence
+    assert evidence["run_queue_per_cpu"] == [0.02, 0.5]
+    assert any(s.startswith("run-queue wait per CPU second") for s in evidence["contention"])
+    assert any(s.startswith("the canary's wait for a core") for s in evidence["contention"])

@@ -202,6 +202,10 @@ class ProcessFigures:
     cpu_count: float | None
     cpu_quota_cores: float | None
     fingerprints: tuple[str, ...]
+    #: Seconds the process's threads waited on a run queue per CPU second they ran (schedstat).
+    run_queue_per_cpu: float | None = None
+    #: The canary thread's median wait for a core per wake-up (schedstat).
+    canary_wait_seconds: float | None = None
 
     @classmethod
     def pool(cls, processes: Sequence[tuple[ProcessWindow, float]]) -> ProcessFigures:
@@ -221,6 +225,11 @@ class ProcessFigures:
         seconds = sum(length for _, length in processes)
         cpu = [(p.process_cpu_seconds, n) for p, n in processes if p.process_cpu_seconds is not None]
         throttled = [(p.throttled_seconds, n) for p, n in processes if p.throttled_seconds is not None]
+        queued = [
+            (p.run_queue_seconds, p.process_cpu_seconds)
+            for p, _ in processes
+            if p.run_queue_seconds is not None and p.process_cpu_seconds
+        ]
         fingerprints: list[str] = []
         for p, _ in processes:
             if p.fingerprint and p.fingerprint not in fingerprints:
@@ -242,6 +251,10 @@ class ProcessFigures:
             cpu_count=last(p.cpu_count for p, _ in processes),
             cpu_quota_cores=last(p.cpu_quota_cores for p, _ in processes),
             fingerprints=tuple(fingerprints),
+            run_queue_per_cpu=_ratio(sum(q for q, _ in queued), sum(c for _, c in queued))
+            if queued
+            else None,
+            canary_wait_seconds=median(p.canary_wait_seconds for p, _ in processes),
         )
 
 
@@ -294,6 +307,8 @@ class ProcessBaseline:
     cpu_model: str | None = None
     cpu_count: float | None = None
     cpu_quota_cores: float | None = None
+    run_queue_per_cpu: float | None = None
+    canary_wait_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -377,6 +392,8 @@ class Baseline:
             cpu_model=pooled.cpu_model,
             cpu_count=pooled.cpu_count,
             cpu_quota_cores=pooled.cpu_quota_cores,
+            run_queue_per_cpu=pooled.run_queue_per_cpu,
+            canary_wait_seconds=pooled.canary_wait_seconds,
         )
         fingerprint = pooled.fingerprints[-1] if pooled.fingerprints else None
         if (

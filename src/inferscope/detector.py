@@ -94,6 +94,10 @@ STEAL_RISE = 0.05
 THROTTLED_RISE = 0.05
 SWITCHES_RATIO = 2.0
 SWITCHES_RISE = 0.5
+#: The process's run-queue wait per CPU second, and the canary's wait for a core per wake-up
+#: (seconds), must double and rise by these to count.
+RUN_QUEUE_RISE = 0.1
+CANARY_WAIT_RISE = 50e-6
 #: Off-CPU time per call must grow this many times faster than CPU time per call to count.
 OFF_CPU_OUTGROWS = 1.5
 #: A descendant's (or a sibling's) change that covers this share of a key's change explains it.
@@ -831,6 +835,29 @@ class Detector:
                 CANARY_RATIO, 1.0 + NOISE_UNITS * pb.canary_wall_noise / (pb.canary_wall_seconds or 1.0)
             )
             canary_slow = canary_ratio >= floor
+        # Waits for a core that the scheduler counted (schedstat): the process's run-queue delay
+        # per CPU second it ran, and the canary thread's wait per wake-up. Neither includes the GIL.
+        for key, label, then, now, floor in (
+            (
+                "run_queue_per_cpu",
+                "run-queue wait per CPU second",
+                pb.run_queue_per_cpu,
+                process.run_queue_per_cpu,
+                RUN_QUEUE_RISE,
+            ),
+            (
+                "canary_wait_seconds",
+                "the canary's wait for a core",
+                pb.canary_wait_seconds,
+                process.canary_wait_seconds,
+                CANARY_WAIT_RISE,
+            ),
+        ):
+            if now is None or then is None:
+                continue
+            evidence[key] = [_round(then, 6), _round(now, 6)]
+            if now >= SWITCHES_RATIO * then and now - then >= floor:
+                signals.append(f"{label} {then:.3g} -> {now:.3g}")
         for label, then, now, rise in (
             ("CPU pressure", pb.cpu_pressure, process.cpu_pressure, PRESSURE_RISE),
             ("CPU steal", pb.steal_fraction, process.steal_fraction, STEAL_RISE),
