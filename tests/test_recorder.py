@@ -397,8 +397,13 @@ def test_forked_child_writes_with_its_own_connection(tmp_path) -> None:
         from inferscope.recorder import FlightRecorder
         from tests.test_recorder import _window
         path = {str(tmp_path / "r.sqlite")!r}
-        recorder = FlightRecorder(path)
-        os.register_at_fork(after_in_child=recorder.after_fork_in_child)
+        # A long wait: four processes write at once on a busy machine; this is about fork().
+        recorder = FlightRecorder(path, busy_timeout_seconds=30.0)
+        os.register_at_fork(
+            before=recorder.before_fork,
+            after_in_parent=recorder.after_fork_in_parent,
+            after_in_child=recorder.after_fork_in_child,
+        )
         stop = threading.Event()
 
         def keep_writing():  # a writer thread, busy while the process forks
@@ -406,6 +411,7 @@ def test_forked_child_writes_with_its_own_connection(tmp_path) -> None:
             while not stop.is_set():
                 recorder.save_window(_window(1_800_000_000.0 + i, model="parent"))
                 i += 1
+                time.sleep(0.001)
 
         writer = threading.Thread(target=keep_writing)
         writer.start()

@@ -45,6 +45,7 @@ class ProcessCpuSharer:
         #: Interval boundaries (monotonic ns): interval i is [_bounds[i], _bounds[i+1]]; the last one
         #: is open until the next sample.
         self._bounds: deque[int] = deque()
+        self._bounds_array: np.ndarray | None = None  # the same, as read by add_records()
         self._cpu: deque[float] = deque()  # CPU seconds of each closed interval
         self._overlap: deque[dict[int, int]] = deque()  # per inference key: ns of overlap
         self._rate: deque[float | None] = deque()  # CPU s per overlap ns, once shared out
@@ -65,9 +66,11 @@ class ProcessCpuSharer:
                 return
             if now_ns <= self._bounds[-1]:
                 return
+            self._bounds_array = None
             self._cpu.append(max(process_cpu_seconds - self._last_cpu, 0.0))
             self._rate.append(None)
             self._last_cpu = process_cpu_seconds
+            self._bounds_array = None
             self._bounds.append(now_ns)
             self._overlap.append({})  # the new open interval
             self._share_until(now_ns - self.horizon_ns)
@@ -119,20 +122,25 @@ class ProcessCpuSharer:
             keys = keys[inference].astype(np.int64)
             starts = records["start_ns"][inference]
             ends = starts + np.maximum(records["wall_ns"][inference], 0)
-            bounds = np.fromiter(self._bounds, dtype=np.int64, count=len(self._bounds))
+            bounds = self._bounds_array
+            if bounds is None or bounds.size != len(self._bounds):
+                bounds = np.fromiter(self._bounds, dtype=np.int64, count=len(self._bounds))
+                self._bounds_array = bounds
             first = np.searchsorted(bounds, starts, side="right") - 1
             last = np.searchsorted(bounds, ends, side="right") - 1
             self.missed += int((last < 0).sum())
             single = (first == last) & (first >= 0)
             if single.any():
-                # The common case, one interval per record: sum the walls per (interval, key).
+                # The common case, one interval per record: sum the walls per (interval, key), as
+                # one integer per pair (bincount over a dense table, no sort).
                 walls = (ends - starts)[single]
-                pairs, inverse = np.unique(
-                    np.stack((first[single], keys[single]), axis=1), axis=0, return_inverse=True
-                )
-                sums = np.bincount(inverse.ravel(), weights=walls, minlength=len(pairs))
-                for (index, key), ns in zip(pairs.tolist(), sums.tolist(), strict=True):
-                    self._add_overlap(index, key, int(ns))
+                pair = first[single] * (int(keys.max()) + 1) + keys[single]
+                low = int(pair.min())
+                sums = np.bincount(pair - low, weights=walls)
+                width = int(keys.max()) + 1
+                for offset in np.flatnonzero(sums).tolist():
+                    index, key = divmod(offset + low, width)
+                    self._add_overlap(index, key, int(sums[offset]))
             for r in np.flatnonzero(~single & (last >= 0)).tolist():
                 start, end, key = int(starts[r]), int(ends[r]), int(keys[r])
                 for index in range(max(int(first[r]), 0), int(last[r]) + 1):
