@@ -229,7 +229,7 @@ def detect(
     seed: int,
     hours: float,
 ) -> float | None:
-    """Hours from the injection to a regression (None: not within ``hours``)."""
+    """Hours from the injection to a regression that began with it (None: not within ``hours``)."""
     rng = random.Random(seed)
     detector = Detector(SETTINGS)
     stream = Stream(recorded, seed)
@@ -247,7 +247,14 @@ def detect(
         detector.on_window(stream.window(index, factor_of))
         # A stage's injection must be found on that stage; the whole inference's on any key of the
         # model (its stages rise with it, and the detector reports the rise where it happens).
-        found = [r for r in detector.regressions() if r.active and (stage is None or r.stage == stage)]
+        injected = stream.start + begin * SETTINGS.window_seconds
+        found = [
+            r
+            for r in detector.regressions()
+            if r.active
+            and (stage is None or r.stage == stage)
+            and r.since >= injected - SETTINGS.window_seconds
+        ]
         if found and index >= begin:
             return (index + 1 - begin) / per_hour
     return None
