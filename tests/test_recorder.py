@@ -464,3 +464,27 @@ def test_the_suite_never_records_into_the_users_state_directory(isolated_recorde
     home_state = os.path.expanduser("~/.local/state/inferscope")
     settings = current_settings()
     assert settings is not None and not settings.recorder.startswith(home_state)
+
+
+def test_a_file_that_is_not_a_recorder_is_counted_and_left_alone(tmp_path) -> None:
+    path = tmp_path / "r.sqlite"
+    path.write_bytes(b"this is not a database" * 1000)
+    recorder = FlightRecorder(path, retry_seconds=3600.0)
+    assert not recorder.save_window(_window(time.time()))
+    assert recorder.key_windows("fraud") == []
+    assert recorder.failures == {"corrupt": 1}  # tried once, then left alone until the retry
+    assert path.read_bytes().startswith(b"this is not a database")
+
+
+def test_a_newer_schema_is_not_written_to(tmp_path) -> None:
+    path = tmp_path / "r.sqlite"
+    first = FlightRecorder(path)
+    assert first.available  # opened (on first use), with its tables
+    first.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE meta SET value = '999' WHERE name = 'schema_version'")
+    raw.close()
+    recorder = FlightRecorder(path)
+    assert not recorder.save_window(_window(time.time()))
+    assert sum(recorder.failures.values()) == 1
+    recorder.close()
