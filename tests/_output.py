@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,17 @@ def rows(table: str) -> dict[tuple[str, str], list[str]]:
         if len(parts) >= 8 and parts[-6].isdigit():
             found[(parts[0], parts[-7])] = parts[-6:]
     return found
+
+
+def copy_of_the_checkout(into: Path) -> Path:
+    """The checkout without build outputs or environments, so that a build or an install from it
+    leaves the working tree untouched (an editable install writes its egg-info beside the code)."""
+    source = into / "checkout"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "*.so"
+        ),
+    )
+    return source

@@ -47,7 +47,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ._output import ROOT, rows
+from ._output import ROOT, copy_of_the_checkout, rows
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 RUN_LANGUAGES = {"python", "bash", "sh", "console"}
@@ -224,7 +224,7 @@ def _environment(block: Block) -> dict[str, str]:
         or name in ("INFERSCOPE_NO_EXTENSION", "INFERSCOPE_RECORDER")
     }
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["INFERSCOPE_REPO"] = str(ROOT)  # for a block that installs this checkout
+    env["INFERSCOPE_REPO"] = str(ROOT)  # for a block that reads this checkout
     for name, value in (block.directive.get("env") or {}).items():
         if value is None:  # null: unset
             env.pop(name, None)
@@ -234,9 +234,10 @@ def _environment(block: Block) -> dict[str, str]:
 
 
 def _run(argv: list[str], block: Block, cwd: Path) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        argv, cwd=cwd, env=_environment(block), capture_output=True, text=True, timeout=TIMEOUT_S
-    )
+    env = _environment(block)
+    if block.directive.get("expensive"):
+        env["INFERSCOPE_REPO"] = str(copy_of_the_checkout(cwd))  # an install must not write into ROOT
+    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     expected = int(block.directive.get("exit", 0))
     assert result.returncode == expected, (
         f"{block.where}: exit {result.returncode}, expected {expected}\n{result.stdout}\n{result.stderr}"

@@ -10,7 +10,6 @@ import email.message
 import email.parser
 import importlib.metadata
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -21,7 +20,8 @@ import pytest
 
 import inferscope
 
-ROOT = Path(__file__).resolve().parents[1]
+from ._output import ROOT, copy_of_the_checkout
+
 DISTRIBUTION = "inferscope-sdk"
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
@@ -60,22 +60,9 @@ def test_the_version_is_written_in_one_place() -> None:
     assert not sources, f"these ask the package metadata for inferscope's version: {sources}"
 
 
-def _copy_of_the_checkout(into: Path) -> Path:
-    """The checkout without build outputs, so that building leaves the working tree untouched."""
-    source = into / "src-tree"
-    shutil.copytree(
-        ROOT,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "*.so"
-        ),
-    )
-    return source
-
-
 @pytest.mark.expensive
 def test_the_wheel_and_the_sdist_carry_the_license_and_the_metadata(tmp_path: Path) -> None:
-    source = _copy_of_the_checkout(tmp_path)
+    source = copy_of_the_checkout(tmp_path)
     out = tmp_path / "dist"
     wheel = subprocess.run(
         [
