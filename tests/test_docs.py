@@ -357,26 +357,38 @@ def test_architecture_states_the_record_layout() -> None:
     assert f"{RECORD_DTYPE.itemsize}-byte record" in text
 
 
-def test_the_output_checks_fail_on_what_they_should() -> None:
-    header = "model  stage  count  p50 ms  p95 ms  p99 ms  cpu/wall  errors\n"
-    shown = header + "fraud v3  -  200  1.0  1.0  1.0  0.03  0\n"
-    with pytest.raises(AssertionError):  # an empty table, as a snippet that never calls its model prints
-        _table(shown, header + "backend: c\n", "here")
-    _table(shown, shown.replace("200", "3"), "here")
-    with pytest.raises(AssertionError):
-        _same_shape("2 change(s):\n  added  x  16\n", "1 change(s):\n", "here")
-    _same_shape(
-        "changed  fingerprint  b0e9b27fa8366d17 -> 4d9f9fae100dc68a\n",
-        "changed fingerprint c7c72a277167e366 -> 3b1b317918f39756",
-        "here",
-    )
-    with pytest.raises(AssertionError):
-        _same_lines("a\nb\n", "b\na\n", "here")
-    _same_lines(
-        "counters: got 'fast'; accepted: one of ...\n",
-        "x\ncounters: got 'fast'; accepted: one of 'minimal'\n",
-        "here",
-    )
+_HEADER = "model  stage  count  p50 ms  p95 ms  p99 ms  cpu/wall  errors\n"
+_TABLE = _HEADER + "fraud v3  -  200  1.0  1.0  1.0  0.03  0\n"
+
+
+@pytest.mark.parametrize(
+    ("check", "shown", "printed", "passes"),
+    [
+        # An empty table, as a snippet that never calls its model prints.
+        (_table, _TABLE, _HEADER + "backend: c\n", False),
+        (_table, _TABLE, _TABLE.replace("200", "3"), True),
+        (_same_shape, "2 change(s):\n  added  x  16\n", "1 change(s):\n", False),
+        (
+            _same_shape,
+            "changed  fingerprint  b0e9b27fa8366d17 -> 4d9f9fae100dc68a\n",
+            "changed fingerprint c7c72a277167e366 -> 3b1b317918f39756\n",
+            True,
+        ),
+        (_same_lines, "a\nb\n", "b\na\n", False),
+        (
+            _same_lines,
+            "got 'fast'; accepted: one of ...\n",
+            "x\ngot 'fast'; accepted: one of 'minimal'\n",
+            True,
+        ),
+    ],
+)
+def test_an_output_check_fails_exactly_when_the_output_differs(check, shown, printed, passes) -> None:
+    if passes:
+        check(shown, printed, "here")
+    else:
+        with pytest.raises(AssertionError):
+            check(shown, printed, "here")
 
 
 def _anchors(page: Path) -> set[str]:
