@@ -544,8 +544,7 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         self.dropped = 0
         self.failed = 0
         self._log = exporter_log(exporter)
-        reinit = weakref.WeakMethod(self._after_fork_in_child)
-        os.register_at_fork(after_in_child=lambda: _call_if_alive(reinit))
+        _SPAN_QUEUES.add(self)  # one fork hook for all of them: configure() makes new ones
 
     @classmethod
     def from_environment(
@@ -678,6 +677,17 @@ class BoundedBatchSpanProcessor(SpanProcessor):
         self._queue = deque()
         self._thread = None
         self._flush_requested = self._flushed = 0
+
+
+_SPAN_QUEUES: weakref.WeakSet[BoundedBatchSpanProcessor] = weakref.WeakSet()
+
+
+def _span_queues_after_fork_in_child() -> None:
+    for queue in list(_SPAN_QUEUES):
+        queue._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_span_queues_after_fork_in_child)
 
 
 # -- context propagation ------------------------------------------------------------------------
