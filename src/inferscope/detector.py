@@ -646,6 +646,9 @@ class Detector:
             self._close(track, replace(regression, active=False))
             return
         opened.regression = regression
+        # Stored every window while open: a reader of the recorder tells an open regression from one
+        # whose process stopped by when its row was last updated.
+        self._stored("save_regression", self._service, regression)
 
     def _close(self, track: _Track, regression: Regression) -> None:
         track.opened = None
@@ -1278,6 +1281,8 @@ class Detector:
                 track.opened.clear_since = window.start_unix
             elif window.end_unix - track.opened.clear_since + 1e-6 >= sustain:
                 self._close(track, replace(regression, active=False))
+                return
+            self._stored("save_regression", self._service, regression)
             return
         if not (now > ref * (1 + thr) and now - ref >= MIN_MEMORY_GROWTH_BYTES and growing):
             track.since = None

@@ -46,8 +46,9 @@ def _model_status(
 ) -> dict[str, Any]:
     from ..baseline import KeyFigures
     from ..detector import tax_of
-    from ..history import regression_to_json
+    from ..history import regression_from_json, regression_to_json
 
+    recorder = store.recorder
     newest = (
         store.recorder.key_windows(model, service=service, limit=1, newest_first=True)
         if store.recorder
@@ -81,9 +82,21 @@ def _model_status(
                 "cpu_change": _change(now.cpu_per_call, base.cpu_per_call if base else None),
             }
         )
-    regressions = [
-        regression_to_json(r) for r in store.regressions(service, model) if r.active or r.since >= end - 86400
-    ]
+    # A regression still open when its process stopped writing is not known to be open now: it is
+    # shown as it was last seen ("stale"), not as active.
+    window_length = newest[0].end_unix - newest[0].start_unix if newest else 60.0
+    regressions = []
+    for record in recorder.regressions(service=service, model=model) if recorder is not None else []:
+        try:
+            item = regression_to_json(regression_from_json(record["payload"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        stale = item["active"] and record["updated_unix"] < end - 3 * max(window_length, 1.0)
+        if stale:
+            item["active"] = False
+        item["stale"] = stale
+        if item["active"] or item["since"] >= end - 86400:
+            regressions.append(item)
     tax = tax_of(anchor, windows) if anchor is not None and windows else None
     return {
         "service": service,
@@ -151,8 +164,12 @@ def render(report: dict[str, Any]) -> str:
                 f"{_pair(row['cpu_per_call_ms'], row['cpu_change'])}"
             )
         active = [r for r in m["regressions"] if r["active"]]
-        closed = len(m["regressions"]) - len(active)
-        lines.append(f"  regressions: {len(active)} active, {closed} closed in the last day")
+        stale = sum(1 for r in m["regressions"] if r.get("stale"))
+        closed = len(m["regressions"]) - len(active) - stale
+        lines.append(
+            f"  regressions: {len(active)} active, {closed} closed in the last day"
+            + (f", {stale} open when the service stopped writing" if stale else "")
+        )
         for r in active:
             where = r["stage"] or "(inference)"
             lines.append(
