@@ -18,7 +18,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -901,6 +901,34 @@ def _millis(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1e3:.3f}"
 
 
+def _per_call(row: StatsRow, names: Sequence[str], scale: float = 1.0, digits: int = 1) -> str:
+    present = [row.counters[n] for n in names if n in row.counters]
+    if not present or not row.count:
+        return "-"
+    return f"{sum(present) / row.count * scale:.{digits}f}"
+
+
+def _off_cpu_millis(row: StatsRow) -> str:
+    # Wall time not spent on the calling thread's CPU: waiting for a core, a lock, I/O or helpers.
+    if row.cpu_ratio is None or math.isnan(row.mean):
+        return "-"
+    return _millis(max(0.0, row.mean * (1.0 - row.cpu_ratio)))
+
+
+#: Optional columns of :meth:`Snapshot.table`: name -> (header, cell of a row).
+TABLE_COLUMNS: dict[str, tuple[str, Callable[[StatsRow], str]]] = {
+    "off_cpu": ("off-cpu ms", _off_cpu_millis),
+    "switches": (
+        "switches",
+        lambda r: _per_call(r, ("context_switches.voluntary", "context_switches.involuntary")),
+    ),
+    "faults": ("faults", lambda r: _per_call(r, ("page_faults.minor", "page_faults.major"))),
+    "rss": ("rss KiB", lambda r: _per_call(r, ("memory.rss.change",), 1 / 1024)),
+    "heap": ("heap KiB", lambda r: _per_call(r, ("memory.python_heap.change",), 1 / 1024)),
+    "gpu": ("gpu p50 ms", lambda r: _millis(r.gpu_p50)),
+}
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Per-model and per-stage statistics at one moment, as returned by ``inferscope.snapshot()``.
@@ -944,10 +972,25 @@ class Snapshot:
             wanted += f", version={version!r}"
         raise KeyError(f"no snapshot row for {wanted}; rows present (model, stage): {hint}")
 
-    def table(self) -> str:
+    def table(self, columns: Sequence[str] = ()) -> str:
         """An aligned text table: model, stage, count, p50/p95/p99 in ms, cpu/wall, errors, and the
-        p50 of the device time when a stage marked ``device="cuda"`` measured one."""
-        gpu = any(r.gpu_count for r in self.rows)
+        p50 of the device time when a stage marked ``device="cuda"`` measured one.
+
+        ``columns`` adds figures per call from :data:`TABLE_COLUMNS`, for a terminal that shows
+        more than latency: ``off_cpu`` (ms of wall time not on the CPU: waiting), ``switches``,
+        ``faults``, ``rss`` (KiB of RSS change), ``heap`` (KiB of Python heap change) and ``gpu``.
+        A figure that was not measured shows as ``-``.
+
+        >>> print(inferscope.snapshot().table(columns=["off_cpu", "switches"]))  # doctest: +SKIP
+        """
+        unknown = [c for c in columns if c not in TABLE_COLUMNS]
+        if unknown:
+            raise ValueError(
+                f"table(columns=...): unknown column {unknown[0]!r}; accepted: {', '.join(TABLE_COLUMNS)}"
+            )
+        extra = list(dict.fromkeys(columns))
+        if any(r.gpu_count for r in self.rows) and "gpu" not in extra:
+            extra.append("gpu")
         header: tuple[str, ...] = (
             "model",
             "stage",
@@ -957,9 +1000,8 @@ class Snapshot:
             "p99 ms",
             "cpu/wall",
             "errors",
+            *(TABLE_COLUMNS[c][0] for c in extra),
         )
-        if gpu:
-            header += ("gpu p50 ms",)
         lines: list[tuple[str, ...]] = [header]
         for r in self.rows:
             model, stage = _row_label(r)
@@ -976,8 +1018,8 @@ class Snapshot:
                     _millis(r.p99),
                     ratio,
                     str(r.errors),
+                    *(TABLE_COLUMNS[c][1](r) for c in extra),
                 )
-                + ((_millis(r.gpu_p50),) if gpu else ())
             )
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = []
