@@ -41,6 +41,48 @@ def _change(now: float | None, then: float | None) -> float | None:
     return round(now / then - 1.0, 4)
 
 
+#: Points of the p95 sparkline; each pools the windows of its share of the period.
+SPARKLINE_POINTS = 40
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def p95_trend(
+    windows: list[Any], model: str, quantile: float, points: int = SPARKLINE_POINTS
+) -> list[float | None]:
+    """The inference's quantile per slice of ``windows`` (oldest first), in seconds: the windows of
+    each slice are pooled (their histograms merged), so a slice with few calls still counts them all.
+    A slice without calls is None."""
+    from ..aggregate import Histogram
+
+    if not windows:
+        return []
+    slices: list[Histogram | None] = [None] * min(points, len(windows))
+    for i, window in enumerate(windows):
+        at = i * len(slices) // len(windows)
+        for k in window.keys:
+            if k.model == model and k.stage is None and k.duration.count:
+                pooled = slices[at]
+                if pooled is None:
+                    slices[at] = pooled = Histogram.empty(k.duration.scale)
+                pooled.merge(k.duration)
+    return [None if h is None else h.quantile(quantile) for h in slices]
+
+
+def sparkline(values: list[float | None]) -> str:
+    """Block characters scaled between the smallest and largest value; a gap is a space."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if not known:
+        return ""
+    low, high = min(known), max(known)
+    span = high - low
+    return "".join(
+        " "
+        if v is None or not math.isfinite(v)
+        else _BARS[0 if span <= 0 else min(len(_BARS) - 1, int((v - low) / span * len(_BARS)))]
+        for v in values
+    )
+
+
 def _model_status(
     store: Any, service: str, model: str, last_seconds: float, quantile: float
 ) -> dict[str, Any]:
@@ -98,6 +140,7 @@ def _model_status(
         if item["active"] or item["since"] >= end - 86400:
             regressions.append(item)
     tax = tax_of(anchor, windows) if anchor is not None and windows else None
+    trend = p95_trend(windows, model, quantile)
     return {
         "service": service,
         "model": model,
@@ -112,6 +155,7 @@ def _model_status(
             "fingerprint": anchor.fingerprint,
         },
         "stages": rows,
+        "p95_trend_ms": [_ms(v) for v in trend],
         "regressions": regressions,
         "tax": None
         if tax is None
@@ -153,6 +197,11 @@ def render(report: dict[str, Any]) -> str:
             )
         now = m["now"]
         lines.append(f"  now: {now['windows']} window(s) since {_when(now['start_unix'])}")
+        trend = [v for v in m["p95_trend_ms"] if v is not None]
+        if trend:
+            lines.append(
+                f"  p95 trend: {sparkline(m['p95_trend_ms'])}  ({min(trend):.3f} to {max(trend):.3f} ms)"
+            )
         lines.append(
             f"  {'stage':<24} {'calls':>8}  {'p50 ms (anchor -> now)':<30} {'p95 ms':<30} cpu/call ms"
         )
