@@ -548,14 +548,16 @@ _ENTRIES: tuple[MetricSpec, ...] = (
         "inferscope.tax.latency",
         "gauge",
         "s",
-        "Latency a call of the key pays now above its baseline (the latency tax)",
-        TAX_ATTRIBUTES,
+        "Extra seconds an inference of the model takes now above its anchor, at the quantile "
+        "inferscope.quantile (0.5 or 0.95): the latency tax",
+        (*TAX_ATTRIBUTES, "inferscope.quantile"),
     ),
     _tax(
         "inferscope.tax.cpu",
         "gauge",
-        "s",
-        "CPU time a call of the key spends now above its baseline (the CPU tax)",
+        "{cpu}",
+        "Extra CPU-seconds per second the model spends now above its anchor at its current rate: "
+        "the cores the CPU tax costs",
         TAX_ATTRIBUTES,
     ),
 )
