@@ -18,8 +18,14 @@ import time
 import pytest
 
 from inferscope.aggregate import Histogram
-from inferscope.recorder import FlightRecorder, histogram_from_json, histogram_to_json
-from inferscope.windows import KeyWindow, ProcessWindow, Window
+from inferscope.recorder import (
+    FlightRecorder,
+    histogram_from_blob,
+    histogram_from_json,
+    histogram_to_blob,
+    histogram_to_json,
+)
+from inferscope.windows import RECORDER_SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
 
 from .conftest import run_python
 
@@ -75,6 +81,66 @@ def test_histogram_json_round_trip() -> None:
     assert histogram_from_json(histogram_to_json(hist)) == hist
     empty = histogram_from_json(histogram_to_json(Histogram.empty()))
     assert empty == Histogram.empty() and empty.count == 0
+
+
+def test_histogram_blob_round_trip() -> None:
+    hist = Histogram.of([0.0, 0.001, 0.02, 0.02, 3.5, 1e-9, 250.0])
+    blob = histogram_to_blob(hist)
+    assert isinstance(blob, bytes) and histogram_from_blob(blob) == hist
+    back = histogram_from_blob(blob)
+    assert (back.min, back.max, back.sum, back.zero_count) == (hist.min, hist.max, hist.sum, hist.zero_count)
+    empty = histogram_from_blob(histogram_to_blob(Histogram.empty()))
+    assert empty == Histogram.empty() and empty.count == 0
+    with pytest.raises(ValueError, match="format"):
+        histogram_from_blob(b"\x09" + blob[1:])
+
+
+def test_a_file_of_json_histograms_stays_readable_and_is_marked_upgraded(tmp_path) -> None:
+    """Rows of the first file format (histograms as JSON) are read, rolled up and kept; new rows
+    are blobs, and the file says so, so that an older inferscope does not write to it."""
+    path = tmp_path / "recorder.sqlite"
+    now = time.time()
+    old = FlightRecorder(path)
+    assert old.save_window(_window(now - 9 * 86400)) and old.save_window(_window(now - 120))
+    old.close()
+    with sqlite3.connect(path) as raw:
+        for row_id, blob in raw.execute("SELECT id, duration FROM windows").fetchall():
+            raw.execute(
+                "UPDATE windows SET duration = ? WHERE id = ?",
+                (histogram_to_json(histogram_from_blob(blob)), row_id),
+            )
+        raw.execute("UPDATE meta SET value = '1' WHERE name = 'schema_version'")
+    reopened = FlightRecorder(path)
+    try:
+        assert [r.window for r in reopened.key_windows("fraud")] == list(
+            _window(now - 9 * 86400).keys
+        ) + list(_window(now - 120).keys)
+        assert reopened.save_window(_window(now - 60))
+        assert reopened.maintain(now)
+        (hour,) = reopened.key_windows("fraud", stage=None, hourly=True)
+        assert hour.window.duration == _window(now).keys[0].duration
+        assert len(reopened.key_windows("fraud", stage=None)) == 2
+    finally:
+        reopened.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == (
+            str(RECORDER_SCHEMA_VERSION),
+        )
+        kinds = raw.execute("SELECT typeof(duration), count(*) FROM windows GROUP BY 1 ORDER BY 1").fetchall()
+        assert kinds == [("blob", 2), ("text", 2)]
+        assert raw.execute("SELECT DISTINCT typeof(duration) FROM rollups").fetchall() == [("blob",)]
+
+
+def test_reads_are_counted(recorder) -> None:
+    now = time.time()
+    for minutes in (3, 2, 1):
+        recorder.save_window(_window(now - 60 * minutes))
+    before = (recorder.queries, recorder.rows_read)
+    assert len(recorder.key_windows("fraud")) == 6
+    assert (recorder.queries, recorder.rows_read) == (before[0] + 1, before[1] + 6)
+    assert recorder.first_start("fraud") == pytest.approx(now - 240)
+    assert recorder.first_start("fraud", service="other") is None
+    assert recorder.queries == before[0] + 3
 
 
 def test_window_round_trip_keyed_by_names(recorder) -> None:

@@ -431,3 +431,48 @@ def test_instrumentors_report_the_rows_of_each_batch(windows) -> None:
     sizes = {k.model: (k.size_sum, k.size_count) for k in window.keys if k.stage is None}
     assert sizes["Pipeline"] == (9.0, 3)
     assert sizes["Sequential"] == (10.0, 2)
+
+
+def test_the_environment_is_read_again_only_when_it_can_have_changed() -> None:
+    """Reading the environment walks every package's metadata: a window close reuses it until an
+    ML library is first imported or the cgroup's limits change."""
+    result = run_python(
+        """
+        import dataclasses, os, sys, tempfile
+        import inferscope
+        from inferscope.system import fingerprint
+        from inferscope.system.cgroup import read_cgroup
+        from inferscope.windows import WINDOWS
+
+        reads = []
+        real = fingerprint.environment
+        def counting():
+            reads.append(1)
+            return real()
+        fingerprint.environment = counting
+        inferscope.configure(window_seconds=86400, recorder=os.path.join(tempfile.mkdtemp(), "r.sqlite"))
+        WINDOWS.tick()
+        model = inferscope.track_inference(model="env-model")(lambda x: x)
+        windows = []
+        for _ in range(5):
+            model(1)
+            windows.append(WINDOWS.close())
+        assert len(reads) == 1, reads
+        assert len({w.process.fingerprint for w in windows}) == 1 and windows[0].process.fingerprint
+        assert "scipy" not in sys.modules
+        import scipy.linalg
+        for _ in range(3):
+            model(1)
+            WINDOWS.close()
+        assert len(reads) == 2, reads
+        info = read_cgroup()
+        resized = dataclasses.replace(info, cpu_quota_us=123456, cpu_period_us=100000)
+        fingerprint.cached_environment(resized)
+        assert len(reads) == 3, reads
+        assert fingerprint.cached_environment(info) is fingerprint.cached_environment(info)
+        assert len(reads) == 3, reads
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")

@@ -83,6 +83,9 @@ class HistoryStore:
     def __init__(self, recorder: FlightRecorder | Callable[[], FlightRecorder | None]) -> None:
         #: The recorder, or a function that returns the one in force (None while it is off).
         self._recorder = recorder
+        #: Where each (service, model)'s history begins, once found: it only moves when retention
+        #: drops the oldest rollups, long after the anchor that needed it was taken.
+        self._first_start: dict[tuple[str, str | None, str], float] = {}
 
     @property
     def recorder(self) -> FlightRecorder | None:
@@ -134,10 +137,13 @@ class HistoryStore:
         recorder = self.recorder
         if recorder is None:
             return []
-        first = [row[2] for row in recorder.models() if row[1] == model and service in (None, row[0])]
-        if not first:
-            return []
-        start = min(first)
+        known = (recorder.path, service, model)
+        start = self._first_start.get(known)
+        if start is None:
+            start = recorder.first_start(model, service=service)
+            if start is None:
+                return []
+            self._first_start[known] = start
         # Window boundaries need not fall on start + seconds: read a little past it, and keep the
         # windows up to the first one that completes the span.
         windows = self.windows(service, model, until_unix=start + 2 * seconds)

@@ -37,6 +37,7 @@ import math
 import os
 import socket
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,13 +48,15 @@ from typing import Any
 import numpy as np
 
 from .aggregate import Histogram
-from .windows import SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
+from .windows import RECORDER_SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
 
 __all__ = [
     "FlightRecorder",
     "RecordedKeyWindow",
     "RecordedProcessWindow",
+    "histogram_from_blob",
     "histogram_from_json",
+    "histogram_to_blob",
     "histogram_to_json",
 ]
 
@@ -150,6 +153,36 @@ def histogram_from_json(text: str | Mapping[str, Any]) -> Histogram:
         math.inf if data.get("min") is None else float(data["min"]),
         -math.inf if data.get("max") is None else float(data["max"]),
     )
+
+
+#: A histogram blob: a format byte, then scale, zero count, bucket offset, count, sum, min and max
+#: (little-endian), then the bucket counts as little-endian int64. Decoding it costs a few
+#: microseconds where the JSON of the first file format cost tens.
+_BLOB_HEADER = struct.Struct("<Biqqqddd")
+_BLOB_FORMAT = 1
+
+
+def histogram_to_blob(hist: Histogram) -> bytes:
+    """A histogram as the compact binary blob the recorder's tables hold (see ``_BLOB_HEADER``)."""
+    offset, counts = hist._trimmed()
+    header = _BLOB_HEADER.pack(
+        _BLOB_FORMAT, hist.scale, hist.zero_count, offset, hist.count, hist.sum, hist.min, hist.max
+    )
+    return header + counts.astype("<i8", copy=False).tobytes()
+
+
+def histogram_from_blob(blob: bytes) -> Histogram:
+    """The histogram that ``histogram_to_blob`` wrote."""
+    form, scale, zero_count, offset, count, total, low, high = _BLOB_HEADER.unpack_from(blob)
+    if form != _BLOB_FORMAT:
+        raise ValueError(f"unknown histogram blob format {form}")
+    counts = np.frombuffer(blob, dtype="<i8", offset=_BLOB_HEADER.size).astype(np.int64)
+    return Histogram(scale, zero_count, offset, counts, count, total, low, high)
+
+
+def _histogram(stored: bytes | str) -> Histogram:
+    """A histogram column: a blob, or the JSON of files written before blobs."""
+    return histogram_from_blob(stored) if isinstance(stored, bytes) else histogram_from_json(stored)
 
 
 @dataclass(frozen=True)
@@ -256,6 +289,9 @@ class FlightRecorder:
         self.create = create
         self.host = socket.gethostname()
         self.failures: dict[str, int] = {}
+        #: Queries run and rows they returned: what reading the history costs (benchmarks, tests).
+        self.queries = 0
+        self.rows_read = 0
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
@@ -318,13 +354,17 @@ class FlightRecorder:
                     if statement.strip():
                         connection.execute(statement)
                 found = connection.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-                if found is None:
+                if found is None or int(found[0]) < RECORDER_SCHEMA_VERSION:
+                    # An older file is read as it is (its rows keep their JSON histograms) and
+                    # marked, so that the inferscope that wrote it leaves the new rows alone.
                     connection.execute(
-                        "INSERT INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
+                        (str(RECORDER_SCHEMA_VERSION),),
                     )
-                elif int(found[0]) > SCHEMA_VERSION:
+                elif int(found[0]) > RECORDER_SCHEMA_VERSION:
                     raise sqlite3.DatabaseError(
-                        f"the file was written by a newer inferscope (schema {found[0]} > {SCHEMA_VERSION})"
+                        "the file was written by a newer inferscope "
+                        f"(schema {found[0]} > {RECORDER_SCHEMA_VERSION})"
                     )
         except BaseException:
             connection.close()
@@ -378,7 +418,10 @@ class FlightRecorder:
         with self._use(doing) as connection:
             if connection is None:
                 return []
-            return [tuple(row) for row in connection.execute(sql, params).fetchall()]
+            rows = connection.execute(sql, params).fetchall()
+            self.queries += 1
+            self.rows_read += len(rows)
+            return rows
         return []
 
     @property
@@ -441,7 +484,7 @@ class FlightRecorder:
                 key.process_cpu_seconds,
                 key.size_sum,
                 key.size_count,
-                histogram_to_json(key.duration),
+                histogram_to_blob(key.duration),
                 _dumps(dict(key.counters)),
             )
             for key in window.keys
@@ -561,6 +604,16 @@ class FlightRecorder:
             ") GROUP BY service, model ORDER BY service, model"
         )
         return self._rows("reading models", sql)  # type: ignore[return-value]
+
+    def first_start(self, model: str, *, service: str | None = None) -> float | None:
+        """When the stored history of ``model`` begins (the hourly rollups included), or None."""
+        where, args = _where(("model = ?", model), ("service = ?", service))
+        sql = (
+            f"SELECT min(first) FROM (SELECT min(start_unix) AS first FROM windows {where} "
+            f"UNION ALL SELECT min(hour_unix) FROM rollups {where})"
+        )
+        rows = self._rows("reading where a model begins", sql, args + args)
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
 
     # --- fingerprints --------------------------------------------------------------------------
 
@@ -747,7 +800,7 @@ class FlightRecorder:
                     if existing is not None
                     else [None, 0, 0, 0.0, None, 0.0, None, 0.0, 0, None, "{}"]
                 )
-                entry[9] = histogram_from_json(entry[9]) if entry[9] else Histogram.empty()
+                entry[9] = _histogram(entry[9]) if entry[9] else Histogram.empty()
                 entry[10] = json.loads(entry[10])
             entry[0] = row[5] or entry[0]  # the hour's last fingerprint
             entry[1] += row[6]
@@ -758,7 +811,7 @@ class FlightRecorder:
             entry[6] = _add_optional(entry[6], row[11])
             entry[7] += row[12]
             entry[8] += row[13]
-            entry[9].merge(histogram_from_json(row[14]))
+            entry[9].merge(_histogram(row[14]))
             for name, value in json.loads(row[15]).items():
                 entry[10][name] = entry[10].get(name, 0.0) + value
         connection.executemany(
@@ -766,7 +819,7 @@ class FlightRecorder:
             "errors, wall_seconds, cpu_seconds, cpu_wall_seconds, process_cpu_seconds, size_sum, size_count, "
             "duration, counters) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (*ident, *entry[:9], histogram_to_json(entry[9]), _dumps(entry[10]))
+                (*ident, *entry[:9], histogram_to_blob(entry[9]), _dumps(entry[10]))
                 for ident, entry in hours.items()
             ],
         )
@@ -838,7 +891,7 @@ def _recorded_key_window(row: tuple[Any, ...]) -> RecordedKeyWindow:
         stage=_none(stage),
         count=count,
         errors=errors,
-        duration=histogram_from_json(duration),
+        duration=_histogram(duration),
         wall_seconds=wall,
         cpu_seconds=cpu,
         cpu_wall_seconds=cpu_wall,

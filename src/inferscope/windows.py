@@ -45,14 +45,17 @@ from .aggregate import AggregateView, Histogram, Series
 from .config import RECORDER_OFF
 from .counters import CounterMetric, counter_label, counter_metrics, counter_value, counters_of
 from .system.canary import Canary, read_schedstat
-from .system.cgroup import read_cgroup
-from .system.fingerprint import environment
+from .system.cgroup import CgroupInfo, read_cgroup
+from .system.fingerprint import cached_environment
 from .system.host import read_process, read_psi, read_steal
 from .system.threads import usable_cpus
 
 #: The schema version of windows, baselines and regressions written to disk (the recorder's tables
 #: and the baseline JSON). Raise it on an incompatible change.
 SCHEMA_VERSION = 1
+#: The layout of the flight recorder's file. 2: histograms as binary blobs (1 held them as JSON;
+#: rows of a version 1 file stay readable). A file of a higher version is never written to.
+RECORDER_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,6 @@ from .recorder import FlightRecorder  # noqa: E402
 
 #: Windows kept in memory for ``recent_windows()``; the flight recorder keeps the history.
 RECENT_WINDOWS = 120
-#: The environment is read again at most this often (it takes ~10 ms: every package's metadata).
-_ENVIRONMENT_REFRESH_SECONDS = 300.0
 
 #: Counter slots by the names windows give them; other counters (perf events) take their label.
 _COUNTER_NAMES = {
@@ -320,7 +321,6 @@ class WindowBuilder:
         self._host: _HostReading | None = None
         self._carried_cpu: dict[_Name, float] = {}
         self._environment: Mapping[str, Any] | None = None
-        self._environment_read = -math.inf
         self._fingerprints_recorded: set[str] = set()
 
     # --- called by the drainer ---------------------------------------------------------------
@@ -354,7 +354,7 @@ class WindowBuilder:
         now = time.time()
         if self._start_unix is None:
             self._start_unix = now
-            self._host = self._read_host(0)
+            self._host = self._read_host(0, read_cgroup())
         # Boundaries fall on multiples of window_seconds in Unix time, so that the windows of
         # several processes (pre-fork workers, replicas) line up.
         self._next_close_unix = (math.floor(now / settings.window_seconds) + 1) * settings.window_seconds
@@ -478,8 +478,7 @@ class WindowBuilder:
             keys=tuple(keys),
         )
 
-    def _read_host(self, dropped: int) -> _HostReading:
-        info = read_cgroup()
+    def _read_host(self, dropped: int, info: CgroupInfo) -> _HostReading:
         psi_root = info.pressure_dir if info.pressure_dir is not None else Path("/proc/pressure")
         throttling = info.throttling
         return _HostReading(
@@ -493,7 +492,8 @@ class WindowBuilder:
 
     def _process_window(self, view: AggregateView, seconds: float, inference_cpu: float) -> ProcessWindow:
         before = self._host
-        now = self._read_host(sum(view.dropped.values()))
+        cgroup = read_cgroup()  # once per window: it is a dozen small files
+        now = self._read_host(sum(view.dropped.values()), cgroup)
         self._host = now
         seconds = max(seconds, 1e-9)
 
@@ -504,8 +504,7 @@ class WindowBuilder:
         throttled = change(before.throttled_ns, now.throttled_ns) if before else None
         stall = change(before.cpu_stall_us, now.cpu_stall_us) if before else None
         run_queue = change(before.run_queue_ns, now.run_queue_ns) if before else None
-        cgroup = read_cgroup()
-        env = self._current_environment()
+        env = self._current_environment(cgroup)
         canary = self.canary.take()
         sample = read_process()
         return ProcessWindow(
@@ -530,11 +529,10 @@ class WindowBuilder:
             canary_wait_seconds=canary.wait_seconds,
         )
 
-    def _current_environment(self) -> Mapping[str, Any]:
-        now = time.monotonic()
-        if self._environment is None or now - self._environment_read >= _ENVIRONMENT_REFRESH_SECONDS:
-            self._environment = environment()
-            self._environment_read = now
+    def _current_environment(self, cgroup: CgroupInfo) -> Mapping[str, Any]:
+        # Read again only when it can have changed (an ML library imported, other cgroup limits):
+        # reading it costs hundreds of milliseconds of the drainer's time with torch installed.
+        self._environment = cached_environment(cgroup)
         return self._environment
 
     def _service_name(self, settings: Any) -> str:

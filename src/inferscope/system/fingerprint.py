@@ -22,6 +22,7 @@ import re
 import sys
 import sysconfig
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from . import threads as _threads
 
 __all__ = [
     "Change",
+    "cached_environment",
     "diff",
     "environment",
     "fingerprint",
@@ -290,6 +292,67 @@ def environment() -> dict[str, Any]:
     return {"fingerprint": fingerprint(body), **body}
 
 
+#: Modules whose first import can change the environment (a BLAS or OpenMP runtime loaded, torch's
+#: thread pools): the import names of ``PACKAGES``. Not threadpoolctl: reading the environment
+#: imports it, and it loads nothing.
+_ENVIRONMENT_MODULES = (
+    "numpy",
+    "scipy",
+    "torch",
+    "onnxruntime",
+    "sklearn",
+    "xgboost",
+    "lightgbm",
+    "transformers",
+    "tensorflow",
+)
+#: Bumped by the post-import hooks; the cached environment holds the generation it was read at.
+_import_generation = 0
+_hooks_installed = False
+_cached: tuple[int, dict[str, Any]] | None = None
+
+
+def _module_imported(_module: Any) -> None:
+    global _import_generation
+    _import_generation += 1
+
+
+def _install_environment_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    import wrapt
+
+    for name in _ENVIRONMENT_MODULES:
+        # Fires at once for a module already imported: harmless, the first read follows.
+        wrapt.register_post_import_hook(_module_imported, name)
+
+
+def cached_environment(cgroup: _cgroup.CgroupInfo | None = None) -> dict[str, Any]:
+    """``environment()``, read again only when it can have changed: reading it walks every
+    package's metadata and the loaded libraries (hundreds of milliseconds with torch installed), too
+    much for every window.
+
+    It is read on the first call, again after one of the ML libraries is first imported (a
+    post-import hook notices), and again when ``cgroup`` (the caller's fresh reading) shows other
+    limits than the cached environment. Packages upgraded on disk while the process runs are not
+    noticed: the process keeps running the code it loaded. Do not modify the result.
+    """
+    global _cached
+    with suppress(Exception):  # without the hooks, the cache is kept until the cgroup changes
+        _install_environment_hooks()
+    cached = _cached
+    if cached is not None and cached[0] == _import_generation:
+        env = cached[1]
+        if cgroup is None or _safe(lambda: _cgroup_section(cgroup)) == env.get("cgroup"):
+            return env
+    generation = _import_generation
+    env = environment()
+    _cached = (generation, env)
+    return env
+
+
 def _safe(section: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
     """A section of the environment, or ``{"error": ...}`` when reading it failed in an unforeseen
     way: the fingerprint is computed at configure time and must never break it."""
@@ -333,7 +396,7 @@ def resource_attributes(env: Mapping[str, Any] | None = None) -> dict[str, str]:
         Resource.create({**resource_attributes(), "service.name": "fraud"})
     """
     if env is None:
-        env = environment()
+        env = cached_environment()
     attributes = {"inferscope.env.fingerprint": str(env.get("fingerprint") or fingerprint(env))}
 
     def put(name: str, value: Any) -> None:
