@@ -111,6 +111,10 @@ _RECENT_CLOSED = 100
 
 _HOUR = 3600.0
 _DAY = 86400.0
+#: While a model has no anchor, the recorder is read again this often for its first windows (other
+#: workers write the same file) and for an anchor another worker completed; in between, this
+#: process's windows are added in memory.
+_HISTORY_REREAD_SECONDS = 300.0
 _MB = 1024.0 * 1024.0
 
 
@@ -279,6 +283,7 @@ class Detector:
         self._anchors: dict[str, Baseline] = {}
         self._anchor_loaded: set[str] = set()
         self._anchor_windows: dict[str, list[Window]] = {}
+        self._anchor_read: dict[str, float] = {}
         self._rolling: dict[str, tuple[float, Baseline | None]] = {}
         self._tracks: dict[tuple[str, str | None, str], _Track] = {}
         self._closed: deque[Regression] = deque(maxlen=_RECENT_CLOSED)
@@ -336,6 +341,7 @@ class Detector:
         self._closed.clear()
         self._rolling.clear()
         self._anchor_windows.clear()
+        self._anchor_read.clear()
         self._published = ()
         self._tax = ()
 
@@ -385,14 +391,9 @@ class Detector:
                 self._anchors[model] = stored
                 _logger.info("inferscope: the anchor baseline of model %r is the stored one", model)
                 return
-        # The first baseline_seconds of the model's history, whichever process recorded them (the
-        # recorder holds this window already); in memory alone without a recorder.
-        recorded = self._stored("first_windows", window.service, model, self.settings.baseline_seconds)
-        if recorded:
-            collected = list(recorded)
-        else:
-            collected = self._anchor_windows.setdefault(model, [])
-            collected.append(window)
+        collected = self._anchor_span(model, window)
+        if not collected:
+            return
         covered = collected[-1].end_unix - collected[0].start_unix
         if covered + 1e-6 < self.settings.baseline_seconds:
             return
@@ -409,6 +410,35 @@ class Detector:
             anchor.seconds,
             len(collected),
         )
+
+    def _anchor_span(self, model: str, window: Window) -> list[Window]:
+        """The windows of the model's first ``baseline_seconds``, whichever process recorded them.
+
+        Read from the recorder when the model is first seen (the recorder holds this window
+        already) and again every ``_HISTORY_REREAD_SECONDS`` while the span is short, then kept in
+        memory with this process's windows added: the recorder is never read per window. A
+        re-read adopts an anchor that another worker stored meanwhile (and returns nothing)."""
+        seconds = self.settings.baseline_seconds
+        now = time.monotonic()
+        read_at = self._anchor_read.get(model)
+        if self.store is not None and (read_at is None or now - read_at >= _HISTORY_REREAD_SECONDS):
+            self._anchor_read[model] = now
+            if read_at is not None:
+                stored = self._stored("load_anchor", window.service, model)
+                if isinstance(stored, Baseline):
+                    self._anchors[model] = stored
+                    self._anchor_windows.pop(model, None)
+                    _logger.info("inferscope: the anchor baseline of model %r is the stored one", model)
+                    return []
+            recorded = self._stored("first_windows", window.service, model, seconds)
+            if recorded:
+                self._anchor_windows[model] = list(recorded)
+                return self._anchor_windows[model]
+        collected = self._anchor_windows.setdefault(model, [])
+        # As the recorder would return them: the windows that end within twice the span.
+        if not collected or window.end_unix <= collected[0].start_unix + 2 * seconds + 1e-6:
+            collected.append(window)
+        return collected
 
     def _rolling_reference(self, model: str, now: float) -> Baseline | None:
         """The same hour a day earlier from the recorder, else the trailing history held in memory
@@ -1546,7 +1576,7 @@ def install(settings: Any) -> Detector:
     global _DETECTOR
     from .export import spec
     from .history import HistoryStore
-    from .system.fingerprint import environment
+    from .system.fingerprint import cached_environment as environment
     from .windows import WINDOWS, add_window_listener, remove_window_listener
 
     wanted = DetectorSettings.of(settings)
