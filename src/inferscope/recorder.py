@@ -84,6 +84,8 @@ CREATE TABLE IF NOT EXISTS windows (
 );
 CREATE INDEX IF NOT EXISTS windows_by_key ON windows (service, model, version, stage, end_unix);
 CREATE INDEX IF NOT EXISTS windows_by_time ON windows (end_unix);
+-- A model's history read without its service (the detector's day-ago hour, where it begins).
+CREATE INDEX IF NOT EXISTS windows_by_model ON windows (model, end_unix);
 CREATE TABLE IF NOT EXISTS process_windows (
     id INTEGER PRIMARY KEY,
     service TEXT NOT NULL, start_unix REAL NOT NULL, end_unix REAL NOT NULL,
