@@ -35,9 +35,10 @@ def predict(x: int) -> int:
         return total * 2
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def seed(tmp_path_factory) -> tuple[str, list[Window]]:
-    """Windows of a short real run, as the drainer closed and recorded them."""
+    """Windows of a short real run, as the drainer closed and recorded them (per test, so that the
+    suite's own recorder isolation is in force when it configures inferscope back)."""
     path = tmp_path_factory.mktemp("seed") / "seed.sqlite"
     inferscope.configure(window_seconds=86400, recorder=str(path))
     try:
