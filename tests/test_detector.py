@@ -6,8 +6,12 @@ generator; the scenario tests in tests/scenarios/ run the same detector on a rea
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
-from dataclasses import fields
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -508,3 +512,56 @@ def test_waits_for_a_core_counted_by_the_scheduler_are_contention():
     assert evidence["run_queue_per_cpu"] == [0.02, 0.5]
     assert any(s.startswith("run-queue wait per CPU second") for s in evidence["contention"])
     assert any(s.startswith("the canary's wait for a core") for s in evidence["contention"])
+
+
+# --- windows recorded from a real service (benchmarks/fixtures/detector_windows.json) -----------------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@functools.cache
+def _benchmark() -> Any:
+    """benchmarks/detector.py: its fixture of recorded one-second windows and its replay stream."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("detector_benchmark", BENCHMARKS / "detector.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def replay(slices: list[tuple[int, int]], *, slower: dict[str, float] | None = None, from_index: int = 0):
+    """A detector fed the recorded windows ``slices`` (start, end) one after another, each standing
+    for a minute as in the replay benchmark (an anchor and a sustain time of 20 windows); ``slower``
+    scales the durations and CPU of those stages (and the inference's) from window ``from_index`` on."""
+    bench = _benchmark()
+    recorded = bench.load_fixture()
+    minutes = bench.SETTINGS.window_seconds
+    detector = Detector(replace(bench.SETTINGS, baseline_seconds=20 * minutes, sustain_seconds=20 * minutes))
+    stream = bench.Stream(recorded, seed=0)
+    stream._block = [row for first, end in slices for row in recorded[first:end]]
+
+    def factor_of(stage: str | None, index: int) -> float:
+        if not slower or index < from_index:
+            return 1.0
+        return max(slower.values()) if stage is None else slower.get(stage, 1.0)
+
+    for index in range(len(stream._block)):
+        detector.on_window(stream.window(index, factor_of))
+    return detector
+
+
+def test_a_noisy_stretch_of_a_real_service_whose_level_stays_within_the_noise_is_not_raised():
+    # Recorded seconds 80-140 follow an anchor taken over seconds 40-60: most of their windows pass
+    # the inference's p95 by the threshold and 3 noise units, but their median stays within 4.
+    detector = replay([(40, 60), (80, 140)])
+    assert [r for r in detector.regressions() if r.metric not in ("rss", "py_heap")] == []
+
+
+def test_a_slower_stage_on_the_same_real_stretch_is_raised():
+    detector = replay([(40, 60), (80, 140)], slower={"infer": 2.0}, from_index=30)
+    found = [r for r in active(detector) if r.stage == "infer"]
+    assert {r.metric for r in found} == {"p95", "cpu"}
+    assert {r.cause for r in found} == {"more_work"}
+    assert all(r.change > 0.5 and r.since >= 1_800_000_000.0 + 29 * 60 for r in found)

@@ -9,7 +9,8 @@ shared out, so that BLAS and other helper threads count). A window *exceeds* whe
 than ``regression_threshold`` above the baseline's and more than three times the baseline's own
 window-to-window noise (1.4826 x MAD) above it. A run of exceeding windows becomes a regression when
 it lasts ``regression_sustain_seconds`` and the pooled figure of the run, over at least
-``MIN_CALLS`` calls, still exceeds; a run that goes away sooner is dropped. A stage whose cost only
+``MIN_CALLS`` calls, still exceeds, and the run's level (the median of its windows' figures) is
+``LEVEL_NOISE_UNITS`` noise units above; a run that goes away sooner is dropped. A stage whose cost only
 moved from a sibling while the inference stayed flat is not raised, and a parent (or the inference)
 is not raised when an open regression of a descendant explains most of its rise. RSS and the Python
 heap are watched for sustained growth (MB per hour).
@@ -82,6 +83,9 @@ CAUSES = (*PRECEDENCE, "memory_growth")
 MIN_CALLS = 30
 #: A window exceeds only when its figure is this many noise units (1.4826 x MAD) above the baseline.
 NOISE_UNITS = 3.0
+#: A run opens only when the median of its windows' figures is this many noise units above the
+#: baseline (the noise of a rolling reference is at least the anchor's, relative to its level).
+LEVEL_NOISE_UNITS = 4.0
 #: Windows of a candidate that may miss (not exceed) in a row before it is dropped, at the least.
 _MAX_MISSES = 2
 #: The share of a candidate's windows that must exceed for it to last.
@@ -607,6 +611,8 @@ class Detector:
         ref, _ = self._reference(base, metric, pooled=True)
         if current.count < MIN_CALLS or value is None or ref is None or ref <= 0 or value <= ref * (1 + thr):
             return
+        if not self._level_exceeds(model, stage, metric, span, anchor, base):
+            return
         reason = self._explained(model, stage, metric, span, anchor, current, base)
         if reason is not None:
             if track.suppressed != reason:
@@ -637,6 +643,31 @@ class Detector:
         track.opened = _Open(regression)
         self._stored("save_regression", self._service, regression)
         _log_regression(regression, opened=True)
+
+    def _level_exceeds(
+        self,
+        model: str,
+        stage: str | None,
+        metric: str,
+        span: Sequence[Window],
+        anchor: Baseline,
+        base: StageBaseline,
+    ) -> bool:
+        """Whether the run's level (the median of its windows' figures) is above the threshold and
+        ``LEVEL_NOISE_UNITS`` times the reference's window-to-window noise. A rolling reference spans
+        one sustain period, often too few independent minutes to measure its own noise: its relative
+        noise is at least the anchor's."""
+        ref, noise = self._reference(base, metric, pooled=False)
+        if ref is None or ref <= 0:
+            return False
+        anchor_base = anchor.stage(stage)
+        if anchor_base is not None and anchor_base is not base:
+            a_ref, a_noise = self._reference(anchor_base, metric, pooled=False)
+            if a_ref:
+                noise = max(noise, a_noise / a_ref * ref)
+        values = [self._value(self._pool([w], model, stage), metric, base, pooled=False) for w in span]
+        level = statistics.median([v for v in values if v is not None] or [0.0])
+        return level > ref * (1.0 + self.settings.threshold) and level - ref > LEVEL_NOISE_UNITS * noise
 
     def _update_open(
         self,
