@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -176,3 +177,31 @@ def test_cli_saves_and_loads_anchors(tmp_path, capsys):
     assert main(["baseline", "load", str(bad), "--recorder", str(target)]) == 2
     assert "upgrade inferscope" in capsys.readouterr().err
     assert main(["baseline", "save", str(out), "--recorder", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_the_noise_of_the_contention_signals_is_kept_and_older_files_load_without_it(tmp_path):
+    rng = np.random.default_rng(3)
+    pressures = rng.uniform(0.0, 0.4, 30)
+    waits = rng.uniform(1e-4, 9e-4, 30)
+    stream = windows(30)
+    stream = [
+        Window(
+            w.service,
+            w.start_unix,
+            w.end_unix,
+            replace(w.process, cpu_pressure=float(p), canary_wait_seconds=float(c)),
+            w.keys,
+        )
+        for w, p, c in zip(stream, pressures, waits, strict=True)
+    ]
+    base = Baseline.from_windows("fraud", stream)
+    assert base.process.cpu_pressure_noise == pytest.approx(mad_noise(list(pressures)))
+    assert base.process.canary_wait_noise == pytest.approx(mad_noise(list(waits)))
+    path = tmp_path / "baseline.json"
+    save_baselines(path, [base])
+    assert load_baselines(path)[0].process == base.process
+    document = json.loads(path.read_text())
+    for name in ("cpu_pressure_noise", "canary_wait_noise", "run_queue_per_cpu_noise"):
+        del document["baselines"][0]["process"][name]
+    path.write_text(json.dumps(document))
+    assert load_baselines(path)[0].process.cpu_pressure_noise == 0.0

@@ -565,3 +565,18 @@ def test_a_slower_stage_on_the_same_real_stretch_is_raised():
     assert {r.metric for r in found} == {"p95", "cpu"}
     assert {r.cause for r in found} == {"more_work"}
     assert all(r.change > 0.5 and r.since >= 1_800_000_000.0 + 29 * 60 for r in found)
+
+
+def test_a_wait_for_a_core_that_rises_within_its_own_noise_is_not_contention():
+    # Recorded seconds 0-60 after an anchor over seconds 80-100, with the infer stage twice as slow:
+    # the canary's wait for a core doubles, but by less than 3 times its window-to-window noise in
+    # the anchor (the process's own extra work keeps the canary from a core as much): more work.
+    detector = replay([(80, 100), (0, 60)], slower={"infer": 2.0}, from_index=25)
+    anchor = detector.anchor("tax-demo")
+    assert anchor is not None and anchor.process.canary_wait_noise > 0
+    found = [r for r in active(detector) if r.stage is None and r.metric == "cpu"]
+    assert len(found) == 1
+    then, now = found[0].evidence["canary_wait_seconds"]
+    assert now >= 2 * then and now - then < 3 * anchor.process.canary_wait_noise
+    assert found[0].cause == "more_work"
+    assert "contention" not in found[0].evidence

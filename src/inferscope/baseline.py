@@ -81,6 +81,11 @@ def mad_noise(values: Sequence[float]) -> float:
     return round(_MAD_TO_SIGMA * statistics.median(abs(v - center) for v in finite), 12)
 
 
+def _noise(values: Iterable[float | None]) -> float:
+    """``mad_noise`` of the values that were read (None and non-finite ones skipped)."""
+    return mad_noise([v for v in values if v is not None and math.isfinite(v)])
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
@@ -309,6 +314,13 @@ class ProcessBaseline:
     cpu_quota_cores: float | None = None
     run_queue_per_cpu: float | None = None
     canary_wait_seconds: float | None = None
+    #: The window-to-window noise (1.4826 x MAD) of the contention signals: a rise within a few
+    #: times its own noise is the machine's usual weather, not contention.
+    cpu_pressure_noise: float = 0.0
+    steal_fraction_noise: float = 0.0
+    throttled_fraction_noise: float = 0.0
+    run_queue_per_cpu_noise: float = 0.0
+    canary_wait_noise: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -394,6 +406,13 @@ class Baseline:
             cpu_quota_cores=pooled.cpu_quota_cores,
             run_queue_per_cpu=pooled.run_queue_per_cpu,
             canary_wait_seconds=pooled.canary_wait_seconds,
+            cpu_pressure_noise=_noise(p.cpu_pressure for p, _ in processes),
+            steal_fraction_noise=_noise(p.steal_fraction for p, _ in processes),
+            throttled_fraction_noise=_noise(_ratio(p.throttled_seconds, seconds) for p, seconds in processes),
+            run_queue_per_cpu_noise=_noise(
+                _ratio(p.run_queue_seconds, p.process_cpu_seconds) for p, _ in processes
+            ),
+            canary_wait_noise=_noise(p.canary_wait_seconds for p, _ in processes),
         )
         fingerprint = pooled.fingerprints[-1] if pooled.fingerprints else None
         if (

@@ -901,20 +901,21 @@ class Detector:
             canary_slow = canary_ratio >= floor
         # Waits for a core that the scheduler counted (schedstat): the process's run-queue delay
         # per CPU second it ran, and the canary thread's wait per wake-up. Neither includes the GIL.
+        # Each signal must rise beyond its own noise in the anchor, as the figures of a key must.
         for key, label, then, now, floor in (
             (
                 "run_queue_per_cpu",
                 "run-queue wait per CPU second",
                 pb.run_queue_per_cpu,
                 process.run_queue_per_cpu,
-                RUN_QUEUE_RISE,
+                max(RUN_QUEUE_RISE, NOISE_UNITS * pb.run_queue_per_cpu_noise),
             ),
             (
                 "canary_wait_seconds",
                 "the canary's wait for a core",
                 pb.canary_wait_seconds,
                 process.canary_wait_seconds,
-                CANARY_WAIT_RISE,
+                max(CANARY_WAIT_RISE, NOISE_UNITS * pb.canary_wait_noise),
             ),
         ):
             if now is None or then is None:
@@ -923,9 +924,24 @@ class Detector:
             if now >= SWITCHES_RATIO * then and now - then >= floor:
                 signals.append(f"{label} {then:.3g} -> {now:.3g}")
         for label, then, now, rise in (
-            ("CPU pressure", pb.cpu_pressure, process.cpu_pressure, PRESSURE_RISE),
-            ("CPU steal", pb.steal_fraction, process.steal_fraction, STEAL_RISE),
-            ("CFS throttling", pb.throttled_fraction, process.throttled_fraction, THROTTLED_RISE),
+            (
+                "CPU pressure",
+                pb.cpu_pressure,
+                process.cpu_pressure,
+                max(PRESSURE_RISE, NOISE_UNITS * pb.cpu_pressure_noise),
+            ),
+            (
+                "CPU steal",
+                pb.steal_fraction,
+                process.steal_fraction,
+                max(STEAL_RISE, NOISE_UNITS * pb.steal_fraction_noise),
+            ),
+            (
+                "CFS throttling",
+                pb.throttled_fraction,
+                process.throttled_fraction,
+                max(THROTTLED_RISE, NOISE_UNITS * pb.throttled_fraction_noise),
+            ),
         ):
             if now is None:
                 continue
@@ -1020,7 +1036,8 @@ class Detector:
                 if off_up
                 else "only the canary is slower, and it also waits for the GIL"
                 if "canary_alone" in evidence
-                else "canary, CPU pressure, steal, throttling, switches and off-CPU time as in the anchor"
+                else "canary, CPU pressure, steal, throttling, switches and off-CPU time as in the anchor, "
+                "within their noise"
             )
 
         # load: a queueing key grew with the arrival rate.
