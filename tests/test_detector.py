@@ -580,3 +580,14 @@ def test_a_wait_for_a_core_that_rises_within_its_own_noise_is_not_contention():
     assert now >= 2 * then and now - then < 3 * anchor.process.canary_wait_noise
     assert found[0].cause == "more_work"
     assert "contention" not in found[0].evidence
+
+
+def test_a_stage_slowed_to_a_few_calls_a_window_is_judged_on_pooled_windows():
+    # Windows with fewer than 10 calls are pooled with the next ones, both to vote and to measure
+    # the run's level: a service slowed down so much that it serves 4 calls a window is still judged.
+    detector, stream = steady()
+    stream.calls = 4
+    stream.stage_ms["infer"] = 40.0  # 5x
+    stream.run(detector, 30)
+    found = [r for r in active(detector) if r.stage == "infer" and r.metric == "p95"]
+    assert len(found) == 1 and found[0].cause == "more_work" and found[0].change > 2.0

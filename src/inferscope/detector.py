@@ -665,8 +665,21 @@ class Detector:
             a_ref, a_noise = self._reference(anchor_base, metric, pooled=False)
             if a_ref:
                 noise = max(noise, a_noise / a_ref * ref)
-        values = [self._value(self._pool([w], model, stage), metric, base, pooled=False) for w in span]
-        level = statistics.median([v for v in values if v is not None] or [0.0])
+        # Windows with too few calls count pooled with the next ones, as they vote (a service slowed
+        # down to a few calls a window is still judged).
+        values: list[float] = []
+        chunk: list[Window] = []
+        for w in span:
+            chunk.append(w)
+            figures = self._pool(chunk, model, stage)
+            if figures.count >= MIN_WINDOW_CALLS:
+                value = self._value(figures, metric, base, pooled=False)
+                if value is not None:
+                    values.append(value)
+                chunk = []
+        if not values:
+            return False
+        level = statistics.median(values)
         return level > ref * (1.0 + self.settings.threshold) and level - ref > LEVEL_NOISE_UNITS * noise
 
     def _update_open(
