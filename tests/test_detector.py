@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import re
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -51,6 +52,8 @@ class Stream:
             "fingerprint": "aaaa",
         }
         self.heap_growth: dict[str, float] = {}
+        #: Process CPU per call outside the stages' threads (library thread pools), in seconds.
+        self.helper_cpu = 0.0
 
     def window(self) -> Window:
         keys = []
@@ -91,6 +94,7 @@ class Stream:
                 float(totals.sum()),
                 cpu_total,
                 float(totals.sum()),
+                process_cpu_seconds=cpu_total + self.helper_cpu * self.calls,
                 counters=counters_total,
                 size_sum=self.size * self.calls,
                 size_count=self.calls,
@@ -591,3 +595,16 @@ def test_a_stage_slowed_to_a_few_calls_a_window_is_judged_on_pooled_windows():
     stream.run(detector, 30)
     found = [r for r in active(detector) if r.stage == "infer" and r.metric == "p95"]
     assert len(found) == 1 and found[0].cause == "more_work" and found[0].change > 2.0
+
+
+def test_the_why_of_more_work_on_the_inference_quotes_the_cpu_figure_it_compares():
+    # The inference's CPU is the process's CPU per call (library thread pools count): when helper
+    # threads do more, the text quotes that figure's change, not the calling threads' flat one.
+    detector, stream = steady()
+    stream.helper_cpu = 0.015  # 10 ms of stage CPU per call, plus 15 ms in helper threads
+    stream.run(detector, 8)
+    (cpu,) = [r for r in active(detector) if r.stage is None and r.metric == "cpu"]
+    assert cpu.cause == "more_work" and cpu.change > 1.0
+    # The text is written when it opens; the change follows the last sustain period since.
+    quoted = re.search(r"CPU per call ([+-]\d+)%", cpu.evidence["why"])
+    assert quoted and int(quoted.group(1)) / 100 == pytest.approx(cpu.change, abs=0.05)

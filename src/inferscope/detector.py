@@ -1154,7 +1154,11 @@ class Detector:
         )
 
         holds["more_work"] = True
-        cpu_change = _fraction(current.cpu_per_call, base.cpu_per_call)
+        # The CPU figure the detector compares for this key: the process's CPU per inference for
+        # the whole inference, so that the text agrees with a CPU regression's change.
+        cpu_change = _fraction(
+            self._value(current, "cpu", base, pooled=True), self._reference(base, "cpu", pooled=True)[0]
+        )
         why["more_work"] = (
             f"the stage does more per call: CPU per call {cpu_change:+.0%}, "
             "same machine, environment, model and input size"
