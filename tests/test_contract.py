@@ -20,7 +20,15 @@ def _mypy(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
     snippet = tmp_path / "snippet.py"
     snippet.write_text(textwrap.dedent(code))
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--follow-imports=silent", str(snippet)],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-incremental",
+            "--follow-imports=silent",
+            str(snippet),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
