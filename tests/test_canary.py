@@ -21,7 +21,7 @@ def test_one_run_hashes_the_fixed_buffer() -> None:
     # The same bytes everywhere, so that every process and version times the same work.
     assert hashlib.sha256(canary._buffer).hexdigest() == hashlib.sha256(bytes(range(256)) * 256).hexdigest()
     wall, cpu = canary.run()
-    assert 0 < wall < 1 and 0 <= cpu < 1
+    assert wall > 0 and cpu >= 0  # no bound: a loaded machine may preempt the run for any time
 
 
 def test_runs_at_most_once_per_interval_and_take_gives_medians() -> None:
