@@ -4,6 +4,7 @@ MeterProvider, fed by this machine's files and by recorded layouts."""
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import time
@@ -223,12 +224,12 @@ def test_process_memory_usage_grows_after_touching_50_mb(sdk):
     meter, reader = sdk
     register_system_metrics(meter, gpu=False, oversubscription=False)
     before = Collected(reader).value("process.memory.usage")
-    block = np.empty(50 * 2**20, dtype=np.uint8)
-    block[::4096] = 1  # one write per page: the kernel backs every page
-    time.sleep(0.3)
-    after = Collected(reader).value("process.memory.usage")
+    # A fresh anonymous mapping: malloc could hand back freed heap pages that are already resident.
+    with mmap.mmap(-1, 50 * 2**20) as block:
+        np.frombuffer(block, dtype=np.uint8)[::4096] = 1  # one write per page: the kernel backs every page
+        time.sleep(0.3)  # _SAMPLE_REUSE_SECONDS: the next collection takes a fresh sample
+        after = Collected(reader).value("process.memory.usage")
     assert after - before >= 45 * 2**20
-    del block
 
 
 # --- instruments on recorded layouts --------------------------------------------------------------------
