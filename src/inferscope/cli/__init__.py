@@ -35,6 +35,7 @@ COMMANDS = (
     "status",
     "report",
     "baseline",
+    "bench",
     "doctor",
     "env",
     "version",
