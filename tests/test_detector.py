@@ -102,6 +102,8 @@ class Stream:
         )
         noisy = dict(self.process)
         noisy["canary_wall_seconds"] *= self.rng.uniform(0.95, 1.05)
+        if noisy.get("canary_wait_seconds") is not None:
+            noisy["canary_wait_seconds"] *= self.rng.uniform(0.8, 1.2)
         window = Window("svc", self.t, self.t + 1.0, ProcessWindow(**noisy), tuple(keys))
         self.t += 1.0
         return window
@@ -608,3 +610,69 @@ def test_the_why_of_more_work_on_the_inference_quotes_the_cpu_figure_it_compares
     # The text is written when it opens; the change follows the last sustain period since.
     quoted = re.search(r"CPU per call ([+-]\d+)%", cpu.evidence["why"])
     assert quoted and int(quoted.group(1)) / 100 == pytest.approx(cpu.change, abs=0.05)
+
+
+# --- waits for a core outside the calls -------------------------------------------------------------
+
+
+def waiting(wait_seconds: float = 50e-6) -> tuple[Detector, Stream]:
+    """A steady stream whose canary waits ``wait_seconds`` for a core per wake-up, anchored."""
+    detector = Detector(SETTINGS)
+    stream = Stream()
+    stream.process["canary_wait_seconds"] = wait_seconds
+    stream.run(detector, 12)
+    assert detector.anchor("fraud") is not None
+    return detector, stream
+
+
+def test_a_wait_for_a_core_before_the_calls_is_contention_while_the_calls_stay_flat():
+    # Neighbours take the cores: each wake-up waits 5 ms more for one, while the tracked calls
+    # (10 ms at p50) take as long as in the anchor. The requests are late; the calls are not slower.
+    detector, stream = waiting()
+    stream.process["canary_wait_seconds"] = 5e-3
+    stream.process["cpu_pressure"] = 0.6
+    stream.run(detector, 8)
+    found = active(detector)
+    assert [(r.cause, r.stage, r.metric, r.shape) for r in found] == [
+        ("contention", None, "cpu_wait", "step")
+    ]
+    (wait,) = found
+    assert wait.baseline_value == pytest.approx(50e-6, rel=0.25)
+    assert wait.current_value == pytest.approx(5e-3, rel=0.25)
+    assert "the calls themselves are not slower" in wait.evidence["why"]
+    assert any(s.startswith("CPU pressure") for s in wait.evidence["contention"])
+    # The neighbours leave: it closes once the wait has been back for the sustain time.
+    stream.process["canary_wait_seconds"] = 50e-6
+    stream.process["cpu_pressure"] = 0.02
+    stream.run(detector, 8)
+    assert not active(detector)
+    (closed,) = [r for r in detector.regressions() if r.metric == "cpu_wait"]
+    assert not closed.active and closed.change > 50
+
+
+def test_a_wait_for_a_core_that_is_small_against_the_call_is_not_raised():
+    # Ten times the wait, but 0.45 ms on a call of 10 ms: under the 20% threshold of its latency.
+    detector, stream = waiting()
+    stream.process["canary_wait_seconds"] = 500e-6
+    stream.run(detector, 10)
+    assert not detector.regressions()
+
+
+def test_a_wait_for_a_core_that_comes_and_goes_within_the_sustain_time_is_not_raised():
+    detector, stream = waiting()
+    stream.process["canary_wait_seconds"] = 5e-3
+    stream.run(detector, 2)
+    stream.process["canary_wait_seconds"] = 50e-6
+    stream.run(detector, 10)
+    assert not detector.regressions()
+
+
+def test_a_wait_for_a_core_on_fewer_cpus_is_a_machine_change():
+    detector, stream = waiting()
+    stream.process["canary_wait_seconds"] = 5e-3
+    stream.process["cpu_count"] = 1.0
+    stream.run(detector, 8)
+    (wait,) = [r for r in active(detector) if r.metric == "cpu_wait"]
+    assert wait.cause == "machine_change"
+    assert wait.evidence["machine"] == ["usable CPUs 2 -> 1"]
+    assert wait.evidence["candidates"]["contention"] == "held, but machine_change comes first"

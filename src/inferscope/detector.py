@@ -37,7 +37,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .baseline import MIN_WINDOW_CALLS, Baseline, KeyFigures, ProcessFigures, StageBaseline
+from .baseline import (
+    MIN_WINDOW_CALLS,
+    Baseline,
+    KeyFigures,
+    ProcessBaseline,
+    ProcessFigures,
+    StageBaseline,
+)
 from .windows import Window
 
 if TYPE_CHECKING:
@@ -127,8 +134,9 @@ class Regression:
     """A regression of one key: its cause, the figures that prove it, and whether it is still open.
 
     ``stage`` is the stage path, or None for the whole inference (or the process, for
-    ``memory_growth`` that no stage can be charged with); ``metric`` is the quantile (``p95``),
-    ``cpu``, ``rss`` or ``py_heap``; ``change`` is a fraction (0.25 is +25%); ``since`` is the start
+    ``memory_growth`` that no stage can be charged with, and for ``cpu_wait``); ``metric`` is the
+    quantile (``p95``), ``cpu``, ``cpu_wait`` (a wait for a core before the calls), ``rss`` or
+    ``py_heap``; ``change`` is a fraction (0.25 is +25%); ``since`` is the start
     of the first window of the rise (Unix seconds); ``shape`` is ``step`` or ``trend``.
     """
 
@@ -362,6 +370,8 @@ class Detector:
             if model in self._anchors:
                 self._evaluate_model(model, window)
         self._evaluate_memory(window)
+        for model in sorted(self._anchors):
+            self._evaluate_wait(model, window)
         self._publish()
 
     def _stored(self, method: str, *args: Any) -> Any:
@@ -561,12 +571,22 @@ class Detector:
         if value is None:
             return  # too few calls to vote
         if exceeds_anchor or exceeds_rolling:
+            track.reference = "anchor" if exceeds_anchor else "rolling"
+        what = f"{model} {stage or '(inference)'} {metric}"
+        if not self._vote(track, exceeds_anchor or exceeds_rolling, voting[0].start_unix, window, what):
+            return
+        reference_base = base if track.reference == "anchor" or rolling_base is None else rolling_base
+        self._try_open(track, model, stage, metric, window, anchor, reference_base, rolling)
+
+    def _vote(self, track: _Track, exceeds: bool, start_unix: float, window: Window, what: str) -> bool:
+        """Count one window's vote (``exceeds``; the votes began at ``start_unix``). True when the
+        track has exceeded for the sustain time, in most of its windows."""
+        if exceeds:
             if track.since is None:
-                track.since, track.hits, track.misses, track.votes = voting[0].start_unix, 0, 0, 0
+                track.since, track.hits, track.misses, track.votes = start_unix, 0, 0, 0
             track.hits += 1
             track.votes += 1
             track.misses = 0
-            track.reference = "anchor" if exceeds_anchor else "rolling"
         elif track.since is not None:
             track.misses += 1
             track.votes += 1
@@ -577,20 +597,13 @@ class Detector:
             )
             if track.misses >= allowed or (track.votes >= 4 and track.hits < _MIN_HIT_SHARE * track.votes):
                 _logger.debug(
-                    "inferscope: %s %s %s went back within %.0f s: dropped",
-                    model,
-                    stage or "(inference)",
-                    metric,
-                    window.end_unix - track.since,
+                    "inferscope: a rise went back within %.0f s: dropped", window.end_unix - track.since
                 )
                 track.since, track.hits, track.misses, track.votes = None, 0, 0, 0
-            return
+            return False
         if track.since is None or window.end_unix - track.since + 1e-6 < self.settings.sustain_seconds:
-            return
-        if track.hits < _MIN_HIT_SHARE * track.votes:
-            return
-        reference_base = base if track.reference == "anchor" or rolling_base is None else rolling_base
-        self._try_open(track, model, stage, metric, window, anchor, reference_base, rolling)
+            return False
+        return track.hits >= _MIN_HIT_SHARE * track.votes
 
     def _try_open(
         self,
@@ -880,19 +893,7 @@ class Detector:
         holds: dict[str, bool] = {}
 
         # machine_change: where the process runs differs from the anchor's.
-        moved = []
-        if pb.cpu_model and process.cpu_model and pb.cpu_model != process.cpu_model:
-            moved.append(f"CPU model {pb.cpu_model} -> {process.cpu_model}")
-        for label, then, now in (
-            ("usable CPUs", pb.cpu_count, process.cpu_count),
-            ("CPU quota (cores)", pb.cpu_quota_cores, process.cpu_quota_cores),
-        ):
-            if then is not None and now is not None and abs(now - then) > 0.01 * max(then, 1e-9):
-                moved.append(f"{label} {then:g} -> {now:g}")
-            elif (
-                (then is None) != (now is None) and label.startswith("CPU quota") and anchor.process.cpu_model
-            ):
-                moved.append(f"{label} {then} -> {now}")
+        moved = _machine_moved(pb, process)
         holds["machine_change"] = bool(moved)
         if moved:
             evidence["machine"] = moved
@@ -905,62 +906,13 @@ class Detector:
         canary_slow = False
         if process.canary_wall_seconds and pb.canary_wall_seconds:
             canary_ratio = process.canary_wall_seconds / pb.canary_wall_seconds
-        signals: list[str] = []
         if canary_ratio is not None:
             evidence["canary_ratio"] = _round(canary_ratio, 3)
             floor = max(
                 CANARY_RATIO, 1.0 + NOISE_UNITS * pb.canary_wall_noise / (pb.canary_wall_seconds or 1.0)
             )
             canary_slow = canary_ratio >= floor
-        # Waits for a core that the scheduler counted (schedstat): the process's run-queue delay
-        # per CPU second it ran, and the canary thread's wait per wake-up. Neither includes the GIL.
-        # Each signal must rise beyond its own noise in the anchor, as the figures of a key must.
-        for key, label, then, now, floor in (
-            (
-                "run_queue_per_cpu",
-                "run-queue wait per CPU second",
-                pb.run_queue_per_cpu,
-                process.run_queue_per_cpu,
-                max(RUN_QUEUE_RISE, NOISE_UNITS * pb.run_queue_per_cpu_noise),
-            ),
-            (
-                "canary_wait_seconds",
-                "the canary's wait for a core",
-                pb.canary_wait_seconds,
-                process.canary_wait_seconds,
-                max(CANARY_WAIT_RISE, NOISE_UNITS * pb.canary_wait_noise),
-            ),
-        ):
-            if now is None or then is None:
-                continue
-            evidence[key] = [_round(then, 6), _round(now, 6)]
-            if now >= SWITCHES_RATIO * then and now - then >= floor:
-                signals.append(f"{label} {then:.3g} -> {now:.3g}")
-        for label, then, now, rise in (
-            (
-                "CPU pressure",
-                pb.cpu_pressure,
-                process.cpu_pressure,
-                max(PRESSURE_RISE, NOISE_UNITS * pb.cpu_pressure_noise),
-            ),
-            (
-                "CPU steal",
-                pb.steal_fraction,
-                process.steal_fraction,
-                max(STEAL_RISE, NOISE_UNITS * pb.steal_fraction_noise),
-            ),
-            (
-                "CFS throttling",
-                pb.throttled_fraction,
-                process.throttled_fraction,
-                max(THROTTLED_RISE, NOISE_UNITS * pb.throttled_fraction_noise),
-            ),
-        ):
-            if now is None:
-                continue
-            evidence[label.lower().replace(" ", "_")] = [_round(then, 4), _round(now, 4)]
-            if now - (then or 0.0) >= rise and now >= 1.5 * (then or 0.0):
-                signals.append(f"{label} {(then or 0.0):.0%} -> {now:.0%} of the time")
+        signals = _machine_signals(pb, process, evidence)
         switches_then = base.counters_per_call.get("involuntary_switches")
         switches_now = current.counter_per_call("involuntary_switches")
         if switches_now is not None:
@@ -1451,6 +1403,152 @@ class Detector:
             return None, None
         return stage, grown / total
 
+    # --- waits for a core --------------------------------------------------------------------
+
+    def _wait_exceeds(self, anchor: Baseline, wait: float | None, level: float, noise_units: float) -> bool:
+        """Whether the canary's wait for a core per wake-up ``wait`` is above the anchor's by
+        ``level`` and ``noise_units`` of its noise, and material: a request waits at least once for
+        a core (the wake-up that starts it), so the rise counts when it adds ``level`` of the
+        inference's own latency in the anchor."""
+        ref = anchor.process.canary_wait_seconds
+        inference = anchor.stage(None)
+        latency = inference.quantiles.get("q") if inference is not None else None
+        if wait is None or ref is None or not latency:
+            return False
+        rise = wait - ref
+        return (
+            wait >= SWITCHES_RATIO * ref
+            and rise >= max(CANARY_WAIT_RISE, noise_units * anchor.process.canary_wait_noise)
+            and rise >= level * latency
+        )
+
+    def _evaluate_wait(self, model: str, window: Window) -> None:
+        """Contention that delays the calls without slowing them: each thread that wakes waits
+        longer for a core before it runs, so a request starts later (and a saturated service
+        serves fewer), while the time inside the tracked call stays flat. Raised on the process's
+        figures, per model, as ``cpu_wait`` (the canary's wait for a core per wake-up)."""
+        anchor = self._anchors[model]
+        if anchor.process.canary_wait_seconds is None:
+            return
+        key = (model, None, "cpu_wait")
+        track = self._tracks.get(key)
+        served = any(k.model == model for k in window.keys)
+        if track is None and not served:
+            return
+        track = self._tracks.setdefault(key, _Track())
+        thr = self.settings.threshold
+        wait = window.process.canary_wait_seconds
+        sustain = max(self.settings.sustain_seconds, 2 * self.settings.window_seconds)
+        if track.opened is not None:
+            opened = track.opened
+            if wait is not None:
+                if self._wait_exceeds(anchor, wait, thr / 2, NOISE_UNITS):
+                    opened.clear_since = None
+                elif opened.clear_since is None:
+                    opened.clear_since = window.start_unix
+            if opened.clear_since is None:
+                level = self._wait_level(self._span(window.end_unix - sustain, window.end_unix))
+                if level is not None:
+                    opened.regression = replace(
+                        opened.regression,
+                        current_value=level,
+                        change=level / opened.regression.baseline_value - 1.0,
+                    )
+            elif window.end_unix - opened.clear_since + 1e-6 >= sustain:
+                self._close(track, replace(opened.regression, active=False))
+                return
+            self._stored("save_regression", self._service, opened.regression)
+            return
+        if wait is None or not served:
+            return
+        exceeds = self._wait_exceeds(anchor, wait, thr, NOISE_UNITS)
+        if not self._vote(track, exceeds, window.start_unix, window, f"{model} cpu_wait"):
+            return
+        assert track.since is not None
+        span = self._span(track.since, window.end_unix)
+        level = self._wait_level(span)
+        if level is None or not self._wait_exceeds(anchor, level, thr, LEVEL_NOISE_UNITS):
+            return
+        self._open_wait(track, model, span, anchor, level)
+
+    @staticmethod
+    def _wait_level(span: Sequence[Window]) -> float | None:
+        waits = [w.process.canary_wait_seconds for w in span if w.process.canary_wait_seconds is not None]
+        return statistics.median(waits) if waits else None
+
+    def _open_wait(
+        self, track: _Track, model: str, span: Sequence[Window], anchor: Baseline, level: float
+    ) -> None:
+        assert track.since is not None
+        pb = anchor.process
+        ref = pb.canary_wait_seconds
+        assert ref is not None
+        process = ProcessFigures.pool([(w.process, w.seconds) for w in span])
+        inference_base = anchor.stage(None)
+        inference = self._pool(span, model, None)
+        latency_then = inference_base.quantiles.get("q") if inference_base is not None else None
+        latency_now = inference.quantile(self.settings.quantile)
+        evidence: dict[str, Any] = {
+            "canary_wait_ms": [_ms(ref), _ms(level)],
+            "metric_ms": [_ms(latency_then), _ms(latency_now)],
+            "calls_per_second": [
+                _round(self._rate(anchor), 3),
+                _round(inference.calls_per_second, 3),
+            ],
+        }
+        signals = _machine_signals(pb, process, evidence)
+        moved = _machine_moved(pb, process)
+        cause = "machine_change" if moved else "contention"
+        rise = level - ref
+        share = rise / latency_then if latency_then else None
+        why = (
+            f"a thread that wakes waits {level * 1e3:.2f} ms for a core (anchor {ref * 1e3:.2f} ms): "
+            f"+{rise * 1e3:.2f} ms before each request runs"
+            + (f", {share:.0%} of the inference's {self.settings.metric_name}" if share is not None else "")
+        )
+        if (
+            latency_then
+            and latency_now is not None
+            and latency_now <= (1 + self.settings.threshold) * latency_then
+        ):
+            why += " (the calls themselves are not slower: the wait falls before them)"
+        if moved:
+            evidence["machine"] = moved
+            why = "; ".join(moved) + "; " + why
+        evidence["contention"] = signals
+        others = [s for s in signals if not s.startswith("the canary's wait")]
+        if others:
+            why += "; " + "; ".join(others)
+        evidence["why"] = why
+        evidence["reference"] = "anchor"
+        evidence["calls"] = inference.count
+        evidence["windows"] = len(span)
+        evidence["candidates"] = {
+            c: "a wait for a core is the machine's, not the code's" for c in PRECEDENCE if c != cause
+        }
+        if moved:
+            evidence["candidates"]["contention"] = "held, but machine_change comes first"
+        evidence["candidates"]["memory_growth"] = "not a memory figure"
+        first = self._wait_level(span[: max(1, len(span) // 3)])
+        shape = "step" if first is not None and first - ref >= 0.5 * rise else "trend"
+        regression = Regression(
+            model=model,
+            version=self._version(span, model),
+            stage=None,
+            cause=cause,
+            metric="cpu_wait",
+            baseline_value=ref,
+            current_value=level,
+            change=level / ref - 1.0,
+            since=track.since,
+            shape=shape,
+            evidence={k: v for k, v in evidence.items() if v is not None},
+            active=True,
+        )
+        track.opened = _Open(regression)
+        self._stored("save_regression", self._service, regression)
+        _log_regression(regression, opened=True)
+
     # --- outputs -----------------------------------------------------------------------------
 
     def _publish(self) -> None:
@@ -1492,6 +1590,79 @@ class Detector:
             "inferscope.tax.latency": latency,
             "inferscope.tax.cpu": cpu,
         }
+
+
+def _machine_moved(pb: ProcessBaseline, process: ProcessFigures) -> list[str]:
+    """How where the process runs differs from the anchor's: CPU model, usable CPUs, CPU quota."""
+    moved = []
+    if pb.cpu_model and process.cpu_model and pb.cpu_model != process.cpu_model:
+        moved.append(f"CPU model {pb.cpu_model} -> {process.cpu_model}")
+    for label, then, now in (
+        ("usable CPUs", pb.cpu_count, process.cpu_count),
+        ("CPU quota (cores)", pb.cpu_quota_cores, process.cpu_quota_cores),
+    ):
+        if then is not None and now is not None and abs(now - then) > 0.01 * max(then, 1e-9):
+            moved.append(f"{label} {then:g} -> {now:g}")
+        elif (then is None) != (now is None) and label.startswith("CPU quota") and pb.cpu_model:
+            moved.append(f"{label} {then} -> {now}")
+    return moved
+
+
+def _machine_signals(pb: ProcessBaseline, process: ProcessFigures, evidence: dict[str, Any]) -> list[str]:
+    """The process-wide signs that the machine gives the process less than in the anchor (waits
+    for a core, CPU pressure, steal, throttling), each beyond its own noise; their figures go to
+    ``evidence``."""
+    signals: list[str] = []
+    # Waits for a core that the scheduler counted (schedstat): the process's run-queue delay
+    # per CPU second it ran, and the canary thread's wait per wake-up. Neither includes the GIL.
+    # Each signal must rise beyond its own noise in the anchor, as the figures of a key must.
+    for key, label, then, now, floor in (
+        (
+            "run_queue_per_cpu",
+            "run-queue wait per CPU second",
+            pb.run_queue_per_cpu,
+            process.run_queue_per_cpu,
+            max(RUN_QUEUE_RISE, NOISE_UNITS * pb.run_queue_per_cpu_noise),
+        ),
+        (
+            "canary_wait_seconds",
+            "the canary's wait for a core",
+            pb.canary_wait_seconds,
+            process.canary_wait_seconds,
+            max(CANARY_WAIT_RISE, NOISE_UNITS * pb.canary_wait_noise),
+        ),
+    ):
+        if now is None or then is None:
+            continue
+        evidence[key] = [_round(then, 6), _round(now, 6)]
+        if now >= SWITCHES_RATIO * then and now - then >= floor:
+            signals.append(f"{label} {then:.3g} -> {now:.3g}")
+    for label, then, now, rise in (
+        (
+            "CPU pressure",
+            pb.cpu_pressure,
+            process.cpu_pressure,
+            max(PRESSURE_RISE, NOISE_UNITS * pb.cpu_pressure_noise),
+        ),
+        (
+            "CPU steal",
+            pb.steal_fraction,
+            process.steal_fraction,
+            max(STEAL_RISE, NOISE_UNITS * pb.steal_fraction_noise),
+        ),
+        (
+            "CFS throttling",
+            pb.throttled_fraction,
+            process.throttled_fraction,
+            max(THROTTLED_RISE, NOISE_UNITS * pb.throttled_fraction_noise),
+        ),
+    ):
+        if now is None:
+            continue
+        evidence[label.lower().replace(" ", "_")] = [_round(then, 4), _round(now, 4)]
+        if now - (then or 0.0) >= rise and now >= 1.5 * (then or 0.0):
+            signals.append(f"{label} {(then or 0.0):.0%} -> {now:.0%} of the time")
+    return signals
 
 
 def _waits_more(base: StageBaseline, current: KeyFigures, threshold: float) -> bool:

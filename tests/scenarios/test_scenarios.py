@@ -81,7 +81,7 @@ def test_a_slower_library_path_is_more_work_in_infer(isolated_recorder):
 
 
 def test_a_growing_step_is_more_work_as_a_trend(isolated_recorder):
-    found = opened(run_service("growing_step", isolated_recorder))
+    found = opened(run_service("growing_step", isolated_recorder, "--inject-seconds", "18"))
     preprocess = [r for r in found if r["stage"] == "preprocess"]
     assert preprocess and {r["cause"] for r in preprocess} == {"more_work"}
     assert "trend" in {r["shape"] for r in preprocess}
