@@ -534,6 +534,9 @@ BAD_ENVIRONMENT = [
     ("recorder_window_retention_days", "INFERSCOPE_RECORDER_WINDOW_RETENTION_DAYS", "0"),
     ("recorder_rollup_retention_days", "INFERSCOPE_RECORDER_ROLLUP_RETENTION_DAYS", "nan"),
     ("canary", "INFERSCOPE_CANARY", "sometimes"),
+    ("multiprocess", "INFERSCOPE_MULTIPROCESS", "workers"),
+    ("multiprocess_publish_millis", "INFERSCOPE_MULTIPROCESS_PUBLISH_MILLIS", "5"),
+    ("multiprocess_dir", "INFERSCOPE_MULTIPROCESS_DIR", "/no/such/directory"),
 ]
 
 # service_name is the one setting whose variables accept any non-blank text.
@@ -623,6 +626,10 @@ BAD_ARGUMENTS = [
     ("recorder_window_retention_days", -1),
     ("recorder_rollup_retention_days", "90"),
     ("canary", "on"),
+    ("multiprocess", 1),
+    ("multiprocess_publish_millis", 60_001),
+    ("multiprocess_dir", ""),
+    ("multiprocess_dir", __file__),
 ]
 
 

@@ -17,6 +17,7 @@ from .aggregate import Snapshot, StatsRow
 from .config import ConfigError, Settings
 from .counters import counters_status
 from .detector import Regression, regressions
+from .export.apps import make_asgi_app, make_wsgi_app
 from .system import environment
 from .tracking import bind, stage, track_inference
 from .windows import add_window_listener, recent_windows, remove_window_listener, set_input_size
@@ -37,6 +38,8 @@ __all__ = [
     "counters_status",
     "current_settings",
     "environment",
+    "make_asgi_app",
+    "make_wsgi_app",
     "prometheus_port",
     "recent_windows",
     "regressions",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -58,6 +59,7 @@ from .export.metrics import (
     unwrap_meter_provider,
     wrap_meter_provider,
 )
+from .export.multiworker import PUBLISHER, merged_collector
 from .export.traces import (
     EXEMPLARS,
     SLOW_QUANTILES,
@@ -203,6 +205,7 @@ class Drainer:
             try:
                 self.drain()
                 WINDOWS.tick()  # closes a window every window_seconds; never raises
+                PUBLISHER.tick()  # multiprocess: publishes for the shared /metrics; never raises
             except Exception:
                 report_error("inferscope: draining the ring failed")
 
@@ -296,6 +299,9 @@ class Exports:
         self.prometheus: PrometheusServer | None = None
         self.prometheus_collector: PrometheusCollector | None = None
         self._prometheus_taken_over = False
+        #: multiprocess: a sibling worker (or the master) serves the port; this one takes it over
+        #: when that one goes.
+        self._prometheus_standby = False
         self._previous_collector: PrometheusCollector | None = None
         self.traces: TracePipeline | None = None
         self._span_queues: list[BoundedBatchSpanProcessor] = []
@@ -370,12 +376,16 @@ class Exports:
                 register_system_metrics(provider.get_meter("inferscope", _version()))
 
     def _serve_prometheus(self, settings: Settings, previous: Exports | None, strict: bool) -> None:
-        self.prometheus_collector = PrometheusCollector(
-            collect_view,
-            settings.histogram_boundaries,
-            counters=counter_metrics(settings.counter_mask),
-            resource=self.resource,  # served as target_info
-        )
+        if settings.multiprocess:
+            # One scrape for every worker of the server: the merged view of their publications.
+            self.prometheus_collector = merged_collector(settings, self.resource)
+        else:
+            self.prometheus_collector = PrometheusCollector(
+                collect_view,
+                settings.histogram_boundaries,
+                counters=counter_metrics(settings.counter_mask),
+                resource=self.resource,  # served as target_info
+            )
         old = previous.prometheus if previous is not None else None
         if (
             old is not None
@@ -392,6 +402,11 @@ class Exports:
                 self.prometheus_collector, settings.prometheus_host, settings.prometheus_port
             )
         except OSError as exc:
+            if settings.multiprocess and exc.errno == errno.EADDRINUSE:
+                # Another worker of the server (or its master) serves every worker's metrics
+                # there: not an error, and nothing to log. This one takes over if that one goes.
+                self._prometheus_standby = True
+                return
             error = _prometheus_error(settings, exc)
             if strict:
                 raise error from None
@@ -446,6 +461,8 @@ class Exports:
             if self._previous_collector is not None:
                 registry.unregister(self._previous_collector)
             registry.register(self.prometheus_collector)
+        if self._prometheus_standby:
+            PUBLISHER.on_tick = self._take_over_prometheus
         if self.traces is not None:
             hooks = install_runtime_context(RUNTIME.current_span)
             if hooks is None:
@@ -455,6 +472,29 @@ class Exports:
             var, span_key = hooks
             policy = self.traces.policy
             RUNTIME.set_tracing(var, span_key, policy.ratio_bound, policy.parent_based)
+
+    def _take_over_prometheus(self) -> None:
+        """multiprocess: serve the shared endpoint once the worker that served it is gone (called
+        by the publisher on the drainer thread). Skipped while configure() or shutdown() runs."""
+        if self.prometheus is not None or self.prometheus_collector is None:
+            PUBLISHER.on_tick = None
+            return
+        if not _lock.acquire(blocking=False):
+            return
+        try:
+            if _exports is not self:
+                return
+            settings = self.settings
+            try:
+                self.prometheus = start_prometheus_server(
+                    self.prometheus_collector, settings.prometheus_host, settings.prometheus_port
+                )
+            except OSError:
+                return  # still served elsewhere
+            self._prometheus_standby = False
+            PUBLISHER.on_tick = None
+        finally:
+            _lock.release()
 
     def _close_unused(self) -> None:
         """Close what a failed build made; the running pipeline keeps what it owns."""
@@ -534,6 +574,11 @@ class Exports:
         """
         for wrapper in self.own_wrappers:
             wrapper.active = False
+        if self.prometheus is not None and self.settings.multiprocess:
+            # This process's copy of the parent's listening socket: closing it leaves the parent's
+            # open, and lets this worker take the port over once the parent stops serving it.
+            with contextlib.suppress(OSError):
+                self.prometheus.socket_close_in_child()
         self.prometheus = None  # the parent's socket and thread; not ours to close
 
 
@@ -738,6 +783,7 @@ def _apply(settings: Settings, *, strict: bool) -> None:
     _deferred = None
     deadline = time.monotonic() + settings.shutdown_timeout_millis / 1e3
     DRAINER.stop(settings.shutdown_timeout_millis)
+    PUBLISHER.on_tick = None
     if previous is not None:
         DRAINER.drain()
         DRAINER.traces = None
@@ -746,11 +792,13 @@ def _apply(settings: Settings, *, strict: bool) -> None:
     _settings = settings
     _exports = exports
     if exports is None:
+        PUBLISHER.close()
         return
     # Threads of torch, BLAS and OpenMP beyond the CPUs this process may use: warn once, now and
     # whenever one of those libraries is imported later.
     check_oversubscription()
     install_import_hook()
+    PUBLISHER.configure(settings, AGGREGATOR.view, EXEMPLARS)
     exports.activate()
     DRAINER.traces = exports.traces
     install_detector(settings)  # the regression detector reads every window as it closes
@@ -821,6 +869,8 @@ def shutdown(timeout_millis: float | None = None) -> None:
             DEVICE_TIMER.wait(min(left() / 1e3, 2.0))
             DRAINER.drain()
             WINDOWS.shutdown()  # the last, partial window: recorded and handed on
+            PUBLISHER.on_tick = None
+            PUBLISHER.close()  # multiprocess: everything counted, published before the slot is given up
             exports, _exports = _exports, None
             DRAINER.traces = None
             if exports is not None:
@@ -879,7 +929,8 @@ def _after_fork_in_child() -> None:
             resource = exports.resource.merge(
                 Resource({"process.pid": os.getpid(), "service.instance.id": str(uuid.uuid4())})
             )
-        _exports = Exports(settings, serve_prometheus=False, resource=resource, strict=False)
+        # multiprocess: the child stands by to serve the shared endpoint when its server stops.
+        _exports = Exports(settings, serve_prometheus=settings.multiprocess, resource=resource, strict=False)
         _exports.activate()
         DRAINER.traces = _exports.traces
     except Exception:

@@ -464,6 +464,26 @@ def _recorder(value: object) -> object:
     return path
 
 
+def default_multiprocess_dir() -> str:
+    """``/dev/shm`` where it exists (memory, never disk), else the system's temporary directory."""
+    import tempfile
+
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _directory(value: object) -> object:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid
+    if value.strip().lower() == "default":
+        return default_multiprocess_dir()
+    path = os.path.abspath(os.path.expanduser(value.strip()))
+    if not os.path.isdir(path):
+        raise _Invalid("no such directory")
+    return path
+
+
 _meter_provider = _sdk_instance("opentelemetry.sdk.metrics", "MeterProvider")
 _metric_exporters = _sdk_instances("opentelemetry.sdk.metrics.export", "MetricExporter")
 
@@ -668,6 +688,39 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Port of the Prometheus endpoint. Used only when prometheus is one of metrics_exporters.",
         _int_check(0, 65_535),
         _int_text,
+    ),
+    SettingSpec(
+        "multiprocess",
+        ("INFERSCOPE_MULTIPROCESS",),
+        "false",
+        "True or False (in INFERSCOPE_MULTIPROCESS: true/false, 1/0, yes/no or on/off, in any case)",
+        "For pre-fork servers (gunicorn, uvicorn --workers): each worker publishes its aggregates to "
+        "memory that the server's workers share, and the Prometheus endpoint (any worker's, or the "
+        "master's) and the mounted /metrics apps serve one merged view of every worker, counting what "
+        "recycled and killed workers had published. A worker that finds the port taken by a sibling "
+        "waits, silently, to take it over. See docs/multiprocess.md.",
+        _check_bool,
+        _bool_text,
+    ),
+    SettingSpec(
+        "multiprocess_publish_millis",
+        ("INFERSCOPE_MULTIPROCESS_PUBLISH_MILLIS",),
+        "1000",
+        "an integer from 10 to 60000",
+        "How often a worker publishes its aggregates when multiprocess is on. A worker killed with "
+        "SIGKILL loses what it recorded since its last publication: at most this plus "
+        "drain_interval_millis; one that exits normally loses nothing.",
+        _int_check(10, 60_000),
+        _int_text,
+    ),
+    SettingSpec(
+        "multiprocess_dir",
+        ("INFERSCOPE_MULTIPROCESS_DIR",),
+        "default",
+        "an existing directory, or 'default' (/dev/shm, or the temporary directory where there is none)",
+        "Where the workers of a server share their aggregates when multiprocess is on, in "
+        "inferscope-<uid>/<server pid>-<start time>/; removed when the server stops.",
+        _directory,
     ),
     SettingSpec(
         "meter_provider",
@@ -911,6 +964,9 @@ class Settings:
     histogram_max_buckets: int = 320
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int = 9464
+    multiprocess: bool = False
+    multiprocess_publish_millis: int = 1000
+    multiprocess_dir: str = field(default_factory=default_multiprocess_dir)
     meter_provider: object | None = None
     metric_exporters: tuple[object, ...] = ()
     traces_exporters: tuple[str, ...] = ()

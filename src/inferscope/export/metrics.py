@@ -1095,6 +1095,10 @@ class PrometheusServer:
     _server: WSGIServer = field(repr=False)
     _thread: threading.Thread = field(repr=False)
 
+    def socket_close_in_child(self) -> None:
+        """In a forked child: close this process's copy of the listening socket (the parent's stays open)."""
+        self._server.socket.close()
+
     def shutdown(self, timeout_millis: float = 5_000) -> None:
         """Stop serving and close the socket. Idempotent."""
         self._server.shutdown()

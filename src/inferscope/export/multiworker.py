@@ -1,0 +1,895 @@
+"""One ``/metrics`` for every worker of a pre-fork server (gunicorn, ``uvicorn --workers N``).
+
+With ``multiprocess=True`` each worker's drainer publishes its aggregates (the exponential
+histograms, counts and counters, its drop counts, a few exemplars and its process gauges) every
+``multiprocess_publish_millis`` into a directory that the server's workers share, and whichever
+process serves ``/metrics`` (any worker, or the master) merges them into one scrape.
+
+The directory is ``<multiprocess_dir>/inferscope-<uid>/<pid>-<start>``, where pid and start (in
+clock ticks since boot) name the server: the workers' parent process, so every worker of one
+server finds the same directory with no setting, and a reused pid never finds an old one. In it:
+
+- ``slot-N.lock``: a worker holds an exclusive ``flock`` on it for as long as it lives. The kernel
+  drops that lock when the process ends however it ends (SIGKILL included), so a slot whose lock
+  can be taken belongs to a dead worker, and a new worker takes the lowest such slot. Process
+  gauges carry ``worker="N"``: recycling a worker reuses its slot, so the series do not grow.
+- ``slot-N.data``: the worker's last publication, replaced atomically (write, then rename), so a
+  reader sees the old one or the new one, never a torn one.
+- ``retired.data``: what dead workers had counted. A worker that takes a dead worker's slot first
+  folds that slot's last publication into it, so counters stay monotonic across recycling
+  (``max_requests``). It records which publications it folded, and a reader skips those: a scrape
+  that races a fold counts each publication exactly once.
+
+A worker killed with SIGKILL loses what it recorded since its last publication: at most
+``multiprocess_publish_millis`` plus ``drain_interval_millis`` of calls. A worker that exits
+normally (recycled, or the server stopping) publishes everything before it exits.
+
+Nothing is left behind: the worker that creates the directory starts a small reaper process
+(``_shm_reaper.py``) that deletes it once the server process is gone and no worker holds a slot;
+a server that crashed with its reaper is cleaned up by the next server of the same user that
+starts on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from opentelemetry.metrics import Observation
+from opentelemetry.sdk.metrics import Exemplar
+
+from .._keys import KeyInfo
+from .._records import COUNTER_SLOTS
+from .._selflog import RateLimitedLog
+from ..aggregate import AggregateView, Histogram, Series
+from . import spec as _spec
+from ._shm_reaper import lock_held, process_start, slot_held
+from .traces import ExemplarStore
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+
+    from ..config import Settings
+    from .metrics import PrometheusCollector
+
+__all__ = [
+    "PUBLISHER",
+    "Publication",
+    "Publisher",
+    "ServerId",
+    "WorkersReader",
+    "merged_collector",
+    "sweep_stale_servers",
+]
+
+_logger = logging.getLogger("inferscope")
+
+_MAGIC = b"ISMW"
+_FORMAT = 1
+_HEADER = struct.Struct("<4sBI")  # magic, format, length of the JSON header
+#: More slots than any server has workers; a worker that finds none free does not publish.
+MAX_SLOTS = 4096
+#: The newest exemplars kept per series in a publication.
+_EXEMPLARS_PER_SERIES = 8
+#: The generations of a slot that ``retired.data`` remembers as folded.
+_FOLDED_REMEMBERED = 8
+#: How long a fold waits for another worker's fold to finish.
+_FOLD_LOCK_TIMEOUT_S = 2.0
+_REGRESSION_ACTIVE = "inferscope.regression.active"
+WORKER_LABEL = "worker"
+_RETIRED = "retired.data"
+
+
+@dataclass(frozen=True)
+class ServerId:
+    """A process that owns a shared directory: its pid and start time, which no later process has."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> ServerId | None:
+        start = process_start(pid)
+        return None if start is None else cls(pid, start)
+
+    @property
+    def name(self) -> str:
+        return f"{self.pid}-{self.start}"
+
+    def alive(self) -> bool:
+        return process_start(self.pid) == self.start
+
+
+def user_root(multiprocess_dir: str) -> Path:
+    """Where this user's servers keep their directories."""
+    return Path(multiprocess_dir) / f"inferscope-{os.getuid()}"
+
+
+def sweep_stale_servers(root: Path) -> int:
+    """Delete the directories of servers that are gone and whose workers are all gone (a crashed
+    server whose reaper died with it); returns how many were deleted."""
+    removed = 0
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        pid, _, start = entry.name.partition("-")
+        if not (pid.isdigit() and start.isdigit()):
+            continue
+        if ServerId(int(pid), int(start)).alive() or slot_held(str(entry)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+# --- publications ---------------------------------------------------------------------------------
+
+#: What identifies a series across workers, whose key numbers differ: everything its key stands
+#: for, and its error type.
+SeriesIdentity = tuple[
+    str, "str | None", "str | None", "str | None", tuple[tuple[str, str], ...], bool, "str | None"
+]
+
+
+@dataclass
+class _SeriesData:
+    duration: Histogram
+    cpu: Histogram | None
+    gpu: Histogram | None
+    abandoned: int
+    counters: np.ndarray
+    cpu_wall_seconds: float
+    exemplars: list[Exemplar]
+
+    def merge(self, other: _SeriesData) -> None:
+        self.duration.merge(other.duration)
+        self.cpu = _merged_optional(self.cpu, other.cpu)
+        self.gpu = _merged_optional(self.gpu, other.gpu)
+        self.abandoned += other.abandoned
+        self.counters = self.counters + other.counters
+        self.cpu_wall_seconds += other.cpu_wall_seconds
+        if other.exemplars:
+            newest = sorted([*self.exemplars, *other.exemplars], key=lambda e: e.time_unix_nano)
+            self.exemplars = newest[-_EXEMPLARS_PER_SERIES:]
+
+
+def _merged_optional(mine: Histogram | None, other: Histogram | None) -> Histogram | None:
+    if other is None:
+        return mine
+    if mine is None:
+        return other.copy()
+    mine.merge(other)
+    return mine
+
+
+@dataclass
+class Publication:
+    """What one worker published (or, merged, what several did): counts that only grow, and the
+    worker's current gauges."""
+
+    generation: str = ""
+    slot: int = -1
+    pid: int = 0
+    written_unix_nano: int = 0
+    start_time_unix_nano: int = 0
+    series: dict[SeriesIdentity, _SeriesData] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    spans_dropped: dict[str, int] = field(default_factory=dict)
+    keys_overflowed: int = 0
+    internal_errors: int = 0
+    #: Per metric name, (value, attributes) of the signals sampled in the worker (its gauges).
+    signals: dict[str, list[tuple[float, dict[str, Any]]]] = field(default_factory=dict)
+    #: In ``retired.data``: per slot, the generations already folded into it, newest last.
+    folded: dict[int, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of_view(
+        cls,
+        view: AggregateView,
+        *,
+        exemplars: ExemplarStore | None = None,
+        signals: Mapping[str, list[tuple[float, dict[str, Any]]]] | None = None,
+        slot: int = -1,
+        generation: str = "",
+    ) -> Publication:
+        """A worker's aggregates as it publishes them."""
+        publication = cls(
+            generation=generation,
+            slot=slot,
+            pid=os.getpid(),
+            written_unix_nano=time.time_ns(),
+            start_time_unix_nano=view.start_time_unix_nano,
+            dropped={reason: int(n) for reason, n in view.dropped.items()},
+            spans_dropped={reason: int(n) for reason, n in view.spans_dropped.items()},
+            keys_overflowed=int(view.keys_overflowed),
+            internal_errors=int(view.internal_errors),
+            signals=dict(signals or {}),
+        )
+        for series in view.series:
+            data = _SeriesData(
+                series.duration,
+                series.cpu,
+                series.gpu,
+                int(series.abandoned),
+                series.counters,
+                float(series.cpu_wall_seconds),
+                exemplars.since(series.info.key, 0)[-_EXEMPLARS_PER_SERIES:]
+                if exemplars is not None and series.error_id == 0
+                else [],
+            )
+            publication._add(_identity(series.info, series.error_type), data)
+        return publication
+
+    def _add(self, identity: SeriesIdentity, data: _SeriesData) -> None:
+        found = self.series.get(identity)
+        if found is None:
+            self.series[identity] = data
+        else:
+            found.merge(data)
+
+    def merge(self, other: Publication) -> None:
+        """Add ``other``'s counts to this one, in place (``other`` is left as it was)."""
+        for identity, data in other.series.items():
+            self._add(identity, _copy_series(data))
+        for mine, theirs in ((self.dropped, other.dropped), (self.spans_dropped, other.spans_dropped)):
+            for reason, n in theirs.items():
+                mine[reason] = mine.get(reason, 0) + n
+        self.keys_overflowed += other.keys_overflowed
+        self.internal_errors += other.internal_errors
+        if other.start_time_unix_nano and (
+            not self.start_time_unix_nano or other.start_time_unix_nano < self.start_time_unix_nano
+        ):
+            self.start_time_unix_nano = other.start_time_unix_nano
+
+    def view(self, exemplars: ExemplarStore | None = None) -> AggregateView:
+        """The merged counts as the exporters read them. Each series gets a key of its own numbered
+        from 0 (``exemplars``, cleared first, receives the series' exemplars under those keys)."""
+        if exemplars is not None:
+            exemplars.clear()
+        series: list[Series] = []
+        for key, (identity, data) in enumerate(sorted(self.series.items(), key=_sort_key)):
+            kind, model, version, stage, attributes, overflow, error_type = identity
+            info = KeyInfo(key, kind, model, version, stage, attributes, overflow)
+            series.append(
+                Series(
+                    info,
+                    0 if error_type is None else 1,
+                    error_type,
+                    data.duration,
+                    data.cpu,
+                    data.abandoned,
+                    data.counters,
+                    data.cpu_wall_seconds,
+                    data.gpu,
+                )
+            )
+            if exemplars is not None:
+                for exemplar in data.exemplars:
+                    exemplars.add(key, exemplar)
+        return AggregateView(
+            tuple(series),
+            dict(self.dropped),
+            self.keys_overflowed,
+            self.internal_errors,
+            self.start_time_unix_nano or time.time_ns(),
+            dict(self.spans_dropped),
+        )
+
+    def encode(self) -> bytes:
+        """The publication as bytes: a small binary header, a JSON header, then the histograms as
+        the flight recorder's blobs."""
+        from ..recorder import histogram_to_blob
+
+        blobs: list[bytes] = []
+
+        def blob(hist: Histogram | None) -> int:
+            if hist is None:
+                return -1
+            blobs.append(histogram_to_blob(hist))
+            return len(blobs) - 1
+
+        rows = []
+        for identity, data in self.series.items():
+            kind, model, version, stage, attributes, overflow, error_type = identity
+            rows.append(
+                [
+                    kind,
+                    model,
+                    version,
+                    stage,
+                    [list(pair) for pair in attributes],
+                    overflow,
+                    error_type,
+                    data.abandoned,
+                    [int(c) for c in data.counters],
+                    data.cpu_wall_seconds,
+                    blob(data.duration),
+                    blob(data.cpu),
+                    blob(data.gpu),
+                    [[e.trace_id, e.span_id, e.value, e.time_unix_nano] for e in data.exemplars],
+                ]
+            )
+        header = {
+            "generation": self.generation,
+            "slot": self.slot,
+            "pid": self.pid,
+            "written_unix_nano": self.written_unix_nano,
+            "start_time_unix_nano": self.start_time_unix_nano,
+            "dropped": self.dropped,
+            "spans_dropped": self.spans_dropped,
+            "keys_overflowed": self.keys_overflowed,
+            "internal_errors": self.internal_errors,
+            "signals": self.signals,
+            "folded": {str(slot): generations for slot, generations in self.folded.items()},
+            "series": rows,
+            "blobs": [len(b) for b in blobs],
+        }
+        text = json.dumps(header, separators=(",", ":"), default=_json_number).encode()
+        return b"".join([_HEADER.pack(_MAGIC, _FORMAT, len(text)), text, *blobs])
+
+    @classmethod
+    def decode(cls, data: bytes) -> Publication:
+        """The publication that ``encode`` wrote; ValueError for anything else."""
+        from ..recorder import histogram_from_blob
+
+        magic, form, length = _HEADER.unpack_from(data)
+        if magic != _MAGIC or form != _FORMAT:
+            raise ValueError(f"not an inferscope publication of format {_FORMAT}")
+        start = _HEADER.size
+        header = json.loads(data[start : start + length])
+        position = start + length
+        histograms: list[Histogram] = []
+        for size in header["blobs"]:
+            histograms.append(histogram_from_blob(data[position : position + size]))
+            position += size
+
+        def hist(index: int) -> Histogram | None:
+            return None if index < 0 else histograms[index]
+
+        publication = cls(
+            generation=header["generation"],
+            slot=int(header["slot"]),
+            pid=int(header["pid"]),
+            written_unix_nano=int(header["written_unix_nano"]),
+            start_time_unix_nano=int(header["start_time_unix_nano"]),
+            dropped={k: int(v) for k, v in header["dropped"].items()},
+            spans_dropped={k: int(v) for k, v in header["spans_dropped"].items()},
+            keys_overflowed=int(header["keys_overflowed"]),
+            internal_errors=int(header["internal_errors"]),
+            signals={
+                name: [(float(value), dict(attrs)) for value, attrs in points]
+                for name, points in header["signals"].items()
+            },
+            folded={int(slot): list(gens) for slot, gens in header["folded"].items()},
+        )
+        for row in header["series"]:
+            (kind, model, version, stage, attributes, overflow, error_type) = row[:7]
+            abandoned, counters, cpu_wall, duration, cpu, gpu, exemplars = row[7:]
+            identity: SeriesIdentity = (
+                kind,
+                model,
+                version,
+                stage,
+                tuple((str(k), str(v)) for k, v in attributes),
+                bool(overflow),
+                error_type,
+            )
+            counts = np.zeros(COUNTER_SLOTS, np.int64)
+            counts[: len(counters)] = counters[:COUNTER_SLOTS]
+            duration_histogram = hist(duration)
+            if duration_histogram is None:
+                continue
+            publication._add(
+                identity,
+                _SeriesData(
+                    duration_histogram,
+                    hist(cpu),
+                    hist(gpu),
+                    int(abandoned),
+                    counts,
+                    float(cpu_wall),
+                    [
+                        Exemplar({}, float(value), int(at), int(span_id), int(trace_id))
+                        for trace_id, span_id, value, at in exemplars
+                    ],
+                ),
+            )
+        return publication
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _identity(info: KeyInfo, error_type: str | None) -> SeriesIdentity:
+    return (info.kind, info.model, info.version, info.stage, info.attributes, info.overflow, error_type)
+
+
+def _sort_key(item: tuple[SeriesIdentity, _SeriesData]) -> tuple[str, ...]:
+    return tuple("" if part is None else str(part) for part in item[0])
+
+
+def _copy_series(data: _SeriesData) -> _SeriesData:
+    return _SeriesData(
+        data.duration.copy(),
+        None if data.cpu is None else data.cpu.copy(),
+        None if data.gpu is None else data.gpu.copy(),
+        data.abandoned,
+        data.counters.copy(),
+        data.cpu_wall_seconds,
+        list(data.exemplars),
+    )
+
+
+def _read(path: Path) -> Publication | None:
+    try:
+        return Publication.decode(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a reader sees the old file or the new one, never a torn one."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)
+
+
+def _slot_is_live(directory: Path, slot: int) -> bool:
+    """Whether a live process holds slot ``slot`` (this one included)."""
+    return lock_held(str(directory / f"slot-{slot}.lock"))
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path, timeout_s: float = _FOLD_LOCK_TIMEOUT_S) -> Any:
+    """Exclusive use of ``retired.data`` among the server's workers; TimeoutError past ``timeout_s``.
+    A worker killed while holding it releases it with its death (``flock``)."""
+    fd = os.open(directory / "retired.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() > deadline:
+                    raise TimeoutError("another worker holds the retired counts' lock") from exc
+                time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkersState:
+    """One read of a server's directory (or several): everything counted, and each live worker's
+    latest publication by slot."""
+
+    total: Publication
+    live: dict[int, Publication]
+
+
+class WorkersReader:
+    """Reads and merges the publications in the directories that ``directories()`` names.
+
+    >>> reader = WorkersReader(lambda: [Path("/dev/shm/inferscope-1000/4242-1234")])  # doctest: +SKIP
+    >>> reader.read().total.view().series  # doctest: +SKIP
+    """
+
+    def __init__(self, directories: Callable[[], Sequence[Path]]) -> None:
+        self._directories = directories
+
+    def read(self) -> WorkersState:
+        total = Publication()
+        live: dict[int, Publication] = {}
+        for directory in self._directories():
+            self._read_directory(directory, total, live)
+        return WorkersState(total, live)
+
+    def _read_directory(self, directory: Path, total: Publication, live: dict[int, Publication]) -> None:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return
+        # The slots first, then what was retired: a fold that happens in between records the
+        # generation it folded, so that publication is counted once, from retired.data.
+        slots: list[Publication] = []
+        for name in names:
+            if name.startswith("slot-") and name.endswith(".data"):
+                try:
+                    publication = _read(directory / name)
+                except (OSError, ValueError, KeyError, TypeError, struct.error):
+                    continue  # a file another version wrote: skipped, never fatal to a scrape
+                if publication is not None:
+                    slots.append(publication)
+        try:
+            retired = _read(directory / _RETIRED)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            retired = None
+        if retired is not None:
+            total.merge(retired)
+        for publication in slots:
+            if retired is not None and publication.generation in retired.folded.get(publication.slot, ()):
+                continue
+            total.merge(publication)
+            if _slot_is_live(directory, publication.slot):
+                live[publication.slot] = publication
+
+
+def merged_signals(
+    state: Callable[[], WorkersState | None], names: Sequence[_spec.MetricSpec]
+) -> list[_spec.Signal]:
+    """Signals over the live workers' published gauges: each point gets a ``worker`` attribute (the
+    slot), except ``inferscope.regression.active``, which is the maximum over the workers."""
+
+    def observe(entry: _spec.MetricSpec) -> list[Observation]:
+        current = state()
+        if current is None:
+            return []
+        if entry.name == _REGRESSION_ACTIVE:
+            highest: dict[tuple[tuple[str, Any], ...], tuple[float, dict[str, Any]]] = {}
+            for publication in current.live.values():
+                for value, attrs in publication.signals.get(entry.name, ()):
+                    key = tuple(sorted(attrs.items()))
+                    if key not in highest or value > highest[key][0]:
+                        highest[key] = (value, attrs)
+            return [Observation(value, attrs) for value, attrs in highest.values()]
+        return [
+            Observation(value, {**attrs, WORKER_LABEL: str(slot)})
+            for slot, publication in sorted(current.live.items())
+            for value, attrs in publication.signals.get(entry.name, ())
+        ]
+
+    return [_spec.Signal(entry, lambda entry=entry: observe(entry)) for entry in names]  # type: ignore[misc]
+
+
+def _published_entries() -> list[_spec.MetricSpec]:
+    """The signals each worker samples and publishes: its process's own and the providers'
+    (the regression detector's), which differ from worker to worker."""
+    return [
+        entry
+        for entry in _spec.METRICS.values()
+        if entry.prometheus and (entry.group == "process" or entry.source == "provider")
+    ]
+
+
+class MergedSource:
+    """The source of a merged ``/metrics``: each ``view()`` reads the shared directories once, and
+    the signals answer from that same read."""
+
+    def __init__(self, directories: Callable[[], Sequence[Path]]) -> None:
+        self.reader = WorkersReader(directories)
+        self.exemplars = ExemplarStore()
+        self._state: WorkersState | None = None
+
+    def view(self) -> AggregateView:
+        state = self.reader.read()
+        self._state = state
+        return state.total.view(self.exemplars)
+
+    def state(self) -> WorkersState | None:
+        return self._state
+
+    def signals(self) -> list[_spec.Signal]:
+        return merged_signals(self.state, _published_entries())
+
+
+def merged_collector(
+    settings: Settings,
+    resource: Resource | None = None,
+    *,
+    directories: Callable[[], Sequence[Path]] | None = None,
+) -> PrometheusCollector:
+    """A Prometheus collector over every worker of this server (``multiprocess=True``): the merged
+    counts, each live worker's gauges, and this machine's host, container and GPU signals sampled
+    by whichever process serves the scrape."""
+    from ..counters import counter_metrics
+    from ..system.host import system_signals
+    from .metrics import PrometheusCollector
+
+    published = {entry.name for entry in _published_entries()}
+    source = MergedSource(directories or server_directories(settings))
+    local = [signal for signal in system_signals() if signal.spec.name not in published]
+    served_resource = None
+    if resource is not None:
+        from opentelemetry.sdk.resources import Resource as _Resource
+
+        # One scrape stands for every worker: the serving process's own identity would mislead.
+        attributes = {
+            k: v for k, v in resource.attributes.items() if k not in ("process.pid", "service.instance.id")
+        }
+        served_resource = _Resource(attributes, resource.schema_url)
+    return PrometheusCollector(
+        source.view,
+        settings.histogram_boundaries,
+        counters=counter_metrics(settings.counter_mask),
+        exemplars=source.exemplars,
+        signals=[*local, *source.signals()],
+        resource=served_resource,
+    )
+
+
+def server_directories(settings: Settings) -> Callable[[], list[Path]]:
+    """The directories a process reads: its own server's (where it publishes) and its children's
+    (a master that configured inferscope itself serves its workers)."""
+    root = user_root(settings.multiprocess_dir)
+
+    def directories() -> list[Path]:
+        found: list[Path] = []
+        for server in (PUBLISHER.server, ServerId.of(os.getpid())):
+            if server is not None and (root / server.name) not in found:
+                found.append(root / server.name)
+        return found
+
+    return directories
+
+
+# --- publishing -----------------------------------------------------------------------------------
+
+
+class Publisher:
+    """Publishes this process's aggregates into its server's directory, from the drainer.
+
+    ``tick()`` publishes when the interval is due; ``close()`` publishes a last time and gives the
+    slot up. After ``fork()`` the child forgets the parent's slot (without unlocking it: the lock
+    belongs to the parent's open file) and takes one of its own, in the directory of the process
+    that forked it. Never raises: a failure is counted and logged at most once a minute.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.enabled = False
+        self.interval_s = 1.0
+        self.root: Path | None = None
+        self.server: ServerId | None = None
+        self.slot: int | None = None
+        self._slot_fd: int | None = None
+        self._generation = ""
+        self._next_due = 0.0
+        self._source: Callable[[], AggregateView] | None = None
+        self._exemplars: ExemplarStore | None = None
+        self._signals: list[_spec.Signal] | None = None
+        self._log = RateLimitedLog(_logger, per_message=False)
+        #: Called on every tick while enabled (the pipeline's endpoint takeover); never raises.
+        self.on_tick: Callable[[], None] | None = None
+        self.failures = 0
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def configure(
+        self,
+        settings: Settings,
+        source: Callable[[], AggregateView],
+        exemplars: ExemplarStore | None = None,
+    ) -> None:
+        """Publish ``source()`` every ``multiprocess_publish_millis`` when ``settings.multiprocess``;
+        otherwise stop publishing (what was published stays, counted as a dead worker's)."""
+        with self._lock:
+            if not settings.multiprocess:
+                self._release()
+                self.enabled = False
+                self.on_tick = None
+                return
+            root = user_root(settings.multiprocess_dir)
+            if root != self.root:
+                self._release()
+                self.root = root
+            if self.server is None:
+                self.server = ServerId.of(os.getppid())
+            self.interval_s = settings.multiprocess_publish_millis / 1e3
+            self._source = source
+            self._exemplars = exemplars
+            self.enabled = True
+            self._next_due = 0.0
+
+    @property
+    def directory(self) -> Path | None:
+        if self.root is None or self.server is None:
+            return None
+        return self.root / self.server.name
+
+    def tick(self) -> None:
+        """Publish if the interval is due (the drainer calls it after each drain)."""
+        if not self.enabled:
+            return
+        hook = self.on_tick
+        if hook is not None:
+            try:
+                hook()
+            except Exception:
+                self._log.warning(
+                    "inferscope: taking over the shared /metrics endpoint failed", exc_info=True
+                )
+        if time.monotonic() >= self._next_due:
+            self.publish()
+
+    def publish(self) -> bool:
+        """Publish now; True when the publication was written."""
+        with self._lock:
+            if not self.enabled or self._source is None:
+                return False
+            self._next_due = time.monotonic() + self.interval_s
+            try:
+                view = self._source()
+                if self.slot is None and not view.series and not any(view.dropped.values()):
+                    return False  # nothing to say yet: no directory for a process that never records
+                directory = self._claim()
+                if directory is None:
+                    return False
+                publication = Publication.of_view(
+                    view,
+                    exemplars=self._exemplars,
+                    signals=self._sample_signals(),
+                    slot=self.slot if self.slot is not None else -1,
+                    generation=self._generation,
+                )
+                _write_atomically(directory / f"slot-{self.slot}.data", publication.encode())
+                return True
+            except Exception:
+                self.failures += 1
+                self._log.warning("inferscope: publishing this worker's metrics failed", exc_info=True)
+                return False
+
+    def close(self) -> None:
+        """Publish a last time and give the slot up (at shutdown and at exit)."""
+        if self.enabled:
+            self.publish()
+        with self._lock:
+            self._release()
+            self.enabled = False
+
+    def _sample_signals(self) -> dict[str, list[tuple[float, dict[str, Any]]]]:
+        if self._signals is None:
+            from ..system.host import system_signals
+            from .metrics import _provided_signals
+
+            names = {entry.name for entry in _published_entries()}
+            self._signals = [
+                signal
+                for signal in [*system_signals(gpu=False), *_provided_signals()]
+                if signal.spec.name in names
+            ]
+        sampled: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+        for signal in self._signals:
+            points = [(float(o.value), dict(o.attributes or {})) for o in signal.observe()]
+            if points:
+                sampled[signal.spec.name] = points
+        return sampled
+
+    def _claim(self) -> Path | None:
+        """This process's slot directory, taking a slot first if it has none. Caller holds the lock."""
+        directory = self.directory
+        if directory is None:
+            return None
+        if self.slot is not None and directory.is_dir():
+            return directory
+        self._release()
+        self._make_directory(directory)
+        for slot in range(MAX_SLOTS):
+            fd = os.open(directory / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self._slot_fd, self.slot = fd, slot
+            self._generation = uuid.uuid4().hex
+            self._retire(directory, slot)
+            return directory
+        self._log.warning("inferscope: every worker slot of %s is taken; not publishing", directory)
+        return None
+
+    def _make_directory(self, directory: Path) -> None:
+        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            return
+        # This worker made the server's directory: clean what crashed servers left, and start the
+        # reaper that deletes this one after the server is gone.
+        sweep_stale_servers(directory.parent)
+        assert self.server is not None
+        _start_reaper(directory, self.server)
+
+    def _retire(self, directory: Path, slot: int) -> None:
+        """Fold the last publication of the slot's dead owner into ``retired.data``."""
+        previous_path = directory / f"slot-{slot}.data"
+        try:
+            previous = _read(previous_path)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            previous = None
+        if previous is None:
+            return
+        with _directory_lock(directory):
+            try:
+                retired = _read(directory / _RETIRED) or Publication()
+            except (OSError, ValueError, KeyError, TypeError, struct.error):
+                retired = Publication()
+            if previous.generation not in retired.folded.get(slot, ()):
+                retired.merge(previous)
+                generations = [*retired.folded.get(slot, []), previous.generation]
+                retired.folded[slot] = generations[-_FOLDED_REMEMBERED:]
+                retired.signals = {}
+                _write_atomically(directory / _RETIRED, retired.encode())
+        with contextlib.suppress(FileNotFoundError):
+            previous_path.unlink()
+
+    def _release(self) -> None:
+        """Give the slot up: what it published stays, for the next owner to retire. Caller holds the lock."""
+        fd, self._slot_fd, self.slot = self._slot_fd, None, None
+        if fd is not None:
+            os.close(fd)  # the kernel drops the flock with the last descriptor of its open file
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        fd, self._slot_fd, self.slot = self._slot_fd, None, None
+        if fd is not None:
+            # Never flock(LOCK_UN) here: the lock belongs to the open file the parent still holds.
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        # The child's server is the process that forked it: a master that forks its workers.
+        self.server = ServerId.of(os.getppid()) if self.enabled else None
+        self._signals = None
+        self._next_due = 0.0
+
+    def reset_for_tests(self) -> None:
+        with self._lock:
+            self._release()
+            self.enabled = False
+            self.server = None
+            self.root = None
+            self.on_tick = None
+
+
+_reapers: list[subprocess.Popen[bytes]] = []
+
+
+def _start_reaper(directory: Path, server: ServerId) -> None:
+    """Start the process that deletes ``directory`` once ``server`` is gone (``_shm_reaper.py``)."""
+    script = Path(__file__).with_name("_shm_reaper.py")
+    try:
+        reaper = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(script), str(directory), str(server.pid), str(server.start)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # not stopped with the worker's process group by a Ctrl-C
+            close_fds=True,
+        )
+    except OSError:
+        _logger.warning(
+            "inferscope: could not start the process that removes %s after the server stops; "
+            "the next server to start removes it",
+            directory,
+        )
+        return
+    _reapers.append(reaper)  # kept, so that it is not reported as a subprocess left running
+
+
+#: The publisher of this process, driven by the drainer (``_pipeline.py``).
+PUBLISHER = Publisher()
