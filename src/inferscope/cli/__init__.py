@@ -38,6 +38,7 @@ COMMANDS = (
     "bench",
     "doctor",
     "env",
+    "assets",
     "version",
 )
 
