@@ -433,6 +433,39 @@ def test_instrumentors_report_the_rows_of_each_batch(windows) -> None:
     assert sizes["Sequential"] == (10.0, 2)
 
 
+def test_onnxruntime_and_xgboost_report_the_rows_of_each_batch(windows, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    xgb = pytest.importorskip("xgboost")
+    from inferscope.instrumentation.onnxruntime import OnnxruntimeInstrumentor
+    from inferscope.instrumentation.xgboost import XGBoostInstrumentor
+
+    from .instrumentation.apps.models import mlp_onnx, onnx_inputs
+
+    mlp_onnx(tmp_path / "sized.onnx", version=1)
+    session = ort.InferenceSession(str(tmp_path / "sized.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)), rng.integers(0, 2, 64)
+    booster = xgb.train({"max_depth": 2}, xgb.DMatrix(x, label=y), num_boost_round=2)
+    booster.set_attr(version="1")
+    instrumentors = [OnnxruntimeInstrumentor(), XGBoostInstrumentor()]
+    for instrumentor in instrumentors:
+        instrumentor.instrument(model_names={"sized": "sized-onnx"})
+    try:
+        session.run(None, {"X": onnx_inputs(rows=16)})  # the feed's first input: 16 rows
+        session.run(output_names=None, input_feed={"X": onnx_inputs(rows=3)})
+        booster.predict(xgb.DMatrix(x[:7]))  # a DMatrix counts its rows
+        booster.inplace_predict(x[:5])
+    finally:
+        for instrumentor in instrumentors:
+            instrumentor.uninstrument()
+    window = windows.close()
+    sizes = {k.model: (k.size_sum, k.size_count) for k in window.keys if k.stage is None}
+    assert sizes["sized-onnx"] == (19.0, 2)
+    (xgboost_sizes,) = [v for m, v in sizes.items() if m.startswith("xgboost-")]
+    assert xgboost_sizes == (12.0, 2)
+
+
 def test_the_environment_is_read_again_only_when_it_can_have_changed() -> None:
     """Reading the environment walks every package's metadata: a window close reuses it until an
     ML library is first imported or the cgroup's limits change."""

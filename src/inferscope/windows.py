@@ -708,11 +708,13 @@ def add_batch_size(tracked: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any
     """For the instrumentors: add the batch's first dimension (rows of an array, a tensor, a
     DataFrame or a sparse matrix, items of a list) as the input size of the inference that
     ``tracked`` (a tracked call) opens. The batch is the first positional argument, else the
-    first keyword argument that has a shape. Nothing is added when there is no such batch; never
-    raises."""
+    first keyword argument that has a shape (an xgboost ``DMatrix`` counts its rows). Nothing is
+    added when there is no such batch; never raises."""
     try:
         batch = args[0] if args else next((v for v in kwargs.values() if hasattr(v, "shape")), None)
         shape = getattr(batch, "shape", None)
+        if shape is None and callable(getattr(batch, "num_row", None)):
+            shape = (batch.num_row(),)  # type: ignore[union-attr]
         if shape is not None:
             if not len(shape):
                 return

@@ -57,6 +57,7 @@ from .._records import NO_MODEL_KEY
 from .._runtime import REGISTRY, RUNTIME
 from .._selflog import install_redaction, report_error
 from ..tracking import _check_attributes, _check_model, _check_version
+from ..windows import add_batch_size
 
 __all__ = [
     "VERSION_ATTRIBUTE",
@@ -519,11 +520,13 @@ def tracked_method(
     failure: str,
     library: str | None = None,
     defer_to: InferscopeInstrumentor | None = None,
+    add_size: Callable[[Any, tuple[Any, ...], Mapping[str, Any]], None] | None = add_batch_size,
 ) -> Any:
     """A wrapper of ``original`` that tracks a call as one inference of ``model_of(self)``, unless
     an inference is already open. It passes through while ``state`` is inactive, while ``defer_to``
     (another instrumentor that records these calls) is active, and when called from ``library``'s
-    own code. ``failure`` is reported when the bookkeeping fails.
+    own code. ``failure`` is reported when the bookkeeping fails. ``add_size(call, args, kwargs)``
+    reports the input size of a tracked call (by default the batch's first dimension).
 
     The decision is made inside ``try`` and the call outside it: an exception of the library itself
     must pass through once, untouched, never be taken for our own failure.
@@ -538,6 +541,8 @@ def tracked_method(
                     model = model_of(self)
                     if model is not None and not inference_open():
                         call = model.tracked(original)
+                        if add_size is not None:
+                            add_size(call, args, kwargs)
             except Exception:
                 report_internal_error(failure)
                 call = None

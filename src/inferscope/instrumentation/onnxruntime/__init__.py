@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ...windows import add_batch_size
 from .. import (
     InferscopeInstrumentor,
     InstrumentationState,
@@ -78,6 +80,14 @@ class _State(InstrumentationState):
         return ModelEntry(self.options.model(session, identity, aliases)), True
 
 
+def _add_feed_size(call: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """The input size of ``run(output_names, input_feed)``: the first dimension of the feed's first
+    input (``run_with_iobinding`` binds its inputs elsewhere and reports none)."""
+    feed = args[1] if len(args) > 1 else kwargs.get("input_feed")
+    if isinstance(feed, Mapping) and feed:
+        add_batch_size(call, (next(iter(feed.values())),), {})
+
+
 def _tracked_method(state: _State, original: Any) -> Any:
     """A wrapper of ``original`` that tracks a run, unless an inference is already open."""
     return tracked_method(
@@ -85,6 +95,7 @@ def _tracked_method(state: _State, original: Any) -> Any:
         original,
         state.model,
         "inferscope: onnxruntime instrumentation failed; the run is not recorded",
+        add_size=_add_feed_size,
     )
 
 
