@@ -20,7 +20,7 @@ import sysconfig
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -412,12 +412,13 @@ def _http_ok(url: str) -> bool:
 @pytest.fixture
 def start_prometheus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     """A factory: ``start_prometheus(["127.0.0.1:PORT"], *flags)`` starts Prometheus scraping those
-    targets, with extra command-line flags (``--enable-feature=exemplar-storage``)."""
+    targets, with extra command-line flags (``--enable-feature=exemplar-storage``), evaluating the
+    rules of ``rule_files=[...]`` every second."""
     if not (os.path.isfile(PROMETHEUS_BINARY) and os.access(PROMETHEUS_BINARY, os.X_OK)):
         _missing(PROMETHEUS_BINARY, "install it with `apt-get install -y --no-install-recommends prometheus`")
     started: list[_Process] = []
 
-    def start(targets: list[str], *flags: str) -> Prometheus:
+    def start(targets: list[str], *flags: str, rule_files: Sequence[Path] = ()) -> Prometheus:
         workdir = tmp_path / f"prometheus-{len(started)}"
         workdir.mkdir()
         config = workdir / "prometheus.yml"
@@ -432,6 +433,9 @@ def start_prometheus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
             "    static_configs:\n"
             f"      - targets: {json.dumps(targets)}\n"
         )
+        if rule_files:
+            files = json.dumps([str(path) for path in rule_files])
+            config.write_text(config.read_text() + f"rule_files: {files}\n")
         last_output = ""
         for _attempt in range(3):
             port = free_port()
