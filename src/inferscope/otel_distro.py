@@ -31,6 +31,7 @@ ever raises.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
@@ -38,7 +39,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 from . import _otel_compat, _pipeline
 from .config import ConfigError, Settings, load_settings
 
-__all__ = ["attach_to_sdk", "post_instrument", "pre_instrument", "sdk_overrides"]
+__all__ = ["attach_to_sdk", "own_traces_off", "post_instrument", "pre_instrument", "sdk_overrides"]
 
 _logger = logging.getLogger("inferscope")
 
@@ -91,7 +92,7 @@ def _attach() -> str:
         # None: the environment held an invalid value; autoconfigure logged it at ERROR already.
         return "disabled"
     provider = _sdk_meter_provider()
-    tracer_provider = _sdk_tracer_provider()
+    tracer_provider = None if own_traces_off() else _sdk_tracer_provider()
     if provider is None and tracer_provider is None:
         return "own exporters"
     if (provider is None or settings.meter_provider is provider) and (
@@ -116,10 +117,16 @@ def sdk_overrides(settings: Settings, provider: Any = None, tracer_provider: Any
         exporters = tuple(name for name in settings.metrics_exporters if name not in _PUSH_EXPORTERS)
         overrides.update(meter_provider=provider, metrics_exporters=exporters)
     tracer_provider = tracer_provider if tracer_provider is not None else _sdk_tracer_provider()
-    if tracer_provider is not None:
+    if tracer_provider is not None and not own_traces_off():
         # Spans go through the application's span processors, so not through exporters of ours too.
         overrides.update(tracer_provider=tracer_provider, traces_exporters=())
     return overrides
+
+
+def own_traces_off() -> bool:
+    """``INFERSCOPE_TRACES_EXPORTER=none``: inferscope keeps no spans, even where the application's
+    SDK exports its own (``OTEL_TRACES_EXPORTER`` then applies to the SDK's spans only)."""
+    return (os.environ.get("INFERSCOPE_TRACES_EXPORTER") or "").strip().lower() == "none"
 
 
 def _sdk_tracer_provider() -> Any:

@@ -351,6 +351,40 @@ def test_the_hook_keeps_prometheus_but_not_push_exporters(sdk_provider: Any, mon
     assert inferscope.prometheus_port()
 
 
+@pytest.mark.parametrize("own_exporter", [None, "none"])
+def test_inferscope_traces_exporter_none_keeps_inferscope_off_the_sdk_tracer_provider(
+    sdk_provider: Any, monkeypatch: pytest.MonkeyPatch, own_exporter: str | None
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    monkeypatch.setattr("opentelemetry.trace.get_tracer_provider", lambda: tracer_provider)
+    if own_exporter is None:
+        monkeypatch.delenv("INFERSCOPE_TRACES_EXPORTER", raising=False)
+    else:
+        monkeypatch.setenv("INFERSCOPE_TRACES_EXPORTER", own_exporter)
+    monkeypatch.setenv("INFERSCOPE_TRACE_SAMPLER", "always_on")
+    inferscope.configure()
+    assert otel_distro.attach_to_sdk() == "attached"
+    settings = inferscope.current_settings()
+    assert settings is not None and settings.meter_provider is sdk_provider
+    inferscope.track_inference(model="traced-or-not")(lambda: None)()
+    inferscope.shutdown()  # every span recorded so far reaches the exporter
+    names = [span.name for span in spans.get_finished_spans()]
+    if own_exporter == "none":
+        # The SDK's own spans are the application's business; inferscope keeps none.
+        assert settings.tracer_provider is None and not settings.tracing
+        assert "inference traced-or-not" not in names
+    else:
+        assert settings.tracer_provider is tracer_provider
+        assert "inference traced-or-not" in names, names
+    tracer_provider.shutdown()
+
+
 def test_without_an_sdk_provider_the_hook_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry.metrics import NoOpMeterProvider
 
