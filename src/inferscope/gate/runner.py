@@ -17,7 +17,6 @@ True
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -265,7 +264,3 @@ class BenchRunner:
             canary_runs=len(walls),
         )
         self.run.windows.append(replace(window, keys=keys, process=process))
-
-
-def median_or_nan(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
