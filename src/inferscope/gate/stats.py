@@ -101,17 +101,10 @@ class Ratio:
         """This ratio divided by another known to ``log_error`` (the canary's, say)."""
         return _bounded(self.point / factor, math.hypot(self.log_error, log_error), self.z)
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | None]:
         """A JSON-ready dict (an unbounded side is None)."""
-        return {
-            name: value if math.isfinite(value) else None  # type: ignore[misc]
-            for name, value in (
-                ("point", self.point),
-                ("low", self.low),
-                ("high", self.high),
-                ("log_error", self.log_error),
-            )
-        }
+        figures = {"point": self.point, "low": self.low, "high": self.high, "log_error": self.log_error}
+        return {name: value if math.isfinite(value) else None for name, value in figures.items()}
 
 
 def _bounded(point: float, log_error: float, z: float) -> Ratio:
