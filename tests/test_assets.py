@@ -339,3 +339,24 @@ def test_the_opentelemetry_collector_config_is_consistent() -> None:
     assert traces.index("memory_limiter") < traces.index("tail_sampling") < traces.index("batch")
     kept = [p for p in config["processors"]["tail_sampling"]["policies"] if p["type"] == "string_attribute"]
     assert kept[0]["string_attribute"]["key"] == "inferscope.trace.kept"
+
+
+def test_the_docs_describe_every_rule_and_threshold() -> None:
+    text = (ROOT / "docs" / "alerts.md").read_text()
+    for alert in rules.ALERTS:
+        assert f"`{alert.alert}`" in text, alert.alert
+        assert f"| {alert.for_} | {alert.severity} |" in text, alert.alert
+    for record in {r.record for r in rules.RECORDS} - {rules.BUCKET_RATE, rules.MODEL_BUCKET_RATE}:
+        assert f"`{record}`" in text, record
+    for figure in (
+        f"{rules.LATENCY_RISE:.0%}",
+        f"{rules.ERROR_RATIO:.0%}",
+        f"{rules.MEMORY_GROWTH_BYTES_PER_HOUR // 2**20} MiB",
+        f"{rules.THROTTLED_SHARE:.0%}",
+        f"{rules.MIN_RATE_PER_S:g} inferences a second",
+    ):
+        assert figure in text, figure
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    assert "checked for syntax only" in deploy
+    for relative in assets.shipped():
+        assert relative.split("/")[-1] in text + deploy, relative
