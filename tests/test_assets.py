@@ -16,9 +16,7 @@ import pytest
 import yaml
 
 from inferscope import assets, cli
-from inferscope.assets import collectors, kubernetes, rules
-from inferscope.export import spec
-from inferscope.export.metrics import prometheus_label_name
+from inferscope.assets import collectors, kubernetes, promql, rule_tests, rules
 
 from ._output import ROOT
 
@@ -40,66 +38,22 @@ def _promtool() -> str:
 
 # --- what the rules name -------------------------------------------------------------------------
 
-#: Labels that Prometheus adds to every scraped series (and the OTLP conversion: job and instance
-#: from service.name and service.instance.id), and those of histogram buckets.
-TARGET_LABELS = {"job", "instance"}
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "and", "or", "unless"}
-_KEYWORDS |= {"bool", "inf", "nan"}
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_MATCHERS = re.compile(r"\{([^}]*)\}")
-_MATCHER_LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
-_DURATION = re.compile(r"\[\d+[smhdwy]\]|\boffset\s+\d+[smhdwy]")
-_IDENTIFIER = re.compile(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:]|\s*\()")
-_TEMPLATE_LABEL = re.compile(r"\$labels\.(\w+)")
 
-
-def names_in(expr: str) -> tuple[set[str], set[str]]:
-    """The metric names and the label names that a PromQL expression mentions."""
-    labels: set[str] = set()
-    text = expr
-    for block in _MATCHERS.findall(_STRING.sub('""', text)):
-        labels |= set(_MATCHER_LABEL.findall(block))
-    text = _MATCHERS.sub(" ", _STRING.sub('""', text))
-    for group in _GROUPING.findall(text):
-        labels |= {name.strip() for name in group.split(",") if name.strip()}
-    text = _DURATION.sub(" ", _GROUPING.sub(" ", text))
-    metrics = {name for name in _IDENTIFIER.findall(text) if name not in _KEYWORDS}
-    return metrics, labels
-
-
-def exported_series() -> set[str]:
-    """Every series name inferscope's Prometheus endpoint can serve, by the specification."""
-    names: set[str] = set()
-    for entry in spec.METRICS.values():
-        if not entry.prometheus:
-            continue
-        if entry.kind == "histogram":
-            names |= {entry.prometheus_name + suffix for suffix in ("_bucket", "_sum", "_count")}
-        else:
-            names.add(entry.prometheus_name)
-    return names
-
-
-def exported_labels() -> set[str]:
-    return {prometheus_label_name(a) for e in spec.METRICS.values() if e.prometheus for a in e.attributes}
-
-
-def unknown_names(rule_list: Iterable[dict[str, Any]]) -> list[str]:
+def unknown_in_rules(rule_list: Iterable[dict[str, Any]]) -> list[str]:
     """What the rules name that inferscope does not export, nor the rules record or add."""
     rule_list = list(rule_list)
     recorded = {r["record"] for r in rule_list if "record" in r}
     added = {label for r in rule_list for label in r.get("labels", {})}
-    known_series = exported_series() | recorded
-    known_labels = exported_labels() | TARGET_LABELS | added | {"le"}
     problems = []
     for rule in rule_list:
         name = rule.get("record") or rule.get("alert")
-        metrics, labels = names_in(rule["expr"])
-        for template in rule.get("annotations", {}).values():
-            labels |= set(_TEMPLATE_LABEL.findall(template))
-        problems += [f"{name}: metric {m}" for m in sorted(metrics - known_series)]
-        problems += [f"{name}: label {label}" for label in sorted(labels - known_labels)]
+        problems += [
+            f"{name}: {p}" for p in promql.unknown_names(rule["expr"], series=recorded, labels=added)
+        ]
+        # Alert templates read labels too: "{{ $labels.x }}" of a label the alert lacks renders "".
+        read = promql.template_labels(" ".join(rule.get("annotations", {}).values()))
+        known = promql.exported_labels() | promql.TARGET_LABELS | added
+        problems += [f"{name}: label {label}" for label in sorted(read - known)]
     return problems
 
 
@@ -109,9 +63,9 @@ def _all_rules(document: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_the_rules_name_only_metrics_and_labels_that_inferscope_exports() -> None:
     rule_list = _all_rules(rules.rule_groups())
-    assert unknown_names(rule_list) == []
+    assert unknown_in_rules(rule_list) == []
     # Every metric a rule reads is one the specification exports to Prometheus.
-    read = set().union(*(names_in(r["expr"])[0] for r in rule_list))
+    read = set().union(*(promql.names_in(r["expr"])[0] for r in rule_list))
     assert {
         "inferscope_inference_duration_seconds_bucket",
         "inferscope_stage_cpu_time_seconds_sum",
@@ -134,12 +88,12 @@ def test_the_rules_name_only_metrics_and_labels_that_inferscope_exports() -> Non
 )
 def test_a_rule_naming_what_inferscope_does_not_export_is_caught(expr: str, problem: str) -> None:
     bad = {"alert": "Bad", "expr": expr, "annotations": {"summary": "{{ $labels.job }}"}}
-    [found] = unknown_names([*_all_rules(rules.rule_groups()), bad])
+    [found] = unknown_in_rules([*_all_rules(rules.rule_groups()), bad])
     assert found.startswith(f"Bad: {problem} ")
 
 
 def test_names_in_reads_metrics_and_labels_of_an_expression() -> None:
-    metrics, labels = names_in(
+    metrics, labels = promql.names_in(
         'histogram_quantile(0.95, sum by (job, le) (rate(a_bucket{x="1", y=~"b.c"}[5m] offset 1w)))'
         " / on (job) b:c:rate5m > 1.2 and ignoring(z) d"
     )
@@ -211,7 +165,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) ->
     assert checked.returncode == 0, checked.stdout + checked.stderr
     count = len(rules.RECORDS) + len(rules.ALERTS)
     assert f"SUCCESS: {count} rules found" in checked.stdout
-    tested = _run([promtool, "test", "rules", rules.TESTS_FILE], folder)
+    tested = _run([promtool, "test", "rules", rule_tests.TESTS_FILE], folder)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
 
@@ -220,12 +174,12 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) ->
 def test_promtool_week_over_week_unit_tests_pass(tmp_path: Path) -> None:
     promtool = _promtool()
     assets.write_assets(tmp_path)
-    tested = _run([promtool, "test", "rules", rules.WEEK_TESTS_FILE], tmp_path / "prometheus")
+    tested = _run([promtool, "test", "rules", rule_tests.WEEK_TESTS_FILE], tmp_path / "prometheus")
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
 def test_the_unit_tests_exercise_every_alert_both_ways() -> None:
-    cases = [*rules.rule_tests()["tests"], *rules.week_rule_tests()["tests"]]
+    cases = [*rule_tests.rule_tests()["tests"], *rule_tests.week_rule_tests()["tests"]]
     for alert in rules.ALERTS:
         checks = [
             c for case in cases for c in case.get("alert_rule_test", []) if c["alertname"] == alert.alert
@@ -237,7 +191,7 @@ def test_the_unit_tests_exercise_every_alert_both_ways() -> None:
             [case] = [c for c in cases if check in c.get("alert_rule_test", [])]
             assert len(case["input_series"]) > len(check["exp_alerts"])
     records = {r.record for r in rules.RECORDS}
-    tested = {names_in(t["expr"])[0].pop() for case in cases for t in case.get("promql_expr_test", [])}
+    tested = {promql.names_in(t["expr"])[0].pop() for case in cases for t in case.get("promql_expr_test", [])}
     assert records - tested <= {
         rules.BUCKET_RATE,
         rules.MODEL_BUCKET_RATE,
@@ -256,10 +210,10 @@ def test_a_broken_rule_fails_its_unit_tests(tmp_path: Path, field: str, broken: 
     [regression] = [r for r in _all_rules(document) if r.get("alert") == "InferscopeRegressionActive"]
     regression[field] = broken
     (tmp_path / rules.RULES_FILE).write_text(yaml.safe_dump(document))
-    tests = rules.rule_tests()
+    tests = rule_tests.rule_tests()
     tests["tests"] = [case for case in tests["tests"] if "regression" in case["name"]]
-    (tmp_path / rules.TESTS_FILE).write_text(yaml.safe_dump(tests))
-    tested = _run([promtool, "test", "rules", rules.TESTS_FILE], tmp_path)
+    (tmp_path / rule_tests.TESTS_FILE).write_text(yaml.safe_dump(tests))
+    tested = _run([promtool, "test", "rules", rule_tests.TESTS_FILE], tmp_path)
     assert tested.returncode != 0
     assert "alertname: InferscopeRegressionActive" in tested.stdout + tested.stderr
 

@@ -55,12 +55,12 @@ def _yaml(document: Any, doc: str) -> str:
 
 
 def _generators() -> dict[str, Callable[[], str]]:
-    from . import collectors, kubernetes, rules
+    from . import collectors, kubernetes, rule_tests, rules
 
     return {
         f"prometheus/{rules.RULES_FILE}": lambda: _yaml(rules.rule_groups(), "alerts.md"),
-        f"prometheus/{rules.TESTS_FILE}": lambda: _yaml(rules.rule_tests(), "alerts.md"),
-        f"prometheus/{rules.WEEK_TESTS_FILE}": lambda: _yaml(rules.week_rule_tests(), "alerts.md"),
+        f"prometheus/{rule_tests.TESTS_FILE}": lambda: _yaml(rule_tests.rule_tests(), "alerts.md"),
+        f"prometheus/{rule_tests.WEEK_TESTS_FILE}": lambda: _yaml(rule_tests.week_rule_tests(), "alerts.md"),
         "kubernetes/prometheusrule.yaml": lambda: _yaml(kubernetes.prometheus_rule(), "deploy.md"),
         "kubernetes/podmonitor.yaml": lambda: _yaml(kubernetes.pod_monitor(), "deploy.md"),
         "collectors/rotel.env": collectors.rotel_env,
