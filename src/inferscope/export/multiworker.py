@@ -579,6 +579,16 @@ def _published_entries() -> list[_spec.MetricSpec]:
     ]
 
 
+def _published_signals() -> list[_spec.Signal]:
+    from ..system.host import system_signals
+    from .metrics import _provided_signals
+
+    names = {entry.name for entry in _published_entries()}
+    return [
+        signal for signal in [*system_signals(gpu=False), *_provided_signals()] if signal.spec.name in names
+    ]
+
+
 class MergedSource:
     """The source of a merged ``/metrics``: each ``view()`` reads the shared directories once, and
     the signals answer from that same read."""
@@ -702,6 +712,8 @@ class Publisher:
             if self.server is None:
                 self.server = ServerId.of(os.getppid())
             self.interval_s = settings.multiprocess_publish_millis / 1e3
+            if self._signals is None:
+                self._signals = _published_signals()  # built here, not on the drainer thread
             self._source = source
             self._exemplars = exemplars
             self.enabled = True
@@ -737,7 +749,11 @@ class Publisher:
             try:
                 view = self._source()
                 if self.slot is None and not view.series and not any(view.dropped.values()):
-                    return False  # nothing to say yet: no directory for a process that never records
+                    # Nothing counted yet: the process's gauges join a directory that its siblings
+                    # made, but no directory is made for a process that never records (a master).
+                    directory = self.directory
+                    if directory is None or not directory.is_dir():
+                        return False
                 directory = self._claim()
                 if directory is None:
                     return False
@@ -765,15 +781,7 @@ class Publisher:
 
     def _sample_signals(self) -> dict[str, list[tuple[float, dict[str, Any]]]]:
         if self._signals is None:
-            from ..system.host import system_signals
-            from .metrics import _provided_signals
-
-            names = {entry.name for entry in _published_entries()}
-            self._signals = [
-                signal
-                for signal in [*system_signals(gpu=False), *_provided_signals()]
-                if signal.spec.name in names
-            ]
+            self._signals = _published_signals()
         sampled: dict[str, list[tuple[float, dict[str, Any]]]] = {}
         for signal in self._signals:
             points = [(float(o.value), dict(o.attributes or {})) for o in signal.observe()]
