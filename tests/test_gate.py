@@ -330,20 +330,26 @@ _TEST_FILE = """
 
 
 @pytest.fixture
-def gate_project(pytester, tmp_path):
+def gate_project(pytester, tmp_path, monkeypatch):
     """A project with one benchmark test; its runs must leave the flight recorder alone."""
     pytester.makepyfile(test_perf=textwrap.dedent(_TEST_FILE))
     recorder = tmp_path / "state" / "recorder.sqlite"
-    pytester._monkeypatch.setenv("INFERSCOPE_RECORDER", str(recorder))
-    pytester._monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("INFERSCOPE_RECORDER", str(recorder))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    for name in ("WORK_UNITS", "MAX_INCREASE", "GITHUB_STEP_SUMMARY"):
+        monkeypatch.delenv(name, raising=False)
     yield pytester
     assert not (tmp_path / "state").exists(), "a benchmark wrote to the flight recorder"
 
 
 def _run(pytester, *args, **env):
-    for name, value in env.items():
-        pytester._monkeypatch.setenv(name, value)
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "--inferscope-budget=0.3", "-rs", *args)
+    """A real pytest run of the project, in a subprocess, with ``env`` added to its environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "--inferscope-budget=0.3", "-rs", *args
+        )
 
 
 @pytest.mark.expensive
