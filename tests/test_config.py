@@ -537,6 +537,7 @@ BAD_ENVIRONMENT = [
     ("multiprocess", "INFERSCOPE_MULTIPROCESS", "workers"),
     ("multiprocess_publish_millis", "INFERSCOPE_MULTIPROCESS_PUBLISH_MILLIS", "5"),
     ("multiprocess_dir", "INFERSCOPE_MULTIPROCESS_DIR", "/no/such/directory"),
+    ("profile_on_regression", "INFERSCOPE_PROFILE_ON_REGRESSION", "sometimes"),
 ]
 
 # service_name is the one setting whose variables accept any non-blank text.
@@ -630,6 +631,7 @@ BAD_ARGUMENTS = [
     ("multiprocess_publish_millis", 60_001),
     ("multiprocess_dir", ""),
     ("multiprocess_dir", __file__),
+    ("profile_on_regression", "off"),
 ]
 
 

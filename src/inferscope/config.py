@@ -918,6 +918,17 @@ SETTINGS: tuple[SettingSpec, ...] = (
         _check_bool,
         _bool_text,
     ),
+    SettingSpec(
+        "profile_on_regression",
+        ("INFERSCOPE_PROFILE_ON_REGRESSION",),
+        "true",
+        "True or False (in INFERSCOPE_PROFILE_ON_REGRESSION: true/false, 1/0, yes/no or on/off, in any case)",
+        "Whether a regression of latency or CPU, as it opens, has the stacks of the threads inside its "
+        "stage sampled for 10 s (at most once per stage an hour, under 1% of a core) and the top "
+        "functions stored with it (docs/profile.md).",
+        _check_bool,
+        _bool_text,
+    ),
 )
 
 _SPECS: dict[str, SettingSpec] = {spec.name: spec for spec in SETTINGS}
@@ -987,6 +998,7 @@ class Settings:
     recorder_window_retention_days: float = 7.0
     recorder_rollup_retention_days: float = 90.0
     canary: bool = True
+    profile_on_regression: bool = True
 
     def __post_init__(self) -> None:
         for spec in SETTINGS:

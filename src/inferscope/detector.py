@@ -656,6 +656,20 @@ class Detector:
         track.opened = _Open(regression)
         self._stored("save_regression", self._service, regression)
         _log_regression(regression, opened=True)
+        self._sample_stacks(regression)
+
+    def _sample_stacks(self, regression: Regression) -> None:
+        """Sample the regressed stage's stacks for a short while (profile/sampler.py; the
+        ``profile_on_regression`` setting): for the process's own detector only, never raised."""
+        if self is not _DETECTOR:
+            return
+        try:
+            from .profile.sampler import regression_opened
+
+            regression_opened(self._service, regression)
+        except Exception:
+            self.errors += 1
+            _logger.debug("inferscope: sampling the stacks of a regression failed", exc_info=True)
 
     def _level_exceeds(
         self,

@@ -67,6 +67,8 @@ DEFAULT_BUSY_TIMEOUT_SECONDS = 1.0
 #: Retention and the size bound are enforced at most this often.
 _MAINTENANCE_SECONDS = 600.0
 _HOUR = 3600.0
+#: Sampled profiles kept, newest first (one per key and hour at most is stored).
+_MAX_PROFILES = 1000
 
 _ANY: Any = object()
 
@@ -117,6 +119,14 @@ CREATE TABLE IF NOT EXISTS regressions (
     PRIMARY KEY (service, model, version, stage, metric, since_unix)
 );
 CREATE INDEX IF NOT EXISTS regressions_by_time ON regressions (updated_unix);
+-- The top functions of a regressed stage's sampled stacks (profile/sampler.py). A new table leaves
+-- the file readable by an inferscope that predates it, so the file's schema version stays.
+CREATE TABLE IF NOT EXISTS profiles (
+    service TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL, stage TEXT NOT NULL,
+    metric TEXT NOT NULL, since_unix REAL NOT NULL, started_unix REAL NOT NULL, ended_unix REAL NOT NULL,
+    host TEXT NOT NULL, pid INTEGER NOT NULL, payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS profiles_by_key ON profiles (service, model, started_unix);
 """
 
 #: Connections left open on purpose in a forked child: closing one there could checkpoint and
@@ -749,6 +759,77 @@ class FlightRecorder:
                 version=_none(record["version"]),
                 stage=_none(record["stage"]),
                 active=bool(record["active"]),
+                payload=json.loads(record["payload"]),
+            )
+            found.append(record)
+        return found
+
+    # --- sampled stacks (written by profile/sampler.py) -------------------------------------------
+
+    def save_profile(
+        self,
+        service: str,
+        model: str,
+        version: str | None,
+        stage: str | None,
+        metric: str,
+        since_unix: float,
+        started_unix: float,
+        ended_unix: float,
+        payload: Mapping[str, Any],
+    ) -> bool:
+        """Store the top functions of a regressed stage's sampled stacks (``since_unix`` and
+        ``metric`` name the regression that started it). Profiles older than the rollups' retention,
+        and past the newest ``_MAX_PROFILES``, are dropped as one is stored."""
+        with self._use("writing a profile") as connection:
+            if connection is None:
+                return False
+            with _transaction(connection):
+                connection.execute(
+                    "INSERT INTO profiles (service, model, version, stage, metric, since_unix, started_unix, "
+                    "ended_unix, host, pid, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        service,
+                        model,
+                        _name(version),
+                        _name(stage),
+                        metric,
+                        since_unix,
+                        started_unix,
+                        ended_unix,
+                        self.host,
+                        os.getpid(),
+                        _dumps(dict(payload)),
+                    ),
+                )
+                connection.execute(
+                    "DELETE FROM profiles WHERE started_unix < ? OR rowid NOT IN "
+                    "(SELECT rowid FROM profiles ORDER BY started_unix DESC LIMIT ?)",
+                    (ended_unix - self.rollup_retention_seconds, _MAX_PROFILES),
+                )
+            return True
+        return False
+
+    def profiles(
+        self, *, service: str | None = None, model: str | None = None, since_unix: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Stored profiles, newest first, each ``{"service", "model", "version", "stage", "metric",
+        "since_unix", "started_unix", "ended_unix", "host", "pid", "payload"}``; ``since_unix``
+        keeps those started since then."""
+        where, args = _where(
+            ("service = ?", service), ("model = ?", model), ("started_unix >= ?", since_unix)
+        )
+        columns = (
+            "service", "model", "version", "stage", "metric", "since_unix", "started_unix", "ended_unix",
+            "host", "pid", "payload",
+        )  # fmt: skip
+        sql = f"SELECT {', '.join(columns)} FROM profiles {where} ORDER BY started_unix DESC"
+        found = []
+        for row in self._rows("reading profiles", sql, args):
+            record = dict(zip(columns, row, strict=True))
+            record.update(
+                version=_none(record["version"]),
+                stage=_none(record["stage"]),
                 payload=json.loads(record["payload"]),
             )
             found.append(record)

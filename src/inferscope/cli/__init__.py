@@ -35,6 +35,7 @@ COMMANDS = (
     "status",
     "report",
     "baseline",
+    "profile",
     "bench",
     "doctor",
     "env",

@@ -89,6 +89,7 @@ def _model_status(
     from ..baseline import KeyFigures
     from ..detector import tax_of
     from ..history import regression_from_json, regression_to_json
+    from ..profile.stored import profile_of, profiles_of
 
     recorder = store.recorder
     newest = (
@@ -127,6 +128,7 @@ def _model_status(
     # A regression still open when its process stopped writing is not known to be open now: it is
     # shown as it was last seen ("stale"), not as active.
     window_length = newest[0].end_unix - newest[0].start_unix if newest else 60.0
+    profiles = profiles_of(recorder, service, model)
     regressions = []
     for record in recorder.regressions(service=service, model=model) if recorder is not None else []:
         try:
@@ -138,6 +140,7 @@ def _model_status(
             item["active"] = False
         item["stale"] = stale
         if item["active"] or item["since"] >= end - 86400:
+            item["profile"] = profile_of(profiles, item)  # the regressed stage's sampled stacks
             regressions.append(item)
     tax = tax_of(anchor, windows) if anchor is not None and windows else None
     trend = p95_trend(windows, model, quantile)
@@ -233,6 +236,10 @@ def render(report: dict[str, Any]) -> str:
                     lines.append(f"      {name}: {value}")
             for cause, reason in (evidence.get("candidates") or {}).items():
                 lines.append(f"      not {cause}: {reason}")
+            if r.get("profile"):
+                from ..profile.stored import profile_lines
+
+                lines.extend(profile_lines(r["profile"]))
         tax = m["tax"]
         if tax is not None:
             lines.append(

@@ -30,6 +30,7 @@ from typing import Any
 from ..baseline import MIN_WINDOW_CALLS, Baseline, KeyFigures, ProcessFigures
 from ..detector import describe, tax_of
 from ..history import HistoryStore, regression_to_json
+from ..profile.stored import profile_of, profiles_of
 from ..recorder import FlightRecorder
 from ..system.fingerprint import diff
 from ..windows import Window
@@ -315,12 +316,14 @@ def _model_report(
         ),
     ]
     regressions = []
+    profiles = profiles_of(store.recorder, service, model)
     # Those updated in the period (open ones are updated as they evolve), begun by its end.
     for regression in store.regressions(service, model, since_unix=since):
         if regression.since > until:
             continue
         entry = regression_to_json(regression)
         entry["summary"] = describe(regression)
+        entry["profile"] = profile_of(profiles, entry)  # the regressed stage's sampled stacks
         regressions.append(entry)
     regressions.sort(key=lambda r: (r["since"], r["stage"] or "", r["metric"]))
     return {

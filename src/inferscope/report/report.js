@@ -177,6 +177,16 @@
         details.appendChild(el("div", name + ": " + show(r.evidence[name]), "evidence"));
       });
       evidence.appendChild(details);
+      if (r.profile) {
+        // The regressed stage's stacks, sampled as it opened: its top functions.
+        var sampled = el("details", null, "profile");
+        sampled.appendChild(el("summary", "top functions: " + r.profile.samples + " sampled stacks (" +
+          r.profile.attribution + ")"));
+        r.profile.top.forEach(function (t) {
+          sampled.appendChild(el("div", percent(t.share).replace("+", "") + " " + t.function, "evidence"));
+        });
+        evidence.appendChild(sampled);
+      }
       [when(r.since), r.active ? "active" : "closed", r.cause, r.stage || "(inference)", r.metric, percent(r.change),
         fmt(r.baseline_value * scale) + unit + " -> " + fmt(r.current_value * scale) + unit].forEach(function (text) {
         row.appendChild(el("td", text));
