@@ -9,6 +9,7 @@ calls within the spacing of the exponential buckets; and the server leaves nothi
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import free_port
 
@@ -176,15 +178,19 @@ class Scrape:
     worker_labels: set[str]
 
 
+def _families(url: str) -> dict[str, Metric]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return {family.name: family for family in text_string_to_metric_families(response.read().decode())}
+
+
 def _scrape(url: str) -> Scrape | None:
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
+        families = _families(url)
     except OSError:
         return None  # between two workers serving the endpoint
     count = total = dropped = 0.0
     workers: set[str] = set()
-    for family in text_string_to_metric_families(text):
+    for family in families.values():
         for sample in family.samples:
             if family.name == "inferscope_inference_duration_seconds":
                 if sample.name.endswith("_count"):
@@ -239,8 +245,8 @@ def test_one_scrape_counts_every_call_of_every_worker(
 ) -> None:
     pytest.importorskip(kind)
     calls_total = 60 * workers
-    # About one recycling per worker, spread by the jitter.
-    server = _start(kind, workers, tmp_path, max_requests=calls_total // workers)
+    # Each worker is recycled about once during the run (gunicorn spreads it with a jitter).
+    server = _start(kind, workers, tmp_path, max_requests=2 * calls_total // (3 * workers))
     stop_servers.append(server)
     directory = server.directory
     durations_ms = [seeded_random.uniform(2.0, 25.0) for _ in range(calls_total)]
@@ -306,6 +312,9 @@ def test_one_scrape_counts_every_call_of_every_worker(
             high,
         )
 
+    # Workers were recycled during the run: some that answered calls are gone, though not killed.
+    assert {pid for pid in calls.pids if pid != killed["pid"] and not Path(f"/proc/{pid}").exists()}
+
     if kind == "gunicorn":
         # The app mounted in the service serves the same merged view as the endpoint.
         mounted = _scrape(f"http://127.0.0.1:{server.port}/metrics")
@@ -321,3 +330,97 @@ def test_one_scrape_counts_every_call_of_every_worker(
     while directory.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not directory.exists(), sorted(p.name for p in directory.iterdir())
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _serve(
+    command: list[str], cwd: Path, env: dict[str, str], log: Path, ready_url: str
+) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command, cwd=cwd, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while _scrape(ready_url) is None:
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    return process
+
+
+def _stop_and_check_cleaned(process: subprocess.Popen[bytes], directory: Path, log: Path) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    text = log.read_text()
+    assert "Traceback" not in text and "not serving Prometheus" not in text, text
+    deadline = time.monotonic() + 30
+    while directory.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not directory.exists()
+
+
+def test_fastapi_prometheus_example_under_uvicorn_workers(tmp_path: Path, stop_servers: list[Server]) -> None:
+    pytest.importorskip("fastapi")
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    command = [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(EXAMPLES), "fastapi_prometheus:app",
+        "--workers", "4", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    process = _serve(command, tmp_path, {"INFERSCOPE_RECORDER": "off"}, log, metrics_url)
+    stop_servers.append(Server(process, port, metrics_url, log))
+    directory = stop_servers[0].directory
+
+    def post(i: int) -> bool:
+        body = json.dumps({"features": [0.1 * i, 1.0, -0.2, 0.5]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/predict", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return "fraud_probability" in json.loads(response.read())
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(post, range(40)))
+    final = _settled_scrape(metrics_url)
+    assert final.count == 40
+    assert len(final.worker_labels) == 4  # every live worker's gauges, by slot
+    families = _families(metrics_url)
+    stages = {
+        s.labels["inferscope_stage_name"]: s.value
+        for s in families["inferscope_stage_duration_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert stages == {"preprocess": 40, "infer": 40, "postprocess": 40}
+    _stop_and_check_cleaned(process, directory, log)
+
+
+def test_gunicorn_conf_example_master_serves_every_worker(tmp_path: Path, stop_servers: list[Server]) -> None:
+    pytest.importorskip("gunicorn")
+    (tmp_path / "service.py").write_text(APP)
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path / "gunicorn.log"
+    command = [
+        sys.executable, "-m", "gunicorn", "-c", str(EXAMPLES / "gunicorn.conf.py"), "--chdir", str(tmp_path),
+        "service:wsgi",
+    ]  # fmt: skip
+    env = {
+        "BIND": f"127.0.0.1:{port}",
+        "WEB_CONCURRENCY": "2",
+        "MAX_REQUESTS": "20",  # every worker is recycled during the run
+        "INFERSCOPE_PROMETHEUS_PORT": str(metrics_port),
+        "INFERSCOPE_RECORDER": "off",
+    }
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    process = _serve(command, tmp_path, env, log, metrics_url)
+    stop_servers.append(Server(process, port, metrics_url, log))
+    directory = stop_servers[0].directory
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _call(port, 1.0), range(80)))
+    assert all(answer is not None for answer in answers)
+    assert len({answer[0] for answer in answers if answer is not None}) > 2  # workers were recycled
+    final = _settled_scrape(metrics_url)
+    assert final.count == 80  # the master's endpoint: all workers, the recycled ones included
+    assert final.worker_labels and all(int(label) < 4 for label in final.worker_labels)
+    _stop_and_check_cleaned(process, directory, log)

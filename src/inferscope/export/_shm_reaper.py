@@ -3,7 +3,8 @@
 Run as its own small interpreter (``python -I -S _shm_reaper.py DIR PID START``) by the worker that
 created the directory, in a session of its own, so that it outlives every worker: it polls the
 server process (the workers' parent) twice a second and, once that process is gone and no worker
-still holds a slot, deletes the directory. It imports nothing from inferscope (and, with ``-S``,
+still holds a slot, deletes the directory. It also deletes it once no worker at all has held a
+slot for a minute, whatever the parent does. It imports nothing from inferscope (and, with ``-S``,
 nothing from site-packages), so it costs a few MB of memory for the server's lifetime.
 """
 
@@ -19,6 +20,9 @@ import time
 _POLL_SECONDS = 0.5
 #: After the server process is gone, how long workers that outlive it may keep their slots.
 _WORKERS_GRACE_SECONDS = 60.0
+#: How long a server may have no worker at all before it counts as stopped: longer than any
+#: master takes to replace its workers.
+_NO_WORKER_SECONDS = 60.0
 
 
 def process_start(pid: int) -> int | None:
@@ -82,7 +86,16 @@ def remove(directory: str) -> None:
 
 def main(argv: list[str]) -> int:
     directory, pid, start = argv[0], int(argv[1]), int(argv[2])
+    idle_since: float | None = None
     while os.path.isdir(directory) and process_start(pid) == start:
+        # A server whose workers have all been gone for a while has stopped too, even when the
+        # process that started them goes on (a shell that ran a single-process server).
+        if slot_held(directory):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > _NO_WORKER_SECONDS:
+            break
         time.sleep(_POLL_SECONDS)
     deadline = time.monotonic() + _WORKERS_GRACE_SECONDS
     while os.path.isdir(directory) and slot_held(directory) and time.monotonic() < deadline:
