@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AssetExistsError", "generate", "shipped", "write_assets"]
+__all__ = ["AssetExistsError", "generate", "generators", "shipped", "write_assets"]
 
 #: Where the generated files are shipped inside the package.
 SHIPPED_DIR = "files"
@@ -54,7 +54,9 @@ def _yaml(document: Any, doc: str) -> str:
     return _HEADER.format(doc=doc) + body
 
 
-def _generators() -> dict[str, Callable[[], str]]:
+def generators() -> dict[str, Callable[[], str]]:
+    """How each shipped file is made: relative path -> a function that returns its content (and
+    raises ImportError where it needs a package that is not installed)."""
     from . import collectors, kubernetes, rule_tests, rules
 
     return {
@@ -70,7 +72,7 @@ def _generators() -> dict[str, Callable[[], str]]:
 
 def generate() -> dict[str, str]:
     """Every asset, freshly generated: relative path -> content."""
-    return {path: make() for path, make in _generators().items()}
+    return {path: make() for path, make in generators().items()}
 
 
 def shipped() -> dict[str, str]:
