@@ -100,6 +100,14 @@ def _percent(ratio: float) -> str:
     return f"{(ratio - 1) * 100:+.1f}%"
 
 
+def _sentence(outcome: str, what: str, ratio: Ratio, threshold: float, note: str = "") -> str:
+    """``regression: <what> +12.0%<note>, interval [+8.1%, +16.0%], tolerance +10.0%``."""
+    return (
+        f"{outcome}: {what} {_percent(ratio.point)}{note}, interval [{_percent(ratio.low)}, "
+        f"{_percent(ratio.high)}], tolerance {_percent(threshold)}"
+    )
+
+
 def _cpu_bound(wall: Sample, cpu: Sample) -> bool:
     median_wall = float(np.median(wall.values))
     return median_wall > 0 and float(np.median(cpu.values)) >= CPU_BOUND_RATIO * median_wall
@@ -175,10 +183,14 @@ def compare(
             quantile,
             normalised,
             threshold,
-            f"{outcome}: CPU per item {_percent(normalised.point)} after the canary "
-            f"({_percent(canary.point)}), interval [{_percent(normalised.low)}, "
-            f"{_percent(normalised.high)}], "
-            f"tolerance {_percent(threshold)}; the baseline was measured in another environment "
+            _sentence(
+                outcome,
+                "CPU per item",
+                normalised,
+                threshold,
+                f" after the canary ({_percent(canary.point)})",
+            )
+            + "; the baseline was measured in another environment "
             f"(fingerprint {baseline.baseline.fingerprint} -> {current.fingerprint}), so only CPU per "
             "item normalised by the canary is compared",
             current.calls,
@@ -209,8 +221,7 @@ def compare(
         quantile,
         ratio,
         threshold,
-        f"{outcome}: {name} {what} {_percent(ratio.point)}{note}, interval "
-        f"[{_percent(ratio.low)}, {_percent(ratio.high)}], tolerance {_percent(threshold)}",
+        _sentence(outcome, f"{name} {what}", ratio, threshold, note),
         current.calls,
         len(baseline.wall),
         canary_ratio=canary.point if canary is not None else None,
@@ -262,8 +273,7 @@ def _compare_summary(
         described = f"{name or quantile} wall time against the baseline's summary (it keeps no calls)"
     outcome = _outcome(ratio, threshold)
     text = (
-        f"{outcome}: {described} {_percent(ratio.point)}, interval [{_percent(ratio.low)}, "
-        f"{_percent(ratio.high)}], tolerance {_percent(threshold)}"
+        _sentence(outcome, described, ratio, threshold)
         if math.isfinite(ratio.point)
         else f"{outcome}: the baseline lacks the figures to compare {described}"
     )
