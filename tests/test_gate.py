@@ -176,8 +176,9 @@ def test_a_production_baseline_without_calls_is_compared_with_its_quantiles():
 def test_an_absolute_limit_fails_above_passes_below_and_is_inconclusive_at_the_edge():
     run = timed_run(1)
     p99 = float(np.quantile(run.wall, 0.99))
-    assert check_below(run, p99 / 10, quantile=0.99, alpha=0.005).outcome == REGRESSION
-    assert check_below(run, p99 * 100, quantile=0.99, alpha=0.005).outcome == PASS
+    # Far from the limit either way: a loaded machine's tail is wide, but not a thousandfold.
+    assert check_below(run, p99 / 1000, quantile=0.99, alpha=0.005).outcome == REGRESSION
+    assert check_below(run, p99 * 1000, quantile=0.99, alpha=0.005).outcome == PASS
     assert check_below(run, p99, quantile=0.99, alpha=0.005).outcome == INCONCLUSIVE
 
 
@@ -363,7 +364,7 @@ def test_saved_baseline_then_pass_then_regression(gate_project):
     [baseline] = load_baselines(path, source=None)
     assert baseline.model == "test_perf.py::test_model" and baseline.source == "ci"
     assert {None, "preprocess", "infer"} == set(baseline.stages)
-    _run(gate_project).assert_outcomes(passed=1)
+    _run(gate_project, MAX_INCREASE="3.0").assert_outcomes(passed=1)  # the same work passes
     slow = _run(gate_project, WORK_UNITS="4", MAX_INCREASE="0.10")
     slow.assert_outcomes(failed=1)
     slow.stdout.fnmatch_lines(["*PerformanceRegression: regression:*tolerance +10.0%*"])
@@ -470,7 +471,7 @@ def test_inferscope_bench_saves_then_checks_a_baseline(tmp_path):
     assert saved.returncode == 0, saved.stderr
     assert "infer" in saved.stdout and "baseline saved to b.json" in saved.stdout
     assert "4096 items per call" in saved.stdout
-    same = _bench(tmp_path, *common, "--baseline", "b.json", "--max-increase", "1.0", "--json")
+    same = _bench(tmp_path, *common, "--baseline", "b.json", "--max-increase", "3.0", "--json")
     assert same.returncode == 0, same.stdout + same.stderr
     [verdict] = json.loads(same.stdout)["verdicts"]
     assert verdict["outcome"] == "pass"
