@@ -35,6 +35,7 @@ COMMANDS = (
     "status",
     "report",
     "baseline",
+    "compare",
     "profile",
     "bench",
     "doctor",
