@@ -413,12 +413,15 @@ def _http_ok(url: str) -> bool:
 def start_prometheus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     """A factory: ``start_prometheus(["127.0.0.1:PORT"], *flags)`` starts Prometheus scraping those
     targets, with extra command-line flags (``--enable-feature=exemplar-storage``), evaluating the
-    rules of ``rule_files=[...]`` every second."""
+    rules of ``rule_files=[...]`` every second, keeping its data in ``storage`` (a folder of blocks,
+    e.g. backfilled by promtool) or a fresh one."""
     if not (os.path.isfile(PROMETHEUS_BINARY) and os.access(PROMETHEUS_BINARY, os.X_OK)):
         _missing(PROMETHEUS_BINARY, "install it with `apt-get install -y --no-install-recommends prometheus`")
     started: list[_Process] = []
 
-    def start(targets: list[str], *flags: str, rule_files: Sequence[Path] = ()) -> Prometheus:
+    def start(
+        targets: list[str], *flags: str, rule_files: Sequence[Path] = (), storage: Path | None = None
+    ) -> Prometheus:
         workdir = tmp_path / f"prometheus-{len(started)}"
         workdir.mkdir()
         config = workdir / "prometheus.yml"
@@ -442,7 +445,7 @@ def start_prometheus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
             argv = [
                 PROMETHEUS_BINARY,
                 f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--storage.tsdb.path={storage or workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 *flags,
             ]

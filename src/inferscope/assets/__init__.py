@@ -57,7 +57,7 @@ def _yaml(document: Any, doc: str) -> str:
 def generators() -> dict[str, Callable[[], str]]:
     """How each shipped file is made: relative path -> a function that returns its content (and
     raises ImportError where it needs a package that is not installed)."""
-    from . import collectors, kubernetes, rule_tests, rules
+    from . import collectors, dashboards, kubernetes, rule_tests, rules
 
     return {
         f"prometheus/{rules.RULES_FILE}": lambda: _yaml(rules.rule_groups(), "alerts.md"),
@@ -67,6 +67,7 @@ def generators() -> dict[str, Callable[[], str]]:
         "kubernetes/podmonitor.yaml": lambda: _yaml(kubernetes.pod_monitor(), "deploy.md"),
         "collectors/rotel.env": collectors.rotel_env,
         "collectors/otelcol-gateway.yaml": lambda: _yaml(collectors.otelcol_gateway(), "deploy.md"),
+        **dashboards.generators(),
     }
 
 
