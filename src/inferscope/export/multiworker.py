@@ -56,7 +56,7 @@ from opentelemetry.sdk.metrics import Exemplar
 
 from .._keys import KeyInfo
 from .._records import COUNTER_SLOTS
-from .._selflog import RateLimitedLog
+from .._selflog import RateLimitedLog, report_error
 from ..aggregate import AggregateView, Histogram, Series
 from . import spec as _spec
 from ._shm_reaper import lock_held, process_start, slot_held
@@ -245,10 +245,11 @@ class Publication:
         else:
             found.merge(data)
 
-    def merge(self, other: Publication) -> None:
-        """Add ``other``'s counts to this one, in place (``other`` is left as it was)."""
+    def merge(self, other: Publication, *, consume: bool = False) -> None:
+        """Add ``other``'s counts to this one, in place. ``other`` is left as it was, unless
+        ``consume`` says that it is not used again (its histograms are then taken, not copied)."""
         for identity, data in other.series.items():
-            self._add(identity, _copy_series(data))
+            self._add(identity, data if consume else _copy_series(data))
         for mine, theirs in ((self.dropped, other.dropped), (self.spans_dropped, other.spans_dropped)):
             for reason, n in theirs.items():
                 mine[reason] = mine.get(reason, 0) + n
@@ -489,7 +490,7 @@ def _directory_lock(directory: Path, timeout_s: float = _FOLD_LOCK_TIMEOUT_S) ->
 @dataclass
 class WorkersState:
     """One read of a server's directory (or several): everything counted, and each live worker's
-    latest publication by slot."""
+    latest publication by slot, for its gauges (its histograms went into ``total``)."""
 
     total: Publication
     live: dict[int, Publication]
@@ -533,11 +534,11 @@ class WorkersReader:
         except (OSError, ValueError, KeyError, TypeError, struct.error):
             retired = None
         if retired is not None:
-            total.merge(retired)
+            total.merge(retired, consume=True)
         for publication in slots:
             if retired is not None and publication.generation in retired.folded.get(publication.slot, ()):
                 continue
-            total.merge(publication)
+            total.merge(publication, consume=True)
             if _slot_is_live(directory, publication.slot):
                 live[publication.slot] = publication
 
@@ -767,8 +768,9 @@ class Publisher:
                 _write_atomically(directory / f"slot-{self.slot}.data", publication.encode())
                 return True
             except Exception:
+                # Counted in inferscope.sdk.errors; what was recorded goes out with the next publication.
                 self.failures += 1
-                self._log.warning("inferscope: publishing this worker's metrics failed", exc_info=True)
+                report_error("inferscope: publishing this worker's metrics failed")
                 return False
 
     def close(self) -> None:
