@@ -429,3 +429,24 @@ def test_mounted_apps_serve_this_process_with_openmetrics_negotiation() -> None:
     assert status == 200
     assert b'inferscope_inference_duration_seconds_count{inferscope_model_name="mounted"} 7' in body
     assert body.rstrip().endswith(b"# EOF")
+
+
+def test_gauges_carry_the_worker_slot_and_regression_active_is_the_highest() -> None:
+    from inferscope.export import spec
+    from inferscope.export.multiworker import WorkersState, merged_signals
+
+    def worker(slot: int, active: float, rss: float) -> Publication:
+        return Publication(
+            slot=slot,
+            signals={
+                "inferscope.regression.active": [(active, {"inferscope.model.name": "m"})],
+                "process.memory.usage": [(rss, {})],
+            },
+        )
+
+    state = WorkersState(Publication(), {0: worker(0, 0.0, 100.0), 3: worker(3, 1.0, 300.0)})
+    entries = [spec.get("inferscope.regression.active"), spec.get("process.memory.usage")]
+    active, memory = merged_signals(lambda: state, entries)
+
+    assert [(o.value, o.attributes) for o in active.observe()] == [(1.0, {"inferscope.model.name": "m"})]
+    assert sorted((o.attributes["worker"], o.value) for o in memory.observe()) == [("0", 100.0), ("3", 300.0)]

@@ -687,7 +687,7 @@ class Publisher:
         self._exemplars: ExemplarStore | None = None
         self._signals: list[_spec.Signal] | None = None
         self._log = RateLimitedLog(_logger, per_message=False)
-        #: Called on every tick while enabled (the pipeline's endpoint takeover); never raises.
+        #: Called before each publication (the pipeline's endpoint takeover); never raises.
         self.on_tick: Callable[[], None] | None = None
         self.failures = 0
         os.register_at_fork(after_in_child=self._after_fork_in_child)
@@ -728,7 +728,7 @@ class Publisher:
 
     def tick(self) -> None:
         """Publish if the interval is due (the drainer calls it after each drain)."""
-        if not self.enabled:
+        if not self.enabled or time.monotonic() < self._next_due:
             return
         hook = self.on_tick
         if hook is not None:
@@ -738,8 +738,7 @@ class Publisher:
                 self._log.warning(
                     "inferscope: taking over the shared /metrics endpoint failed", exc_info=True
                 )
-        if time.monotonic() >= self._next_due:
-            self.publish()
+        self.publish()
 
     def publish(self) -> bool:
         """Publish now; True when the publication was written."""
@@ -866,14 +865,6 @@ class Publisher:
         self.server = ServerId.of(os.getppid()) if self.enabled else None
         self._signals = None
         self._next_due = 0.0
-
-    def reset_for_tests(self) -> None:
-        with self._lock:
-            self._release()
-            self.enabled = False
-            self.server = None
-            self.root = None
-            self.on_tick = None
 
 
 _reapers: list[subprocess.Popen[bytes]] = []
