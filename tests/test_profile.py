@@ -454,7 +454,7 @@ deadline = time.monotonic() + 60
 while detector.anchor("live") is None and time.monotonic() < deadline:
     time.sleep(0.1)
 SLOW.set()
-while SAMPLER.stored < 1 and time.monotonic() < deadline + 60:
+while not any(p.stage == "infer" for p in SAMPLER.recent) and time.monotonic() < deadline + 60:
     time.sleep(0.1)
 stop.set()
 worker.join(10)
@@ -516,3 +516,23 @@ def test_a_real_regression_stores_the_top_functions_of_its_stage_and_status_show
     reported = [r for m in data["models"] for r in m["regressions"] if r["stage"] == "infer"]
     assert any("slow_path (" in t["function"] for r in reported if r["profile"] for t in r["profile"]["top"])
     recorder.close()
+
+
+@pytest.mark.expensive
+def test_the_example_prints_the_sampled_functions_of_the_regressed_stage(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "profile_regression.py"),
+            "--recorder",
+            str(tmp_path / "r.sqlite"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "sampled scoring/infer:" in done.stdout
+    sampled = done.stdout.split("sampled scoring/infer:", 1)[1].split("flight recorder:", 1)[0]
+    assert "renormalise (" in sampled  # the costly step, in the stage or the model's stacks
+    assert "sampled for" in done.stdout  # inferscope status, under the regression

@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..detector import Regression
@@ -245,6 +245,16 @@ class StackSampler:
     # --- the thread --------------------------------------------------------------------------
 
     def _run(self, stop: threading.Event) -> None:
+        # While it samples, the GIL's switch interval is the drainer's short one: a thread that
+        # holds the GIL hands it over within 0.5 ms instead of 5, so that a sample shows where that
+        # thread is at the tick, not where it next waits (a 0.3 ms stage between two waits would
+        # otherwise never be seen).
+        from .._pipeline import _short_switch_interval
+
+        with _short_switch_interval():
+            self._sample_until_done(stop)
+
+    def _sample_until_done(self, stop: threading.Event) -> None:
         from .._runtime import RUNTIME
 
         targets: list[_Target] = []
@@ -367,17 +377,18 @@ class StackSampler:
         if found is _NOTHING:
             if len(self._codes) >= _CODE_CACHE_LIMIT:
                 self._codes.clear()
-            found = self._codes[code] = self._analyse(code, frame.f_globals)
+            found = self._codes[code] = self._analyse(code, frame)
         return found  # type: ignore[no-any-return]
 
-    def _analyse(self, code: CodeType, namespace: Mapping[str, Any]) -> _CodeInfo | None:
+    def _analyse(self, code: CodeType, frame: FrameType) -> _CodeInfo | None:
+        namespace = frame.f_globals
         if code.co_filename in _TRACKING_FILES:
             if code.co_name in ("staged", "async_staged"):
                 return _CodeInfo(wrapper="stage_obj")
             if code.co_name == "tracked" and "key" in (*code.co_freevars, *code.co_varnames):
                 return _CodeInfo(wrapper="key")
             return None
-        model = _tracked_model(code, namespace)
+        model = _tracked_model(code, frame)
         blocks = self._blocks(code, namespace) if self._may_open_stages(code, namespace) else ()
         if model is None and not blocks:
             return None
@@ -556,19 +567,35 @@ def _model_of_key(key: object) -> str | None:
     return info.model if info.kind == "inference" else None
 
 
-def _tracked_model(code: CodeType, namespace: Mapping[str, Any]) -> str | None:
+def _tracked_model(code: CodeType, frame: FrameType) -> str | None:
     """The model of the tracked function whose code is ``code``, found in its module by its
-    qualified name; None when it is not one (or cannot be found)."""
-    qualname = getattr(code, "co_qualname", code.co_name)
-    if "<" in qualname:
+    qualified name (on Python 3.10, which has none, by its name in the module or in the class of
+    its ``self`` or ``cls``); None when it is not one (or cannot be found)."""
+    qualname = getattr(code, "co_qualname", None)
+    if qualname is None:
+        candidates = [frame.f_globals.get(code.co_name)]
+        if code.co_argcount and code.co_varnames[0] in ("self", "cls"):
+            first = _local(frame, code.co_varnames[0])
+            owner = first if isinstance(first, type) else type(first)
+            candidates += [klass.__dict__.get(code.co_name) for klass in owner.__mro__]
+    elif "<" in qualname:
         return None
-    parts = qualname.split(".")
-    value = namespace.get(parts[0])
-    for part in parts[1:]:
-        value = inspect.getattr_static(value, part, None)
+    else:
+        parts = qualname.split(".")
+        value = frame.f_globals.get(parts[0])
+        for part in parts[1:]:
+            value = inspect.getattr_static(value, part, None)
+        candidates = [value]
+    for candidate in candidates:
+        model = _model_of_tracked(candidate, code)
+        if model is not None:
+            return model
+    return None
+
+
+def _model_of_tracked(value: Any, code: CodeType) -> str | None:
     if isinstance(value, (staticmethod, classmethod)):
         value = value.__func__
-    value = cast(Any, value)
     if value is None or getattr(getattr(value, "__wrapped__", None), "__code__", None) is not code:
         return None
     try:

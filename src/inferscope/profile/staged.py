@@ -79,7 +79,9 @@ class StageProfile:
     """The profile of one stage path (or of the whole call, or of the code outside stages)."""
 
     stage: str
+    #: How often the stage was entered (calls, for the whole call).
     entries: int
+    #: Cumulative seconds of the functions the stage's own code called while it was open.
     seconds: float
     top: tuple[FunctionCost, ...]
     stats: pstats.Stats = field(repr=False, compare=False)
@@ -125,7 +127,7 @@ class ProfileRun:
             )
             lines.append(
                 f"{what}: {profile.entries} entr{'y' if profile.entries == 1 else 'ies'}, "
-                f"{profile.seconds * 1e3:.3f} ms profiled"
+                f"{profile.seconds * 1e3:.3f} ms in the calls it made"
             )
             lines.append(
                 f"  {'ncalls':>10} {'tottime ms':>11} {'cumtime ms':>11}  function (top by cumulative time)"
@@ -350,7 +352,13 @@ def _summarise(
         if not _own(filename_, name, callers)
     ]
     costs.sort(key=lambda f: (-f.cumtime, -f.tottime, f.name))
-    seconds = float(stats.total_tt)  # type: ignore[attr-defined]
+    # The time of the calls made while the profile was on: the cumulative time of the functions
+    # called from the stage's own code (its own lines are not a call the profiler sees).
+    seconds = sum(
+        ct
+        for (filename_, _, name), (_, _, _, ct, callers) in raw.items()
+        if not _own(filename_, name) and not any(not _own(f, n) for f, _, n in callers)
+    )
     return StageProfile(label, entries, seconds, tuple(costs[:top]), stats, path)
 
 
