@@ -36,12 +36,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 COMMAND = Command(
     name="assets",
-    help="write the Prometheus rules and their tests, Kubernetes manifests and collector configurations",
+    help="write the Prometheus rules and their tests, Grafana dashboards, Kubernetes manifests and "
+    "collector configurations",
     description="Write what operators deploy beside inferscope, generated from its metric specification: "
     "Prometheus recording and alert rules with their promtool unit tests (prometheus/), a "
     "PrometheusRule and a PodMonitor for the Prometheus operator (kubernetes/), and configurations "
-    "for a rotel agent and an OpenTelemetry Collector gateway (collectors/). docs/alerts.md and "
-    "docs/deploy.md explain them.",
+    "for a rotel agent and an OpenTelemetry Collector gateway (collectors/), and Grafana dashboards "
+    "(grafana/). docs/alerts.md, docs/deploy.md and docs/dashboards.md explain them.",
     add_arguments=_add_arguments,
     run=_run,
 )
