@@ -16,9 +16,11 @@ the panels that ``dashboards.OPTIONAL_PANELS`` declares (GPU panels on a CPU mac
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
+import select
 import subprocess
 import sys
 import time
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.expensive]
 
 SERVICE = Path(__file__).parent / "dashboard_service.py"
+START_TIMEOUT_S = 60
 PROMTOOL = "/usr/bin/promtool"
 #: The resolution of the backfilled week: Grafana's $__rate_interval is four of it at least.
 STEP_S = 600
@@ -54,21 +57,25 @@ _CUMULATIVE = re.compile(r"(_total|_bucket|_count|_sum)$")
 
 
 @pytest.fixture
-def service() -> Iterator[int]:
+def service(tmp_path: Path) -> Iterator[int]:
     """The port of a running dashboard_service.py."""
-    process = subprocess.Popen(
-        [sys.executable, str(SERVICE)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    errors = tmp_path / "service-stderr.txt"
+    with errors.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(SERVICE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     try:
         assert process.stdout is not None and process.stdin is not None
-        line = process.stdout.readline()
+        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
+        line = process.stdout.readline() if ready else ""
         if not line.strip().isdigit():
             process.kill()
-            pytest.fail(f"the service did not start: {line}{process.communicate(timeout=30)[1]}")
+            process.wait(10)
+            pytest.fail(f"the service did not start: {line}{errors.read_text()}")
         yield int(line)
     finally:
         if process.poll() is None:
@@ -269,6 +276,12 @@ def test_every_dashboard_query_returns_data_from_a_week_of_inferscope_metrics(
     unexpected = {title: where for title, where in empty.items() if title not in dashboards.OPTIONAL_PANELS}
     assert unexpected == {}, f"these panels' queries returned nothing: {unexpected}"
     print("empty here, as declared:", {title: dashboards.OPTIONAL_PANELS[title] for title in empty})
+
+    # The same run finds a query that matches nothing: a version that does not exist.
+    broken = copy.deepcopy(shipped[f"{dashboards.OVERVIEW_UID}.json"])
+    [throughput] = [p for p in panels(broken) if p["title"] == "Throughput"]
+    throughput["targets"][0]["expr"] = throughput["targets"][0]["expr"].replace('"$version"', '"no-such"')
+    assert run_queries(broken, prometheus, now_s)[("Throughput", "A")] == 0
 
     # The week-over-week p95 compares two real hours: the daily swing leaves the p95 alone.
     overview = shipped[f"{dashboards.OVERVIEW_UID}.json"]
