@@ -369,7 +369,6 @@ def _stage_panels() -> list[Panel]:
                 Query(off_cpu, f"{_legend(STAGE)} off CPU"),
             ),
             unit="s",
-            stacked=True,
         ),
         Panel(
             "timeseries",
@@ -686,7 +685,9 @@ def _build(
                 if query.legend:
                     target = target.legend_format(query.legend)
                 if query.instant:
-                    target = target.instant().format(PromQueryFormat.TABLE)
+                    target = target.instant()
+                if panel.kind == "table":
+                    target = target.format(PromQueryFormat.TABLE)
                 if query.exemplar:
                     target = target.exemplar(True)
                 if query.heatmap:
@@ -713,6 +714,10 @@ def _build(
                 )
                 if panel.stacked:
                     kind = kind.stacking(StackingConfig().mode(common.StackingMode.NORMAL)).fill_opacity(30)
+            elif panel.kind == "table":
+                # One row per series: its labels and the value, without the evaluation time.
+                hide_time = {"excludeByName": {"Time": True}, "renameByName": {"Value": "value"}}
+                kind = kind.with_transformation(model.DataTransformerConfig("organize", options=hide_time))
             elif panel.kind == "heatmap":
                 kind = kind.calculate(False).y_axis(heatmap.YAxisConfig().unit(panel.unit))
             built.append(kind)
