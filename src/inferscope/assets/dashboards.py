@@ -41,8 +41,8 @@ __all__ = [
     "render",
 ]
 
-#: The Grafana release whose dashboard schema the SDK build in the lint/test dependency group, and
-#: the @grafana/schema package the validation type-checks against, both follow.
+#: The Grafana release whose dashboard schema both the SDK build pinned in the test dependency group
+#: and the @grafana/schema package that tests/test_dashboards.py type-checks against follow.
 GRAFANA_RELEASE = "11.6.0"
 
 OVERVIEW_UID = "inferscope-overview"
