@@ -14,10 +14,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import fields, replace
 
 import pytest
 
 from inferscope.aggregate import Histogram
+from inferscope.history import HistoryStore
 from inferscope.recorder import (
     FlightRecorder,
     histogram_from_blob,
@@ -270,6 +272,64 @@ def test_old_windows_fold_into_hourly_rollups(tmp_path) -> None:
     recorder.rollup_retention_seconds = 86400.0
     recorder.maintain(now_unix=now)
     assert recorder.key_windows("fraud", hourly=True) == []
+    recorder.close()
+
+
+def test_old_process_windows_fold_into_hourly_rollups_that_the_history_reads(tmp_path) -> None:
+    # Months of RSS are what shows a slow leak: the process's figures outlive the per-minute windows.
+    recorder = FlightRecorder(tmp_path / "r.sqlite", window_retention_seconds=86400.0)
+    now = 1_800_000_000.0
+    hour = (now - 2 * 86400) // 3600 * 3600
+    every = {f.name for f in fields(ProcessWindow)}
+
+    def window(minute: int, pid: int, rss: float) -> Window:
+        w = _window(hour + 60 * minute)
+        process = replace(
+            w.process,
+            rss_bytes=rss,
+            py_heap_bytes=rss / 2,
+            canary_wait_seconds=1e-4 * minute,
+            cpu_pressure=0.1,
+            steal_fraction=0.0,
+            throttled_seconds=0.5,
+            cpu_model="Test CPU",
+            cpu_count=2.0,
+            cpu_quota_cores=1.5,
+            records_dropped=1,
+            inference_cpu_seconds=1.0,
+            run_queue_seconds=0.25,
+        )
+        assert {f.name for f in fields(ProcessWindow) if getattr(process, f.name) is None} == set()
+        return replace(w, process=process)
+
+    # Two workers; the rollup is folded in two passes (maintenance runs as the hour ages).
+    for minute in (1, 2, 3):
+        recorder.save_window(window(minute, 0, 100e6 + minute * 1e6), pid=11)
+        recorder.save_window(window(minute, 0, 300e6 + minute * 1e6), pid=12)
+    assert recorder.maintain(now_unix=now)
+    for minute in (4, 5):
+        recorder.save_window(window(minute, 0, 100e6 + minute * 1e6), pid=11)
+    assert recorder.maintain(now_unix=now)
+    assert recorder.process_windows() == []
+    (rollup,) = recorder.process_windows(hourly=True)
+    assert (rollup.start_unix, rollup.end_unix, rollup.host, rollup.pid) == (hour, hour + 3600, "", 0)
+    folded = rollup.window
+    # Each worker's last RSS in the hour, averaged: 105 MB (pid 11 at minute 5) and 303 MB (pid 12).
+    assert folded.rss_bytes == pytest.approx((105e6 + 303e6) / 2, rel=0.02)
+    assert folded.process_cpu_seconds == pytest.approx(8 * 1.5)
+    assert folded.canary_runs == 8 * 120 and folded.records_dropped == 8
+    assert folded.run_queue_seconds == pytest.approx(8 * 0.25)
+    assert folded.cpu_pressure == pytest.approx(0.1)
+    assert 1e-4 <= folded.canary_wait_seconds <= 5e-4
+    assert (folded.cpu_model, folded.cpu_quota_cores, folded.fingerprint) == ("Test CPU", 1.5, "abcd")
+    assert {name for name in every if getattr(folded, name) is None} == set()
+    # The history's hourly windows carry them, as the report reads months.
+    (read,) = HistoryStore(recorder).windows("svc", "fraud", hourly=True)
+    assert read.process == folded
+    # Rollups past their own retention go.
+    recorder.rollup_retention_seconds = 86400.0
+    recorder.maintain(now_unix=now)
+    assert recorder.process_windows(hourly=True) == []
     recorder.close()
 
 

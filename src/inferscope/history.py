@@ -107,7 +107,8 @@ class HistoryStore:
         hourly: bool = False,
     ) -> list[Window]:
         """The stored windows of ``model`` whose ends fall in [since, until], oldest first: one
-        Window per process and window, with that process's figures (none for hourly rollups)."""
+        Window per process and window, with that process's figures (for hourly rollups, one per
+        hour with the figures of all processes together)."""
         recorder = self.recorder
         if recorder is None:
             return []
@@ -116,19 +117,24 @@ class HistoryStore:
         )
         if not rows:
             return []
-        processes: dict[tuple[float, float, str, int], ProcessWindow] = {}
-        if not hourly:
-            for p in recorder.process_windows(
-                service=service, since_unix=rows[0].end_unix, until_unix=rows[-1].end_unix
-            ):
-                processes[(p.start_unix, p.end_unix, p.host, p.pid)] = p.window
+        processes: dict[tuple[str, float, float, str, int], ProcessWindow] = {}
+        for p in recorder.process_windows(
+            service=service, since_unix=rows[0].end_unix, until_unix=rows[-1].end_unix, hourly=hourly
+        ):
+            processes[(p.service, p.start_unix, p.end_unix, p.host, p.pid)] = p.window
         grouped: dict[tuple[str, float, float, str, int], list[KeyWindow]] = {}
         for row in rows:
             grouped.setdefault((row.service, row.start_unix, row.end_unix, row.host, row.pid), []).append(
                 row.window
             )
         return [
-            Window(service_, start, end, processes.get((start, end, host, pid), ProcessWindow()), tuple(keys))
+            Window(
+                service_,
+                start,
+                end,
+                processes.get((service_, start, end, host, pid), ProcessWindow()),
+                tuple(keys),
+            )
             for (service_, start, end, host, pid), keys in grouped.items()
         ]
 

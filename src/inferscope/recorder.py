@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -102,6 +102,12 @@ CREATE TABLE IF NOT EXISTS rollups (
     process_cpu_seconds REAL, size_sum REAL NOT NULL, size_count INTEGER NOT NULL,
     duration TEXT NOT NULL, counters TEXT NOT NULL,
     PRIMARY KEY (service, model, version, stage, hour_unix)
+);
+-- The process windows of an hour, all processes together (_fold_processes). A new table leaves the
+-- file readable by an inferscope that predates it.
+CREATE TABLE IF NOT EXISTS process_rollups (
+    service TEXT NOT NULL, hour_unix REAL NOT NULL, windows INTEGER NOT NULL, figures TEXT NOT NULL,
+    PRIMARY KEY (service, hour_unix)
 );
 CREATE TABLE IF NOT EXISTS fingerprints (
     fingerprint TEXT PRIMARY KEY,
@@ -588,14 +594,23 @@ class FlightRecorder:
         until_unix: float | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        hourly: bool = False,
     ) -> list[RecordedProcessWindow]:
-        """Stored process windows, oldest first; the same filters as ``key_windows``."""
+        """Stored process windows, oldest first; the same filters as ``key_windows``. ``hourly``
+        reads the hourly rollups (host ``""`` and pid 0: all processes together; RSS and the
+        Python heap are the mean over the processes of each one's last figure in the hour)."""
+        end = f"hour_unix + {_HOUR}" if hourly else "end_unix"
         where, args = _where(
-            ("service = ?", service), ("end_unix >= ?", since_unix), ("end_unix <= ?", until_unix)
+            ("service = ?", service), (f"{end} >= ?", since_unix), (f"{end} <= ?", until_unix)
+        )
+        columns = (
+            f"service, hour_unix, {end}, '', 0, figures"
+            if hourly
+            else "service, start_unix, end_unix, host, pid, figures"
         )
         sql = (
-            "SELECT service, start_unix, end_unix, host, pid, figures FROM process_windows "
-            f"{where} ORDER BY end_unix {'DESC' if newest_first else 'ASC'}" + _limit(limit, args)
+            f"SELECT {columns} FROM {'process_rollups' if hourly else 'process_windows'} "
+            f"{where} ORDER BY {end} {'DESC' if newest_first else 'ASC'}" + _limit(limit, args)
         )
         known = {f.name for f in fields(ProcessWindow)}
         result = []
@@ -854,12 +869,54 @@ class FlightRecorder:
             self._roll_up(connection, cutoff)
             connection.execute("DELETE FROM windows WHERE end_unix < ?", (cutoff,))
             connection.execute("DELETE FROM process_windows WHERE end_unix < ?", (cutoff,))
-            connection.execute(
-                "DELETE FROM rollups WHERE hour_unix < ?", (now_unix - self.rollup_retention_seconds,)
-            )
+            for table in ("rollups", "process_rollups"):
+                connection.execute(
+                    f"DELETE FROM {table} WHERE hour_unix < ?", (now_unix - self.rollup_retention_seconds,)
+                )
         self._bound_size(connection)
 
     def _roll_up(self, connection: sqlite3.Connection, cutoff: float) -> None:
+        self._roll_up_keys(connection, cutoff)
+        self._roll_up_processes(connection, cutoff)
+
+    def _roll_up_processes(self, connection: sqlite3.Connection, cutoff: float) -> None:
+        rows = connection.execute(
+            "SELECT service, start_unix, end_unix, host, pid, figures FROM process_windows "
+            "WHERE end_unix < ? ORDER BY end_unix",
+            (cutoff,),
+        ).fetchall()
+        known = {f.name for f in fields(ProcessWindow)}
+        hours: dict[tuple[str, float], list[tuple[str, int, float, ProcessWindow]]] = {}
+        for service, start, end, host, pid, figures in rows:
+            hour = math.floor((end - 1e-6) / _HOUR) * _HOUR
+            window = ProcessWindow(**{k: v for k, v in json.loads(figures).items() if k in known})
+            hours.setdefault((service, hour), []).append((f"{host}:{pid}", 1, end - start, window))
+        folded = []
+        for ident, windows in hours.items():
+            existing = connection.execute(
+                "SELECT windows, figures FROM process_rollups WHERE service = ? AND hour_unix = ?", ident
+            ).fetchone()
+            if existing is not None:
+                # Folded by an earlier pass: it stands for its windows, before these ones, and each
+                # process's last memory figures stand for that process.
+                stored = json.loads(existing[1])
+                values = {k: v for k, v in stored.items() if k in known and k not in _PER_PROCESS}
+                earlier = [
+                    (process, 0, 0.0, ProcessWindow(**{name: stored["by_process"][name].get(process)}))
+                    for name in _PER_PROCESS
+                    for process in stored.get("by_process", {}).get(name, {})
+                ]
+                windows[:0] = [("", int(existing[0]), float(existing[0]), ProcessWindow(**values)), *earlier]
+            figures, by_process = _fold_processes(windows)
+            count = sum(n for _, n, _, _ in windows)
+            folded.append((*ident, count, _dumps(asdict(figures) | {"by_process": by_process})))
+        connection.executemany(
+            "INSERT OR REPLACE INTO process_rollups (service, hour_unix, windows, figures) "
+            "VALUES (?, ?, ?, ?)",
+            folded,
+        )
+
+    def _roll_up_keys(self, connection: sqlite3.Connection, cutoff: float) -> None:
         rows = connection.execute(
             "SELECT service, model, version, stage, end_unix, fingerprint, count, errors, wall_seconds, "
             "cpu_seconds, cpu_wall_seconds, process_cpu_seconds, size_sum, size_count, duration, counters "
@@ -920,6 +977,7 @@ class FlightRecorder:
             ("windows", "end_unix"),
             ("process_windows", "end_unix"),
             ("rollups", "hour_unix"),
+            ("process_rollups", "hour_unix"),
         ):
             while _used_bytes(connection) > self.max_bytes:
                 with _transaction(connection):
@@ -935,6 +993,72 @@ class FlightRecorder:
         # executescript runs it to completion; execute() would free one page per call.
         connection.executescript("PRAGMA incremental_vacuum;")
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+#: The figures of a process's own memory, folded per process (its last figure in the hour).
+_PER_PROCESS = ("rss_bytes", "py_heap_bytes")
+
+
+def _fold_processes(
+    windows: Sequence[tuple[str, int, float, ProcessWindow]],
+) -> tuple[ProcessWindow, dict[str, dict[str, float]]]:
+    """One hour's process windows as one: (process, windows it stands for, seconds, figures), in
+    time order. Times and counts add up; RSS and the Python heap are the mean over the processes
+    of each one's last figure (returned too, per process); the canary's figures are medians, the
+    host's fractions means over time, and where it ran is the last window's."""
+
+    def total(name: str) -> float | None:
+        values = [getattr(w, name) for _, _, _, w in windows if getattr(w, name) is not None]
+        return sum(values) if values else None
+
+    def median(name: str) -> float | None:
+        weighted = sorted((getattr(w, name), n) for _, n, _, w in windows if getattr(w, name) is not None)
+        half, seen = sum(n for _, n in weighted) / 2.0, 0
+        for value, n in weighted:
+            seen += n
+            if seen >= half:
+                return float(value)
+        return None
+
+    def mean(name: str) -> float | None:
+        timed = [(getattr(w, name), t) for _, _, t, w in windows if getattr(w, name) is not None]
+        seconds = sum(t for _, t in timed)
+        return sum(v * t for v, t in timed) / seconds if timed and seconds > 0 else None
+
+    by_process = {
+        name: {process: getattr(w, name) for process, _, _, w in windows if getattr(w, name) is not None}
+        for name in _PER_PROCESS
+    }
+
+    def per_process_last(name: str) -> float | None:
+        last = by_process[name]
+        return sum(last.values()) / len(last) if last else None
+
+    def latest(name: str) -> Any:
+        return next(
+            (getattr(w, name) for _, _, _, w in reversed(windows) if getattr(w, name) is not None), None
+        )
+
+    folded = ProcessWindow(
+        rss_bytes=per_process_last("rss_bytes"),
+        py_heap_bytes=per_process_last("py_heap_bytes"),
+        process_cpu_seconds=total("process_cpu_seconds"),
+        canary_wall_seconds=median("canary_wall_seconds"),
+        canary_cpu_seconds=median("canary_cpu_seconds"),
+        canary_runs=int(total("canary_runs") or 0),
+        steal_fraction=mean("steal_fraction"),
+        throttled_seconds=total("throttled_seconds"),
+        cpu_pressure=mean("cpu_pressure"),
+        cpu_model=latest("cpu_model"),
+        cpu_count=latest("cpu_count"),
+        cpu_quota_cores=latest("cpu_quota_cores"),
+        fingerprint=latest("fingerprint"),
+        records_dropped=int(total("records_dropped") or 0),
+        inference_cpu_seconds=total("inference_cpu_seconds"),
+        run_queue_seconds=total("run_queue_seconds"),
+        canary_wait_seconds=median("canary_wait_seconds"),
+    )
+    return folded, by_process
 
 
 def _where(*conditions: tuple[str, object]) -> tuple[str, list[Any]]:
