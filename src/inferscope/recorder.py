@@ -10,8 +10,8 @@ integers. A model's whole inference has the stage ``None``; in the tables, a mis
 stage is stored as ``''`` so that keys compare as equal (SQL ``NULL`` never equals itself).
 
 Per-minute windows are kept for ``window_retention_seconds`` (7 days by default); older ones are
-folded into hourly rollups (per service, model, version and stage, all processes together), kept
-for ``rollup_retention_seconds`` (90 days). Past ``max_bytes``, the oldest windows go first, then
+folded into hourly rollups (per service, model, version and stage, all processes together; the
+process windows per service and hour), kept for ``rollup_retention_seconds`` (90 days). Past ``max_bytes``, the oldest windows go first, then
 the oldest rollups.
 
 Failures never reach the caller: a full disk, a read-only directory or a file locked for longer
