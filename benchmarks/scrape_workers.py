@@ -1,7 +1,7 @@
 """One scrape of a pre-fork server: 8 workers x 200 keys, inferscope against prometheus_client.
 
-    python3 benchmarks/scrape_workers.py            # ~30 s
-    python3 benchmarks/scrape_workers.py --quick    # ~10 s
+    python3 benchmarks/scrape_workers.py            # ~40 s
+    python3 benchmarks/scrape_workers.py --quick    # ~15 s
 
 inferscope (``multiprocess=True``): 8 workers' publications, each of 200 inference keys with a
 duration and a CPU-time histogram, lie in a server directory; one scrape reads and merges them and
@@ -18,9 +18,7 @@ figure to watch; below 1 inferscope is faster. Also the size of what each keeps 
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -115,15 +114,15 @@ def _median_seconds(scrape: object, repeat: int) -> float:
         start = time.perf_counter()
         scrape()  # type: ignore[operator]
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return _common.median(samples)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer calls and repetitions")
-    args = parser.parse_args()
+    args = _common.base_parser(__doc__.splitlines()[0]).parse_args()
     calls_per_key = 20 if args.quick else 100
     repeat = 5 if args.quick else 15
+    load = _common.MachineLoad()
+    _common.progress("scrape_workers.py: writing 8 workers' data for each side")
 
     with tempfile.TemporaryDirectory() as ours, tempfile.TemporaryDirectory() as theirs:
         ours_bytes = _publish_inferscope(Path(ours), calls_per_key)
@@ -153,6 +152,22 @@ def main() -> None:
     print(f"  prometheus_client multiprocess {peer_s * 1e3:7.1f} ms  ({len(peer_text):,} bytes; "
           f"files {theirs_bytes / 1024:,.0f} KiB)")  # fmt: skip
     print(f"  ratio inferscope / prometheus_client: {inferscope_s / peer_s:.2f}")
+    machine = load.summary()
+    print(_common.load_line(machine))
+    _common.write_json(
+        args.json,
+        {
+            "workers": WORKERS,
+            "keys": KEYS,
+            "calls_per_key": calls_per_key,
+            "inferscope_scrape_seconds": inferscope_s,
+            "prometheus_client_scrape_seconds": peer_s,
+            "ratio": inferscope_s / peer_s,
+            "inferscope_bytes": len(inferscope_text),
+            "prometheus_client_bytes": len(peer_text),
+            "machine_load": machine,
+        },
+    )
 
 
 if __name__ == "__main__":
