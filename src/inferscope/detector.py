@@ -1542,6 +1542,8 @@ class Detector:
         }
         if moved:
             evidence["candidates"]["contention"] = "held, but machine_change comes first"
+        else:
+            evidence["candidates"]["machine_change"] = "same CPU model, CPU count and quota as the anchor"
         evidence["candidates"]["memory_growth"] = "not a memory figure"
         first = self._wait_level(span[: max(1, len(span) // 3)])
         shape = "step" if first is not None and first - ref >= 0.5 * rise else "trend"
