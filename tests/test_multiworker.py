@@ -272,6 +272,7 @@ def test_forked_workers_are_merged_with_recycled_and_killed_ones(tmp_path: Path)
     assert set(report["slots"]) <= {"0", "1", "2"}
     assert len(report["slots"]) == 4
     assert "retired.data" in report["files"]
+    assert "reaper.lock" in report["files"]  # held by the reaper while it watches the server
     # Gauges come from live workers only: here the master alone, in its own server's directory.
     assert report["memory_workers"] == [str(report["master_slot"])]
     _assert_quiet(result.stderr)

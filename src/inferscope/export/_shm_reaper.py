@@ -84,8 +84,17 @@ def remove(directory: str) -> None:
         os.rmdir(os.path.dirname(directory))
 
 
+#: Held by the directory's reaper while it runs: a worker that finds it free starts another.
+REAPER_LOCK = "reaper.lock"
+
+
 def main(argv: list[str]) -> int:
     directory, pid, start = argv[0], int(argv[1]), int(argv[2])
+    try:
+        lock = os.open(os.path.join(directory, REAPER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return 0  # another reaper watches the directory, or it is gone already
     idle_since: float | None = None
     while os.path.isdir(directory) and process_start(pid) == start:
         # A server whose workers have all been gone for a while has stopped too, even when the

@@ -59,7 +59,7 @@ from .._records import COUNTER_SLOTS
 from .._selflog import RateLimitedLog, report_error
 from ..aggregate import AggregateView, Histogram, Series
 from . import spec as _spec
-from ._shm_reaper import lock_held, process_start, slot_held
+from ._shm_reaper import REAPER_LOCK, lock_held, process_start, slot_held
 from .traces import ExemplarStore
 
 if TYPE_CHECKING:
@@ -818,12 +818,15 @@ class Publisher:
         try:
             directory.mkdir(mode=0o700)
         except FileExistsError:
-            return
-        # This worker made the server's directory: clean what crashed servers left, and start the
-        # reaper that deletes this one after the server is gone.
-        sweep_stale_servers(directory.parent)
+            pass
+        else:
+            # This worker made the server's directory: clean what crashed servers left first.
+            sweep_stale_servers(directory.parent)
+        # The reaper deletes the directory after the server is gone. The worker that made it
+        # starts one; a worker that finds none (its start failed, or it was killed) starts another.
         assert self.server is not None
-        _start_reaper(directory, self.server)
+        if not lock_held(str(directory / REAPER_LOCK)):
+            _start_reaper(directory, self.server)
 
     def _retire(self, directory: Path, slot: int) -> None:
         """Fold the last publication of the slot's dead owner into ``retired.data``."""
