@@ -21,6 +21,7 @@ from inferscope.compare import (
     framework_of,
     load,
     report_section,
+    section_html,
 )
 from inferscope.compare._memory import peak_rss_since_reset, reset_peak_rss, rss_bytes
 from inferscope.compare._run import _machine_warnings, check_outputs
@@ -138,6 +139,17 @@ def test_a_model_the_converter_cannot_convert_is_listed_with_the_reason():
     assert onnx.status == "unavailable"
     assert "skl2onnx cannot convert" in (onnx.reason or "")
     assert result.best == "sklearn"
+
+
+def test_a_converter_that_is_not_installed_is_named_with_how_to_install_it(monkeypatch):
+    x, _ = data(1)
+    pipe = sklearn_pipeline()
+    monkeypatch.setitem(sys.modules, "skl2onnx", None)  # what `import skl2onnx` meets when it is absent
+    result = compare(pipe, x, **QUICK)
+    onnx = result.variant("onnxruntime")
+    assert onnx.status == "unavailable" and onnx.calls == 0
+    assert "needs skl2onnx, which is not installed (pip install skl2onnx)" in (onnx.reason or "")
+    assert result.variant("sklearn").status == "ok" and result.best == "sklearn"
 
 
 def test_a_baseline_that_raises_runs_nothing_else():
@@ -342,6 +354,11 @@ def test_the_result_round_trips_through_json_and_renders_as_a_section(tmp_path):
     assert all(v.name in table for v in result.variants) and "rtol=0.0001" in table
     with pytest.raises(ValueError, match="not an inferscope compare result"):
         CompareResult.from_dict({"kind": "something else"})
+    # As HTML, every text escaped: a note may quote a library's message.
+    result.variants[1].notes.append("<script>alert(1)</script> & more")
+    page = section_html(result)
+    assert page.count("<tr>") == len(result.variants) + 1 and "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page
 
 
 def test_a_load_above_the_usable_cpus_is_a_warning_of_the_result():

@@ -12,7 +12,7 @@ whose speed-up holds at the confidence level. See docs/compare.md::
     result.best, result.variant("onnxruntime").speedup
 
 The result is also JSON (``result.to_json()``, :func:`load`) and a report section
-(:func:`report_section`).
+(:func:`report_section`, or :func:`section_html` for a page rendered on the server).
 """
 
 from ._result import (
@@ -23,6 +23,7 @@ from ._result import (
     VariantResult,
     load,
     report_section,
+    section_html,
 )
 from ._run import compare
 from ._variants import FRAMEWORKS, framework_of
@@ -38,4 +39,5 @@ __all__ = [
     "framework_of",
     "load",
     "report_section",
+    "section_html",
 ]

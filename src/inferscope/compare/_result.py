@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,7 @@ __all__ = [
     "VariantResult",
     "load",
     "report_section",
+    "section_html",
 ]
 
 #: The version of the JSON that ``CompareResult.to_dict()`` writes and :func:`load` reads.
@@ -282,3 +284,18 @@ def report_section(result: CompareResult | Mapping[str, Any]) -> dict[str, Any]:
         "best": result.best,
         "baseline": result.baseline.name,
     }
+
+
+def section_html(result: CompareResult | Mapping[str, Any]) -> str:
+    """:func:`report_section` as an HTML fragment (a heading, a table, the notes), every text
+    escaped: for a page rendered on the server rather than from the section's JSON."""
+    section = report_section(result)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in section["columns"])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in section["rows"]
+    )
+    notes = "".join(f"<li>{html.escape(note)}</li>" for note in section["notes"])
+    return (
+        f'<section class="inferscope-compare"><h2>{html.escape(section["title"])}</h2>'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table><ul>{notes}</ul></section>"
+    )
