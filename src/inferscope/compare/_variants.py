@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import io
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,15 +198,13 @@ def _torch_plan(model: Any, inputs: Sequence[Any]) -> Plan:
             program = torch.onnx.export(model, args, dynamo=True, verbose=False)
         if program is None:
             raise Unavailable("torch.onnx.export returned no program")
-        buffer = io.BytesIO()
-        buffer.write(program.model_proto.SerializeToString())
         providers: tuple[str, ...] = ("CPUExecutionProvider",)
         if device.type == "cuda":
             ort = _require("onnxruntime", "the onnxruntime variant")
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise Unavailable("the model is on CUDA and this onnxruntime has no CUDAExecutionProvider")
             providers = ("CUDAExecutionProvider",)
-        session = _onnx_session(buffer.getvalue(), providers)
+        session = _onnx_session(program.model_proto.SerializeToString(), providers)
         return _onnx_call(session, [a.detach().cpu().numpy() for a in args])
 
     return Plan(
