@@ -91,7 +91,19 @@ def pytest_benchmark_available() -> bool:
 
 
 def pytest_benchmark_pair(units: int, budget: float, max_increase: float, folder: Path) -> str:
-    """pytest-benchmark's outcome of one pair: "pass" or "regression" (its compare-fail)."""
+    """pytest-benchmark's outcome of one pair: "pass" or "regression" (its compare-fail), or
+    "error" when pytest itself failed twice (py-cpuinfo, which it runs at start-up, can fail on
+    a machine out of processes)."""
+    for attempt in range(2):
+        try:
+            return _pytest_benchmark_pair(units, budget, max_increase, folder / str(attempt))
+        except RuntimeError as error:
+            print(f"pytest-benchmark: {str(error).splitlines()[0]}", file=sys.stderr)
+    return "error"
+
+
+def _pytest_benchmark_pair(units: int, budget: float, max_increase: float, folder: Path) -> str:
+    folder.mkdir(parents=True)
     test = folder / "test_work.py"
     test.write_text(textwrap.dedent(_PYTEST_BENCHMARK_TEST.format(here=str(Path(__file__).parent))))
     storage = folder / "storage"
@@ -103,7 +115,7 @@ def pytest_benchmark_pair(units: int, budget: float, max_increase: float, folder
     env = {**os.environ, "GATE_QUALITY_UNITS": str(BASE_UNITS)}
     saved = subprocess.run([*common, "--benchmark-save=base"], env=env, capture_output=True, text=True)
     if saved.returncode != 0:
-        raise RuntimeError(f"pytest-benchmark failed to save its baseline:\n{saved.stdout}{saved.stderr}")
+        raise RuntimeError(f"pytest-benchmark failed to save its baseline (exit {saved.returncode})")
     env["GATE_QUALITY_UNITS"] = str(units)
     compared = subprocess.run(
         [*common, "--benchmark-compare", f"--benchmark-compare-fail=median:{max_increase * 100:g}%"],
@@ -112,7 +124,7 @@ def pytest_benchmark_pair(units: int, budget: float, max_increase: float, folder
         text=True,
     )
     if compared.returncode not in (0, 1):
-        raise RuntimeError(f"pytest-benchmark's comparison failed:\n{compared.stdout}{compared.stderr}")
+        raise RuntimeError(f"pytest-benchmark's comparison failed (exit {compared.returncode})")
     return "regression" if compared.returncode == 1 else "pass"
 
 
@@ -155,7 +167,6 @@ def main() -> None:
                 seconds.append(measured)
                 if peer:
                     folder = Path(temporary) / f"{index}-{units}"
-                    folder.mkdir()
                     outcomes[kind]["pytest-benchmark"].append(
                         pytest_benchmark_pair(units, args.budget, args.max_increase, folder)
                     )
@@ -195,6 +206,13 @@ def main() -> None:
             "slowed passed (missed)",
             _rate(slow["inferscope"].count("pass"), n),
             _rate(slow["pytest-benchmark"].count("pass"), n) if peer else "-",
+        ),
+        (
+            "pytest-benchmark runs that failed to run",
+            "-",
+            _rate(aa["pytest-benchmark"].count("error") + slow["pytest-benchmark"].count("error"), 2 * n)
+            if peer
+            else "-",
         ),
     ]
     print()
