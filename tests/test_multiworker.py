@@ -8,6 +8,7 @@ uvicorn servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -376,6 +377,80 @@ def test_one_worker_serves_everyone_and_a_sibling_takes_over_when_it_dies(tmp_pa
         _, stderr = process.communicate("", timeout=60)
     # The worker that stood by was never in error.
     _assert_quiet(stderr)
+
+
+_MASTER = r"""
+import os, sys, time
+from pathlib import Path
+
+import inferscope
+
+root, port, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+inferscope.configure(
+    multiprocess=True, multiprocess_dir=root, multiprocess_publish_millis=50,
+    metrics_exporters=["prometheus"], prometheus_port=port, recorder="off", canary=False,
+)
+assert inferscope.prometheus_port() == port  # the master serves its workers
+
+
+@inferscope.track_inference(model="forked")
+def predict(x):
+    return x
+
+
+for n in (30, 50):
+    if os.fork() == 0:  # a worker: stands by for the endpoint that its parent serves
+        for i in range(n):
+            predict(i)
+        (out / str(os.getpid())).write_text(str(n))
+        time.sleep(120)
+        os._exit(0)
+time.sleep(120)
+"""
+
+
+def test_a_master_serves_its_forked_workers_and_a_worker_takes_over_when_it_dies(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    script = tmp_path / "master.py"
+    script.write_text(_MASTER)
+    out = tmp_path / "out"
+    out.mkdir()
+    master = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(port), str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "INFERSCOPE_RECORDER": "off"},
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [int(p.name) for p in out.iterdir()]
+        deadline = time.monotonic() + 30
+        while _scraped_count(port) != 80 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _scraped_count(port) == 80
+
+        master.kill()  # the workers closed their copies of its socket: one of them takes the port
+        master.wait(30)
+        deadline = time.monotonic() + 30
+        while _scraped_count(port) != 80 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _scraped_count(port) == 80
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if master.poll() is None:
+            master.kill()
+        _, stderr = master.communicate(timeout=30)
+    _assert_quiet(stderr)
+    _wait_until_removed(user_root(str(tmp_path)))
 
 
 def test_mounted_apps_serve_this_process_with_openmetrics_negotiation() -> None:

@@ -473,6 +473,12 @@ class Exports:
             policy = self.traces.policy
             RUNTIME.set_tracing(var, span_key, policy.ratio_bound, policy.parent_based)
 
+    def stand_by_for_prometheus(self) -> None:
+        """multiprocess, in a forked worker: serve the shared endpoint once the process that serves
+        it (the parent, or a sibling) stops; the drainer tries, not the fork handler."""
+        self.prometheus_collector = merged_collector(self.settings, self.resource)
+        self._prometheus_standby = True
+
     def _take_over_prometheus(self) -> None:
         """multiprocess: serve the shared endpoint once the worker that served it is gone (called
         by the publisher on the drainer thread). Skipped while configure() or shutdown() runs."""
@@ -929,8 +935,9 @@ def _after_fork_in_child() -> None:
             resource = exports.resource.merge(
                 Resource({"process.pid": os.getpid(), "service.instance.id": str(uuid.uuid4())})
             )
-        # multiprocess: the child stands by to serve the shared endpoint when its server stops.
-        _exports = Exports(settings, serve_prometheus=settings.multiprocess, resource=resource, strict=False)
+        _exports = Exports(settings, serve_prometheus=False, resource=resource, strict=False)
+        if settings.multiprocess and "prometheus" in settings.metrics_exporters:
+            _exports.stand_by_for_prometheus()
         _exports.activate()
         DRAINER.traces = _exports.traces
     except Exception:

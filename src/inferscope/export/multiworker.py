@@ -397,7 +397,11 @@ class Publisher:
                 self.server = ServerId.of(os.getppid())
             self.interval_s = settings.multiprocess_publish_millis / 1e3
             if self._signals is None:
-                self._signals = _published_signals()  # built here, not on the drainer thread
+                try:
+                    self._signals = _published_signals()  # built here, not on the drainer thread
+                except Exception:  # never fails configure(): the counts are published without gauges
+                    self._signals = []
+                    report_error("inferscope: reading this worker's gauges for publication failed")
             self._source = source
             self._exemplars = exemplars
             self.enabled = True
