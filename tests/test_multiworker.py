@@ -526,3 +526,29 @@ def test_gauges_carry_the_worker_slot_and_regression_active_is_the_highest() -> 
 
     assert [(o.value, o.attributes) for o in active.observe()] == [(1.0, {"inferscope.model.name": "m"})]
     assert sorted((o.attributes["worker"], o.value) for o in memory.observe()) == [("0", 100.0), ("3", 300.0)]
+
+
+def test_the_merged_scrape_carries_the_workers_exemplars_in_openmetrics(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    from inferscope.config import Settings
+    from inferscope.export.multiworker import merged_collector
+
+    for slot, (trace_id, seconds) in enumerate([(0xAAA1, 0.004), (0xBBB2, 0.3)]):
+        aggregator = _view([int(seconds * 1e9)], model="ex")
+        exemplars = ExemplarStore()
+        exemplars.add(aggregator.view().series[0].info.key, Exemplar({}, seconds, 10 + slot, 0x51, trace_id))
+        publication = Publication.of_view(
+            aggregator.view(), exemplars=exemplars, slot=slot, generation=str(slot)
+        )
+        (tmp_path / f"slot-{slot}.data").write_bytes(publication.encode())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(merged_collector(Settings(recorder="off"), directories=lambda: [tmp_path]))
+
+    openmetrics = generate_openmetrics(registry).decode()
+    assert f'trace_id="{0xAAA1:032x}"' in openmetrics and f'trace_id="{0xBBB2:032x}"' in openmetrics
+    text = generate_latest(registry).decode()
+    labels = 'inferscope_model_name="ex",inferscope_model_version="1"'
+    assert f"inferscope_inference_duration_seconds_count{{{labels}}} 2.0" in text
+    assert "trace_id" not in text  # the Prometheus text format has no exemplars
