@@ -307,3 +307,68 @@ def test_markup_in_every_name_and_value_of_the_data_is_shown_as_text(browser, ru
     )
     assert any(label.startswith("<img src=x onerror=alert(") for label in legends)
     assert browser.requests() == [url]
+
+
+def test_a_comparison_of_variants_is_a_section_of_the_report(browser, run, tmp_path):
+    # A real comparison (a scikit-learn Pipeline against its ONNX Runtime conversion), saved as
+    # `inferscope compare --output` saves it and added with `inferscope report --compare`.
+    pytest.importorskip("skl2onnx")
+    from inferscope.compare import compare
+
+    from .instrumentation.apps.models import fitted_pipeline
+
+    pipe, x = fitted_pipeline()
+    saved = tmp_path / "compare.json"
+    saved.write_text(compare(pipe, x[:16], seconds=0.2, rounds=4).to_json(), encoding="utf-8")
+    page = tmp_path / "with-compare.html"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inferscope.cli",
+            "report",
+            "--recorder",
+            run.recorder,
+            "--since",
+            "1h",
+            "--compare",
+            str(saved),
+            "-o",
+            str(page),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    browser.open(page.resolve().as_uri())
+    assert browser.errors() == [] and browser.dialogs() == []
+    shown = browser.evaluate(
+        "Array.from(document.querySelectorAll('section.compare tr')).map(function (r) {"
+        "  return Array.from(r.children).map(function (c) { return c.textContent; }); })"
+    )
+    from inferscope.compare import load, report_section
+
+    section = report_section(load(str(saved)))
+    assert shown == [section["columns"], *section["rows"]]
+    # A file that is not a comparison is refused with its name, and nothing is written.
+    saved.write_text("{}", encoding="utf-8")
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inferscope.cli",
+            "report",
+            "--recorder",
+            run.recorder,
+            "--compare",
+            str(saved),
+            "-o",
+            str(tmp_path / "no.html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and str(saved) in refused.stderr
+    assert not (tmp_path / "no.html").exists()

@@ -14,7 +14,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -50,7 +50,9 @@ def _open(path: str) -> Any:
     return recorder if recorder.available else None
 
 
-def _collect(path: str, since_seconds: float, model: str | None) -> dict[str, Any] | None:
+def _collect(
+    path: str, since_seconds: float, model: str | None, compare: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any] | None:
     from ..config import load_settings
     from ..report import collect
 
@@ -58,7 +60,7 @@ def _collect(path: str, since_seconds: float, model: str | None) -> dict[str, An
     if recorder is None:
         return None
     try:
-        return collect(
+        data = collect(
             recorder,
             since_unix=time.time() - since_seconds,
             model=model,
@@ -66,6 +68,26 @@ def _collect(path: str, since_seconds: float, model: str | None) -> dict[str, An
         )
     finally:
         recorder.close()
+    data["compare"] = list(compare)
+    return data
+
+
+def _compare_sections(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The ``inferscope compare --output`` files as report sections; ValueError names a file that
+    cannot be read."""
+    if not paths:
+        return []
+    from ..compare import load, report_section
+
+    sections = []
+    for path in paths:
+        try:
+            sections.append(report_section(load(path)))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"--compare {path}: not a result of inferscope compare --output ({error})"
+            ) from None
+    return sections
 
 
 def _handler(page: Callable[[], tuple[bytes, bytes] | None]) -> type[BaseHTTPRequestHandler]:
@@ -102,6 +124,7 @@ def serve(
     port: int,
     refresh_seconds: float,
     stop: threading.Event,
+    compare: Sequence[Mapping[str, Any]] = (),
 ) -> int:
     """Serve the report on 127.0.0.1:``port`` until ``stop`` is set; the page fetches ``data.json``
     (read from the recorder again, at most once per ``refresh_seconds``) every ``refresh_seconds``."""
@@ -113,7 +136,7 @@ def serve(
     def page() -> tuple[bytes, bytes] | None:
         with lock:
             if time.monotonic() - cache["at"] >= refresh_seconds:
-                data = _collect(path, since_seconds, model)
+                data = _collect(path, since_seconds, model, compare)
                 if data is not None:
                     data["refresh_seconds"] = refresh_seconds
                     cache["page"] = (render_html(data, served=True).encode(), to_json(data).encode())
@@ -148,9 +171,17 @@ def report(
     output: str,
     serve_port: int | None = None,
     refresh_seconds: float = 10.0,
+    compare_paths: Sequence[str] = (),
 ) -> int:
-    """Write the report of the recorder to ``output`` (or serve it); 2 when there is nothing to read."""
+    """Write the report of the recorder to ``output`` (or serve it); 2 when there is nothing to read.
+    ``compare_paths``: results of ``inferscope compare --output``, shown as sections."""
     from ..report import render_html
+
+    try:
+        compare = _compare_sections(compare_paths)
+    except ValueError as error:
+        print(f"inferscope report: {error}", file=sys.stderr)
+        return 2
 
     path = _recorder_path(recorder_path)
     if path is None:
@@ -167,8 +198,9 @@ def report(
             port=serve_port,
             refresh_seconds=refresh_seconds,
             stop=threading.Event(),
+            compare=compare,
         )
-    data = _collect(path, since_seconds, model)
+    data = _collect(path, since_seconds, model, compare)
     if data is None:
         print(f"inferscope report: cannot read a flight recorder at {path}", file=sys.stderr)
         return 2
@@ -207,6 +239,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "the page refreshes from the recorder",
     )
     parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="add the result of `inferscope compare --output FILE` as a section (repeatable)",
+    )
+    parser.add_argument(
         "--refresh",
         type=bounded(float, 1.0, 3600.0),
         default=10.0,
@@ -223,6 +262,7 @@ def _run(args: argparse.Namespace) -> int:
         output=args.output,
         serve_port=args.serve,
         refresh_seconds=args.refresh,
+        compare_paths=args.compare,
     )
 
 

@@ -243,6 +243,27 @@
     document.getElementById("report").appendChild(section);
   }
 
+  function compareSection(compared) {
+    compared.forEach(function (result) {
+      var section = el("section", null, "compare");
+      section.appendChild(el("h2", result.title));
+      var table = el("table", null, "compare-table");
+      var head = el("tr");
+      result.columns.forEach(function (c) { head.appendChild(el("th", c)); });
+      table.appendChild(head);
+      result.rows.forEach(function (cells) {
+        var row = el("tr");
+        cells.forEach(function (c) { row.appendChild(el("td", c)); });
+        table.appendChild(row);
+      });
+      section.appendChild(table);
+      var notes = el("ul");
+      result.notes.forEach(function (n) { notes.appendChild(el("li", n)); });
+      section.appendChild(notes);
+      document.getElementById("report").appendChild(section);
+    });
+  }
+
   function render(data) {
     charts.forEach(function (c) { c.plot.destroy(); });
     charts.length = 0;
@@ -259,6 +280,7 @@
     root.appendChild(summary);
     data.models.forEach(modelSection);
     environmentSection(data.environment);
+    compareSection(data.compare || []);
     document.body.dataset.ready = String(Number(document.body.dataset.ready || 0) + 1);
     // Milliseconds from the start of navigation to the last chart drawn (benchmarks/report.py reads it).
     document.body.dataset.renderedMs = String(Math.round(performance.now()));
