@@ -203,9 +203,9 @@ class Drainer:
                 continue
             next_due = time.monotonic() + self.interval_millis / 1e3
             try:
-                self.drain()
+                aggregated = self.drain()
                 WINDOWS.tick()  # closes a window every window_seconds; never raises
-                PUBLISHER.tick()  # multiprocess: publishes for the shared /metrics; never raises
+                PUBLISHER.tick(aggregated)  # multiprocess: publishes for the shared /metrics; never raises
             except Exception:
                 report_error("inferscope: draining the ring failed")
 

@@ -82,6 +82,9 @@ MAX_SLOTS = 4096
 _FOLDED_REMEMBERED = 8
 #: How long a fold waits for another worker's fold to finish.
 _FOLD_LOCK_TIMEOUT_S = 2.0
+#: An idle worker (nothing aggregated since its last publication) republishes, for its gauges,
+#: once in this many publish intervals.
+_IDLE_INTERVALS = 10
 _REGRESSION_ACTIVE = "inferscope.regression.active"
 WORKER_LABEL = "worker"
 _RETIRED = "retired.data"
@@ -366,6 +369,8 @@ class Publisher:
         self._slot_fd: int | None = None
         self._generation = ""
         self._next_due = 0.0
+        self._refresh_due = 0.0
+        self._aggregated_since = 0
         self._source: Callable[[], AggregateView] | None = None
         self._exemplars: ExemplarStore | None = None
         self._signals: list[_spec.Signal] | None = None
@@ -413,9 +418,13 @@ class Publisher:
             return None
         return self.root / self.server.name
 
-    def tick(self) -> None:
-        """Publish if the interval is due (the drainer calls it after each drain)."""
-        if not self.enabled or time.monotonic() < self._next_due:
+    def tick(self, aggregated: int = 0) -> None:
+        """Publish if the interval is due (the drainer calls it after each drain, with the number
+        of records that drain aggregated). A worker that aggregated nothing since its last
+        publication only refreshes its gauges, every ``_IDLE_INTERVALS`` intervals."""
+        self._aggregated_since += aggregated
+        now = time.monotonic()
+        if not self.enabled or now < self._next_due:
             return
         hook = self.on_tick
         if hook is not None:
@@ -425,6 +434,9 @@ class Publisher:
                 self._log.warning(
                     "inferscope: taking over the shared /metrics endpoint failed", exc_info=True
                 )
+        if not self._aggregated_since and self.slot is not None and now < self._refresh_due:
+            self._next_due = now + self.interval_s
+            return
         self.publish()
 
     def publish(self) -> bool:
@@ -433,6 +445,8 @@ class Publisher:
             if not self.enabled or self._source is None:
                 return False
             self._next_due = time.monotonic() + self.interval_s
+            self._refresh_due = self._next_due + (_IDLE_INTERVALS - 1) * self.interval_s
+            self._aggregated_since = 0
             try:
                 view = self._source()
                 if self.slot is None and not view.series and not any(view.dropped.values()):
@@ -548,7 +562,8 @@ class Publisher:
         # The child's server is the process that forked it: a master that forks its workers.
         self.server = ServerId.of(os.getppid()) if self.enabled else None
         self._signals = None
-        self._next_due = 0.0
+        self._next_due = self._refresh_due = 0.0
+        self._aggregated_since = 0
 
 
 _reapers: list[subprocess.Popen[bytes]] = []
