@@ -1,6 +1,6 @@
 """The regression detector on replayed window streams: false alarms per 30 days, detection rate and delay.
 
-The noise is real: benchmarks/fixtures/detector_windows.json.gz holds segments of one-second
+The noise is real: benchmarks/fixtures/detector_recording.json.gz holds segments of one-second
 windows recorded from the demo service (``inferscope.cli.demo_tax.TaxService``: preprocess, an
 OpenBLAS infer, postprocess; one BLAS thread, ~90 calls/s) serving a steady load at nice 19 on a
 shared 2-core VM, whose neighbours load it heavily for long stretches. A stream is built by
@@ -50,7 +50,10 @@ from inferscope.detector import Detector, DetectorSettings, Regression
 from inferscope.recorder import histogram_from_json, histogram_to_json
 from inferscope.windows import KeyWindow, ProcessWindow, Window
 
-FIXTURE = Path(__file__).with_name("fixtures") / "detector_windows.json.gz"
+#: The long recording the benchmark replays (segments of one-second windows, gzip JSON).
+RECORDING = Path(__file__).with_name("fixtures") / "detector_recording.json.gz"
+#: A short recording (242 one-second windows, JSON) whose stretches tests/test_detector.py replays.
+FIXTURE = Path(__file__).with_name("fixtures") / "detector_windows.json"
 SETTINGS = DetectorSettings()
 BLOCK = 20
 DAY = 86400.0
@@ -97,8 +100,8 @@ def record(seconds: float, pause_seconds: float, append: bool) -> None:
         windows = HistoryStore(FlightRecorder(path)).windows(None, MODEL)
     rows = [_window_to_json(w) for w in windows[2:-1]]  # not the start-up nor the last (partial) ones
     segments = []
-    if append and FIXTURE.exists():
-        with gzip.open(FIXTURE, "rt", encoding="utf-8") as source:
+    if append and RECORDING.exists():
+        with gzip.open(RECORDING, "rt", encoding="utf-8") as source:
             segments = json.load(source)["segments"]
     segments.append(
         {
@@ -110,13 +113,13 @@ def record(seconds: float, pause_seconds: float, append: bool) -> None:
             "windows": rows,
         }
     )
-    FIXTURE.parent.mkdir(exist_ok=True)
-    with gzip.open(FIXTURE, "wt", encoding="utf-8") as out:
+    RECORDING.parent.mkdir(exist_ok=True)
+    with gzip.open(RECORDING, "wt", encoding="utf-8") as out:
         json.dump({"segments": segments}, out, separators=(",", ":"))
     total = sum(len(segment["windows"]) for segment in segments)
     print(
-        f"recorded {len(rows)} windows; the fixture {FIXTURE} holds {total} in {len(segments)} "
-        f"segment(s), {FIXTURE.stat().st_size / 1e6:.2f} MB"
+        f"recorded {len(rows)} windows; {RECORDING} holds {total} in {len(segments)} "
+        f"segment(s), {RECORDING.stat().st_size / 1e6:.2f} MB"
     )
 
 
@@ -143,23 +146,28 @@ def _window_to_json(w: Window) -> dict[str, Any]:
     }
 
 
-def load_fixture(merge: int = 1, path: Path = FIXTURE) -> list[list[dict[str, Any]]]:
-    """The recorded segments (each a list of consecutive windows). With ``merge`` > 1, every
-    ``merge`` consecutive recorded windows become one: the noise of a longer window (more calls in
-    each), and bursts of the neighbours' load stretched ``merge`` times less when each window
-    stands for a minute of the simulated service."""
-    with gzip.open(path, "rt", encoding="utf-8") as source:
-        segments: list[list[dict[str, Any]]] = [s["windows"] for s in json.load(source)["segments"]]
-    for windows in segments:
-        for w in windows:
+def load_fixture(merge: int = 1, path: Path = FIXTURE) -> list[dict[str, Any]]:
+    """The recorded windows of ``path`` (a JSON list of windows, or gzip JSON segments of them),
+    oldest first. With ``merge`` > 1, every ``merge`` consecutive recorded windows of a segment
+    become one: the noise of a longer window (more calls in each), and bursts of the neighbours'
+    load stretched ``merge`` times less when each window stands for a minute of the service."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as source:
+            data = json.load(source)
+    else:
+        data = json.loads(path.read_text())
+    segments: list[dict[str, Any]] = (
+        [segment["windows"] for segment in data["segments"]] if "segments" in data else [data["windows"]]
+    )
+    windows = []
+    for segment in segments:
+        for w in segment:
             for k in w["keys"]:
                 k["duration"] = histogram_from_json(k["duration"])
-    if merge <= 1:
-        return segments
-    return [
-        [_merge(windows[i : i + merge]) for i in range(0, len(windows) - merge + 1, merge)]
-        for windows in segments
-    ]
+        if merge > 1:
+            segment = [_merge(segment[i : i + merge]) for i in range(0, len(segment) - merge + 1, merge)]
+        windows.extend(segment)
+    return windows
 
 
 def _merge(group: list[dict[str, Any]]) -> dict[str, Any]:
@@ -211,14 +219,9 @@ def _scaled(hist: Histogram, factor: float) -> Histogram:
 
 
 class Stream:
-    """A block-resampled stream of the recorded windows, with an optional injection.
+    """A block-resampled stream of the recorded windows, with an optional injection."""
 
-    ``injected`` is the stage whose cost is scaled (None: every stage, and so the whole inference);
-    ``factor_of(index)`` is the factor at window ``index``. When one stage is scaled, the inference
-    grows by what that stage grew in the same window (its wall and CPU), not by the factor.
-    """
-
-    def __init__(self, recorded: list[list[dict[str, Any]]], seed: int) -> None:
+    def __init__(self, recorded: list[dict[str, Any]], seed: int) -> None:
         self.recorded = recorded
         self.rng = random.Random(seed)
         self.start = START
@@ -226,33 +229,49 @@ class Stream:
 
     def _next_recorded(self) -> dict[str, Any]:
         if not self._block:
-            # A block of consecutive windows of one segment, every window equally likely to start it.
-            segment = self.rng.choices(self.recorded, weights=[len(s) for s in self.recorded])[0]
-            first = self.rng.randrange(0, max(1, len(segment) - BLOCK))
-            self._block = list(segment[first : first + BLOCK])
+            first = self.rng.randrange(0, max(1, len(self.recorded) - BLOCK))
+            self._block = list(self.recorded[first : first + BLOCK])
         return self._block.pop(0)
 
-    def window(
-        self, index: int, injected: str | None = None, factor_of: Callable[[int], float] | None = None
-    ) -> Window:
-        """Window ``index`` of the stream, with the injection's factor at that index."""
+    def window(self, index: int, factor_of: Callable[[str | None, int], float] | None = None) -> Window:
+        """Window ``index`` of the stream; ``factor_of(stage, index)`` scales each key's time and CPU."""
         raw = self._next_recorded()
-        start = self.start + index * SETTINGS.window_seconds
-        factor = factor_of(index) if factor_of is not None else 1.0
-        factors = {k["stage"]: factor if injected in (None, k["stage"]) else 1.0 for k in raw["keys"]}
+        factors = {k["stage"]: factor_of(k["stage"], index) if factor_of else 1.0 for k in raw["keys"]}
+        return self._build(raw, index, factors)
+
+    def injected_window(self, index: int, injected: str | None, factor: float) -> Window:
+        """Window ``index`` with the time and CPU of stage ``injected`` (None: of every stage) scaled
+        by ``factor``; for one stage, the inference grows by what that stage added in the window."""
+        raw = self._next_recorded()
+        if injected is None or factor == 1.0:
+            return self._build(raw, index, {k["stage"]: factor for k in raw["keys"]}, scale_process=True)
+        factors = {k["stage"]: factor if k["stage"] == injected else 1.0 for k in raw["keys"]}
+        stage = next((k for k in raw["keys"] if k["stage"] == injected), None)
+        inference = next((k for k in raw["keys"] if k["stage"] is None), None)
         extra_cpu = 0.0
-        if factor != 1.0 and injected is not None:
-            stage = next((k for k in raw["keys"] if k["stage"] == injected), None)
-            inference = next((k for k in raw["keys"] if k["stage"] is None), None)
-            if stage is not None and inference is not None and inference["wall_seconds"] > 0:
-                extra_wall = stage["wall_seconds"] * (factor - 1.0)
-                factors[None] = 1.0 + extra_wall / inference["wall_seconds"]
-                extra_cpu = (stage["cpu_seconds"] or 0.0) * (factor - 1.0)
+        if stage is not None and inference is not None and inference["wall_seconds"] > 0:
+            factors[None] = 1.0 + stage["wall_seconds"] * (factor - 1.0) / inference["wall_seconds"]
+            extra_cpu = (stage["cpu_seconds"] or 0.0) * (factor - 1.0)
+        return self._build(raw, index, factors, extra_cpu=extra_cpu)
+
+    def _build(
+        self,
+        raw: dict[str, Any],
+        index: int,
+        factors: dict[str | None, float],
+        *,
+        extra_cpu: float | None = None,
+        scale_process: bool = False,
+    ) -> Window:
+        """The window of ``raw`` with each key's time and CPU scaled by its factor; with
+        ``extra_cpu``, the inference's CPU grows by that many seconds instead (a stage's added
+        CPU), and so do the process's."""
+        start = self.start + index * SETTINGS.window_seconds
         keys = []
         for k in raw["keys"]:
             f = factors[k["stage"]]
             cpu, process_cpu = k["cpu_seconds"], k["process_cpu_seconds"]
-            if k["stage"] is None and injected is not None:
+            if k["stage"] is None and extra_cpu is not None:
                 cpu = None if cpu is None else cpu + extra_cpu
                 process_cpu = None if process_cpu is None else process_cpu + extra_cpu
             else:
@@ -276,11 +295,11 @@ class Stream:
                 )
             )
         process = ProcessWindow(**raw["process"])
-        if factor != 1.0:
+        added = extra_cpu or 0.0
+        if scale_process:
+            added = (process.inference_cpu_seconds or 0.0) * (factors.get(None, 1.0) - 1.0)
+        if added:
             # The process spent what the injected work cost: its CPU and the inferences' share.
-            added = extra_cpu
-            if injected is None:
-                added = (process.inference_cpu_seconds or 0.0) * (factor - 1.0)
             process = replace(
                 process,
                 process_cpu_seconds=None
@@ -355,7 +374,7 @@ def _alarm(detector: Detector, r: Regression) -> dict[str, Any]:
 
 
 def false_alarms(
-    recorded: list[list[dict[str, Any]]], days: float, seed: int
+    recorded: list[dict[str, Any]], days: float, seed: int
 ) -> tuple[list[dict[str, Any]], float]:
     """(the regressions opened, with the figures that opened them; windows per second of replay)
     over ``days`` of steady service."""
@@ -381,7 +400,7 @@ def _anchor_windows() -> int:
 
 
 def detect(
-    recorded: list[list[dict[str, Any]]],
+    recorded: list[dict[str, Any]],
     *,
     stage: str | None,
     step: float,
@@ -398,7 +417,7 @@ def detect(
     per_hour = 3600.0 / SETTINGS.window_seconds
     injected = stream.start + begin * SETTINGS.window_seconds
 
-    def factor_of(index: int) -> float:
+    def factor_at(index: int) -> float:
         if index < begin:
             return 1.0
         if trend_per_hour:
@@ -406,7 +425,7 @@ def detect(
         return 1.0 + step
 
     for index in range(begin + int(hours * per_hour)):
-        detector.on_window(stream.window(index, stage, factor_of))
+        detector.on_window(stream.injected_window(index, stage, factor_at(index)))
         if index < begin:
             continue
         # A stage's injection must be found on that stage; the whole inference's on any key of the
@@ -425,7 +444,7 @@ def detect(
 
 
 def _case(
-    recorded: list[list[dict[str, Any]]], trials: int, **kwargs: Any
+    recorded: list[dict[str, Any]], trials: int, **kwargs: Any
 ) -> tuple[float, float | None, dict[str, int]]:
     """(detection rate, median delay in hours, the causes named) over ``trials`` seeds."""
     results = [detect(recorded, seed=seed, **kwargs) for seed in range(trials)]
@@ -456,7 +475,9 @@ def main() -> int:
         default=1,
         help="recorded one-second windows merged into each simulated window (default 1: the noisiest)",
     )
-    parser.add_argument("--fixture", default=str(FIXTURE), help="the recorded windows (gzip JSON)")
+    parser.add_argument(
+        "--fixture", default=str(RECORDING), help="the recorded windows (default: %(default)s)"
+    )
     parser.add_argument(
         "--stages",
         nargs="+",
@@ -470,7 +491,7 @@ def main() -> int:
     _quiet()
     days, trials = (5.0, 4) if args.quick else (args.days, args.trials)
     recorded = load_fixture(args.merge, Path(args.fixture))
-    windows = sum(len(segment) for segment in recorded)
+    windows = len(recorded)
     figures: dict[str, Any] = {
         "fixture_windows": windows,
         "merge": args.merge,
@@ -485,8 +506,7 @@ def main() -> int:
     figures["false_alarm_details"] = alarms
     figures["replay_windows_per_second"] = rate
     print(
-        f"replay of {windows} windows of {len(recorded)} recorded segment(s) (each merging "
-        f"{args.merge} recorded second(s)) in "
+        f"replay of {windows} recorded windows (each merging {args.merge} recorded second(s)) in "
         f"blocks of {BLOCK}; defaults: {SETTINGS}"
     )
     print(
