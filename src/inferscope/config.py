@@ -761,7 +761,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "call whose parent span is sampled and drop one whose parent is not; a call without a parent is "
         "kept at trace_ratio (traceidratio), always or never. Slow calls and errors are kept on top, "
         "after they end. An OTEL_TRACES_SAMPLER value that inferscope cannot follow (e.g. jaeger_remote) "
-        "is ignored.",
+        "is ignored. Under opentelemetry-instrument, with neither variable set, it is traceidratio: "
+        "every server span is sampled there, and inferscope keeps only trace_ratio of the inferences "
+        "under them, besides slow and failed ones.",
         _choice({name: name for name in TRACE_SAMPLERS}),
     ),
     SettingSpec(

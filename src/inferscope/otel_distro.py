@@ -12,7 +12,9 @@ Importing inferscope configures it from ``OTEL_*`` and ``INFERSCOPE_*`` at once 
 The pre-instrument hook then looks at the global MeterProvider:
 
 - An SDK ``TracerProvider`` with span processors: inferscope's spans go through them, with the
-  SDK's Resource, instead of through exporters of its own (``tracer_provider=provider``).
+  SDK's Resource, instead of through exporters of its own (``tracer_provider=provider``). Unless a
+  sampler is named, it keeps the slow and failed inferences and ``trace_ratio`` of the others
+  (``ZERO_CODE_TRACE_SAMPLER``), not every one under the SDK's always-sampled server spans.
 - An SDK ``MeterProvider`` with a push reader (OTLP, console): inferscope is reconfigured with
   ``meter_provider=provider`` and without its own push exporters, so its pre-aggregated points ride
   on the SDK's readers and exporters, under the SDK's Resource, exactly once. ``prometheus``, if
@@ -37,9 +39,17 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
 from . import _otel_compat, _pipeline
-from .config import ConfigError, Settings, load_settings
+from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 
-__all__ = ["attach_to_sdk", "own_traces_off", "post_instrument", "pre_instrument", "sdk_overrides"]
+__all__ = [
+    "ZERO_CODE_TRACE_SAMPLER",
+    "attach_to_sdk",
+    "own_traces_off",
+    "post_instrument",
+    "pre_instrument",
+    "sdk_overrides",
+    "trace_sampler_chosen",
+]
 
 _logger = logging.getLogger("inferscope")
 
@@ -47,6 +57,12 @@ _logger = logging.getLogger("inferscope")
 _PUSH_EXPORTERS = frozenset({"otlp", "console"})
 #: Nothing has been recorded when the hooks run; stopping is quick.
 _SHUTDOWN_TIMEOUT_MILLIS = 1000
+#: What inferscope keeps on the SDK's TracerProvider when no sampler is named. The SDK's default,
+#: parentbased_always_on, samples every server span, and following it would make every inference
+#: and each of its stages a span (several per request, built in the serving process). So, unless a
+#: sampler is named, inferscope keeps the slow and failed inferences plus trace_ratio of the rest,
+#: picked by trace id (the same requests in every process); docs/tracing.md.
+ZERO_CODE_TRACE_SAMPLER = "traceidratio"
 
 
 def pre_instrument() -> None:
@@ -120,7 +136,17 @@ def sdk_overrides(settings: Settings, provider: Any = None, tracer_provider: Any
     if tracer_provider is not None and not own_traces_off():
         # Spans go through the application's span processors, so not through exporters of ours too.
         overrides.update(tracer_provider=tracer_provider, traces_exporters=())
+        if not trace_sampler_chosen():
+            overrides.update(trace_sampler=ZERO_CODE_TRACE_SAMPLER)
     return overrides
+
+
+def trace_sampler_chosen() -> bool:
+    """Whether the environment names a sampler inferscope follows (``INFERSCOPE_TRACE_SAMPLER``,
+    or an ``OTEL_TRACES_SAMPLER`` it knows)."""
+    if (os.environ.get("INFERSCOPE_TRACE_SAMPLER") or "").strip():
+        return True
+    return (os.environ.get("OTEL_TRACES_SAMPLER") or "").strip().lower() in TRACE_SAMPLERS
 
 
 def own_traces_off() -> bool:

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from importlib.metadata import distribution, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -351,18 +352,28 @@ def test_the_hook_keeps_prometheus_but_not_push_exporters(sdk_provider: Any, mon
     assert inferscope.prometheus_port()
 
 
-@pytest.mark.parametrize("own_exporter", [None, "none"])
-def test_inferscope_traces_exporter_none_keeps_inferscope_off_the_sdk_tracer_provider(
-    sdk_provider: Any, monkeypatch: pytest.MonkeyPatch, own_exporter: str | None
-) -> None:
+@pytest.fixture
+def sdk_tracer_provider(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A real SDK TracerProvider (its default sampler samples every root span) exporting to memory
+    (``.spans``), made the global one for the hook."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    monkeypatch.setattr("opentelemetry.trace.get_tracer_provider", lambda: tracer_provider)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    provider.spans = spans  # type: ignore[attr-defined]
+    monkeypatch.setattr("opentelemetry.trace.get_tracer_provider", lambda: provider)
+    yield provider
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("own_exporter", [None, "none"])
+def test_inferscope_traces_exporter_none_keeps_inferscope_off_the_sdk_tracer_provider(
+    sdk_provider: Any, sdk_tracer_provider: Any, monkeypatch: pytest.MonkeyPatch, own_exporter: str | None
+) -> None:
+    tracer_provider, spans = sdk_tracer_provider, sdk_tracer_provider.spans
     if own_exporter is None:
         monkeypatch.delenv("INFERSCOPE_TRACES_EXPORTER", raising=False)
     else:
@@ -382,7 +393,72 @@ def test_inferscope_traces_exporter_none_keeps_inferscope_off_the_sdk_tracer_pro
     else:
         assert settings.tracer_provider is tracer_provider
         assert "inference traced-or-not" in names, names
-    tracer_provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "ratio", "kept_all"),
+    [(None, "0", False), (None, "1", True), ("parentbased_always_on", "0", True)],
+)
+def test_under_a_sampled_server_span_zero_code_keeps_slow_and_failed_calls_plus_a_ratio(
+    sdk_provider: Any,
+    sdk_tracer_provider: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    sampler: str | None,
+    ratio: str,
+    kept_all: bool,
+) -> None:
+    tracer_provider, spans = sdk_tracer_provider, sdk_tracer_provider.spans
+    tracer = tracer_provider.get_tracer("app")  # every server span is sampled
+    for name in ("INFERSCOPE_TRACES_EXPORTER", "INFERSCOPE_TRACE_SAMPLER", "OTEL_TRACES_SAMPLER"):
+        monkeypatch.delenv(name, raising=False)
+    if sampler is not None:
+        monkeypatch.setenv("INFERSCOPE_TRACE_SAMPLER", sampler)
+    monkeypatch.setenv("INFERSCOPE_TRACE_RATIO", ratio)
+    monkeypatch.setenv("INFERSCOPE_TRACE_SLOW_MS", "200")
+    inferscope.configure()
+    assert otel_distro.attach_to_sdk() == "attached"
+    settings = inferscope.current_settings()
+    assert settings is not None and settings.tracer_provider is tracer_provider
+    assert settings.trace_sampler == (sampler or otel_distro.ZERO_CODE_TRACE_SAMPLER)
+
+    @inferscope.track_inference(model="zero-code")
+    def predict(seconds: float = 0.0, fail: bool = False) -> None:
+        with inferscope.stage("infer"):
+            with tracer.start_as_current_span("feature lookup"):
+                pass
+            time.sleep(seconds)
+            if fail:
+                raise ValueError("bad input")
+
+    fast = 5
+    for _ in range(fast):
+        with tracer.start_as_current_span("POST /predict"):
+            predict()
+    with tracer.start_as_current_span("POST /predict"):
+        predict(0.25)  # slower than INFERSCOPE_TRACE_SLOW_MS
+    with tracer.start_as_current_span("POST /predict"), pytest.raises(ValueError):
+        predict(fail=True)
+    inferscope.shutdown()  # every span recorded so far reaches the exporter
+
+    finished = spans.get_finished_spans()
+    servers = {span.context.span_id for span in finished if span.name == "POST /predict"}
+    inferences = [span for span in finished if span.name == "inference zero-code"]
+    stages = {span.context.span_id: span for span in finished if span.name == "stage infer"}
+    lookups = [span for span in finished if span.name == "feature lookup"]
+    assert len(servers) == fast + 2
+    kept = sorted(str(span.attributes["inferscope.trace.kept"]) for span in inferences)
+    assert kept == (["sampled"] * (fast + 2) if kept_all else ["error", "slow"])
+    # A kept inference keeps its stage, and its parent is the request's server span.
+    assert {stage.parent.span_id for stage in stages.values()} == {
+        span.context.span_id for span in inferences
+    }
+    assert all(span.parent.span_id in servers for span in inferences)
+    # The application's own spans stay in the request's trace whether the inference was kept or not:
+    # under the stage of a call kept when it started, else under the server span.
+    assert len(lookups) == fast + 2
+    for lookup in lookups:
+        assert lookup.context.trace_flags.sampled
+        assert lookup.parent.span_id in (stages if kept_all else servers), lookup
 
 
 def test_without_an_sdk_provider_the_hook_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,6 +61,7 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
+    get_current_span,
     set_span_in_context,
 )
 
@@ -698,8 +699,9 @@ class TracingRuntimeContext(_otel_compat.RuntimeContextBase):
 
     ``get_current()`` returns the wrapped context, except when the innermost open inferscope entry
     opened under exactly that context: then the entry is the current span, and a context with it
-    (a ``NonRecordingSpan`` with its ids) is returned. ``attach`` and ``detach`` are the wrapped
-    ones', so the application's own spans nest as they always do.
+    (a ``NonRecordingSpan`` with its ids) is returned, unless the entry was not sampled at its start
+    and that context's span was (inferscope never unsamples the application's trace). ``attach``
+    and ``detach`` are the wrapped ones', so the application's own spans nest as they always do.
     """
 
     def __init__(self, inner: ContextVarsRuntimeContext, current_span: Callable[[], Any]) -> None:
@@ -719,6 +721,10 @@ class TracingRuntimeContext(_otel_compat.RuntimeContextBase):
             if top is None or top[4] != id(context):
                 return context
             trace_hi, trace_lo, span_id, flags, _ = top
+            if not flags & FLAG_SAMPLED and get_current_span(context).get_span_context().trace_flags.sampled:
+                # An entry not kept at its start under a sampled span (sampler traceidratio):
+                # the application's spans stay in their trace, as children of that span.
+                return context
             span_context = SpanContext(
                 (trace_hi << 64) | trace_lo,
                 span_id,
