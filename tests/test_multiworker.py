@@ -338,6 +338,8 @@ def _scraped_count(port: int, accept: str = "text/plain") -> float | None:
     return None
 
 
+# Processes racing for a port on a loaded machine: run once in CI, with the expensive checks.
+@pytest.mark.expensive
 def test_one_worker_serves_everyone_and_a_sibling_takes_over_when_it_dies(tmp_path: Path) -> None:
     import signal
     import subprocess
@@ -409,6 +411,8 @@ time.sleep(120)
 """
 
 
+# Processes racing for a port on a loaded machine: run once in CI, with the expensive checks.
+@pytest.mark.expensive
 def test_a_master_serves_its_forked_workers_and_a_worker_takes_over_when_it_dies(tmp_path: Path) -> None:
     import signal
     import subprocess
