@@ -22,10 +22,13 @@ Every server is started once and stopped (SIGSTOP) while the others are measured
 server's threads take nothing from the one under load. Each round drives every variant, in a fresh
 random order, first at a fixed load (70% of what ``bare`` sustained in a calibration run, open loop:
 latency counts from the time each request was due) and then at saturation (closed loop,
-``--connections`` at once). Figures are medians over the rounds:
+``--connections`` at once). Figures are medians over the rounds; a difference from or ratio to
+another variant is the median of the differences or ratios within each round, which takes out most
+of the drift in the machine's load between rounds:
 
-- throughput at saturation; CPU per request (the server process's user+system CPU time over the
-  requests it answered) at the fixed load and at saturation; p50/p99 latency; RSS after the run;
+- throughput at saturation; CPU per request (the server process's CPU time, summed over its
+  threads from ``/proc/PID/task/*/schedstat`` in ns, over the requests it answered) at the fixed
+  load and at saturation; p50/p99 latency; RSS after the run;
 - the spans inferscope handed to the span processors per request;
 - the targets, as ratios in the same run: zero-code's added CPU per request at most half of what
   OTel's FastAPI instrumentation adds over bare; a kept span at most 50 us of CPU (the difference
@@ -34,8 +37,10 @@ latency counts from the time each request was due) and then at saturation (close
 
 The client runs in this process (threads, keep-alive connections), so on a 2-core machine it takes
 CPU from the server as it would on a shared host; the server's CPU per request is not affected by it.
-Run: ``python3 benchmarks/e2e_fastapi.py`` (~5 minutes), ``--quick`` (~1.5 minutes, scikit-learn only),
-``--rounds N --seconds S`` for longer runs, ``--models``, ``--variants``.
+Run: ``python3 benchmarks/e2e_fastapi.py`` (~4-5 minutes), ``--quick`` (~1.5 minutes, scikit-learn
+only), ``--rounds N --seconds S`` for longer runs, ``--models``, ``--variants``. On a busy 2-core
+machine, CPU per request moves by tenths of a millisecond between rounds: rerun with more rounds
+(``--rounds 10``) before quoting a difference of that size.
 """
 
 from __future__ import annotations
@@ -218,9 +223,16 @@ class Server:
     port: int = 0
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as file:
-            fields = file.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """The process's CPU time, in ns resolution: the sum over its threads' schedstat (the
+        process's stat counts clock ticks of 10 ms, too coarse for a phase of a few seconds).
+        Threads that ended are not counted; the servers' threads live as long as they do."""
+        total = 0
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text(encoding="ascii").split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # the thread ended meanwhile
+        return total / 1e9
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.process.pid}/status", encoding="ascii") as file:
@@ -486,14 +498,12 @@ def med(phases: Sequence[Phase], name: str) -> float:
     return statistics.median(getattr(phase, name) for phase in phases)
 
 
-def against(figures: dict[str, Any], bare: dict[str, Any] | None, name: str, fmt: str, *, delta: bool) -> str:
-    """A figure, and its difference from (``delta``) or ratio to bare's."""
-    text = format(figures[name], fmt)
-    if bare is None:
-        return text
-    if delta:
-        return f"{text} ({figures[name] - bare[name]:+{fmt}})"
-    return f"{text} (x{figures[name] / bare[name]:.2f})"
+def paired(a: Sequence[Phase], b: Sequence[Phase], name: str, *, ratio: bool = False) -> float:
+    """The median over rounds of a's figure minus (or over) b's in the same round: the machine's load
+    drifts between rounds, and pairing within a round takes most of that drift out."""
+    if ratio:
+        return statistics.median(getattr(x, name) / getattr(y, name) for x, y in zip(a, b, strict=True))
+    return statistics.median(getattr(x, name) - getattr(y, name) for x, y in zip(a, b, strict=True))
 
 
 def summarize(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -503,8 +513,11 @@ def summarize(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     out: dict[str, Any] = {"models": {}}
     for model, found in data["models"].items():
         results: dict[str, Results] = found["variants"]
-        figures = {
-            variant: {
+        bare = results.get("bare")
+        figures: dict[str, dict[str, Any]] = {}
+        rows = []
+        for variant, r in results.items():
+            f = figures[variant] = {
                 "saturation_rps": med(r.saturation, "throughput"),
                 "cpu_fixed_ms": med(r.fixed, "cpu_per_request_s") * 1e3,
                 "cpu_saturation_ms": med(r.saturation, "cpu_per_request_s") * 1e3,
@@ -513,30 +526,36 @@ def summarize(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 "p99_saturation_ms": med(r.saturation, "p99_s") * 1e3,
                 "spans_per_request": med(r.fixed, "spans_per_request"),
                 "rss_mb": r.rss_mb,
-                "rounds": [[vars(p) for p in r.fixed], [vars(p) for p in r.saturation]],
+                "rounds": {
+                    "fixed": [vars(p) for p in r.fixed],
+                    "saturation": [vars(p) for p in r.saturation],
+                },
             }
-            for variant, r in results.items()
-        }
-        bare = figures.get("bare")
-        rows = []
-        for variant, f in figures.items():
-            peer = None if variant == "bare" else bare
+            peer = bare if bare is not None and variant != "bare" else None
+            if peer is not None:
+                f["saturation_x_bare"] = paired(r.saturation, peer.saturation, "throughput", ratio=True)
+                f["cpu_fixed_ms_over_bare"] = paired(r.fixed, peer.fixed, "cpu_per_request_s") * 1e3
+                f["cpu_saturation_ms_over_bare"] = (
+                    paired(r.saturation, peer.saturation, "cpu_per_request_s") * 1e3
+                )
+                f["rss_mb_over_bare"] = r.rss_mb - peer.rss_mb
             rows.append(
                 (
                     variant,
-                    against(f, peer, "saturation_rps", ".0f", delta=False),
-                    against(f, peer, "cpu_fixed_ms", ".2f", delta=True),
-                    against(f, peer, "cpu_saturation_ms", ".2f", delta=True),
+                    f"{f['saturation_rps']:.0f}" + (f" (x{f['saturation_x_bare']:.2f})" if peer else ""),
+                    f"{f['cpu_fixed_ms']:.2f}" + (f" ({f['cpu_fixed_ms_over_bare']:+.2f})" if peer else ""),
+                    f"{f['cpu_saturation_ms']:.2f}"
+                    + (f" ({f['cpu_saturation_ms_over_bare']:+.2f})" if peer else ""),
                     f"{f['p50_fixed_ms']:.1f} / {f['p99_fixed_ms']:.1f}",
                     f"{f['p99_saturation_ms']:.0f}",
                     f"{f['spans_per_request']:.2f}",
-                    against(f, peer, "rss_mb", ".0f", delta=True),
+                    f"{f['rss_mb']:.0f}" + (f" ({f['rss_mb_over_bare']:+.0f})" if peer else ""),
                 )
             )
         lines.append(
             f"\n{model}: 16 rows per request; fixed load {found['fixed_rate']:.0f} req/s "
             f"({FIXED_LOAD_SHARE:.0%} of bare's {found['bare_saturation']:.0f} req/s); medians over "
-            f"{len(next(iter(results.values())).fixed)} rounds"
+            f"{len(next(iter(results.values())).fixed)} rounds (differences and ratios: paired within rounds)"
         )
         lines.append(
             table(
@@ -544,7 +563,7 @@ def summarize(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                     "variant",
                     "max req/s (x bare)",
                     "CPU ms/req at fixed (+bare)",
-                    "CPU ms/req saturated",
+                    "CPU ms/req saturated (+bare)",
                     "p50 / p99 ms at fixed",
                     "p99 ms saturated",
                     "inferscope spans/req",
@@ -554,37 +573,35 @@ def summarize(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             )
         )
         targets: dict[str, Any] = {}
-        otel, all_spans, no_spans = (
-            figures.get("otel"),
-            figures.get("zero-code-all-spans"),
-            figures.get("zero-code-no-spans"),
-        )
-        if bare and otel:
-            otel_added = otel["cpu_fixed_ms"] - bare["cpu_fixed_ms"]
+        otel = results.get("otel")
+        if bare is not None and otel is not None:
+            otel_added = paired(otel.fixed, bare.fixed, "cpu_per_request_s") * 1e3
             for variant in ("zero-code", "zero-code-all-spans", "zero-code-no-spans"):
-                if variant in figures:
-                    added = figures[variant]["cpu_fixed_ms"] - otel["cpu_fixed_ms"]
-                    ratio = added / otel_added if otel_added > 0 else float("nan")
-                    targets[f"{variant} added CPU / otel added CPU"] = ratio
+                if variant in results:
+                    added = paired(results[variant].fixed, otel.fixed, "cpu_per_request_s") * 1e3
+                    share = added / otel_added if otel_added > 0 else float("nan")
+                    targets[f"{variant} added CPU / otel added CPU"] = share
                     lines.append(
-                        f"  {variant} adds {added:+.3f} ms CPU/request over otel, which adds "
-                        f"{otel_added:+.3f} ms over bare: {ratio:.2f} (target <= 0.5) {verdict(ratio <= 0.5)}"
+                        f"  {variant} adds {added:+.3f} ms CPU/request to otel, which adds "
+                        f"{otel_added:+.3f} ms to bare: {share:.2f} (target <= 0.5) {verdict(share <= 0.5)}"
                     )
             for variant in ("zero-code", "zero-code-all-spans"):
-                if variant in figures:
-                    ratio = figures[variant]["p99_fixed_ms"] / otel["p99_fixed_ms"]
+                if variant in results:
+                    ratio = paired(results[variant].fixed, otel.fixed, "p99_s", ratio=True)
                     targets[f"{variant} p99 at fixed / otel p99"] = ratio
                     lines.append(
                         f"  {variant} p99 at {FIXED_LOAD_SHARE:.0%} of bare's saturation: x{ratio:.2f} of "
                         f"otel's (target <= 1.10) {verdict(ratio <= 1.10)}"
                     )
-        if all_spans and no_spans and all_spans["spans_per_request"] > 0:
-            spans = all_spans["spans_per_request"]
-            per_span_us = (all_spans["cpu_fixed_ms"] - no_spans["cpu_fixed_ms"]) * 1e3 / spans
+        all_spans, no_spans = results.get("zero-code-all-spans"), results.get("zero-code-no-spans")
+        if all_spans is not None and no_spans is not None and med(all_spans.fixed, "spans_per_request") > 0:
+            spans = med(all_spans.fixed, "spans_per_request")
+            per_span_us = paired(all_spans.fixed, no_spans.fixed, "cpu_per_request_s") * 1e6 / spans
             targets["kept span CPU us"] = per_span_us
+            judged = verdict(per_span_us <= 50) if per_span_us > 0 else "below this run's noise"
             lines.append(
                 f"  a kept span: {per_span_us:.1f} us CPU end to end ({spans:.1f} spans/request, all spans "
-                f"against none; target <= 50 us) {verdict(per_span_us <= 50)}"
+                f"against none; target <= 50 us) {judged}"
             )
         out["models"][model] = {"fixed_rate": found["fixed_rate"], "figures": figures, "targets": targets}
     return "\n".join(lines), out
@@ -592,10 +609,10 @@ def summarize(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one round of 1.5 s phases, scikit-learn only")
+    parser.add_argument("--quick", action="store_true", help="two rounds of 1 s phases, scikit-learn only")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of every variant (default 2)")
-    parser.add_argument("--seconds", type=float, default=2.5, help="length of each phase (default 2.5)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of every variant (default 4)")
+    parser.add_argument("--seconds", type=float, default=1.5, help="length of each phase (default 1.5)")
     parser.add_argument("--warmup", type=float, default=1.5, help="warm-up per server (default 1.5 s)")
     parser.add_argument("--connections", type=int, default=8, help="connections at saturation (default 8)")
     parser.add_argument("--rate", type=float, help="fixed load in req/s (default: 70%% of bare's saturation)")
@@ -616,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in (*MODELS, *VARIANTS):
             parser.error(f"unknown model or variant {name!r}")
     if args.quick:
-        args.rounds, args.seconds, args.warmup, args.models = 1, 1.5, 1.0, ["sklearn"]
+        args.rounds, args.seconds, args.warmup, args.models = 2, 1.0, 1.0, ["sklearn"]
     # Here, not at the top: the servers run this file too, and import only what their variant needs.
     from _common import MachineLoad, environment, environment_line, load_line, write_json
 
