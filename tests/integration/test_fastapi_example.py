@@ -97,6 +97,9 @@ def serve_and_call(rotel: Rotel, tmp_path: Path, pythonpath: list[Path]) -> tupl
             "OTEL_METRIC_EXPORT_INTERVAL": "600000",
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_LOGS_EXPORTER": "none",
+            # Zero-code keeps this share of the inferences under sampled server spans (besides the
+            # slow and failed ones): all of them here, so that each request's trace can be checked.
+            "INFERSCOPE_TRACE_RATIO": "1",
         }
     )
     env["PYTHONPATH"] = os.pathsep.join(
@@ -219,8 +222,8 @@ def test_the_fastapi_example_exports_models_and_serving_stages(
     assert len(per_export) == len(set(per_export)), "a series was exported twice in one export"
     assert "process.cpu.time" in {p.metric for p in ours}  # the system signals are not lost
 
-    # Traces: OpenTelemetry's server span of each request, our inference span as its child (the
-    # distro samples every request, so every inference is kept), the Pipeline's steps below it.
+    # Traces: OpenTelemetry's server span of each request, our inference span as its child (every
+    # one is kept at INFERSCOPE_TRACE_RATIO=1), the Pipeline's steps below it.
     spans = parse_rotel_spans(rotel.output())
     requests = {s["ID"]: s for s in spans if s.get("Name", "").startswith("POST /predict/fraud")}
     inferences = [s for s in spans if s.get("Name") == "inference Pipeline"]
