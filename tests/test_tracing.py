@@ -26,7 +26,7 @@ import inferscope
 from inferscope import _pipeline
 from inferscope._records import FLAG_TRACED, empty_records
 from inferscope._runtime import RUNTIME
-from inferscope.export.traces import TracingRuntimeContext
+from inferscope.export.traces import EXEMPLARS_PER_KEY, ExemplarStore, TracingRuntimeContext
 from inferscope.testing import InMemoryMetricExporter, points
 
 
@@ -404,7 +404,8 @@ def test_threads_trace_independently(traced) -> None:
     assert len({s.context.trace_id for s in roots.values()}) == 200
 
 
-def test_kept_spans_become_exemplars_of_the_duration_histograms(traced) -> None:
+def kept_with_exemplars(traced) -> tuple[Traced, InMemoryMetricExporter, Callable[[], None]]:
+    """Every call kept, metrics exported to memory at shutdown only, and a call with one stage."""
     metrics = InMemoryMetricExporter()
     t = traced(trace_ratio=1.0, metric_exporters=[metrics], export_interval_millis=3_600_000)
 
@@ -413,6 +414,11 @@ def test_kept_spans_become_exemplars_of_the_duration_histograms(traced) -> None:
         with inferscope.stage("infer"):
             pass
 
+    return t, metrics, predict
+
+
+def test_kept_spans_become_exemplars_of_the_duration_histograms(traced) -> None:
+    t, metrics, predict = kept_with_exemplars(traced)
     predict()
     spans = by_name(t.spans())
     inferscope.shutdown()  # the final export
@@ -441,6 +447,30 @@ def test_kept_spans_become_exemplars_of_the_duration_histograms(traced) -> None:
     assert proto.trace_id == root.context.trace_id.to_bytes(16, "big")
     assert proto.span_id == root.context.span_id.to_bytes(8, "big")
     assert proto.time_unix_nano == root.end_time
+
+
+def test_each_series_keeps_the_exemplars_of_its_newest_kept_spans(traced) -> None:
+    t, metrics, predict = kept_with_exemplars(traced)
+    calls = 3 * EXEMPLARS_PER_KEY  # drained in one batch or several, only the newest are kept
+    for _ in range(calls):
+        predict()
+    spans = t.spans()
+    inferscope.shutdown()  # the final export
+    for metric, name in (
+        ("inferscope.inference.duration", "inference m"),
+        ("inferscope.stage.duration", "stage infer"),
+    ):
+        kept = [s for s in spans if s.name == name]  # in the order they were built
+        assert len(kept) == calls
+        [point] = points(metrics.get_finished_metrics(), metric)
+        newest = [(s.context.trace_id, s.context.span_id) for s in kept[-EXEMPLARS_PER_KEY:]]
+        assert [(e.trace_id, e.span_id) for e in point.exemplars] == newest
+
+
+def test_the_newest_per_key_are_the_last_of_each_key() -> None:
+    store = ExemplarStore(per_key=2)
+    assert store.newest_per_key([1, 2, 1, 1, 2, 3]) == [False, True, True, True, True, True]
+    assert store.newest_per_key([]) == []
 
 
 def test_a_user_tracer_provider_gets_the_spans(user_tracer) -> None:

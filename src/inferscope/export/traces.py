@@ -171,6 +171,19 @@ class ExemplarStore:
         self._lock = threading.Lock()
         self._by_key = {}
 
+    def newest_per_key(self, keys: Sequence[int]) -> list[bool]:
+        """Which of these keys, in the order their exemplars would be added, are among the last
+        ``per_key`` of their key: the only ones the store would keep, so the only ones worth
+        building (an exemplar costs about as much as a third of a span)."""
+        kept = [False] * len(keys)
+        counts: dict[int, int] = {}
+        for i in range(len(keys) - 1, -1, -1):
+            count = counts.get(keys[i], 0)
+            if count < self._per_key:
+                kept[i] = True
+                counts[keys[i]] = count + 1
+        return kept
+
     def add(self, key: int, exemplar: Exemplar) -> None:
         with self._lock:
             found = self._by_key.get(key)
@@ -434,6 +447,7 @@ class TracePipeline:
         why = reasons[order].tolist() if reasons is not None else None
         on_end = self.processor.on_end
         store = self.exemplars.add
+        with_exemplar = self.exemplars.newest_per_key(columns["key"])
         device_times = self._device_times
         for i, key in enumerate(columns["key"]):
             name, base, is_stage = self._describe(key)
@@ -486,7 +500,8 @@ class TracePipeline:
             )
             on_end(span)
             self.spans_exported += 1
-            store(key, Exemplar({}, wall_ns / 1e9, end, span_id, trace_id))
+            if with_exemplar[i]:
+                store(key, Exemplar({}, wall_ns / 1e9, end, span_id, trace_id))
 
     def _counter_attributes(self, slots: np.ndarray, is_stage: bool) -> Iterable[tuple[str, int]]:
         for metric in self._stage_counters if is_stage else self._counters:
