@@ -282,6 +282,21 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, left: int
     return "\n".join([line(headers), rule, *(line(row) for row in text_rows)])
 
 
+def ratio_table(derived: Mapping[str, Mapping[str, float]], names: Sequence[str]) -> str:
+    """One row per name of ``derived[backend][name]`` (ns) and its fraction of that backend's
+    ``otel record``, one pair of columns per backend."""
+    rows = []
+    for name in names:
+        row: list[str] = [name]
+        for values in derived.values():
+            row += [ns(values[name]), fraction(values[name], values["otel record"])]
+        rows.append(row)
+    headers = ["ns per call (median)"]
+    for label in derived:
+        headers += [label, "of OTel record"]
+    return table(headers, rows)
+
+
 def ns(value: float | None) -> str:
     if value is None:
         return "-"

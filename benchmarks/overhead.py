@@ -200,7 +200,6 @@ def derive(run: dict[str, Any]) -> dict[str, float]:
 
 
 def derived_table(derived: dict[str, dict[str, float]]) -> str:
-    labels = list(derived)
     names = [
         "bare",
         "closure overhead",
@@ -215,17 +214,7 @@ def derived_table(derived: dict[str, dict[str, float]]) -> str:
         "thread_time_ns()",
         "otel record",
     ]
-    rows = []
-    for name in names:
-        row: list[str] = [name]
-        for label in labels:
-            value = derived[label][name]
-            row += [_common.ns(value), _common.fraction(value, derived[label]["otel record"])]
-        rows.append(row)
-    headers = ["ns per call (median)"]
-    for label in labels:
-        headers += [label, "of OTel record"]
-    return _common.table(headers, rows)
+    return _common.ratio_table(derived, names)
 
 
 def peers_table(run: dict[str, Any], ours: float) -> str:

@@ -728,7 +728,12 @@ def test_build_snapshot_rows() -> None:
     measured_wall = (ok_wall[:3000].sum() + 7 * 2_000_000) / 1e9
     assert row.cpu_seconds == pytest.approx(measured_cpu, rel=1e-12)
     assert row.cpu_ratio == pytest.approx(measured_cpu / measured_wall, rel=1e-12)
+    # CPU per call counts only the calls whose CPU was read, as a sampled stage needs.
+    assert row.cpu_sampled_count == 3007
+    assert row.cpu_per_call == pytest.approx(measured_cpu / 3007, rel=1e-12)
+    assert row.to_dict()["cpu_sampled_count"] == 3007
     stage = snap.row("fraud", "preprocess")
+    assert (stage.cpu_sampled_count, stage.cpu_per_call) == (0, None)
     assert (stage.count, stage.errors, stage.cpu_seconds, stage.cpu_ratio, dict(stage.error_types)) == (
         10,
         0,

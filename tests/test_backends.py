@@ -15,9 +15,12 @@ from inferscope._keys import KeyRegistry
 from inferscope._records import (
     COUNTER_SLOTS,
     COUNTER_THREAD_CPU,
+    CPU_NOT_MEASURED,
     FLAG_ABANDONED,
     MAX_STACK_DEPTH,
     NO_MODEL_KEY,
+    STAGE_CPU_EXACT_GAP_NS,
+    STAGE_CPU_SAMPLE_EVERY,
     empty_records,
 )
 
@@ -478,10 +481,109 @@ def test_frames_and_their_contexts_are_collected():
     assert frames() == before
 
 
+def test_a_busy_stage_reads_the_cpu_clock_on_a_sample_and_inferences_on_every_call(env):
+    rt, reg = env
+    rt.counters = COUNTER_THREAD_CPU
+    assert rt.cpu_sample_every == STAGE_CPU_SAMPLE_EVERY
+    rt.cpu_sample_every = 2**31 - 1  # only the time rule reads: at most one read per gap
+    stage = rt.stage("s")
+
+    def body():
+        with stage:
+            pass
+
+    tracked = rt.track(body, reg.inference_key("m"))
+    calls = 400
+    began = time.monotonic_ns()
+    for _ in range(calls):
+        tracked()
+    elapsed = time.monotonic_ns() - began
+    out = drain(rt)
+    inference_key = reg.inference_key("m")
+    inferences = out[out["key"] == inference_key]
+    stages = out[out["key"] != inference_key]
+    assert len(inferences) == len(stages) == calls  # a stage not read is still recorded
+    assert (inferences["cpu_ns"] >= 0).all()  # inferences are always read
+    read = stages["cpu_ns"] >= 0
+    assert read[0]  # a key's first entry is read
+    # Reads only when the key had none for the gap (the coarse clock may lag a tick).
+    assert read.sum() <= 2 + elapsed // STAGE_CPU_EXACT_GAP_NS
+    assert (stages["cpu_ns"][~read] == CPU_NOT_MEASURED).all()
+    assert (stages["wall_ns"] > 0).all()
+
+
+def test_a_stage_entered_rarely_reads_the_cpu_clock_on_every_entry(env):
+    rt, _ = env
+    rt.counters = COUNTER_THREAD_CPU
+    rt.cpu_sample_every = 2**31 - 1
+    for _ in range(3):
+        with rt.stage("rare"):
+            pass
+        time.sleep(STAGE_CPU_EXACT_GAP_NS / 1e9 + 0.015)  # longer than the gap plus a coarse tick
+    out = drain(rt)
+    assert len(out) == 3 and (out["cpu_ns"] >= 0).all()
+
+
+def test_every_stage_entry_reads_the_cpu_clock_when_the_sample_is_one(env):
+    rt, _ = env
+    rt.counters = COUNTER_THREAD_CPU
+    rt.cpu_sample_every = 1
+    outer, inner = rt.stage("outer"), rt.stage("inner")
+    for _ in range(300):
+        with outer:
+            with inner:
+                pass
+    out = drain(rt)
+    assert len(out) == 600 and (out["cpu_ns"] >= 0).all()
+
+
+def test_a_sample_of_one_in_n_reads_about_one_entry_in_n(env):
+    rt, _ = env
+    rt.counters = COUNTER_THREAD_CPU
+    rt.cpu_sample_every = 4
+    stage = rt.stage("s")
+    reads = 0
+    for _ in range(3):
+        for _ in range(1000):
+            with stage:
+                pass
+        reads += int((drain(rt)["cpu_ns"] >= 0).sum())
+    # Binomial(3000, 1/4) is 750 +- 24 (sd); the time rule adds at most a few reads.
+    assert 550 <= reads <= 1000
+
+
+def test_after_a_reset_each_key_reads_the_cpu_clock_on_its_next_stage_entry(env):
+    rt, _ = env
+    rt.counters = COUNTER_THREAD_CPU
+    rt.cpu_sample_every = 2**31 - 1
+    stage = rt.stage("s")
+    began = time.monotonic_ns()
+    for _ in range(200):
+        rt.reset_cpu_sample()  # a window starts
+        with stage:
+            pass
+        with stage:
+            pass
+    elapsed = time.monotonic_ns() - began
+    read = drain(rt)["cpu_ns"] >= 0
+    assert len(read) == 400
+    assert read[0::2].all()  # the first entry after each reset
+    assert read[1::2].sum() <= 2 + elapsed // STAGE_CPU_EXACT_GAP_NS
+
+
+@pytest.mark.parametrize("value", [0, -1, 2**31])
+def test_cpu_sample_every_must_be_a_positive_integer(env, value):
+    rt, _ = env
+    with pytest.raises(ValueError, match="cpu_sample_every"):
+        rt.cpu_sample_every = value
+    assert rt.cpu_sample_every == STAGE_CPU_SAMPLE_EVERY
+
+
 def test_cpu_time_never_exceeds_wall_time_for_one_thread(env):
     """Tiny calls are where the clock reads around the window weigh most."""
     rt, reg = env
     rt.counters = COUNTER_THREAD_CPU
+    rt.cpu_sample_every = 1  # every stage entry reads the CPU clock, not a sample
     tracked = rt.track(lambda: None, reg.inference_key("tiny"))
     gen_owner = Owner()
     for _ in range(500):

@@ -62,6 +62,8 @@ class RuntimeContract(Protocol):
     device_stage: Callable[[Any, object], Any] | None
     counters: int
     enabled: bool
+    #: A stage entry reads the thread CPU clock 1 time in this many (docs/counters.md); 1: always.
+    cpu_sample_every: int
 
     @property
     def tracing(self) -> bool: ...
@@ -98,6 +100,8 @@ class RuntimeContract(Protocol):
         /,
     ) -> None: ...
     def active_depth(self) -> int: ...
+    #: Every key's next stage entry reads the thread CPU clock (called when a window starts).
+    def reset_cpu_sample(self) -> None: ...
     def after_fork_in_child(self) -> None: ...
 
 

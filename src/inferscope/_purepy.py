@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import operator
 import os
 import random
 import resource
@@ -56,6 +57,8 @@ from ._records import (
     SLOT_RSS_DELTA,
     SLOT_RSS_SAMPLES,
     SLOT_VOLUNTARY_SWITCHES,
+    STAGE_CPU_EXACT_GAP_NS,
+    STAGE_CPU_SAMPLE_EVERY,
 )
 
 __all__ = [
@@ -288,6 +291,9 @@ def _check_field(value: int, limit: int, what: str) -> None:
 
 # random's generator is reseeded in a forked child, so a child never repeats its parent's ids.
 _getrandbits = random.getrandbits
+_random = random.random
+#: The time of the last stage entry of a key that never had one.
+_NEVER = -(2**62)
 
 
 class Stage:
@@ -328,9 +334,18 @@ class Stage:
                 if key is None:
                     key = self._key(parent)
                 mask = rt.counters
+                if mask & COUNTER_THREAD_CPU and rt._cpu_sample_every > 1:
+                    # The stage CPU sample: read when the key had no entry for the gap, else one
+                    # entry in cpu_sample_every at random. (The C backend reads the coarse clock
+                    # for the gap: the same within a tick.)
+                    now = monotonic_ns()
+                    last = rt._stage_entry_ns.get(key, _NEVER)
+                    rt._stage_entry_ns[key] = now
+                    if now - last < STAGE_CPU_EXACT_GAP_NS and _random() * rt._cpu_sample_every >= 1.0:
+                        mask &= ~COUNTER_THREAD_CPU
                 # Runtime._open(), inlined for the common case: no counters beyond the clocks.
                 if mask & _STAGE_EXTRA_COUNTERS or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH):
-                    rt._open(self, key, top)
+                    rt._open(self, key, top, mask=mask)
                 else:
                     trace = rt._trace_open(top) if rt._trace_var is not None else None
                     entry = [
@@ -358,9 +373,15 @@ class Stage:
         rt = self._runtime
         if rt.enabled:
             end_ns = monotonic_ns()
-            cpu_end = thread_cpu_ns() if rt.counters & COUNTER_THREAD_CPU else -1
             var = rt._var
             top = var.get()
+            # The CPU clock only where the entry read it at its start (the stage CPU sample).
+            if not rt.counters & COUNTER_THREAD_CPU:
+                cpu_end = -1
+            elif top is not None and top[_OWNER] is self and not top[_OVERFLOW]:
+                cpu_end = thread_cpu_ns() if top[_CPU] >= 0 else -1
+            else:
+                cpu_end = thread_cpu_ns() if rt._exit_reads_cpu(self, top) else -1
             if (
                 exc_type is None
                 and top is not None
@@ -421,6 +442,8 @@ class Runtime:
         self._internal_errors = _ThreadCounter()
         self._trace_var: contextvars.ContextVar[Any] | None = None
         self._span_key = ""
+        self._cpu_sample_every = STAGE_CPU_SAMPLE_EVERY
+        self._stage_entry_ns: dict[int, int] = {}
         self._ratio_bound = 0
         self._parent_based = True
 
@@ -465,7 +488,29 @@ class Runtime:
             return None
         return top
 
-    def _open(self, owner: object, key: int, top: _Entry | None, inference: bool = False) -> None:
+    @property
+    def cpu_sample_every(self) -> int:
+        return self._cpu_sample_every
+
+    @cpu_sample_every.setter
+    def cpu_sample_every(self, value: int) -> None:
+        value = operator.index(value)
+        if not 1 <= value <= 2**31 - 1:
+            raise ValueError("cpu_sample_every must be a positive integer")
+        self._cpu_sample_every = value
+
+    def _exit_reads_cpu(self, owner: object, top: _Entry | None) -> bool:
+        """Whether the entry that ``owner`` closes next read the thread CPU clock at its start."""
+        if top is None or top[_OVERFLOW]:
+            return False  # nothing open, or absorbed: nothing is recorded
+        node: _Entry | None = top
+        while node is not None and node[_OWNER] is not owner:
+            node = node[_PARENT]
+        return node is not None and node[_CPU] >= 0
+
+    def _open(
+        self, owner: object, key: int, top: _Entry | None, inference: bool = False, mask: int | None = None
+    ) -> None:
         """Opens an entry. Only an outermost inference reads the CUDA allocator: not a stage, and
         not an inference inside another (its peak reset would cut the outer one's peak short)."""
         depth = 1 if top is None else top[_DEPTH] + 1
@@ -474,7 +519,9 @@ class Runtime:
             top[_OVERFLOW] += 1
             self._depth_dropped.add()
             return
-        mask = self.counters if inference and top is None else self.counters & ~COUNTER_CUDA_MEMORY
+        if mask is None:
+            mask = self.counters
+        mask = mask if inference and top is None else mask & ~COUNTER_CUDA_MEMORY
         extra = None
         cpu = -1
         if mask & _EXTRA_COUNTERS:
@@ -874,6 +921,9 @@ class Runtime:
     def active_depth(self) -> int:
         top = self._top()
         return top[_DEPTH] + top[_OVERFLOW] if top is not None else 0
+
+    def reset_cpu_sample(self) -> None:
+        self._stage_entry_ns.clear()
 
     def after_fork_in_child(self) -> None:
         self._generation += 1

@@ -76,6 +76,11 @@ SLOT_CUDA_PEAK = 12  # the inference's peak CUDA allocation above the allocation
 PERF_EVENTS = 4
 #: One entry in RSS_SAMPLE_EVERY, at random, reads the RSS (a pread of /proc/self/statm).
 RSS_SAMPLE_EVERY = 16
+#: The stage CPU sample (docs/counters.md): a stage entry reads the thread CPU clock when its key
+#: had no entry for STAGE_CPU_EXACT_GAP_NS, else one entry in ``Runtime.cpu_sample_every`` (by
+#: default STAGE_CPU_SAMPLE_EVERY), at random. Inferences always read it. Must match ringbuf.c.
+STAGE_CPU_SAMPLE_EVERY = 64
+STAGE_CPU_EXACT_GAP_NS = 10_000_000
 
 #: Why a record was dropped instead of aggregated; exported as the ``reason`` attribute of
 #: ``inferscope.sdk.records.dropped``.

@@ -839,7 +839,9 @@ class StatsRow:
     p99: float
     max: float
     mean: float
-    cpu_seconds: float | None  # total thread CPU; None if not measured
+    #: Thread CPU summed over the calls whose CPU was read (``cpu_sampled_count`` of them: every
+    #: inference, a sample of a busy stage's entries; docs/counters.md); None if not measured.
+    cpu_seconds: float | None
     cpu_ratio: float | None  # cpu_seconds / wall seconds over the records where CPU was measured
     error_types: Mapping[str, int]
     #: The row of the overflow key: everything interned past the key cap (model and stage are None).
@@ -853,6 +855,16 @@ class StatsRow:
     gpu_p50: float = math.nan
     gpu_p95: float = math.nan
     gpu_seconds: float | None = None
+    #: How many calls had their CPU read: ``count`` for inferences; for a stage every entry while
+    #: the stage is entered less than about 100 times a second, and fewer above.
+    cpu_sampled_count: int = 0
+
+    @property
+    def cpu_per_call(self) -> float | None:
+        """Thread CPU seconds per call, over the calls whose CPU was read."""
+        if self.cpu_seconds is None or self.cpu_sampled_count == 0:
+            return None
+        return self.cpu_seconds / self.cpu_sampled_count
 
     def to_dict(self) -> dict[str, object]:
         """The row as JSON-ready values (nan becomes None)."""
@@ -876,6 +888,8 @@ class StatsRow:
             "mean_seconds": clean(self.mean),
             "cpu_seconds": clean(self.cpu_seconds),
             "cpu_ratio": clean(self.cpu_ratio),
+            "cpu_sampled_count": self.cpu_sampled_count,
+            "cpu_per_call_seconds": clean(self.cpu_per_call),
             "error_types": dict(self.error_types),
             "counters": dict(self.counters),
             "gpu_count": self.gpu_count,
@@ -1117,6 +1131,7 @@ def build_snapshot(view: AggregateView, backend: str, counters: Sequence[Counter
                     counter_label(c): counter_value(c, acc.counters, d.count)
                     for c in counters_of(counters, "inference" if stage is None else "stage")
                 },
+                cpu_sampled_count=0 if acc.cpu is None else acc.cpu.count,
                 gpu_count=0 if acc.gpu is None else acc.gpu.count,
                 gpu_p50=math.nan if acc.gpu is None else acc.gpu.quantile(0.5),
                 gpu_p95=math.nan if acc.gpu is None else acc.gpu.quantile(0.95),

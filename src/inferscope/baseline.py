@@ -153,7 +153,8 @@ class KeyFigures:
     @property
     def cpu_per_call(self) -> float | None:
         """Calling-thread CPU seconds per call (the ratio times the mean wall time, so that calls
-        measured without CPU do not dilute it)."""
+        measured without CPU, such as the entries of a busy stage left out of the CPU sample
+        (docs/counters.md), do not dilute it)."""
         ratio, mean = self.cpu_ratio, self.mean_seconds
         return None if ratio is None or mean is None else ratio * mean
 

@@ -56,6 +56,36 @@ static inline int64_t thread_cpu_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* The stage CPU sample (docs/counters.md): a stage entry reads the thread CPU clock (a system call
+ * on many VMs, ~400-1,000 ns for the pair) when its key had no entry for STAGE_CPU_EXACT_GAP_NS,
+ * else one entry in cpu_sample_every, at random. Inferences always read it. Must match
+ * _records.py. The coarse clock (a few ns, no system call) is precise enough for the gap. */
+#define STAGE_CPU_SAMPLE_EVERY 64
+#define STAGE_CPU_EXACT_GAP_NS 10000000LL
+
+static inline int64_t coarse_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* A per-thread xorshift, separate from the RSS sampler's so that the two samples are independent. */
+static __thread uint32_t cpu_sample_state;
+
+static inline uint32_t cpu_sample_next(void)
+{
+    uint32_t x = cpu_sample_state;
+    if (x == 0) {
+        x = (uint32_t)(uintptr_t)&cpu_sample_state ^ 0x85ebca6bu;
+    }
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    cpu_sample_state = x;
+    return x;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Ring                                                                                       */
 
@@ -278,6 +308,9 @@ typedef struct {
     uint64_t epoch;      /* bumped when the registry changes: stage caches are dropped */
     uint64_t depth_dropped;
     uint64_t internal_errors;
+    long cpu_sample_every;   /* 1: every stage entry reads the thread CPU clock */
+    int64_t *stage_entry_ns; /* per key: the coarse time of its stage's last entry */
+    uint32_t stage_entry_len;
 } RuntimeObject;
 
 static PyTypeObject Runtime_Type;
@@ -630,7 +663,8 @@ static void trace_open(RuntimeObject *rt, FrameObject *f, TraceIds *t)
 
 /* Opens an entry on top of `f`. Only an outermost inference reads the CUDA allocator: not a stage,
  * and not an inference inside another (its peak reset would cut the outer one's peak short). */
-static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner, uint32_t key, int inference)
+static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner, uint32_t key, int inference,
+                              int cpu)
 {
     if (f->depth >= MAX_STACK_DEPTH) {
         f->overflow++;
@@ -640,6 +674,9 @@ static inline void entry_push(RuntimeObject *rt, FrameObject *f, PyObject *owner
     int outermost = inference && f->depth == 0 && f->root_key == NO_MODEL_KEY;
     Entry *e = &f->stack[f->depth++];
     int mask = outermost ? rt->counters : rt->counters & ~COUNTER_CUDA_MEMORY;
+    if (!cpu) {
+        mask &= ~COUNTER_THREAD_CPU;
+    }
     e->owner = owner;
     e->key = key;
     e->mask = mask;
@@ -701,11 +738,10 @@ typedef struct {
     int64_t counters[INFERSCOPE_COUNTER_SLOTS];
 } EndClocks;
 
-/* Read first on every exit, before any bookkeeping, so that it stays outside the window. */
-static inline void read_end_clocks(RuntimeObject *rt, EndClocks *c)
+/* The counters of an exit after its wall clock; `cpu` 0 leaves out the thread CPU clock. */
+static inline void read_end_counters(RuntimeObject *rt, EndClocks *c, int cpu)
 {
-    c->end_ns = monotonic_ns();
-    c->mask = rt->counters;
+    c->mask = cpu ? rt->counters : rt->counters & ~COUNTER_THREAD_CPU;
     c->cpu_end = -1;
     if (c->mask & COUNTER_THREAD_CPU) {
         c->cpu_end = thread_cpu_ns();
@@ -716,6 +752,54 @@ static inline void read_end_clocks(RuntimeObject *rt, EndClocks *c)
             c->counters[SLOT_PY_HEAP_DELTA] = py_heap_bytes(rt);
         }
     }
+}
+
+/* Read first on every exit, before any bookkeeping, so that it stays outside the window. */
+static inline void read_end_clocks(RuntimeObject *rt, EndClocks *c)
+{
+    c->end_ns = monotonic_ns();
+    read_end_counters(rt, c, 1);
+}
+
+/* Whether a stage entry of `key` reads the thread CPU clock (see STAGE_CPU_SAMPLE_EVERY). */
+static inline int stage_reads_cpu(RuntimeObject *rt, uint32_t key)
+{
+    if (!(rt->counters & COUNTER_THREAD_CPU) || rt->cpu_sample_every <= 1) {
+        return 1;
+    }
+    if (key >= rt->stage_entry_len) {
+        uint32_t len = rt->stage_entry_len ? rt->stage_entry_len : 64;
+        while (len <= key) {
+            len *= 2;
+        }
+        int64_t *grown = PyMem_Realloc(rt->stage_entry_ns, sizeof(int64_t) * len);
+        if (grown == NULL) {
+            return 1; /* no state to sample with: read it */
+        }
+        for (uint32_t i = rt->stage_entry_len; i < len; i++) {
+            grown[i] = INT64_MIN / 2;
+        }
+        rt->stage_entry_ns = grown;
+        rt->stage_entry_len = len;
+    }
+    int64_t now = coarse_ns();
+    int64_t last = rt->stage_entry_ns[key];
+    rt->stage_entry_ns[key] = now;
+    return now - last >= STAGE_CPU_EXACT_GAP_NS || cpu_sample_next() % (uint32_t)rt->cpu_sample_every == 0;
+}
+
+/* Whether the entry that `owner` closes next on `f` read the thread CPU clock at entry. */
+static inline int exit_reads_cpu(FrameObject *f, PyObject *owner)
+{
+    if (f->overflow > 0) {
+        return 0; /* absorbed: nothing is recorded */
+    }
+    for (int i = f->depth - 1; i >= 0; i--) {
+        if (f->stack[i].owner == owner) {
+            return (f->stack[i].mask & COUNTER_THREAD_CPU) != 0;
+        }
+    }
+    return 0;
 }
 
 /* Fills a record's counter slots with end - start for the counters on at both ends. */
@@ -884,7 +968,7 @@ static PyObject *Tracked_vectorcall(PyObject *callable, PyObject *const *args, s
         count_internal_error(rt);
         return PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     }
-    entry_push(rt, f, callable, self->key, 1);
+    entry_push(rt, f, callable, self->key, 1, 1);
     Py_DECREF(f);
     PyObject *result = PyObject_Vectorcall(self->func, args, nargsf, kwnames);
     EndClocks c;
@@ -1108,7 +1192,7 @@ static PyObject *Stage_enter(StageObject *self, PyObject *Py_UNUSED(ignored))
                 count_internal_error(rt);
             }
             else {
-                entry_push(rt, f, (PyObject *)self, key, 0);
+                entry_push(rt, f, (PyObject *)self, key, 0, stage_reads_cpu(rt, key));
             }
             Py_DECREF(f);
         }
@@ -1124,8 +1208,10 @@ static PyObject *Stage_exit(StageObject *self, PyObject *const *args, Py_ssize_t
     }
     if (rt->enabled) {
         EndClocks c;
-        read_end_clocks(rt, &c);
+        c.end_ns = monotonic_ns();
         FrameObject *f = current_frame(rt);
+        /* The CPU clock only where the entry read it at its start (see stage_reads_cpu()). */
+        read_end_counters(rt, &c, f != NULL && exit_reads_cpu(f, (PyObject *)self));
         if (f == NULL) {
             count_internal_error(rt);
         }
@@ -1280,6 +1366,9 @@ static int Runtime_init(RuntimeObject *self, PyObject *args, PyObject *kwds)
     }
     self->enabled = 1;
     self->epoch++;
+    if (self->cpu_sample_every == 0) {
+        self->cpu_sample_every = STAGE_CPU_SAMPLE_EVERY;
+    }
     return 0;
 }
 
@@ -1317,6 +1406,7 @@ static void Runtime_dealloc(RuntimeObject *self)
 {
     PyObject_GC_UnTrack(self);
     Runtime_clear(self);
+    PyMem_Free(self->stage_entry_ns);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1500,7 +1590,7 @@ static PyObject *Runtime_enter(RuntimeObject *self, PyObject *const *args, Py_ss
         Py_RETURN_NONE;
     }
     int depth = f->depth;
-    entry_push(self, f, args[0], (uint32_t)key, stash == Py_None && trace == Py_None);
+    entry_push(self, f, args[0], (uint32_t)key, stash == Py_None && trace == Py_None, 1);
     uintptr_t otel_ctx = f->depth > depth ? f->stack[f->depth - 1].trace.otel_ctx : 0;
     if (trace != Py_None && f->depth > depth && self->trace_var != NULL) {
         Entry *e = &f->stack[f->depth - 1];
@@ -1830,6 +1920,15 @@ static PyObject *Runtime_active_depth(RuntimeObject *self, PyObject *Py_UNUSED(i
     return PyLong_FromLong(depth);
 }
 
+/* reset_cpu_sample(): every key's next stage entry reads the thread CPU clock (a window starts). */
+static PyObject *Runtime_reset_cpu_sample(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
+{
+    for (uint32_t i = 0; i < self->stage_entry_len; i++) {
+        self->stage_entry_ns[i] = INT64_MIN / 2;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Runtime_after_fork_in_child(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (!runtime_ready(self)) {
@@ -1946,6 +2045,25 @@ static int Runtime_set_counters(RuntimeObject *self, PyObject *value, void *clos
     return 0;
 }
 
+static PyObject *Runtime_get_cpu_sample_every(RuntimeObject *self, void *closure)
+{
+    return PyLong_FromLong(self->cpu_sample_every);
+}
+
+static int Runtime_set_cpu_sample_every(RuntimeObject *self, PyObject *value, void *closure)
+{
+    long v = value ? PyLong_AsLong(value) : -1;
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v < 1 || v > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "cpu_sample_every must be a positive integer");
+        return -1;
+    }
+    self->cpu_sample_every = v;
+    return 0;
+}
+
 static PyObject *Runtime_get_enabled(RuntimeObject *self, void *closure)
 {
     return PyBool_FromLong(self->enabled);
@@ -1997,6 +2115,8 @@ static PyMethodDef Runtime_methods[] = {
     {"set_tracing", (PyCFunction)(void (*)(void))Runtime_set_tracing, METH_FASTCALL,
      "set_tracing(var, span_key, ratio_bound, parent_based) or set_tracing(None)"},
     {"active_depth", (PyCFunction)Runtime_active_depth, METH_NOARGS, "open entries in this context"},
+    {"reset_cpu_sample", (PyCFunction)Runtime_reset_cpu_sample, METH_NOARGS,
+     "reset_cpu_sample(): every key's next stage entry reads the thread CPU clock"},
     {"after_fork_in_child", (PyCFunction)Runtime_after_fork_in_child, METH_NOARGS,
      "forget everything recorded or opened before fork()"},
     {NULL}};
@@ -2010,6 +2130,8 @@ static PyGetSetDef Runtime_getset[] = {
     {"device_stage", (getter)Runtime_get_device_stage, (setter)Runtime_set_device_stage, NULL, NULL},
     {"counters", (getter)Runtime_get_counters, (setter)Runtime_set_counters, NULL, NULL},
     {"enabled", (getter)Runtime_get_enabled, (setter)Runtime_set_enabled, NULL, NULL},
+    {"cpu_sample_every", (getter)Runtime_get_cpu_sample_every, (setter)Runtime_set_cpu_sample_every,
+     "a stage entry reads the thread CPU clock 1 time in this many (docs/counters.md)", NULL},
     {"tracing", (getter)Runtime_get_tracing, NULL, NULL, NULL},
     {"depth_dropped", (getter)Runtime_get_depth_dropped, NULL, NULL, NULL},
     {"internal_errors", (getter)Runtime_get_internal_errors, NULL, NULL, NULL},
