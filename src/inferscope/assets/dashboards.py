@@ -333,16 +333,12 @@ def _health_panels(selector: str) -> list[Panel]:
 
 def _stage_panels() -> list[Panel]:
     by = (STAGE,)
+    # Per call, each over its own count: a busy stage's CPU is read on a sample of its calls
+    # (docs/counters.md), so the CPU histogram counts fewer calls than the duration one.
     on_cpu = _mean(STAGE_CPU, by, _STAGE)
-    off_cpu = (
-        f"clamp_min(\n  {_sum_rate(by, STAGE_DURATION + '_sum', _STAGE)}\n"
-        f"  - {_sum_rate(by, STAGE_CPU + '_sum', _STAGE)},\n  0\n)\n"
-        f"/\n{_sum_rate(by, STAGE_DURATION + '_count', _STAGE)}"
-    )
-    off_share = (
-        f"clamp_min(\n  1 - {_sum_rate(by, STAGE_CPU + '_sum', _STAGE)}\n"
-        f"  / {_sum_rate(by, STAGE_DURATION + '_sum', _STAGE)},\n  0\n)"
-    )
+    wall = _mean(STAGE_DURATION, by, _STAGE)
+    off_cpu = f"clamp_min(\n  (\n{wall}\n  )\n  - (\n{on_cpu}\n  ),\n  0\n)"
+    off_share = f"clamp_min(\n  1 - (\n{on_cpu}\n  )\n  / (\n{wall}\n  ),\n  0\n)"
     return [
         Panel(
             "timeseries",

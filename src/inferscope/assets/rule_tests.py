@@ -237,12 +237,13 @@ def _cpu_case() -> dict[str, Any]:
         _series(PROCESS_CPU, {**_SVC, "cpu_mode": "user"}, _counter([(4, 20)])),
         _series(PROCESS_CPU, {**_SVC, "cpu_mode": "system"}, _counter([(1, 20)])),
     ]
-    # A stage of 60 ms (6 s per 100 calls) of which 15 ms on CPU: 75% off CPU.
+    # A stage of 60 ms (6 s per 100 calls) of which 15 ms on CPU: 75% off CPU. Its CPU was read on
+    # 25 of the 100 calls (the stage CPU sample): per call it is still 15 ms.
     series += _histogram(STAGE_DURATION, stage, [(_P95_175MS, 20)])
     series += [
         _series(f"{STAGE_DURATION}_sum", stage, _counter([(6, 20)])),
-        _series(f"{STAGE_CPU}_sum", stage, _counter([(1.5, 20)])),
-        _series(f"{STAGE_CPU}_count", stage, _counter([(100, 20)])),
+        _series(f"{STAGE_CPU}_sum", stage, _counter([(0.375, 20)])),
+        _series(f"{STAGE_CPU}_count", stage, _counter([(25, 20)])),
     ]
     version = {k: v for k, v in labels.items() if k != INSTANCE}
     in_stage = {**version, STAGE: "infer"}

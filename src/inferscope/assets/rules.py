@@ -196,8 +196,12 @@ RECORDS: tuple[Record, ...] = (
     ),
     Record(
         STAGE_OFF_CPU,
-        f"clamp_min(\n  1 - {_sum_rate(f'{STAGE_CPU}_sum', _BY_STAGE)}\n"
-        f"  / {_sum_rate(f'{STAGE_DURATION}_sum', _BY_STAGE)},\n  0\n)",
+        # CPU per call over wall per call: a busy stage's CPU is read on a sample of its calls
+        # (docs/counters.md), so the CPU histogram counts fewer calls than the duration one.
+        f"clamp_min(\n  1 - (\n    {_sum_rate(f'{STAGE_CPU}_sum', _BY_STAGE)}\n"
+        f"    / {_sum_rate(f'{STAGE_CPU}_count', _BY_STAGE)}\n  )\n"
+        f"  / (\n    {_sum_rate(f'{STAGE_DURATION}_sum', _BY_STAGE)}\n"
+        f"    / {_sum_rate(f'{STAGE_DURATION}_count', _BY_STAGE)}\n  ),\n  0\n)",
     ),
     # The share of CFS periods in which the container was throttled.
     Record(
