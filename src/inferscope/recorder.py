@@ -11,8 +11,8 @@ stage is stored as ``''`` so that keys compare as equal (SQL ``NULL`` never equa
 
 Per-minute windows are kept for ``window_retention_seconds`` (7 days by default); older ones are
 folded into hourly rollups (per service, model, version and stage, all processes together; the
-process windows per service and hour), kept for ``rollup_retention_seconds`` (90 days). Past ``max_bytes``, the oldest windows go first, then
-the oldest rollups.
+process windows per service and hour), kept for ``rollup_retention_seconds`` (90 days). Past
+``max_bytes``, the oldest windows go first, then the oldest rollups.
 
 Failures never reach the caller: a full disk, a read-only directory or a file locked for longer
 than the busy timeout are counted in ``failures`` by kind and logged once per kind; the windows
