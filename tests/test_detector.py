@@ -676,3 +676,40 @@ def test_a_wait_for_a_core_on_fewer_cpus_is_a_machine_change():
     assert wait.cause == "machine_change"
     assert wait.evidence["machine"] == ["usable CPUs 2 -> 1"]
     assert wait.evidence["candidates"]["contention"] == "held, but machine_change comes first"
+
+
+def test_a_rise_over_the_rolling_reference_is_judged_against_that_reference():
+    # The anchor was taken on a busy machine; an hour of quiet follows (every stage cheaper), then
+    # the neighbours come back. Against the quiet hour every stage rose, with CPU pressure: the
+    # machine, judged against the same quiet hour, not against the busy anchor where nothing moved.
+    detector = Detector(SETTINGS)
+    stream = Stream()
+    stream.process["cpu_pressure"] = 0.5
+    stream.run(detector, 12)
+    assert detector.anchor("fraud") is not None
+    busy_ms, busy_share = dict(stream.stage_ms), dict(stream.cpu_share)
+    stream.process["cpu_pressure"] = 0.02
+    stream.stage_ms = {s: ms * 0.6 for s, ms in busy_ms.items()}
+    stream.run(detector, 14)
+    stream.process["cpu_pressure"] = 0.5
+    stream.stage_ms, stream.cpu_share = busy_ms, busy_share
+    stream.run(detector, 8)
+    found = [r for r in detector.regressions() if r.evidence.get("reference") == "rolling"]
+    assert found, [(r.stage, r.metric, r.cause, r.evidence.get("reference")) for r in detector.regressions()]
+    assert {r.cause for r in found} == {"contention"}
+    assert all(any(s.startswith("CPU pressure") for s in r.evidence["contention"]) for r in found)
+
+
+def test_a_dependency_change_on_a_busy_machine_is_named_not_taken_for_spinning_helpers():
+    # Another library makes infer do twice the work, on a machine that got busy meanwhile: infer
+    # waits far more for a core too. Its waiting outgrowing its CPU is no sign of spinning helpers
+    # when the software changed; the other stage, on the same machine, did no more work.
+    detector, stream = steady()
+    stream.process["fingerprint"] = "bbbb"
+    stream.process["cpu_pressure"] = 0.5
+    stream.stage_ms["infer"] = 32.0
+    stream.cpu_share["infer"] = 0.4
+    stream.run(detector, 8)
+    (infer,) = [r for r in active(detector) if r.stage == "infer" and r.metric == "cpu"]
+    assert infer.cause == "dependency_change", infer.evidence["why"]
+    assert "contention_also" in infer.evidence

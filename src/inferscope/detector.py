@@ -634,7 +634,10 @@ class Detector:
             return
         track.suppressed = None
         reference = "anchor" if base is anchor.stage(stage) else "rolling"
-        cause, evidence = self._attribute(model, stage, metric, span, anchor, base, current, value, ref)
+        # The machine, the environment and the other stages are compared with the same reference
+        # as the figure that rose: a rise over a quiet hour is not judged against the anchor's hour.
+        compared = rolling if reference == "rolling" and rolling is not None else anchor
+        cause, evidence = self._attribute(model, stage, metric, span, compared, base, current, value, ref)
         evidence["reference"] = reference
         evidence["calls"] = current.count
         evidence["windows"] = len(span)
@@ -1199,7 +1202,15 @@ class Detector:
             return None
         own = current.cpu_per_call / base.cpu_per_call
         off_then, off_now = base.off_cpu_per_call, current.off_cpu_per_call
-        if off_then and off_now is not None and off_now / off_then >= OFF_CPU_OUTGROWS * own:
+        process = ProcessFigures.pool([(w.process, w.seconds) for w in span])
+        if (
+            off_then
+            and off_now is not None
+            and off_now / off_then >= OFF_CPU_OUTGROWS * own
+            # A stage that does more work on a busy machine also waits more for a core: with other
+            # software, another model or larger inputs, its waiting says nothing of spinning helpers.
+            and not self._inputs_software_or_model_changed(model, span, anchor, process)
+        ):
             return None  # spinning helpers: their waiting outgrew their CPU
         controls = []
         for other in anchor.stages.values():
