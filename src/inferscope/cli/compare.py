@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import sys
 from typing import Any
 
@@ -26,19 +25,12 @@ class _UsageError(Exception):
 
 def resolve_model(target: str) -> Any:
     """The object that ``module:attr`` names; a plain function is called to make the model."""
-    import pkgutil
+    from ..gate.data import resolve_target
 
-    module_name, sep, attribute = target.partition(":")
-    if not sep or not module_name or not attribute:
-        raise _UsageError(f"expected MODULE:ATTRIBUTE (such as service.model:pipeline), got {target!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        obj = pkgutil.resolve_name(target)
-    except ImportError as exc:
-        raise _UsageError(f"cannot import {module_name!r}: {exc}") from None
-    except (AttributeError, ValueError):
-        raise _UsageError(f"{module_name!r} has no attribute {attribute!r}") from None
+        obj = resolve_target(target, "MODULE:ATTRIBUTE (such as service.model:pipeline)")
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
     return obj() if inspect.isfunction(obj) else obj
 
 

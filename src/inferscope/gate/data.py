@@ -30,9 +30,19 @@ def load_function(target: str) -> Callable[..., Any]:
 
     Raises ValueError with what is wrong.
     """
+    obj = resolve_target(target, "module:function (e.g. mymodel.serve:predict)")
+    if not callable(obj):
+        raise ValueError(f"{target} is not callable (it is a {type(obj).__name__})")
+    return obj  # type: ignore[no-any-return]
+
+
+def resolve_target(target: str, expected: str = "module:attribute") -> Any:
+    """The object named by ``module:attribute`` (``attribute`` may be dotted), the current
+    directory importable as with ``python -m``. Raises ValueError with what is wrong (``expected``
+    says what form the target takes)."""
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(f"expected module:function (e.g. mymodel.serve:predict), got {target!r}")
+        raise ValueError(f"expected {expected}, got {target!r}")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -44,9 +54,7 @@ def load_function(target: str) -> Callable[..., Any]:
             obj = getattr(obj, part)
         except AttributeError:
             raise ValueError(f"{module_name!r} has no attribute {attribute!r}") from None
-    if not callable(obj):
-        raise ValueError(f"{target} is not callable (it is a {type(obj).__name__})")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def load_calls(path: str | os.PathLike[str]) -> list[Call]:
