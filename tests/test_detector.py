@@ -238,9 +238,21 @@ def test_data_growth_when_size_and_cost_grow_together():
     assert abs(found[0].evidence["cost_per_item_change"]) < 0.1
 
 
-def test_dependency_change_names_the_packages():
-    env_then = {"fingerprint": "aaaa", "packages": {"numpy": "1.26.4", "scipy": "1.13.0"}}
-    env_now = {"fingerprint": "bbbb", "packages": {"numpy": "2.1.0", "scipy": "1.13.0"}}
+def _pool(path: str, version: str) -> dict[str, Any]:
+    return {path: {"user_api": "blas", "internal_api": "openblas", "version": version, "num_threads": 2}}
+
+
+def test_dependency_change_names_the_packages_and_a_swapped_blas_in_one_line():
+    env_then = {
+        "fingerprint": "aaaa",
+        "packages": {"numpy": "1.26.4", "scipy": "1.13.0"},
+        "threadpools": {"libraries": _pool("numpy.libs/libopenblas", "0.3.23")},
+    }
+    env_now = {
+        "fingerprint": "bbbb",
+        "packages": {"numpy": "2.1.0", "scipy": "1.13.0"},
+        "threadpools": {"libraries": _pool("numpy.libs/libscipy_openblas", "0.3.31")},
+    }
     current = {"env": env_then}
     detector, stream = steady(environment=lambda: current["env"])
     detector._environment_cache = None
@@ -250,7 +262,10 @@ def test_dependency_change_names_the_packages():
     stream.run(detector, 8)
     found = active(detector)
     assert found and {r.cause for r in found} == {"dependency_change"}
-    assert found[0].evidence["changed"] == ["numpy 1.26.4 -> 2.1.0"]
+    assert found[0].evidence["changed"] == [
+        "thread pools blas openblas 0.3.23 (2 threads) -> blas openblas 0.3.31 (2 threads)",
+        "numpy 1.26.4 -> 2.1.0",
+    ]
 
 
 def test_model_change_and_machine_change():

@@ -1273,12 +1273,17 @@ class Detector:
         if now is None or then is None or now.get("fingerprint") != fingerprint_now:
             return []
         names = []
+        pools_then, pools_now = _thread_pools(then), _thread_pools(now)
+        if pools_then != pools_now:
+            # One line for the thread pools (a BLAS swapped for another reads as one change).
+            names.append(
+                f"thread pools {', '.join(pools_then) or '(none)'} -> {', '.join(pools_now) or '(none)'}"
+            )
         for change in diff(then, now):
             path = change.path
             if not path.startswith(
                 (
                     "packages.",
-                    "threadpools.",
                     "python.version",
                     "gpu.",
                     "threads_env.",
@@ -1286,10 +1291,6 @@ class Detector:
                     "os.release",
                     "torch.",
                 )
-            ):
-                continue
-            if path.startswith("threadpools.") and not path.endswith(
-                (".version", ".internal_api", ".num_threads", ".threading_layer", ".architecture")
             ):
                 continue
             label = path.removeprefix("packages.")
@@ -1617,6 +1618,22 @@ class Detector:
             "inferscope.tax.latency": latency,
             "inferscope.tax.cpu": cpu,
         }
+
+
+def _thread_pools(environment: Mapping[str, Any]) -> list[str]:
+    """The environment's native thread pools, one phrase each: ``blas openblas 0.3.31 (2 threads,
+    pthreads, SkylakeX)``, sorted."""
+    libraries = (environment.get("threadpools") or {}).get("libraries") or {}
+    phrases = []
+    for found in libraries.values():
+        if not isinstance(found, Mapping):
+            continue
+        details = [f"{found['num_threads']} threads" if found.get("num_threads") is not None else None]
+        details += [found.get("threading_layer"), found.get("architecture")]
+        named = " ".join(str(found[k]) for k in ("user_api", "internal_api", "version") if found.get(k))
+        shown = ", ".join(str(d) for d in details if d)
+        phrases.append(f"{named} ({shown})" if shown else named)
+    return sorted(phrases)
 
 
 def _machine_moved(pb: ProcessBaseline, process: ProcessFigures) -> list[str]:
