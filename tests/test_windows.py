@@ -329,8 +329,8 @@ def test_fork_child_starts_fresh_windows(tmp_path) -> None:
     assert report["fresh"] == 0
     assert report["models"] == ["child"]  # the parent's threads are gone in the child
     assert report["child_calls"] == 200
-    assert report["stored"] == 200
-    assert report["failures"] == {}
+    assert report["failures"] == {}, report
+    assert report["stored"] == 200, report
 
 
 def test_a_failing_window_never_stops_the_drainer(windows, monkeypatch, caplog) -> None:

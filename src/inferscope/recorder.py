@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sqlite3
 import struct
@@ -63,9 +64,11 @@ __all__ = [
 _logger = logging.getLogger("inferscope")
 
 #: How long a writer waits for another process's transaction before giving up on this write.
-DEFAULT_BUSY_TIMEOUT_SECONDS = 1.0
+DEFAULT_BUSY_TIMEOUT_SECONDS = 3.0
 #: Retention and the size bound are enforced at most this often.
 _MAINTENANCE_SECONDS = 600.0
+#: Window rows inserted by one statement (19 values each; SQLite allows 32,766 per statement).
+_ROWS_PER_INSERT = 1000
 _HOUR = 3600.0
 #: Sampled profiles kept, newest first (one per key and hour at most is stored).
 _MAX_PROFILES = 1000
@@ -367,27 +370,33 @@ class FlightRecorder:
                 raise sqlite3.OperationalError(f"cannot use WAL mode here (got {mode})")
             connection.execute("PRAGMA synchronous = NORMAL")
             connection.execute(f"PRAGMA journal_size_limit = {min(self.max_bytes // 4, 64 * 2**20)}")
-            with _transaction(connection):
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        connection.execute(statement)
-                found = connection.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-                if found is None or int(found[0]) < RECORDER_SCHEMA_VERSION:
-                    # An older file is read as it is (its rows keep their JSON histograms) and
-                    # marked, so that the inferscope that wrote it leaves the new rows alone.
-                    connection.execute(
-                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
-                        (str(RECORDER_SCHEMA_VERSION),),
-                    )
-                elif int(found[0]) > RECORDER_SCHEMA_VERSION:
-                    raise sqlite3.DatabaseError(
-                        "the file was written by a newer inferscope "
-                        f"(schema {found[0]} > {RECORDER_SCHEMA_VERSION})"
-                    )
+            if not _schema_current(connection):
+                self._create_schema(connection)
         except BaseException:
             connection.close()
             raise
         return connection
+
+    @staticmethod
+    def _create_schema(connection: sqlite3.Connection) -> None:
+        """The tables, and the schema version (an older file is marked; a newer one refused)."""
+        with _transaction(connection):
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            found = connection.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            if found is None or int(found[0]) < RECORDER_SCHEMA_VERSION:
+                # An older file is read as it is (its rows keep their JSON histograms) and
+                # marked, so that the inferscope that wrote it leaves the new rows alone.
+                connection.execute(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?)",
+                    (str(RECORDER_SCHEMA_VERSION),),
+                )
+            elif int(found[0]) > RECORDER_SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    "the file was written by a newer inferscope "
+                    f"(schema {found[0]} > {RECORDER_SCHEMA_VERSION})"
+                )
 
     def _failed(self, error: BaseException, doing: str) -> None:
         # Caller holds the lock.
@@ -459,8 +468,15 @@ class FlightRecorder:
     def before_fork(self) -> None:
         """Before fork(): wait (at most the busy timeout and a second) until no thread is inside
         SQLite through this recorder, so that the child never inherits one of SQLite's mutexes
-        held by a thread it does not have. ``after_fork_in_parent`` lets go."""
+        held by a thread it does not have, and close the connection (the next use reopens it).
+        A child that inherits an open connection shares SQLite's per-file lock bookkeeping with
+        it: its own connection to the same file then finds the file locked, however long it
+        waits. ``after_fork_in_parent`` lets go."""
         self._held_for_fork = self._lock.acquire(timeout=self.busy_timeout_seconds + 1.0)
+        if self._held_for_fork and self._connection is not None:
+            connection, self._connection = self._connection, None
+            with suppress(sqlite3.Error):
+                connection.close()
 
     def after_fork_in_parent(self) -> None:
         if getattr(self, "_held_for_fork", False):
@@ -513,13 +529,20 @@ class FlightRecorder:
             if connection is None:
                 return False
             with _transaction(connection):
-                connection.executemany(
-                    "INSERT INTO windows (service, model, version, stage, start_unix, end_unix, host, pid, "
-                    "fingerprint, count, errors, wall_seconds, cpu_seconds, cpu_wall_seconds, "
-                    "process_cpu_seconds, size_sum, size_count, duration, counters) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
+                # One statement per chunk of rows, not one per row: each statement hands the GIL
+                # back and forth, and in a busy process every hand-off can take a switch interval,
+                # while the write lock is held and other workers wait for it.
+                for chunk in range(0, len(rows), _ROWS_PER_INSERT):
+                    part = rows[chunk : chunk + _ROWS_PER_INSERT]
+                    connection.execute(
+                        "INSERT INTO windows (service, model, version, stage, start_unix, end_unix, host, "
+                        "pid, fingerprint, count, errors, wall_seconds, cpu_seconds, cpu_wall_seconds, "
+                        "process_cpu_seconds, size_sum, size_count, duration, counters) VALUES "
+                        + ", ".join(
+                            ["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(part)
+                        ),
+                        [value for row in part for value in row],
+                    )
                 connection.execute(
                     "INSERT INTO process_windows (service, start_unix, end_unix, host, pid, fingerprint, "
                     "figures) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -1059,6 +1082,17 @@ def _fold_processes(
         canary_wait_seconds=median("canary_wait_seconds"),
     )
     return folded, by_process
+
+
+def _schema_current(connection: sqlite3.Connection) -> bool:
+    """Whether the file already holds every table of this version's schema, read without taking
+    the write lock (several processes open the file at once; most find it made)."""
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    wanted = set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
+    if not wanted <= tables:
+        return False
+    found = connection.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+    return found is not None and int(found[0]) == RECORDER_SCHEMA_VERSION
 
 
 def _where(*conditions: tuple[str, object]) -> tuple[str, list[Any]]:
