@@ -153,8 +153,10 @@ def test_twice_the_work_is_a_regression_and_the_same_work_passes():
 
 def test_a_baseline_of_another_machine_is_compared_on_cpu_per_item_over_the_canary():
     base = timed_run(1, fingerprint="ci-runner")
-    # The same code on a machine 1.6 times slower: the canary slows as much as the calls.
-    elsewhere = scaled(timed_run(1), 1.6, 1.6, fingerprint="production")
+    # The same code on a machine 1.6 times slower: the canary slows as much as the calls. (These
+    # are the baseline's own timings, scaled: two real runs of 0.3 s can differ by more than the
+    # tolerance on a loaded machine, and it is the normalisation that is under test here.)
+    elsewhere = scaled(base, 1.6, 1.6, fingerprint="production")
     verdict = compare(elsewhere, stored(base), max_increase=0.25)
     assert verdict.cross_machine and verdict.canary_corrected
     assert verdict.metric == "cpu_per_item"

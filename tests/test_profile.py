@@ -526,6 +526,8 @@ def test_the_example_prints_the_sampled_functions_of_the_regressed_stage(tmp_pat
             str(ROOT / "examples" / "profile_regression.py"),
             "--recorder",
             str(tmp_path / "r.sqlite"),
+            "--sample-seconds",  # the sampler keeps to 1% of a core: a few stacks a second
+            "8",
         ],
         capture_output=True,
         text=True,

@@ -131,17 +131,25 @@ threads = [threading.Thread(target=work) for _ in range(4)]
 for t in threads:
     t.start()
 hung = failed = 0
+codes = []
 for _ in range(FORKS):
     pid = os.fork()
     if pid == 0:
         for _ in range(3):
             predict()
-        os._exit(0 if inferscope.snapshot().row("m").count == 3 else 3)
+        try:
+            count = inferscope.snapshot().row("m").count
+        except BaseException as exc:
+            os.write(2, f"child: {{exc!r}}\\n".encode())
+            os._exit(4)
+        os._exit(0 if count == 3 else 3)
     deadline = time.monotonic() + 20
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            failed += os.waitstatus_to_exitcode(status) != 0
+            code = os.waitstatus_to_exitcode(status)
+            failed += code != 0
+            codes += [code] if code else []
             break
         if time.monotonic() > deadline:  # hung: inside fork(), before the child's code ran
             hung += 1
@@ -152,7 +160,7 @@ for _ in range(FORKS):
 stop.set()
 for t in threads:
     t.join()
-result(hung=hung, failed=failed)
+result(hung=hung, failed=failed, codes=codes)
 """
 
 
@@ -174,8 +182,9 @@ def test_children_forked_under_recording_threads_all_run(backend, exporter, trac
     # Before: 2 to 7 children in 100 hung in the fork handler, on the exemplars' lock that the
     # drainer held when the main thread forked.
     code = FORKS.format(exporter=exporter, tracing=tracing, forks=forks, closed=free_port())
-    out, _ = scenario(code, env=backend, timeout=600)
-    assert out == {"hung": 0, "failed": 0}
+    out, stderr = scenario(code, env=backend, timeout=600)
+    # codes: the failed children's exit statuses (3: a wrong count, 4: snapshot() raised, -N: signal N)
+    assert out == {"hung": 0, "failed": 0, "codes": []}, stderr[-3000:]
 
 
 # --- 2. one shutdown budget, a dead collector ------------------------------------------------------

@@ -258,19 +258,28 @@ class Rotel:
         return parse_rotel_metrics(self.output())
 
     def wait_for_points(
-        self, predicate: Callable[[RotelPoint], bool], timeout_s: float = 10.0
+        self,
+        predicate: Callable[[RotelPoint], bool],
+        timeout_s: float = 10.0,
+        complete: Callable[[list[RotelPoint]], bool] | None = None,
     ) -> list[RotelPoint]:
         """The printed points matching ``predicate``, once there is at least one and rotel has
         finished printing them: rotel prints an export point by point, so a read in the middle
-        would see only its first points."""
+        would see only its first points. A pause in rotel's printing can pass for the end of it on
+        a loaded machine: with ``complete``, the points are returned once it holds of them, or at
+        ``timeout_s`` whatever arrived (for the caller to say what is missing)."""
         settled: list[list[RotelPoint]] = []
+        deadline = time.monotonic() + timeout_s
 
         def matching() -> list[RotelPoint] | None:
             self.process.check_alive()
             found = [p for p in self.points() if predicate(p)]
-            if found and settled and len(settled[-1]) == len(found):
-                return found
+            stable = bool(found) and bool(settled) and len(settled[-1]) == len(found)
             settled.append(found)
+            if not stable:
+                return None
+            if complete is None or complete(found) or time.monotonic() > deadline - 0.5:
+                return found
             return None
 
         found: list[RotelPoint] = wait_until(

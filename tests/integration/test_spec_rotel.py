@@ -144,6 +144,16 @@ def _run(mode: str, protocol: str, rotel: Rotel, workdir: Path) -> None:
     assert "Traceback" not in result.stderr, result.stderr
 
 
+def _reason(entry: spec.MetricSpec) -> str | None:
+    if entry.source == "provider":
+        return None  # the workload registers providers for the tax meter's metrics
+    return entry.unavailable_reason()
+
+
+#: The metrics this machine can produce: the wait for rotel's output ends once all have arrived.
+_EXPECTED = {name for name in spec.METRICS if _reason(spec.get(name)) is None}
+
+
 @pytest.fixture(scope="module")
 def arrived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, str], list[RotelPoint]]]:
     """Per (mode, protocol): the points of scope ``inferscope`` that rotel decoded from one run."""
@@ -155,18 +165,14 @@ def arrived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str
             _run(mode, protocol, rotel, workdir)
             service = f"spec-{mode}-{protocol}"
             points = rotel.wait_for_points(
-                lambda p, s=service: p.resource.get("service.name") == s, timeout_s=20
+                lambda p, s=service: p.resource.get("service.name") == s,
+                timeout_s=30,
+                complete=lambda found: {p.metric for p in found} >= _EXPECTED,
             )
             found[(mode, protocol)] = [p for p in points if p.scope.split(" ")[0] == "inferscope"]
         finally:
             process.stop()
     yield found
-
-
-def _reason(entry: spec.MetricSpec) -> str | None:
-    if entry.source == "provider":
-        return None  # the workload registers providers for the tax meter's metrics
-    return entry.unavailable_reason()
 
 
 @pytest.mark.parametrize("name", sorted(spec.METRICS))

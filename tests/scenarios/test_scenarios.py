@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ import pytest
 pytestmark = [pytest.mark.scenario, pytest.mark.expensive]
 
 SERVICE = Path(__file__).with_name("service.py")
+#: Other processes' CPU (cores, averaged over a run) above which a run had a busy neighbour.
+NEIGHBOUR_CORES = 0.25
 
 
 def run_service(
@@ -45,6 +50,52 @@ def run_service(
         if os.environ.get("INFERSCOPE_SCENARIO_EVIDENCE"):
             print("    " + json.dumps({k: v for k, v in r["evidence"].items() if k != "candidates"}))
     return result
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (steal included: a neighbour VM's share)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _ours_seconds() -> float:
+    """CPU seconds of this process and of its children that ended (the service, and its hogs)."""
+    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
+
+
+def judged(
+    cause: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    check: Callable[[dict[str, Any]], None],
+    *args: str,
+    attempts: int = 3,
+) -> None:
+    """Run the service with ``cause`` (a cause that is not contention) and ``check`` what it found.
+
+    A neighbour's load during the run is contention the scenario did not inject, and the detector
+    rightly names it: a failed check counts only when the rest of the machine stayed quiet (other
+    processes, and steal, under ``NEIGHBOUR_CORES`` of a core on average). A run beside a busy
+    neighbour is run again, up to ``attempts`` times; if every run had one, the test fails and
+    says so."""
+    failures = []
+    for _ in range(attempts):
+        recorder = tmp_path_factory.mktemp("recorder") / "recorder.sqlite"
+        busy, ours, started = _machine_busy_seconds(), _ours_seconds(), time.monotonic()
+        result = run_service(cause, recorder, *args)
+        elapsed = time.monotonic() - started
+        neighbours = (_machine_busy_seconds() - busy - (_ours_seconds() - ours)) / elapsed
+        print(f"  other processes used {neighbours:.2f} cores")
+        try:
+            check(result)
+            return
+        except AssertionError as exc:
+            if neighbours < NEIGHBOUR_CORES:
+                raise
+            failures.append(f"{neighbours:.2f} cores used by other processes: {exc}")
+    pytest.fail("every run had a busy neighbour:\n" + "\n".join(failures))
 
 
 def opened(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -80,12 +131,16 @@ def test_a_slower_library_path_is_more_work_in_infer(isolated_recorder):
     assert not [r for r in found if r["stage"] not in ("infer", None) and r["cause"] == "more_work"]
 
 
-def test_a_growing_step_is_more_work_as_a_trend(isolated_recorder):
-    found = opened(run_service("growing_step", isolated_recorder, "--inject-seconds", "18"))
-    preprocess = [r for r in found if r["stage"] == "preprocess"]
-    assert preprocess and {r["cause"] for r in preprocess} == {"more_work"}
-    assert "trend" in {r["shape"] for r in preprocess}
-    assert not [r for r in found if r["stage"] not in ("preprocess", None) and r["cause"] == "more_work"]
+def test_a_growing_step_is_more_work_as_a_trend(tmp_path_factory):
+    def check(result: dict[str, Any]) -> None:
+        found = opened(result)
+        preprocess = [r for r in found if r["stage"] == "preprocess"]
+        assert preprocess and {r["cause"] for r in preprocess} == {"more_work"}, found
+        assert "trend" in {r["shape"] for r in preprocess}, preprocess
+        others = [r for r in found if r["stage"] not in ("preprocess", None) and r["cause"] == "more_work"]
+        assert not others, others
+
+    judged("growing_step", tmp_path_factory, check, "--inject-seconds", "18")
 
 
 def test_larger_inputs_are_data_growth(isolated_recorder):
