@@ -2,9 +2,9 @@
 answer, ports that are taken, producers that never pause, credentials in endpoints.
 
 Each scenario runs in a fresh interpreter (a hang or a crash fails the test instead of pytest), on
-both backends where it applies: the scenarios that depend on the backend run once per backend in
-the same test run. Nothing here asserts a duration: a scenario that used to hang must end, and a
-bounded one must end before a timeout many times its budget.
+the backend under test: the suite runs once per backend (``INFERSCOPE_NO_EXTENSION=1`` for pure
+Python), as .ci/run does. Nothing here asserts a duration: a scenario that used to hang must end,
+and a bounded one must end before a timeout many times its budget.
 """
 
 from __future__ import annotations
@@ -22,15 +22,18 @@ from collections.abc import Iterator
 
 import pytest
 
+import inferscope
 from inferscope import ConfigError, _selflog
 from inferscope._selflog import ErrorCounter, RateLimitedLog, redact
 
-from .conftest import _native, run_python
+from .conftest import run_python
 
-#: Backend selections for scenarios that run once per backend in the same test run.
-BACKEND_ENVS = [pytest.param({"INFERSCOPE_NO_EXTENSION": "1"}, id="python")]
-if _native is not None:
-    BACKEND_ENVS.append(pytest.param({"INFERSCOPE_NO_EXTENSION": ""}, id="c"))
+#: The backend under test, for the scenarios that depend on it (each runs in a fresh interpreter).
+BACKEND_ENVS = [
+    pytest.param({"INFERSCOPE_NO_EXTENSION": ""}, id="c")
+    if inferscope.backend() == "c"
+    else pytest.param({"INFERSCOPE_NO_EXTENSION": "1"}, id="python")
+]
 
 PRELUDE = """
 import json, logging, os, signal, socket, sys, threading, time
