@@ -510,13 +510,20 @@ def test_the_ci_gate_example_saves_and_checks_its_baseline(tmp_path):
     )
     assert saved.returncode == 0, saved.stdout + saved.stderr
     assert list((tmp_path / "baselines").glob("*.json"))
-    checked = subprocess.run(
-        [*args, f"--inferscope-markdown={tmp_path / 'summary.md'}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # The check of the same code passes. The example's tolerance is 10%, and on a shared 2-core
+    # runner a neighbour can move even the calling thread's CPU time that much between two runs
+    # (an A/A pair here once read +72% with the canary at +4.5%): a check that reports a regression
+    # is run once more, as a CI job is rerun, and must pass then.
+    for attempt in range(2):
+        checked = subprocess.run(
+            [*args, f"--inferscope-markdown={tmp_path / 'summary.md'}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if checked.returncode == 0 or "PerformanceRegression" not in checked.stdout or attempt:
+            break
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "inferscope performance gate" in (tmp_path / "summary.md").read_text()
     assert not (tmp_path / "state").exists()
