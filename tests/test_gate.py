@@ -24,10 +24,11 @@ import pytest
 
 from inferscope.aggregate import Histogram
 from inferscope.baseline import Baseline, load_baselines
+from inferscope.cli.demo_tax import CpuHogs
 from inferscope.gate import stats
 from inferscope.gate.data import load_calls, load_function
 from inferscope.gate.result import BenchResult, Inconclusive, PerformanceRegression
-from inferscope.gate.runner import CANARY_RUNS_PER_ROUND, BenchRun
+from inferscope.gate.runner import CANARY_RUNS_PER_ROUND, BenchRun, BenchRunner
 from inferscope.gate.store import (
     MAX_STORED_CALLS,
     StoredBaseline,
@@ -165,6 +166,32 @@ def test_a_baseline_of_another_machine_is_compared_on_cpu_per_item_over_the_cana
     # Twice the work there, on that slower machine: still a regression.
     slower = scaled(timed_run(2), 1.6, 1.6, fingerprint="production")
     assert compare(slower, stored(base), max_increase=0.25).outcome == REGRESSION
+
+
+def test_a_rise_measured_beside_cpu_hogs_is_inconclusive_not_a_regression():
+    def bench() -> BenchRun:
+        return BenchRunner(work, [((1,), {})], model="work", budget_seconds=1.0).measure()
+
+    def twice(run: BenchRun) -> BenchRun:
+        return replace(run, wall=[2 * v for v in run.wall], cpu=[2 * v for v in run.cpu])
+
+    base = bench()
+    with CpuHogs(3 * (os.cpu_count() or 1)):
+        time.sleep(0.3)
+        busy = bench()
+    # The same code beside the hogs: whatever its timings read, never a regression.
+    beside = compare(busy, stored(base), max_increase=0.10)
+    assert beside.outcome != REGRESSION, beside.message
+    # Twice the time on that busy machine (its real rounds, with what the system read in them):
+    # the machine's signals say it waited for a core...
+    doubled = compare(twice(busy), stored(base), max_increase=0.10)
+    assert doubled.outcome == INCONCLUSIVE, doubled.message
+    assert doubled.contention and "not judged" in doubled.message
+    assert any("CPU pressure" in s or "run-queue" in s for s in doubled.contention), doubled.contention
+    assert doubled.to_json()["contention"] == list(doubled.contention)
+    # ... where the same doubling of a quiet run is a regression.
+    quiet = compare(twice(bench()), stored(base), max_increase=0.10)
+    assert quiet.outcome == REGRESSION and not quiet.contention, quiet.message
 
 
 def test_a_production_baseline_without_calls_is_compared_with_its_quantiles():

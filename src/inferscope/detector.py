@@ -61,6 +61,7 @@ __all__ = [
     "describe",
     "detector",
     "install",
+    "machine_signals",
     "regressions",
     "set_detector",
     "tax_of",
@@ -929,7 +930,7 @@ class Detector:
                 CANARY_RATIO, 1.0 + NOISE_UNITS * pb.canary_wall_noise / (pb.canary_wall_seconds or 1.0)
             )
             canary_slow = canary_ratio >= floor
-        signals = _machine_signals(pb, process, evidence)
+        signals = machine_signals(pb, process, evidence)
         switches_then = base.counters_per_call.get("involuntary_switches")
         switches_now = current.counter_per_call("involuntary_switches")
         if switches_now is not None:
@@ -1522,7 +1523,7 @@ class Detector:
                 _round(inference.calls_per_second, 3),
             ],
         }
-        signals = _machine_signals(pb, process, evidence)
+        signals = machine_signals(pb, process, evidence)
         moved = _machine_moved(pb, process)
         cause = "machine_change" if moved else "contention"
         rise = level - ref
@@ -1652,10 +1653,10 @@ def _machine_moved(pb: ProcessBaseline, process: ProcessFigures) -> list[str]:
     return moved
 
 
-def _machine_signals(pb: ProcessBaseline, process: ProcessFigures, evidence: dict[str, Any]) -> list[str]:
+def machine_signals(pb: ProcessBaseline, process: ProcessFigures, evidence: dict[str, Any]) -> list[str]:
     """The process-wide signs that the machine gives the process less than in the anchor (waits
     for a core, CPU pressure, steal, throttling), each beyond its own noise; their figures go to
-    ``evidence``."""
+    ``evidence``. The performance gate asks the same of a run against its baseline."""
     signals: list[str] = []
     # Waits for a core that the scheduler counted (schedstat): the process's run-queue delay
     # per CPU second it ran, and the canary thread's wait per wake-up. Neither includes the GIL.

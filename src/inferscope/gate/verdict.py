@@ -18,17 +18,25 @@ baseline (its own interval excludes 1), the ratio is divided by the canary's.
 Across machines (the environment fingerprints differ: another runner, CI against production), only
 CPU per item divided by the canary's CPU time is compared: wall time and raw CPU time of another
 machine say nothing about the code. The verdict says so.
+
+A busier machine: when the run waited for a core far more than the baseline's did (run-queue wait,
+the canary's wait, CPU pressure, steal or throttling beyond the baseline's noise: the detector's
+contention signals), a rise is inconclusive, not a regression. A neighbour's load inflates even the
+calling thread's CPU time (caches, memory bandwidth, a thread pool that spins): unchanged code
+beside four CPU hogs measured +60% here, with the canary far less moved.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from ..baseline import ProcessFigures
+from ..detector import machine_signals
 from .runner import BenchRun
 from .stats import Ratio, Sample, log_quantile_error, quantile_ratio, ratio_with_error
 from .store import StoredBaseline
@@ -64,6 +72,9 @@ class Verdict:
     cross_machine: bool = False
     #: Every ratio computed, by metric, the one not chosen included.
     ratios: dict[str, Ratio] = field(default_factory=dict)
+    #: Why the machine gave this run less than the baseline's, when it did (then a rise is
+    #: inconclusive): "CPU pressure 0% -> 99% of the time", ...
+    contention: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -83,6 +94,7 @@ class Verdict:
             "canary_corrected": self.canary_corrected,
             "cross_machine": self.cross_machine,
             "ratios": {name: r.to_json() for name, r in self.ratios.items()},
+            "contention": list(self.contention),
         }
 
 
@@ -137,6 +149,39 @@ def compare(
     rng: np.random.Generator | None = None,
 ) -> Verdict:
     """The verdict of ``current`` against ``baseline`` (see the module's text)."""
+    verdict = _compare(current, baseline, max_increase, quantile, alpha, rng)
+    if verdict.outcome != REGRESSION:
+        return verdict
+    signals = _contended(current, baseline)
+    if not signals:
+        return verdict
+    return replace(
+        verdict,
+        outcome=INCONCLUSIVE,
+        message=INCONCLUSIVE
+        + verdict.message.removeprefix(REGRESSION)
+        + f"; but the machine gave this run less than the baseline's ({'; '.join(signals)}): a rise "
+        "measured beside a busy neighbour is not judged",
+        contention=tuple(signals),
+    )
+
+
+def _contended(current: BenchRun, baseline: StoredBaseline) -> list[str]:
+    """The detector's contention signals of this run's rounds against the baseline's."""
+    if not current.windows:
+        return []
+    process = ProcessFigures.pool([(w.process, w.seconds) for w in current.windows])
+    return machine_signals(baseline.baseline.process, process, {})
+
+
+def _compare(
+    current: BenchRun,
+    baseline: StoredBaseline,
+    max_increase: float,
+    quantile: float,
+    alpha: float,
+    rng: np.random.Generator | None,
+) -> Verdict:
     rng = rng if rng is not None else np.random.default_rng()
     threshold = 1.0 + max_increase
     cross = (
