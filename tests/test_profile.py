@@ -27,6 +27,7 @@ import inferscope
 from inferscope.detector import Regression
 from inferscope.profile import sampler as sampler_module
 from inferscope.profile.sampler import StackSampler
+from inferscope.profile.staged import profile_calls
 from inferscope.profile.stored import profile_lines, profile_of, profiles_of
 from inferscope.recorder import FlightRecorder
 
@@ -268,6 +269,29 @@ def test_the_stage_a_thread_is_in_is_read_from_its_stack(kind, path, stage_frame
 def test_a_method_and_its_stage_held_in_an_attribute_are_found():
     with held(Model().predict) as thread:
         assert _where(StackSampler(), thread)[:2] == ("method-model", "encode")
+
+
+@inferscope.track_inference(model="sized-model", size=len)
+def sized_predict(batch: list[int]) -> None:
+    with inferscope.stage("infer"):
+        wait_here()
+
+
+@inferscope.track_inference(model="streamed-model")
+def streamed(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+def test_functions_tracked_with_a_size_or_as_generators_are_known_by_their_model():
+    # Their wrappers are plain functions: they carry the key, as the tracked function does.
+    with held(sized_predict, [1, 2, 3]) as thread:
+        assert _where(StackSampler(), thread)[:2] == ("sized-model", "infer")
+    for func in (sized_predict, streamed):
+        assert isinstance(func.inferscope_key, int)
+    RELEASE.set()
+    run = profile_calls(sized_predict, [(([1, 2],), {})], warmup=0)
+    assert run.model == "sized-model"  # not tracked a second time under its own name
+    assert profile_calls(streamed, [((3,), {})], warmup=0).model == "streamed-model"
 
 
 def _regression(stage: str | None, model: str = "sampled", metric: str = "p95") -> Regression:

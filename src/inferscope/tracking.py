@@ -178,6 +178,11 @@ def _wrap(
     # A callable object without a writable __dict__ is tracked all the same.
     with contextlib.suppress(AttributeError):
         functools.update_wrapper(wrapper, func)
+    if getattr(wrapper, "inferscope_key", None) != key:
+        # The generator, coroutine and size= wrappers are plain functions: they carry the key too,
+        # so that `inferscope profile` and the stack sampler know them as tracked, and their model.
+        with contextlib.suppress(AttributeError):
+            wrapper.inferscope_key = key  # type: ignore[attr-defined]
     return wrapper
 
 
