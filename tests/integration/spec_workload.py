@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import sys
 import time
@@ -24,6 +25,8 @@ try:  # torch decides whether the CUDA metrics can have points; the test imports
     import torch
 except ImportError:
     torch = None  # type: ignore[assignment]
+
+RSS_STEP = 1 << 18
 
 TAX_ATTRIBUTES = {
     "inferscope.model.name": "fraud",
@@ -40,6 +43,7 @@ def main() -> None:
     on_gpu = torch is not None and torch.cuda.is_available()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     kept: list[bytes] = []
+    mapped: list[mmap.mmap] = []
 
     def migrate() -> None:
         """Move this thread to each CPU it may use in turn: the kernel counts real migrations."""
@@ -50,8 +54,13 @@ def main() -> None:
     @inferscope.track_inference(model="fraud", version="3")
     def predict(fail: bool) -> int:
         with inferscope.stage("preprocess"):
-            if len(kept) < 60:  # RSS and the Python heap grow: their change is above zero
+            if len(kept) < 60:  # the Python heap grows: its change is above zero
                 kept.append(b"x" * (1 << 20))
+            # RSS grows on every call, by pages that no allocator can serve from resident memory:
+            # RSS is read on a random sample of entries, and a sum of zero is not exported.
+            touched = mmap.mmap(-1, RSS_STEP)
+            touched.write(b"x" * RSS_STEP)
+            mapped.append(touched)
             if len(cpus) > 1:
                 migrate()
         with inferscope.stage("infer"):
@@ -70,7 +79,7 @@ def main() -> None:
                 yield i
 
     # RSS is read on one entry in 16, chosen at random: 200 inferences leave a chance of about 1 in
-    # 400,000 that none of them was read (60 left 2%).
+    # 400,000 that no preprocess entry was read.
     for i in range(200):
         with contextlib.suppress(ValueError):
             predict(fail=i % 10 == 9)
