@@ -45,8 +45,8 @@ from typing import Any
 import _common
 import numpy as np
 
-from inferscope.aggregate import Histogram
 from inferscope.detector import Detector, DetectorSettings, Regression
+from inferscope.histogram import Histogram
 from inferscope.recorder import histogram_from_json, histogram_to_json
 from inferscope.windows import KeyWindow, ProcessWindow, Window
 

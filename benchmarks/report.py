@@ -32,7 +32,7 @@ from typing import Any
 import _common
 import numpy as np
 
-from inferscope.aggregate import Histogram
+from inferscope.histogram import Histogram
 from inferscope.history import HistoryStore
 from inferscope.recorder import FlightRecorder
 from inferscope.report import collect, render_html

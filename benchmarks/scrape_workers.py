@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from inferscope._keys import KeyRegistry
 from inferscope._records import empty_records
-from inferscope.aggregate import Aggregator
+from inferscope.aggregator import Aggregator
 from inferscope.config import DEFAULT_HISTOGRAM_BOUNDARIES, Settings
 from inferscope.export.multiworker import Publication, merged_collector
 

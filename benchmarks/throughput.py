@@ -48,7 +48,7 @@ import inferscope
 from inferscope import _purepy
 from inferscope._keys import KeyRegistry
 from inferscope._records import empty_records
-from inferscope.aggregate import Aggregator
+from inferscope.aggregator import Aggregator
 from inferscope.testing import InMemoryMetricExporter
 
 #: Calls between two looks at the clock.

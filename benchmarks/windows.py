@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import Histogram as PromHistogram
 
 import inferscope
-from inferscope.aggregate import Histogram
+from inferscope.histogram import Histogram
 from inferscope.recorder import FlightRecorder, histogram_from_blob, histogram_to_json
 from inferscope.system.fingerprint import environment
 from inferscope.windows import WINDOWS, KeyWindow, ProcessWindow, Window

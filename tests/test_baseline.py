@@ -8,7 +8,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from inferscope.aggregate import Histogram
 from inferscope.baseline import (
     BASELINE_FORMAT,
     Baseline,
@@ -17,6 +16,7 @@ from inferscope.baseline import (
     mad_noise,
     save_baselines,
 )
+from inferscope.histogram import Histogram
 from inferscope.windows import SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
 
 

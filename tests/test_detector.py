@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 import inferscope
-from inferscope.aggregate import Histogram
 from inferscope.baseline import Baseline
 from inferscope.detector import CAUSES, PRECEDENCE, Detector, DetectorSettings, Regression, theil_sen_slope
+from inferscope.histogram import Histogram
 from inferscope.windows import KeyWindow, ProcessWindow, Window
 
 MB = 1024 * 1024

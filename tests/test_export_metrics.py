@@ -45,7 +45,7 @@ from inferscope._records import (
     FLAG_ABANDONED,
     empty_records,
 )
-from inferscope.aggregate import AggregateView, Aggregator
+from inferscope.aggregator import AggregateView, Aggregator
 from inferscope.export.metrics import (
     EXPORTS_FAILED,
     INFERENCE_ABANDONED,

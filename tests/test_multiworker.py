@@ -22,9 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import inferscope
 from inferscope._keys import KeyRegistry
 from inferscope._records import empty_records
-from inferscope.aggregate import Aggregator, Histogram
+from inferscope.aggregator import Aggregator
 from inferscope.export.multiworker import Publication, ServerId, sweep_stale_servers, user_root
 from inferscope.export.traces import ExemplarStore
+from inferscope.histogram import Histogram
 
 from .conftest import run_python
 from .integration.conftest import free_port

@@ -18,7 +18,7 @@ from dataclasses import fields, replace
 
 import pytest
 
-from inferscope.aggregate import Histogram
+from inferscope.histogram import Histogram
 from inferscope.history import HistoryStore
 from inferscope.recorder import (
     FlightRecorder,

@@ -45,7 +45,7 @@ from ._records import (
 )
 from ._runtime import REGISTRY, RUNTIME
 from ._selflog import ERRORS, exporting_quietly, quiet_exporter_loggers, redact, report_error
-from .aggregate import AggregateView, Aggregator, Snapshot, build_snapshot
+from .aggregator import AggregateView, Aggregator
 from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
 from .counters.cuda import DEVICE_TIMER, install_cuda_reader
@@ -69,6 +69,7 @@ from .export.traces import (
     install_runtime_context,
     uninstall_runtime_context,
 )
+from .snapshot import Snapshot, build_snapshot
 from .system import check_oversubscription, install_import_hook, register_system_metrics, resource_attributes
 from .windows import WINDOWS
 

@@ -13,7 +13,7 @@ the model in the flight recorder's history (kept across restarts and deploys, re
 saved here or by a CI benchmark's output in the same format), and the **rolling** reference (the
 same hour a day earlier, or the trailing week).
 
->>> from inferscope.aggregate import Histogram
+>>> from inferscope.histogram import Histogram
 >>> from inferscope.windows import KeyWindow, ProcessWindow, Window
 >>> def window(start):
 ...     key = KeyWindow("fraud", "3", None, 100, 0, Histogram.of([0.01] * 100), 1.0)
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aggregate import Histogram
+from .histogram import Histogram
 from .windows import SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
 
 __all__ = [

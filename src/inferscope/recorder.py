@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .aggregate import Histogram
+from .histogram import Histogram
 from .windows import RECORDER_SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
 
 __all__ = [

@@ -41,9 +41,10 @@ from ._records import (
 )
 from ._runtime import REGISTRY, RUNTIME
 from ._selflog import report_error
-from .aggregate import AggregateView, Histogram, Series
+from .aggregator import AggregateView, Series
 from .config import RECORDER_OFF
 from .counters import CounterMetric, counter_label, counter_metrics, counter_value, counters_of
+from .histogram import Histogram
 from .system.canary import Canary, read_schedstat
 from .system.cgroup import CgroupInfo, read_cgroup
 from .system.fingerprint import cached_environment

@@ -30,8 +30,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import free_port
 
-from inferscope.aggregate import SCALE
 from inferscope.export.multiworker import MergedSource, Publication, ServerId, user_root
+from inferscope.histogram import SCALE
 
 pytestmark = [pytest.mark.integration, pytest.mark.expensive]
 

@@ -52,7 +52,7 @@ def p95_trend(
     """The inference's quantile per slice of ``windows`` (oldest first), in seconds: the windows of
     each slice are pooled (their histograms merged), so a slice with few calls still counts them all.
     A slice without calls is None."""
-    from ..aggregate import Histogram
+    from ..histogram import Histogram
 
     if not windows:
         return []

@@ -26,7 +26,8 @@ from opentelemetry.sdk.metrics import Exemplar
 
 from .._keys import KeyInfo
 from .._records import COUNTER_SLOTS
-from ..aggregate import AggregateView, Histogram, Series
+from ..aggregator import AggregateView, Series
+from ..histogram import Histogram
 from .traces import ExemplarStore
 
 __all__ = ["Publication", "SeriesIdentity"]

@@ -81,7 +81,8 @@ from .traces import EXEMPLARS, ExemplarStore
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from ..aggregate import AggregateView, Histogram, Series
+    from ..aggregator import AggregateView, Series
+    from ..histogram import Histogram
 
 __all__ = [
     "EXPORTS_FAILED",

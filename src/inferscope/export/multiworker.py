@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.metrics import Observation
 
 from .._selflog import RateLimitedLog, report_error
-from ..aggregate import AggregateView
+from ..aggregator import AggregateView
 from . import spec as _spec
 from ._publication import Publication
 from ._shm_reaper import REAPER_LOCK, lock_held, process_start, slot_held
