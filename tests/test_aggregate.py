@@ -1,4 +1,4 @@
-"""Tests for inferscope.histogram, .aggregator and .snapshot: OTel bucket layout, quantiles,
+"""Tests for inferscope.histogram, .aggregator and .snapshots: OTel bucket layout, quantiles,
 vectorised add(), snapshot rows.
 
 Expected values come from independent computations: exact integer arithmetic for bucket indices,
@@ -30,9 +30,7 @@ from inferscope._records import (
 )
 from inferscope.aggregator import Aggregator, Series
 from inferscope.histogram import SCALE, Histogram, bucket_indices
-from inferscope.snapshot import build_snapshot
-
-from .conftest import run_python
+from inferscope.snapshots import build_snapshot
 
 BASE = 2.0 ** (2.0**-SCALE)
 
@@ -807,31 +805,9 @@ def test_abandoned_counts_reach_the_row(registry: KeyRegistry) -> None:
 def test_the_former_aggregate_module_names_the_same_objects_as_their_new_modules() -> None:
     former = importlib.import_module("inferscope.aggregate")
     homes = [
-        importlib.import_module(f"inferscope.{name}") for name in ("histogram", "aggregator", "snapshot")
+        importlib.import_module(f"inferscope.{name}") for name in ("histogram", "aggregator", "snapshots")
     ]
     for name in former.__all__:
         owners = [home for home in homes if name in home.__all__]
         assert len(owners) == 1, name
         assert getattr(former, name) is getattr(owners[0], name), name
-
-
-@pytest.mark.parametrize(
-    "first_import",
-    ["import inferscope.snapshot", "from inferscope.snapshot import Snapshot", "import inferscope.aggregate"],
-)
-def test_inferscope_snapshot_stays_the_function_beside_the_snapshot_module(first_import: str) -> None:
-    # The module inferscope.snapshot shares its name with the function inferscope.snapshot(): the
-    # package attribute must be the function whichever import comes first.
-    result = run_python(
-        f"""
-        {first_import}
-        import sys
-        import inferscope
-        from inferscope._pipeline import snapshot
-        assert inferscope.snapshot is snapshot, inferscope.snapshot
-        assert sys.modules["inferscope.snapshot"].Snapshot is inferscope.Snapshot
-        print("ok")
-        """
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"

@@ -17,7 +17,7 @@ from .config import ConfigError, Settings
 from .counters import counters_status
 from .detector import Regression, regressions
 from .export.apps import make_asgi_app, make_wsgi_app
-from .snapshot import Snapshot, StatsRow
+from .snapshots import Snapshot, StatsRow
 from .system import environment
 from .tracking import bind, stage, track_inference
 from .windows import add_window_listener, recent_windows, remove_window_listener, set_input_size

@@ -69,7 +69,7 @@ from .export.traces import (
     install_runtime_context,
     uninstall_runtime_context,
 )
-from .snapshot import Snapshot, build_snapshot
+from .snapshots import Snapshot, build_snapshot
 from .system import check_oversubscription, install_import_hook, register_system_metrics, resource_attributes
 from .windows import WINDOWS
 

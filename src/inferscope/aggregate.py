@@ -4,7 +4,7 @@
   :data:`MIN_SCALE`, :func:`bucket_indices`) and :class:`Histogram`;
 - :mod:`inferscope.aggregator`: :class:`Series`, :class:`AggregateView` and :class:`Aggregator`,
   which folds ring records into per-series histograms;
-- :mod:`inferscope.snapshot`: :class:`StatsRow`, :class:`Snapshot` and :func:`build_snapshot`, the
+- :mod:`inferscope.snapshots`: :class:`StatsRow`, :class:`Snapshot` and :func:`build_snapshot`, the
   types of ``inferscope.snapshot()``.
 
 This module only re-exports them, so that code importing ``inferscope.aggregate`` keeps working;
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .aggregator import AggregateView, Aggregator, Series
 from .histogram import MIN_SCALE, SCALE, Histogram, bucket_indices
-from .snapshot import TABLE_COLUMNS, Snapshot, StatsRow, build_snapshot
+from .snapshots import TABLE_COLUMNS, Snapshot, StatsRow, build_snapshot
 
 __all__ = [
     "MIN_SCALE",
