@@ -43,9 +43,12 @@ from inferscope._records import (
     DROP_RING_FULL,
     DROP_STACK_DEPTH,
     FLAG_ABANDONED,
+    SLOT_RSS_DELTA,
+    SLOT_RSS_SAMPLES,
     empty_records,
 )
 from inferscope.aggregator import AggregateView, Aggregator
+from inferscope.counters import COUNTER_RSS, COUNTER_RUSAGE, counter_metrics
 from inferscope.export.metrics import (
     EXPORTS_FAILED,
     INFERENCE_ABANDONED,
@@ -302,6 +305,40 @@ def test_delta_temporality_over_two_exports(registry: KeyRegistry, aggregator: A
     fourth = by_name(builder.build(aggregator.view(), T0 + 40))
     p4 = only_point(fourth[INFERENCE_DURATION], **attrs)
     assert (p4.count, p4.start_time_unix_nano) == (1, T0 + 35)
+
+
+def test_a_cumulative_change_back_at_zero_keeps_its_series(
+    registry: KeyRegistry, aggregator: Aggregator
+) -> None:
+    # RSS grew by a page on one sampled call, then shrank by a page on another: no net change. A
+    # cumulative up-down counter back at 0 is a value (its series must not vanish from the
+    # backend); a count that never moved, and a delta interval where nothing changed, have none.
+    key = registry.stage_key(registry.inference_key("fraud"), "preprocess")
+
+    def sampled_call(rss_change: int) -> None:
+        batch = empty_records(1)
+        batch["key"] = key
+        batch["wall_ns"] = 1_000_000
+        batch["cpu_ns"] = CPU_NOT_MEASURED
+        batch["counters"][:, SLOT_RSS_DELTA] = rss_change
+        batch["counters"][:, SLOT_RSS_SAMPLES] = 1
+        aggregator.add(batch)
+
+    rss, faults = "inferscope.stage.memory.rss.change", "inferscope.stage.page_faults"
+    metrics = counter_metrics(COUNTER_RSS | COUNTER_RUSAGE)
+    cumulative = PointBuilder(boundaries=BOUNDARIES, counters=metrics)
+    delta = PointBuilder(boundaries=BOUNDARIES, counters=metrics, temporality=AggregationTemporality.DELTA)
+    sampled_call(4096)
+    for builder in (cumulative, delta):
+        first = by_name(builder.build(aggregator.view(), T0 + 1))
+        assert [p.value for p in first[rss].data.data_points] == [4096]
+        assert faults not in first  # no fault was ever counted
+    sampled_call(-4096)
+    back = by_name(cumulative.build(aggregator.view(), T0 + 2))
+    assert [p.value for p in back[rss].data.data_points] == [0]
+    assert back[rss].data.is_monotonic is False
+    assert [p.value for p in by_name(delta.build(aggregator.view(), T0 + 2))[rss].data.data_points] == [-4096]
+    assert rss not in by_name(delta.build(aggregator.view(), T0 + 3))  # nothing changed since
 
 
 def test_cumulative_repeats_unchanged_series(registry: KeyRegistry, aggregator: Aggregator) -> None:

@@ -227,6 +227,8 @@ class PointBuilder:
         self._previous_counts: dict[tuple[str, _AttributesKey], int] = {}
         self._previous_time_unix_nano: int | None = None
         self._view_start_unix_nano: int | None = None
+        #: The per-series counters that have had a point: (metric name, attributes).
+        self._moved: set[tuple[str, _AttributesKey]] = set()
 
     @property
     def _delta(self) -> bool:
@@ -309,11 +311,23 @@ class PointBuilder:
 
         sums: dict[str, list[NumberDataPoint]] = {}
         for name, attrs, total in counters:
-            value = self._counter_interval(name, attrs, total, next_counts)
-            # Per-series counters are skipped when nothing happened in a delta interval; the SDK's
-            # own counters are always sent so that a dashboard sees them at 0.
-            if value is None or (value == 0 and (name == INFERENCE_ABANDONED or name in counter_kinds)):
+            kind = counter_kinds.get(name)
+            value = self._counter_interval(
+                name, attrs, total, next_counts, monotonic=kind is None or kind.monotonic
+            )
+            # Per-series counters have points once their total is not zero, as the OTel SDK makes
+            # none before a measurement, and not in a delta interval where nothing happened. Once
+            # it moved, a cumulative series stays: an up-down change (RSS, the Python heap) back at
+            # 0 is a value, and its series must not vanish from the backend. The SDK's own counters
+            # are always sent so that a dashboard sees them at 0.
+            if value is None:
                 continue
+            if name == INFERENCE_ABANDONED or name in counter_kinds:
+                series_key = (name, _attributes_key(attrs))
+                if value != 0:
+                    self._moved.add(series_key)
+                elif self._delta or series_key not in self._moved:
+                    continue
             sums.setdefault(name, []).append(
                 NumberDataPoint(
                     attributes=attrs,
@@ -369,13 +383,16 @@ class PointBuilder:
         attrs: Attributes,
         total: int,
         next_state: dict[tuple[str, _AttributesKey], int],
+        monotonic: bool = True,
     ) -> int | None:
         if not self._delta:
             return total
         key = (name, _attributes_key(attrs))
         next_state[key] = total
         previous = self._previous_counts.get(key, 0)
-        return total - previous if total >= previous else total
+        # A monotonic count that fell was reset (a fork starts the aggregates over): its interval
+        # is all of it. An up-down change (RSS) may fall: its interval is negative.
+        return total - previous if total >= previous or not monotonic else total
 
     def _histogram_point(
         self,
