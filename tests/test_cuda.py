@@ -31,7 +31,8 @@ from inferscope._records import (
     empty_records,
 )
 from inferscope.counters.cuda import DEVICE_TIMER, DeviceTimer, cuda_memory
-from inferscope.export.metrics import STAGE_GPU_TIME, PointBuilder, PrometheusCollector
+from inferscope.export.points import STAGE_GPU_TIME, PointBuilder
+from inferscope.export.prometheus import PrometheusCollector
 
 from .conftest import BACKENDS, run_python
 

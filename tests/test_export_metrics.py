@@ -49,7 +49,7 @@ from inferscope._records import (
 )
 from inferscope.aggregator import AggregateView, Aggregator
 from inferscope.counters import COUNTER_RSS, COUNTER_RUSAGE, counter_metrics
-from inferscope.export.metrics import (
+from inferscope.export.points import (
     EXPORTS_FAILED,
     INFERENCE_ABANDONED,
     INFERENCE_CPU_TIME,
@@ -59,11 +59,12 @@ from inferscope.export.metrics import (
     SDK_ERRORS,
     STAGE_CPU_TIME,
     STAGE_DURATION,
-    AggregatesExporter,
     PointBuilder,
-    PrometheusCollector,
+)
+from inferscope.export.prometheus import PrometheusCollector, start_prometheus_server
+from inferscope.export.sdk import (
+    AggregatesExporter,
     export_empty_collections,
-    start_prometheus_server,
     unwrap_meter_provider,
     wrap_meter_provider,
 )
@@ -801,7 +802,7 @@ def encoded_metric_names(data: MetricsData) -> list[str]:
 def test_system_signals_and_aggregates_survive_the_otlp_encoder(
     aggregator: Aggregator, populated: dict[str, int]
 ) -> None:
-    from inferscope.export.metrics import _scope_version
+    from inferscope.export.points import _scope_version
     from inferscope.system.host import register_system_metrics
 
     resource = Resource.create({"service.name": "svc"})

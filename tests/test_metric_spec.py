@@ -11,7 +11,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from inferscope.counters import COUNTER_SETS, COUNTERS, counter_metrics, counters_of
-from inferscope.export import metrics as export_metrics
+from inferscope.export import points as export_points
 from inferscope.export import spec
 from inferscope.system.gpu import GPU_METRICS
 from inferscope.system.host import register_system_metrics, system_signals
@@ -75,14 +75,14 @@ def test_every_counter_that_a_mask_exports_is_in_the_specification() -> None:
 
 
 def test_the_exporters_histograms_and_counters_are_the_specifications() -> None:
-    assert set(export_metrics._HISTOGRAMS) == {n for n, e in spec.METRICS.items() if e.kind == "histogram"}
+    assert set(export_points._HISTOGRAMS) == {n for n, e in spec.METRICS.items() if e.kind == "histogram"}
     for name in (
-        export_metrics.INFERENCE_ABANDONED,
-        export_metrics.RECORDS_DROPPED,
-        export_metrics.SPANS_DROPPED,
-        export_metrics.KEYS_OVERFLOWED,
-        export_metrics.SDK_ERRORS,
-        export_metrics.EXPORTS_FAILED,
+        export_points.INFERENCE_ABANDONED,
+        export_points.RECORDS_DROPPED,
+        export_points.SPANS_DROPPED,
+        export_points.KEYS_OVERFLOWED,
+        export_points.SDK_ERRORS,
+        export_points.EXPORTS_FAILED,
     ):
         assert spec.get(name).group in ("sdk", "inference")
 
@@ -148,7 +148,8 @@ def test_collections_and_providers_survive_fork_under_busy_threads() -> None:
         from inferscope import _otel_compat
         from inferscope._pipeline import collect_view
         from inferscope.export import spec
-        from inferscope.export.metrics import PointBuilder, _CollectWithAggregates, wrap_meter_provider
+        from inferscope.export.points import PointBuilder
+        from inferscope.export.sdk import _CollectWithAggregates, wrap_meter_provider
 
         spec.register_provider("inferscope.tax.cpu", lambda: [(0.001, {"inferscope.model.name": "m"})])
         collect = _CollectWithAggregates(

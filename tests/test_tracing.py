@@ -599,7 +599,7 @@ def test_the_prometheus_endpoint_carries_exemplars_to_openmetrics_scrapers(trace
     from prometheus_client.openmetrics import exposition as openmetrics
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-    from inferscope.export.metrics import PrometheusCollector
+    from inferscope.export.prometheus import PrometheusCollector
 
     t = traced(trace_ratio=1.0)
 

@@ -50,16 +50,14 @@ from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
 from .counters.cuda import DEVICE_TIMER, install_cuda_reader
 from .detector import install as install_detector
-from .export.metrics import (
+from .export.multiworker import PUBLISHER, merged_collector
+from .export.prometheus import PrometheusCollector, PrometheusServer, start_prometheus_server
+from .export.sdk import (
     AggregatesExporter,
-    PrometheusCollector,
-    PrometheusServer,
     export_empty_collections,
-    start_prometheus_server,
     unwrap_meter_provider,
     wrap_meter_provider,
 )
-from .export.multiworker import PUBLISHER, merged_collector
 from .export.traces import (
     EXEMPLARS,
     SLOW_QUANTILES,

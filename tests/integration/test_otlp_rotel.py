@@ -24,7 +24,7 @@ from opentelemetry.sdk.resources import Resource
 from inferscope._keys import KeyRegistry
 from inferscope._records import CPU_NOT_MEASURED, DROP_RING_FULL, empty_records
 from inferscope.aggregator import Aggregator
-from inferscope.export.metrics import AggregatesExporter, export_empty_collections
+from inferscope.export.sdk import AggregatesExporter, export_empty_collections
 
 if TYPE_CHECKING:
     from conftest import Rotel, RotelPoint

@@ -13,7 +13,7 @@ from tests.integration.conftest import wait_until
 from inferscope._keys import KeyRegistry
 from inferscope._records import DROP_RING_FULL, DROP_STACK_DEPTH, empty_records
 from inferscope.aggregator import Aggregator
-from inferscope.export.metrics import PrometheusCollector, start_prometheus_server
+from inferscope.export.prometheus import PrometheusCollector, start_prometheus_server
 
 if TYPE_CHECKING:
     from conftest import Prometheus

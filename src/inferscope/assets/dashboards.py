@@ -27,7 +27,7 @@ from functools import partial
 from typing import Any
 
 from ..export import spec
-from ..export.metrics import prometheus_label_name
+from ..export.prometheus import prometheus_label_name
 from . import rules
 
 __all__ = [

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 
 from ..export import spec
-from ..export.metrics import prometheus_label_name
+from ..export.prometheus import prometheus_label_name
 
 __all__ = ["TARGET_LABELS", "exported_labels", "exported_series", "names_in", "unknown_names"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .._keys import ERROR_TYPE, MODEL_NAME, MODEL_VERSION, STAGE_NAME
 from ..export import spec
-from ..export.metrics import prometheus_label_name
+from ..export.prometheus import prometheus_label_name
 
 __all__ = [
     "ALERTS",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from wsgiref.types import WSGIApplication
 
     from ..config import Settings
-    from .metrics import PrometheusCollector
+    from .prometheus import PrometheusCollector
 
 __all__ = ["make_asgi_app", "make_wsgi_app"]
 
@@ -65,8 +65,8 @@ class _CurrentCollector:
 
 def _build(settings: Settings, pipeline: Any) -> PrometheusCollector:
     from ..counters import counter_metrics
-    from .metrics import PrometheusCollector
     from .multiworker import merged_collector
+    from .prometheus import PrometheusCollector
 
     exports = pipeline._exports
     resource = exports.resource if exports is not None else None

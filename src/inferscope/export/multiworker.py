@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
 
     from ..config import Settings
-    from .metrics import PrometheusCollector
+    from .prometheus import PrometheusCollector
 
 __all__ = [
     "PUBLISHER",
@@ -268,7 +268,7 @@ def _published_entries() -> list[_spec.MetricSpec]:
 
 def _published_signals() -> list[_spec.Signal]:
     from ..system.host import system_signals
-    from .metrics import _provided_signals
+    from .points import _provided_signals
 
     names = {entry.name for entry in _published_entries()}
     return [
@@ -308,7 +308,7 @@ def merged_collector(
     by whichever process serves the scrape."""
     from ..counters import counter_metrics
     from ..system.host import system_signals
-    from .metrics import PrometheusCollector
+    from .prometheus import PrometheusCollector
 
     published = {entry.name for entry in _published_entries()}
     source = MergedSource(directories or server_directories(settings))

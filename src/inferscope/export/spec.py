@@ -3,10 +3,10 @@
 Each :class:`MetricSpec` says what a metric is (name, kind, unit, attributes, description), where its
 values come from (the aggregates, a system signal, or a provider registered at run time), and what
 it needs to exist on a machine (:class:`Need`: a GPU, a PMU, a counter set, a cgroup file...), with
-the reason when that is missing. The OTLP points and Prometheus families of ``export/metrics.py``,
-the observable instruments of ``system/host.py`` and ``system/gpu.py``, the tables of
-docs/metrics.md and the collector tests all read it; dashboards and alert rules are to be generated
-from it too.
+the reason when that is missing. The OTLP points of ``export/points.py``, the Prometheus families
+of ``export/prometheus.py``, the observable instruments of ``system/host.py`` and
+``system/gpu.py``, the tables of docs/metrics.md and the collector tests all read it; dashboards
+and alert rules are to be generated from it too.
 
 Adding a metric is one entry in ``_ENTRIES`` plus its values: a field of the aggregates, a signal
 reader in ``system/``, or, for metrics computed elsewhere (the regression detector's), a provider::

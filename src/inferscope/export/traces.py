@@ -210,7 +210,7 @@ def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
         bound()
 
 
-#: The exemplars of this process: the metric exporters read them (export/metrics.py).
+#: The exemplars of this process: the metric exporters read them (export/points.py, export/prometheus.py).
 EXEMPLARS = ExemplarStore()
 
 
