@@ -168,6 +168,26 @@ def test_a_baseline_of_another_machine_is_compared_on_cpu_per_item_over_the_cana
     assert compare(slower, stored(base), max_increase=0.25).outcome == REGRESSION
 
 
+def _under_pressure(run: BenchRun, pressure: float) -> BenchRun:
+    """``run`` with the CPU pressure its rounds' windows read set to ``pressure``."""
+    windows = [replace(w, process=replace(w.process, cpu_pressure=pressure)) for w in run.windows]
+    return replace(run, windows=windows)
+
+
+def test_a_rise_with_the_machine_under_more_cpu_pressure_than_the_baseline_is_inconclusive():
+    # The rule on its own, whatever the machine running the test is doing (the run beside real CPU
+    # hogs is the expensive test below): the same doubled timings, with and without the pressure.
+    base = _under_pressure(timed_run(1), 0.02)
+    doubled = scaled(timed_run(1), 2.0, 1.0, fingerprint="f1")
+    calm = compare(_under_pressure(doubled, 0.02), stored(base), max_increase=0.10)
+    assert calm.outcome == REGRESSION and not calm.contention, calm.message
+    pressed = compare(_under_pressure(doubled, 0.9), stored(base), max_increase=0.10)
+    assert pressed.outcome == INCONCLUSIVE, pressed.message
+    assert pressed.contention == ("CPU pressure 2% -> 90% of the time",)
+    assert pressed.message.startswith("inconclusive: ") and "not judged" in pressed.message
+    assert pressed.to_json()["contention"] == list(pressed.contention)
+
+
 @pytest.mark.expensive  # 16 CPU hogs: once per CI run, not once per core-suite pass
 def test_a_rise_measured_beside_cpu_hogs_is_inconclusive_not_a_regression():
     def bench() -> BenchRun:
