@@ -15,9 +15,10 @@ process windows per service and hour), kept for ``rollup_retention_seconds`` (90
 ``max_bytes``, the oldest windows go first, then the oldest rollups.
 
 Failures never reach the caller: a full disk, a read-only directory or a file locked for longer
-than the busy timeout are counted in ``failures`` by kind and logged once per kind; the windows
-stay in memory (``inferscope.recent_windows()``) and the recorder tries the file again a minute
-later. The file is created 0600 in a directory created 0700.
+than the busy timeout are counted in ``failures`` by kind and logged once per kind. A locked file
+is tried again on the next write; any other failure a minute later. The writer of windows
+(``windows.WindowBuilder``) keeps the windows it could not write and writes them with the next
+one. The file is created 0600 in a directory created 0700.
 
 >>> import tempfile, os
 >>> recorder = FlightRecorder(os.path.join(tempfile.mkdtemp(), "recorder.sqlite"))
@@ -402,7 +403,10 @@ class FlightRecorder:
         # Caller holds the lock.
         kind = _failure_kind(error)
         self.failures[kind] = self.failures.get(kind, 0) + 1
-        self._retry_at = time.monotonic() + self.retry_seconds
+        # A file that another writer held past the wait is free again soon: the next use tries it.
+        # Any other failure (a full disk, a read-only directory...) waits retry_seconds.
+        transient = kind == "locked"
+        self._retry_at = 0.0 if transient else time.monotonic() + self.retry_seconds
         connection, self._connection = self._connection, None
         if connection is not None:
             with suppress(sqlite3.Error):
@@ -410,13 +414,15 @@ class FlightRecorder:
         if kind not in self._logged:
             self._logged.add(kind)
             _logger.warning(
-                "inferscope: the flight recorder cannot use %s (%s while %s: %s); windows are kept "
-                "in memory only and the file is tried again every minute. Logged once; counted in "
-                "FlightRecorder.failures[%r].",
+                "inferscope: the flight recorder cannot use %s (%s while %s: %s); %s. Logged once; "
+                "counted in FlightRecorder.failures[%r].",
                 self.path,
                 kind.replace("_", " "),
                 doing,
                 error,
+                "another process held it past the wait, and the file is tried again on the next write"
+                if transient
+                else "the file is tried again every minute",
                 kind,
             )
 

@@ -161,6 +161,13 @@ from .recorder import FlightRecorder  # noqa: E402
 
 #: Windows kept in memory for ``recent_windows()``; the flight recorder keeps the history.
 RECENT_WINDOWS = 120
+#: Closed windows kept while the flight recorder cannot take them (a file locked by another
+#: process past the wait, a full disk), oldest first; they are written with the next window that
+#: can be. Past this, the oldest is let go and counted in ``WindowBuilder.unrecorded``.
+UNRECORDED_WINDOWS = 60
+#: How long the drainer waits for another process's write to the flight recorder before it keeps
+#: the window for the next try: short, since draining waits meanwhile.
+WRITE_WAIT_SECONDS = 1.0
 
 #: Counter slots by the names windows give them; other counters (perf events) take their label.
 _COUNTER_NAMES = {
@@ -309,6 +316,9 @@ class WindowBuilder:
         self.errors = 0
         self.listener_errors = 0
         self.size_errors = 0
+        #: Closed windows never written to the flight recorder (more than UNRECORDED_WINDOWS waited).
+        self.unrecorded = 0
+        self._unrecorded: deque[Window] = deque()
         self._settings: Any = None
         self._recorder: FlightRecorder | None = None
         self._recorder_path: str | None = None
@@ -563,20 +573,36 @@ class WindowBuilder:
                 max_bytes=settings.recorder_max_bytes,
                 window_retention_seconds=settings.recorder_window_retention_days * 86400,
                 rollup_retention_seconds=settings.recorder_rollup_retention_days * 86400,
+                busy_timeout_seconds=WRITE_WAIT_SECONDS,
             )
             self._recorder_path = settings.recorder
         return self._recorder
 
     def _record(self, window: Window) -> None:
+        """Store the window, after those that earlier tries could not store (oldest first)."""
         recorder = self.recorder()
+        waiting = self._unrecorded
         if recorder is None:
+            waiting.clear()  # recorder="off": the windows are kept in memory only
             return
+        waiting.append(window)
         env = self._environment
-        fingerprint = window.process.fingerprint
-        if env is not None and fingerprint and fingerprint not in self._fingerprints_recorded:  # noqa: SIM102
-            if recorder.save_fingerprint(fingerprint, env, seen_unix=window.end_unix):
-                self._fingerprints_recorded.add(fingerprint)
-        recorder.save_window(window)
+        while waiting:
+            oldest = waiting[0]
+            fingerprint = oldest.process.fingerprint
+            if env is not None and fingerprint and fingerprint not in self._fingerprints_recorded:  # noqa: SIM102
+                if recorder.save_fingerprint(fingerprint, env, seen_unix=oldest.end_unix):
+                    self._fingerprints_recorded.add(fingerprint)
+            if not recorder.save_window(oldest):
+                break  # kept for the next window's try (the recorder counts the failure)
+            waiting.popleft()
+        if len(waiting) > UNRECORDED_WINDOWS:
+            while len(waiting) > UNRECORDED_WINDOWS:
+                waiting.popleft()
+                self.unrecorded += 1
+            self._failed(
+                "inferscope: the flight recorder could not take windows for a while; the oldest are let go"
+            )
 
     def _close_recorder(self) -> None:
         recorder, self._recorder = self._recorder, None
@@ -614,6 +640,10 @@ class WindowBuilder:
                 self.close(final=True)
         except Exception:
             self._failed("inferscope: closing the last window failed")
+        if self._unrecorded:
+            self.unrecorded += len(self._unrecorded)
+            self._unrecorded.clear()
+            self._failed("inferscope: the flight recorder could not take the last windows before shutdown")
         self._close_recorder()
         self._settings = None
         self._start_unix = None
@@ -640,6 +670,7 @@ class WindowBuilder:
         self._held_for_fork = False
         self._close_lock = threading.Lock()
         self._recent = deque(maxlen=RECENT_WINDOWS)
+        self._unrecorded = deque()  # the parent's, which the parent writes
         recorder, self._recorder = self._recorder, None
         if recorder is not None:
             recorder.after_fork_in_child()
