@@ -8,6 +8,7 @@ drive the hook (``inferscope.otel_distro.attach_to_sdk``) against real SDK Meter
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -109,7 +110,8 @@ def test_metrics_ride_on_the_distro_pipeline_exactly_once(rotel: Rotel, tmp_path
         "OTEL_METRIC_EXPORT_INTERVAL": "600000",
     }
     result, report = run_app(tmp_path, env, "--calls", str(CALLS), "--onnx-dir", str(tmp_path), "--report")
-    assert report["instrumented"] == {"sklearn": True, "onnxruntime": True}
+    assert report["instrumented"]["sklearn"] == "patched"
+    assert report["instrumented"]["onnxruntime"] == "patched"
     assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
 
     rotel.wait_for_points(lambda p: p.metric == "app.batches")
@@ -183,7 +185,30 @@ def test_an_instrumentor_whose_library_is_missing_is_skipped_silently(tmp_path: 
     result, report = run_app(
         tmp_path, {"OTEL_METRICS_EXPORTER": "none"}, "--calls", "2", "--report", pythonpath=blocked
     )
-    assert report["instrumented"] == {"sklearn": True, "onnxruntime": False}
+    # onnxruntime is patched when the application imports it, which this one never does.
+    assert report["instrumented"]["sklearn"] == "patched"
+    assert report["instrumented"]["onnxruntime"] == "waiting"
+    assert "onnxruntime" not in report["imported"]
+    assert result.stderr.strip() == ""
+
+
+#: The modules whose import the other framework instrumentors wait for.
+FRAMEWORKS = ("onnxruntime", "xgboost", "lightgbm", "torch", "transformers", "keras", "starlette", "flask")
+
+
+def test_zero_code_imports_no_framework_the_application_does_not(tmp_path: Path) -> None:
+    require("sklearn")
+    installed = {name for name in FRAMEWORKS if importlib.util.find_spec(name) is not None}
+    assert installed or not os.environ.get("CI"), "CI installs the frameworks group"
+    result, report = run_app(tmp_path, {"OTEL_METRICS_EXPORTER": "none"}, "--calls", "2", "--report")
+    # A scikit-learn job: no other model framework is loaded. (OpenTelemetry's own FastAPI
+    # instrumentor imports Starlette, and the ASGI instrumentor then patches it.)
+    imported = set(report["imported"])
+    assert imported - {"starlette", "flask"} == {"sklearn"}, report
+    assert report["instrumented"]["sklearn"] == "patched"
+    for name in FRAMEWORKS:
+        expected = "off" if name not in installed else "patched" if name in imported else "waiting"
+        assert report["instrumented"][name] == expected, (name, report)
     assert result.stderr.strip() == ""
 
 

@@ -40,7 +40,9 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import os
 import sys
+import threading
 import types
 import weakref
 from abc import abstractmethod
@@ -655,12 +657,35 @@ def report_internal_error(message: str) -> None:
     report_error(message, logger=_logger)
 
 
+#: Held while an instrumentor patches its framework, and while it is instrumented or uninstrumented,
+#: so that the application's import of the framework in one thread and ``uninstrument()`` in
+#: another never interleave. Reentrant: patching one framework may import another (transformers
+#: imports torch), whose own hook then runs in the same thread.
+_ATTACH_LOCK = threading.RLock()
+
+
+def _fresh_attach_lock() -> None:
+    global _ATTACH_LOCK
+    _ATTACH_LOCK = threading.RLock()  # the forking thread's; a thread that held it is gone
+
+
+os.register_at_fork(after_in_child=_fresh_attach_lock)
+
+
 class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Base of every inferscope instrumentor.
 
-    Subclasses set ``_instruments`` and ``_instruments_any`` (from their ``package.py``), may set
-    ``_extra_options`` (option name -> default), and implement :meth:`_apply`, which patches the
-    framework through the :class:`Patches` it is given and returns the state its wrappers share.
+    Subclasses set ``_instruments`` and ``_instruments_any`` (from their ``package.py``) and
+    ``_module``, may set ``_extra_options`` (option name -> default) and :meth:`_check_options`,
+    and implement :meth:`_apply`, which patches the framework through the :class:`Patches` it is
+    given and returns the state its wrappers share.
+
+    The framework is patched when the application imports ``_module``, never before: importing a
+    framework costs seconds and hundreds of MB, and a service that has one installed but does not
+    use it must not pay for it (``opentelemetry-instrument`` instruments every installed framework).
+    When it is imported already, ``instrument()`` patches it at once. Options are checked by
+    ``instrument()`` either way.
+
     ``instrument()`` and ``uninstrument()`` are idempotent: ``BaseInstrumentor`` ignores a second
     call (with a warning), and ``_uninstrument`` deactivates the wrappers and restores every patched
     attribute.
@@ -671,9 +696,14 @@ class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     #: Requirements of which one must be met: one library shipped as several distributions.
     _instruments_any: tuple[str, ...] = ()
     _extra_options: Mapping[str, object] = {}
+    #: The module whose import the patching waits for.
+    _module: str = ""
 
     _patches: Patches | None = None
     _state: Any = None
+    #: Set while instrumented and waiting for ``_module``: the import hook of that instrumentation
+    #: acts only while it is still the one in force (wrapt's hooks cannot be removed).
+    _waiting: object | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """``_instruments``, plus the one requirement of ``_instruments_any`` whose distribution is
@@ -707,25 +737,55 @@ class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 _logger.debug(message)
             return
         patches = Patches()
-        try:
-            self._state = self._apply(patches, options, extra)
-        except BaseException:
-            patches.restore()
-            self._state = None
-            raise
-        self._patches = patches
+        with _ATTACH_LOCK:
+            if self._module in sys.modules:
+                try:
+                    self._state = self._apply(patches, options, extra)
+                except BaseException:
+                    patches.restore()
+                    self._state = None
+                    raise
+                self._patches = patches
+                return
+            self._patches = patches  # active: the wrappers go in when the framework is imported
+            self._waiting = waiting = object()
+
+        def attach_when_imported(module: Any) -> None:
+            with _ATTACH_LOCK:
+                if self._waiting is not waiting:
+                    return  # uninstrumented (and maybe instrumented again) since
+                self._waiting = None
+                try:
+                    self._state = self._apply(patches, options, extra)
+                except Exception:  # an import hook must never break the application's import
+                    patches.restore()
+                    self._patches = self._state = None
+                    report_internal_error(
+                        f"inferscope: {self._module} could not be instrumented; its calls are not recorded"
+                    )
+
+        import wrapt
+
+        wrapt.register_post_import_hook(attach_when_imported, self._module)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        patches, self._patches = self._patches, None
-        state, self._state = self._state, None
-        if state is not None:
-            state.active = False
-        if patches is not None:
-            patches.restore()
+        with _ATTACH_LOCK:
+            self._waiting = None
+            patches, self._patches = self._patches, None
+            state, self._state = self._state, None
+            if state is not None:
+                state.active = False
+            if patches is not None:
+                patches.restore()
+
+    def _check_options(self, extra: dict[str, Any]) -> None:
+        """Raise ``TypeError`` for a bad value among ``extra`` (the ``_extra_options``): checked by
+        ``instrument()``, before the framework is imported."""
 
     @abstractmethod
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> Any:
-        """Patch the framework; return the state object the wrappers share (it must have ``active``)."""
+        """Patch the framework (``_module`` is imported); return the state object the wrappers
+        share (it must have ``active``)."""
 
     def _parse_options(self, kwargs: dict[str, Any]) -> tuple[InstrumentOptions, dict[str, Any]]:
         known = {"models", "model_names", "attributes", *self._extra_options}
@@ -744,14 +804,20 @@ class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             attributes=kwargs.get("attributes"),
         )
         extra = {name: kwargs.get(name, default) for name, default in self._extra_options.items()}
+        self._check_options(extra)
         return options, extra
 
     @property
     def active(self) -> bool:
-        """Whether this instrumentor's wrappers are in place: instrumented, and not uninstrumented
-        since. (``is_instrumented_by_opentelemetry`` is also true when ``instrument()`` found its
-        library missing and patched nothing.)"""
+        """Whether this instrumentor's wrappers are in place, or wait for the framework's import:
+        instrumented, and not uninstrumented since. (``is_instrumented_by_opentelemetry`` is also
+        true when ``instrument()`` found its library missing and patched nothing.)"""
         return self._patches is not None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether this instrumentor waits for the application to import its framework."""
+        return self._waiting is not None
 
     @property
     def patched(self) -> list[tuple[type, str, object]]:

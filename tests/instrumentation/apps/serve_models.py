@@ -45,13 +45,35 @@ def main() -> None:
     metrics.get_meter("serve_models").create_counter("app.batches", unit="{batch}").add(args.calls)
 
     if args.report:
-        from inferscope.instrumentation.onnxruntime import OnnxruntimeInstrumentor
-        from inferscope.instrumentation.sklearn import SklearnInstrumentor
+        import sys
 
-        report["instrumented"] = {
-            "sklearn": SklearnInstrumentor().is_instrumented_by_opentelemetry,
-            "onnxruntime": OnnxruntimeInstrumentor().is_instrumented_by_opentelemetry,
+        from inferscope.instrumentation.lightgbm import LightGBMInstrumentor
+        from inferscope.instrumentation.onnxruntime import OnnxruntimeInstrumentor
+        from inferscope.instrumentation.serving import AsgiInstrumentor, WsgiInstrumentor
+        from inferscope.instrumentation.sklearn import SklearnInstrumentor
+        from inferscope.instrumentation.tensorflow import TensorflowInstrumentor
+        from inferscope.instrumentation.torch import TorchInstrumentor
+        from inferscope.instrumentation.transformers import TransformersInstrumentor
+        from inferscope.instrumentation.xgboost import XGBoostInstrumentor
+
+        instrumentors = {
+            "sklearn": SklearnInstrumentor(),
+            "onnxruntime": OnnxruntimeInstrumentor(),
+            "xgboost": XGBoostInstrumentor(),
+            "lightgbm": LightGBMInstrumentor(),
+            "torch": TorchInstrumentor(),
+            "transformers": TransformersInstrumentor(),
+            "keras": TensorflowInstrumentor(),
+            "starlette": AsgiInstrumentor(),
+            "flask": WsgiInstrumentor(),
         }
+        # "patched": its wrappers are in place; "waiting": for the application to import the
+        # framework; "off": not instrumented (the framework is not installed).
+        report["instrumented"] = {
+            name: "waiting" if i.waiting else "patched" if i.active else "off"
+            for name, i in instrumentors.items()
+        }
+        report["imported"] = sorted(name for name in (*instrumentors, "tensorflow") if name in sys.modules)
     print(json.dumps(report), flush=True)
 
 

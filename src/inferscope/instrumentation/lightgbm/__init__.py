@@ -95,6 +95,7 @@ class LightGBMInstrumentor(InferscopeInstrumentor):
 
     _instruments = _instruments
     _instruments_any = _instruments_any
+    _module = "lightgbm"
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> BoosterState:
         import lightgbm

@@ -113,6 +113,7 @@ class OnnxruntimeInstrumentor(InferscopeInstrumentor):
 
     _instruments = _instruments
     _instruments_any = _instruments_any
+    _module = "onnxruntime"
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
         import onnxruntime

@@ -185,6 +185,7 @@ class AsgiInstrumentor(ServingInstrumentor):
     """
 
     _instruments = ASGI_INSTRUMENTS
+    _module = "starlette"
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> Serving:
         from starlette.applications import Starlette

@@ -237,6 +237,7 @@ class WsgiInstrumentor(ServingInstrumentor):
     """
 
     _instruments = WSGI_INSTRUMENTS
+    _module = "flask"
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> Serving:
         from flask import Flask, request

@@ -399,14 +399,16 @@ class SklearnInstrumentor(InferscopeInstrumentor):
     _instruments = _instruments
     _instruments_any = _instruments_any
     _extra_options = {"stages": True}
+    _module = "sklearn"
+
+    def _check_options(self, extra: dict[str, Any]) -> None:
+        if not isinstance(extra["stages"], bool):
+            raise TypeError(f"stages must be True or False, got {extra['stages']!r}")
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
         from sklearn.base import BaseEstimator
         from sklearn.pipeline import Pipeline
 
-        stages = extra["stages"]
-        if not isinstance(stages, bool):
-            raise TypeError(f"stages must be True or False, got {stages!r}")
-        state = _State(options, stages, patches, BaseEstimator, Pipeline)
+        state = _State(options, extra["stages"], patches, BaseEstimator, Pipeline)
         state.patch_estimator_classes()
         return state

@@ -59,7 +59,6 @@ import importlib
 import logging
 import re
 import sys
-import threading
 import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -215,16 +214,13 @@ class _Entry:
 class _State:
     """Shared by the wrappers of one ``instrument()``; inactive once uninstrumented.
 
-    Made before Keras is imported; :meth:`attach` completes it when Keras is. TensorFlow's own
-    functions are looked up on the first model call: Keras may be imported from inside
-    TensorFlow's ``__init__``, before that has finished.
+    Made when Keras is imported; :meth:`attach` patches it. TensorFlow's own functions are looked
+    up on the first model call: Keras may be imported from inside TensorFlow's ``__init__``, before
+    that has finished.
     """
 
     def __init__(self, options: InstrumentOptions, stage_depth: int, track_training: bool) -> None:
         self.active = True
-        #: Held while Keras is patched and while the instrumentor is uninstrumented, so that an
-        #: import of Keras in one thread and ``uninstrument()`` in another never interleave.
-        self.lock = threading.Lock()
         self.options = options
         self.stage_depth = stage_depth
         self.track_training = track_training
@@ -436,40 +432,16 @@ class TensorflowInstrumentor(InferscopeInstrumentor):
     _instruments = _instruments
     _instruments_any = _instruments_any
     _extra_options = {"stage_depth": 0, "track_training": False}
+    # Importing TensorFlow costs seconds, hundreds of MB and lines on stderr; Keras is patched when
+    # the application imports it (``import tensorflow`` does), in the importing thread, before the
+    # import returns.
+    _module = "keras"
+
+    def _check_options(self, extra: dict[str, Any]) -> None:
+        depth_and_training(extra)
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
         stage_depth, track_training = depth_and_training(extra)
         state = _State(options, stage_depth, track_training)
-        keras = sys.modules.get("keras")
-        if keras is not None:
-            with state.lock:
-                state.attach(keras, patches)
-            return state
-
-        # Importing TensorFlow costs seconds, hundreds of MB and lines on stderr: a service that
-        # has it installed but does not use it must not pay for it. Keras is patched when the
-        # application imports it (``import tensorflow`` does), in the importing thread, before
-        # the import returns. wrapt's hook cannot be removed: after uninstrument() it does nothing.
-        def attach_when_imported(module: Any) -> None:
-            with state.lock:
-                if not state.active:
-                    return
-                try:
-                    state.attach(module, patches)
-                except Exception:  # an import hook must never break the application's import
-                    patches.restore()
-                    state.active = False
-                    report_internal_error("inferscope: Keras could not be instrumented; it is not recorded")
-
-        import wrapt
-
-        wrapt.register_post_import_hook(attach_when_imported, "keras")
+        state.attach(sys.modules["keras"], patches)
         return state
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        state = self._state
-        if state is None:
-            super()._uninstrument(**kwargs)
-            return
-        with state.lock:
-            super()._uninstrument(**kwargs)

@@ -464,16 +464,19 @@ class TorchInstrumentor(InferscopeInstrumentor):
     _instruments = _instruments
     _instruments_any = _instruments_any
     _extra_options = {"stage_depth": 0, "track_training": False, "cuda_sync": True}
+    _module = "torch"
+
+    def _check_options(self, extra: dict[str, Any]) -> None:
+        depth_and_training(extra)
+        if not isinstance(extra["cuda_sync"], bool):
+            raise TypeError(f"cuda_sync must be True or False, got {extra['cuda_sync']!r}")
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
         import torch
 
         stage_depth, track_training = depth_and_training(extra)
-        cuda_sync = extra["cuda_sync"]
-        if not isinstance(cuda_sync, bool):
-            raise TypeError(f"cuda_sync must be True or False, got {cuda_sync!r}")
         state = _State(options, stage_depth, track_training)
-        state.cuda_sync = cuda_sync
+        state.cuda_sync = extra["cuda_sync"]
         module = torch.nn.Module
         patches.replace(module, "__call__", _module_call(state, module.__dict__["__call__"]))
         return state

@@ -611,6 +611,7 @@ class TransformersInstrumentor(InferscopeInstrumentor):
 
     _instruments = _instruments
     _instruments_any = _instruments_any
+    _module = "transformers"
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
         from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList

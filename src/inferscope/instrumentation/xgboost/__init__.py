@@ -129,6 +129,7 @@ class XGBoostInstrumentor(InferscopeInstrumentor):
 
     _instruments = _instruments
     _instruments_any = _instruments_any
+    _module = "xgboost"
 
     def _apply(self, patches: Patches, options: InstrumentOptions, extra: dict[str, Any]) -> _State:
         import xgboost
