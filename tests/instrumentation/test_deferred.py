@@ -134,3 +134,41 @@ def test_a_framework_that_cannot_be_patched_never_breaks_the_applications_import
     )
     assert report == {"imported": "a build without sklearn.base", "active": False, "waiting": False}
     assert stderr.count("inferscope: sklearn could not be instrumented; its calls are not recorded") == 1
+
+
+def test_a_child_forked_while_another_thread_patches_can_instrument() -> None:
+    require("sklearn")
+    report, _ = _run(
+        """
+        import faulthandler, json, os, threading
+        from inferscope import instrumentation
+        from inferscope.instrumentation.sklearn import SklearnInstrumentor
+
+        held, release = threading.Event(), threading.Event()
+
+        def patching():  # as an import hook does while the framework is patched
+            with instrumentation._ATTACH_LOCK:
+                held.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=patching)
+        thread.start()
+        held.wait(30)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.dump_traceback_later(60, exit=True)  # a hang says where
+            instrumentor = SklearnInstrumentor()
+            instrumentor.instrument()
+            import sklearn.linear_model
+
+            os.write(write, json.dumps({"patched": len(instrumentor.patched) > 0}).encode())
+            os._exit(0)
+        release.set()
+        thread.join()
+        _, status = os.waitpid(pid, 0)
+        os.close(write)
+        print(json.dumps({"child": json.loads(os.read(read, 1024) or b"null"), "status": status}))
+        """
+    )
+    assert report == {"child": {"patched": True}, "status": 0}
