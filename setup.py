@@ -28,7 +28,11 @@ setup(
         Extension(
             "inferscope._native._ringbuf",
             sources=["src/inferscope/_native/ringbuf.c"],
-            depends=["src/inferscope/_native/ringcore.h", "src/inferscope/_native/counters.h"],
+            depends=[
+                "src/inferscope/_native/ringcore.h",
+                "src/inferscope/_native/counters.h",
+                "src/inferscope/_native/fold.h",
+            ],
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,
             optional=os.environ.get("INFERSCOPE_REQUIRE_EXTENSION") != "1",

@@ -1,8 +1,10 @@
 """Aggregation of ring records into per-series histograms: :class:`Aggregator`, :class:`Series`.
 
 The drainer hands :class:`Aggregator` numpy arrays of ``RECORD_DTYPE``; :meth:`Aggregator.add` folds a
-whole batch into per-series histograms (:class:`~inferscope.histogram.Histogram`) with a handful of
-vectorised numpy passes, never a Python loop per record. A series is one (key, error id) pair.
+whole batch into per-series histograms (:class:`~inferscope.histogram.Histogram`), never with a Python
+loop per record: in one C pass with the GIL released on the C backend (``fold_records``, see
+``_native/fold.h``), with a handful of vectorised numpy passes on the pure-Python backend. Both folds
+give the same bits; the merge into the series is shared. A series is one (key, error id) pair.
 
 Everything that reads numbers (exporters, ``snapshot()``, the CLI) goes through
 :meth:`Aggregator.view`, which deep-copies under the aggregator's lock into an :class:`AggregateView`.
@@ -18,9 +20,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._backend import BACKEND
 from ._keys import KeyInfo, KeyRegistry
-from ._records import COUNTER_SLOTS, FLAG_ABANDONED, NO_ERROR
-from .histogram import SCALE, Histogram, _bucket_indices, _Scratch, bucket_indices
+from ._records import COUNTER_SLOTS, FLAG_ABANDONED, NO_ERROR, RECORD_DTYPE
+from .histogram import SCALE, Histogram, _bucket_indices, _Scratch, _sub_bucket_tables, bucket_indices
 
 __all__ = ["AggregateView", "Aggregator", "Series"]
 
@@ -188,11 +191,105 @@ def _series_rows(keys: np.ndarray, errors: np.ndarray, scratch: _Scratch) -> tup
     return rows, series_ids.astype(np.int64)
 
 
+class _BatchFold(NamedTuple):
+    """Everything one batch adds to the series, per row (row = index into ``series_ids``)."""
+
+    series_ids: np.ndarray  # (key << _ERROR_BITS) | error id, ascending
+    duration: _BatchHistograms  # of the wall seconds
+    cpu: _BatchHistograms | None  # of the CPU seconds where measured; None when no record measured them
+    cpu_wall: np.ndarray | None  # wall seconds of the records whose CPU was measured; None with cpu
+    abandoned: np.ndarray | None  # None when no record was abandoned
+    counter_sums: np.ndarray | None  # int64, (rows, COUNTER_SLOTS); None when every counter is 0
+
+
+def _fold_batch(records: np.ndarray, scratch: _Scratch) -> _BatchFold:
+    """The numpy fold of a batch: a handful of vectorised passes, holding the GIL (numpy releases
+    it only inside its larger operations). The pure-Python backend's path."""
+    size = records.size
+    rows, series_ids = _series_rows(records["key"], records["error"], scratch)
+    row_count = series_ids.size
+
+    wall_seconds = np.divide(records["wall_ns"], 1e9, out=scratch.get("wall", size, np.float64))
+    np.maximum(wall_seconds, 0.0, out=wall_seconds)  # a clock step must not make a negative duration
+    duration = _fold(rows, wall_seconds, row_count, scratch)
+
+    cpu_ns = records["cpu_ns"]
+    measured = cpu_ns >= 0
+    cpu: _BatchHistograms | None = None
+    cpu_wall: np.ndarray | None = None
+    if measured.all():
+        cpu_seconds = np.divide(cpu_ns, 1e9, out=scratch.get("cpu", size, np.float64))
+        cpu = _fold(rows, cpu_seconds, row_count, scratch)
+        cpu_wall = duration.value_sum
+    elif measured.any():
+        cpu_rows = rows[measured]
+        cpu = _fold(cpu_rows, cpu_ns[measured] / 1e9, row_count, scratch)
+        cpu_wall = np.bincount(cpu_rows, weights=wall_seconds[measured], minlength=row_count)
+
+    abandoned_mask = (records["flags"] & FLAG_ABANDONED) != 0
+    abandoned = np.bincount(rows[abandoned_mask], minlength=row_count) if abandoned_mask.any() else None
+
+    counters = records["counters"]
+    counter_sums: np.ndarray | None = None
+    if counters.any():
+        # ufunc.at on int64 keeps large counter sums exact (bincount's float weights would not).
+        counter_sums = np.zeros((row_count, COUNTER_SLOTS), dtype=np.int64)
+        for slot in range(COUNTER_SLOTS):
+            np.add.at(counter_sums[:, slot], rows, counters[:, slot])
+    return _BatchFold(series_ids, duration, cpu, cpu_wall, abandoned, counter_sums)
+
+
+#: The dtypes of _BatchHistograms' fields, in order, as fold_records returns them.
+_HISTOGRAM_FIELD_DTYPES = (
+    np.int64,
+    np.float64,
+    np.int64,
+    np.float64,
+    np.float64,
+    np.int64,
+    np.int64,
+    np.int64,
+    np.int64,
+)
+
+
+def _fold_batch_native(records: np.ndarray) -> _BatchFold:
+    """The same fold as :func:`_fold_batch`, bit for bit, by the C extension's ``fold_records``
+    with the GIL released: serving threads run Python code while the drainer folds."""
+    from ._native import fold_records
+
+    if records.dtype != RECORD_DTYPE:
+        raise TypeError(f"records must be an array of RECORD_DTYPE, got dtype {records.dtype}")
+    if not records.flags.c_contiguous or records.ctypes.data % 8:
+        # The C fold reads the records in place: a strided or misaligned view is copied first (numpy
+        # calls any address aligned for RECORD_DTYPE, whose alignment is 1, but the int64 fields want 8).
+        records = records.copy()
+    below, next_start = _sub_bucket_tables(SCALE)
+    series_ids, duration, cpu, cpu_wall, abandoned, counter_sums = fold_records(
+        records, SCALE, below, next_start
+    )
+
+    def histograms(fields: tuple[bytes, ...]) -> _BatchHistograms:
+        return _BatchHistograms(
+            *(np.frombuffer(b, dtype) for b, dtype in zip(fields, _HISTOGRAM_FIELD_DTYPES, strict=True))
+        )
+
+    return _BatchFold(
+        np.frombuffer(series_ids, np.int64),
+        histograms(duration),
+        None if cpu is None else histograms(cpu),
+        None if cpu_wall is None else np.frombuffer(cpu_wall, np.float64),
+        None if abandoned is None else np.frombuffer(abandoned, np.int64),
+        None if counter_sums is None else np.frombuffer(counter_sums, np.int64).reshape(-1, COUNTER_SLOTS),
+    )
+
+
 class Aggregator:
     """The one source of truth for numbers: per-series histograms and counts of everything drained.
 
     ``add()`` runs on the drainer thread; ``view()`` on exporter and user threads. One lock guards the
-    series; ``add()`` does its numpy work before taking it.
+    series; ``add()`` folds the batch before taking it, in C with the GIL released when the C backend
+    is in use (or ``native_fold=True``), else with numpy.
 
     >>> from inferscope._keys import KeyRegistry
     >>> from inferscope._records import empty_records
@@ -206,8 +303,16 @@ class Aggregator:
     2
     """
 
-    def __init__(self, registry: KeyRegistry, *, start_time_unix_nano: int | None = None) -> None:
+    def __init__(
+        self,
+        registry: KeyRegistry,
+        *,
+        start_time_unix_nano: int | None = None,
+        native_fold: bool | None = None,
+    ) -> None:
         self.registry = registry
+        # Fold batches in C, off the GIL (_fold_batch_native); by default when the C backend is in use.
+        self._native_fold = BACKEND == "c" if native_fold is None else native_fold
         self._lock = threading.Lock()  # guards the series and counts below
         # Serialises add() calls (the drainer and a final drain at shutdown may overlap) because they
         # share the scratch arrays; view() never takes it.
@@ -260,44 +365,13 @@ class Aggregator:
                     gpu.merge_row_into(row, series.gpu)
 
     def _add(self, records: np.ndarray) -> None:
-        scratch = self._scratch
-        size = records.size
-        rows, series_ids = _series_rows(records["key"], records["error"], scratch)
-        row_count = series_ids.size
-        fresh = self._fresh_series(series_ids)
-
-        wall_seconds = np.divide(records["wall_ns"], 1e9, out=scratch.get("wall", size, np.float64))
-        np.maximum(wall_seconds, 0.0, out=wall_seconds)  # a clock step must not make a negative duration
-        duration = _fold(rows, wall_seconds, row_count, scratch)
-
-        cpu_ns = records["cpu_ns"]
-        measured = cpu_ns >= 0
-        cpu: _BatchHistograms | None = None
-        cpu_wall: np.ndarray | None = None
-        if measured.all():
-            cpu_seconds = np.divide(cpu_ns, 1e9, out=scratch.get("cpu", size, np.float64))
-            cpu = _fold(rows, cpu_seconds, row_count, scratch)
-            cpu_wall = duration.value_sum
-        elif measured.any():
-            cpu_rows = rows[measured]
-            cpu = _fold(cpu_rows, cpu_ns[measured] / 1e9, row_count, scratch)
-            cpu_wall = np.bincount(cpu_rows, weights=wall_seconds[measured], minlength=row_count)
-
-        abandoned_mask = (records["flags"] & FLAG_ABANDONED) != 0
-        abandoned = np.bincount(rows[abandoned_mask], minlength=row_count) if abandoned_mask.any() else None
-
-        counters = records["counters"]
-        counter_sums: np.ndarray | None = None
-        if counters.any():
-            # ufunc.at on int64 keeps large counter sums exact (bincount's float weights would not).
-            counter_sums = np.zeros((row_count, COUNTER_SLOTS), dtype=np.int64)
-            for slot in range(COUNTER_SLOTS):
-                np.add.at(counter_sums[:, slot], rows, counters[:, slot])
-
+        batch = _fold_batch_native(records) if self._native_fold else _fold_batch(records, self._scratch)
+        fresh = self._fresh_series(batch.series_ids)
+        duration, cpu, cpu_wall = batch.duration, batch.cpu, batch.cpu_wall
         with self._lock:
             for sid, series in fresh.items():
                 self._series.setdefault(sid, series)
-            for row, sid in enumerate(series_ids.tolist()):
+            for row, sid in enumerate(batch.series_ids.tolist()):
                 series = self._series[sid]
                 duration.merge_row_into(row, series.duration)
                 if cpu is not None and cpu_wall is not None and cpu.value_count[row]:
@@ -305,10 +379,10 @@ class Aggregator:
                         series.cpu = Histogram.empty()
                     cpu.merge_row_into(row, series.cpu)
                     series.cpu_wall_seconds += float(cpu_wall[row])
-                if abandoned is not None:
-                    series.abandoned += int(abandoned[row])
-                if counter_sums is not None:
-                    series.counters += counter_sums[row]
+                if batch.abandoned is not None:
+                    series.abandoned += int(batch.abandoned[row])
+                if batch.counter_sums is not None:
+                    series.counters += batch.counter_sums[row]
 
     def set_dropped(self, reason: str, total: int) -> None:
         """Record the cumulative number of records dropped for ``reason`` (read from the ring/runtime)."""

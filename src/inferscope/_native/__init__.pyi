@@ -112,3 +112,19 @@ def monotonic_ns() -> int: ...
 def thread_cpu_ns() -> int: ...
 def perf_status() -> tuple[str, int, bool]: ...
 def read_counters(mask: int, /) -> tuple[int, tuple[int, ...]]: ...
+
+# C only (the pure-Python backend folds with numpy): Aggregator's fold of a batch, the GIL released.
+# Returns bytes, rows ordered by series id: (series_ids, duration, cpu, cpu_wall, abandoned,
+# counter_sums), duration and cpu being the 9 fields of aggregator._BatchHistograms; cpu and
+# cpu_wall are None when no record measured CPU, abandoned when none was abandoned, counter_sums
+# when every counter is 0. See fold.h and mod_fold_records in ringbuf.c.
+def fold_records(
+    records: Any, scale: int, below: Any, next_start: Any, /
+) -> tuple[
+    bytes,
+    tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes],
+    tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes] | None,
+    bytes | None,
+    bytes | None,
+    bytes | None,
+]: ...

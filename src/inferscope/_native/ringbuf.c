@@ -4,6 +4,7 @@
  *   Runtime   the clocks, the ring, the counter set and the per-context frames
  *   Tracked   a sync callable wrapper for @track_inference (vectorcall, method descriptor)
  *   Stage     `with stage("x")`: one shared object per name; its state lives in the frame
+ *   fold_records   the drainer's fold of a drained batch into per-series histograms (fold.h)
  *
  * The hot path (Tracked.__call__, Stage.__enter__/__exit__) reads clocks, pushes onto a fixed
  * stack in the current frame, and pushes one fixed-size record into the ring. It never takes a
@@ -31,6 +32,7 @@
 #include <time.h>
 
 #include "counters.h"
+#include "fold.h"
 #include "ringcore.h"
 
 #define MAX_STACK_DEPTH 32
@@ -2162,6 +2164,150 @@ static PyTypeObject Frame_Type = {
 };
 
 /* ------------------------------------------------------------------------------------------ */
+/* Fold                                                                                       */
+
+/* A table of histogram._sub_bucket_tables(scale): 1 << 12 int64 cells, each value in [0, limit].
+ * The bounds keep every bucket index fold.h computes small, whatever the caller passes. */
+static int table_buffer(PyObject *obj, const char *name, int64_t limit, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        return 0;
+    }
+    const char *format = view->format != NULL ? view->format : "B";
+    char code = format[strlen(format) - 1];
+    if (view->ndim != 1 || view->itemsize != 8 || (code != 'q' && code != 'l') ||
+        view->len != FOLD_TABLE_CELLS * 8) {
+        PyErr_Format(PyExc_TypeError,
+                     "fold_records: %s must be a 1-D int64 buffer of %d cells "
+                     "(histogram._sub_bucket_tables(scale)), got format '%s', itemsize %zd, length %zd bytes",
+                     name, FOLD_TABLE_CELLS, format, view->itemsize, view->len);
+        PyBuffer_Release(view);
+        return 0;
+    }
+    const int64_t *cells = view->buf;
+    for (int i = 0; i < FOLD_TABLE_CELLS; i++) {
+        if (cells[i] < 0 || cells[i] > limit) {
+            PyErr_Format(PyExc_ValueError,
+                         "fold_records: %s[%d] is %lld, outside [0, %lld]: not histogram._sub_bucket_tables(scale)",
+                         name, i, (long long)cells[i], (long long)limit);
+            PyBuffer_Release(view);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* One fold_histograms as the tuple of _BatchHistograms' fields, each one bytes. */
+static PyObject *histograms_tuple(const fold_histograms *h, size_t rows)
+{
+    size_t r8 = rows * 8;
+    return Py_BuildValue("(y#y#y#y#y#y#y#y#y#)", (const char *)h->value_count, (Py_ssize_t)r8,
+                         (const char *)h->value_sum, (Py_ssize_t)r8, (const char *)h->zero_count, (Py_ssize_t)r8,
+                         (const char *)h->min_positive, (Py_ssize_t)r8, (const char *)h->max_positive,
+                         (Py_ssize_t)r8, (const char *)h->low_index, (Py_ssize_t)r8, (const char *)h->start,
+                         (Py_ssize_t)r8, (const char *)h->span, (Py_ssize_t)r8, (const char *)h->buckets,
+                         (Py_ssize_t)(h->bucket_slots * 8));
+}
+
+/* fold_records(records, scale, below, next_start, /) -> (series_ids, duration, cpu, cpu_wall,
+ *                                                        abandoned, counter_sums)
+ *
+ * Folds a batch of records as Aggregator._add does before it takes its lock, with the GIL
+ * released for the whole fold (see fold.h for what it computes and why it is bit-identical to the
+ * numpy fold). `records` is a 1-D C-contiguous buffer of RECORD_DTYPE (176-byte items); `below`
+ * and `next_start` are histogram._sub_bucket_tables(scale), for 1 <= scale <= 10. Every array
+ * comes back as bytes, native byte order, one entry per row (rows ordered by series id):
+ *   series_ids     int64: (key << 16) | error
+ *   duration       the 9 fields of _BatchHistograms (int64 value_count, float64 value_sum, int64
+ *                  zero_count, float64 min_positive and max_positive, int64 low_index, start, span
+ *                  and buckets) for the wall seconds
+ *   cpu            the same for the CPU seconds of the records with cpu_ns >= 0; None if none has
+ *   cpu_wall       float64: the wall seconds of those records; None with cpu
+ *   abandoned      int64: records with FLAG_ABANDONED; None if no record has it
+ *   counter_sums   int64, rows x 13: sums of the counters; None if every counter is 0
+ * The records may be read while other threads run: the caller must not change them meanwhile.
+ */
+static PyObject *mod_fold_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "fold_records(records, scale, below, next_start) takes 4 arguments");
+        return NULL;
+    }
+    long scale = PyLong_AsLong(args[1]);
+    if (scale == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (scale < 1 || scale > 10) {
+        PyErr_Format(PyExc_ValueError, "fold_records: scale must be from 1 to 10 (the table scales), got %ld",
+                     scale);
+        return NULL;
+    }
+    Py_buffer records, below, next_start;
+    if (PyObject_GetBuffer(args[0], &records, PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    if (records.ndim != 1 || records.itemsize != (Py_ssize_t)sizeof(inferscope_record)) {
+        PyErr_Format(PyExc_TypeError,
+                     "fold_records: records must be a 1-D contiguous array of RECORD_DTYPE (%zu-byte records), "
+                     "got %d dimension(s) of %zd-byte items",
+                     sizeof(inferscope_record), records.ndim, records.itemsize);
+        PyBuffer_Release(&records);
+        return NULL;
+    }
+    if ((uintptr_t)records.buf % _Alignof(inferscope_record) != 0 || records.len / records.itemsize > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError,
+                     "fold_records: records must be %zu-byte aligned and at most %d of them, got %zd at address %p",
+                     _Alignof(inferscope_record), INT32_MAX, records.len / records.itemsize, records.buf);
+        PyBuffer_Release(&records);
+        return NULL;
+    }
+    if (!table_buffer(args[2], "below", (int64_t)1 << scale, &below)) {
+        PyBuffer_Release(&records);
+        return NULL;
+    }
+    if (!table_buffer(args[3], "next_start", (int64_t)1 << FOLD_FRACTION_BITS, &next_start)) {
+        PyBuffer_Release(&records);
+        PyBuffer_Release(&below);
+        return NULL;
+    }
+
+    fold_result result = {0};
+    fold_status status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fold_records(records.buf, (size_t)(records.len / records.itemsize), (int)scale, below.buf,
+                          next_start.buf, &result);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&records);
+    PyBuffer_Release(&below);
+    PyBuffer_Release(&next_start);
+
+    PyObject *out = NULL;
+    if (status == FOLD_NO_MEMORY) {
+        PyErr_NoMemory();
+    } else if (status == FOLD_BAD_TABLES) {
+        PyErr_SetString(PyExc_ValueError,
+                        "fold_records: the tables put a value outside its row's bucket range: "
+                        "not histogram._sub_bucket_tables(scale)");
+    } else {
+        size_t rows = result.rows;
+        PyObject *duration = histograms_tuple(&result.duration, rows);
+        PyObject *cpu = result.has_cpu ? histograms_tuple(&result.cpu, rows) : Py_NewRef(Py_None);
+        if (duration != NULL && cpu != NULL) {
+            out = Py_BuildValue(
+                "(y#OOy#y#y#)", (const char *)result.series_ids, (Py_ssize_t)(rows * 8), duration, cpu,
+                result.has_cpu ? (const char *)result.cpu_wall : NULL, (Py_ssize_t)(rows * 8),
+                result.has_abandoned ? (const char *)result.abandoned : NULL, (Py_ssize_t)(rows * 8),
+                result.has_counters ? (const char *)result.counter_sums : NULL,
+                (Py_ssize_t)(rows * INFERSCOPE_COUNTER_SLOTS * 8));
+        }
+        Py_XDECREF(duration);
+        Py_XDECREF(cpu);
+    }
+    fold_result_free(&result);
+    return out;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Module                                                                                     */
 
 static PyObject *mod_monotonic_ns(PyObject *module, PyObject *Py_UNUSED(ignored))
@@ -2219,6 +2365,9 @@ static PyMethodDef module_methods[] = {
     {"read_counters", mod_read_counters, METH_O, "read_counters(mask) -> (cpu_ns, counters)"},
     {"monotonic_ns", mod_monotonic_ns, METH_NOARGS, "CLOCK_MONOTONIC in ns: the clock of start_ns"},
     {"thread_cpu_ns", mod_thread_cpu_ns, METH_NOARGS, "CLOCK_THREAD_CPUTIME_ID in ns"},
+    {"fold_records", (PyCFunction)(void (*)(void))mod_fold_records, METH_FASTCALL,
+     "fold_records(records, scale, below, next_start) -> (series_ids, duration, cpu, cpu_wall, abandoned, "
+     "counter_sums): fold a batch of records with the GIL released"},
     {NULL}};
 
 static struct PyModuleDef module_def = {
