@@ -386,7 +386,10 @@ def test_a_failing_window_never_stops_the_drainer(windows, monkeypatch, caplog) 
     monkeypatch.setattr(windows, "_process_window", broken)
     windows._next_close_unix = 0.0
     windows.tick()
-    assert windows.errors == errors + 1
+    assert windows.errors > errors  # the drainer's own tick may have met the failure too
+    windows._next_close_unix = math.inf  # from here, only the test closes windows
+    with windows._close_lock:  # and no close that began before is still running
+        pass
     monkeypatch.undo()
     _calls(3)
     assert _key(windows.close(), None).count == 3
