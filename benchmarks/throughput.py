@@ -5,8 +5,8 @@
     python3 benchmarks/throughput.py --backend python    # the producers run on the pure-Python backend
     python3 benchmarks/throughput.py --seconds 5 --json throughput.json
 
-Part 1, producers, with inferscope's default settings (65,536-record ring; the drainer wakes every
-10 ms and drains every 100 ms, or sooner when the ring is half full):
+Part 1, producers, with inferscope's default settings (65,536-record ring; the drainer drains every
+100 ms, or as soon as a producer finds the ring half full and wakes it):
 - free runs: one thread, then two, call a tracked no-op as fast as they can for ``--seconds``, with
   counters=minimal and with counters=default;
 - paced runs, counters=minimal: calls in a busy loop, the clock checked every 1,000 calls, aiming at

@@ -6,6 +6,7 @@ run in the same process whatever INFERSCOPE_NO_EXTENSION says.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -105,6 +106,47 @@ def test_ring_wraps_around_many_times(impl):
             assert ring.push(1, 0, 0, lap * 3 + i, 0, 0)
         seen += drain_ring(ring, 8)["start_ns"].tolist()
     assert seen == list(range(150))
+
+
+def _pending_wakes(fd):
+    try:
+        return len(os.read(fd, 4096))
+    except BlockingIOError:
+        return 0
+
+
+@pytest.mark.parametrize("capacity", [4, 64, 1024])
+def test_a_ring_half_full_wakes_its_drainer_once_per_drain(impl, capacity):
+    ring = impl.Ring(capacity)
+    assert ring.wake_fd == -1
+    read, write = os.pipe2(os.O_NONBLOCK)
+    try:
+        ring.wake_fd = write
+        position = 0
+
+        def push(n):
+            nonlocal position
+            for _ in range(n):
+                assert ring.push(1, 0, 0, position, 1, 1)
+                position += 1
+
+        for lap in range(3):
+            push(capacity // 2 - 1)
+            assert _pending_wakes(read) == 0, "woken before the ring was half full"
+            push(max(capacity // 8, 1) + 1)  # half full; a producer looks every capacity/8 records
+            assert _pending_wakes(read) == 1
+            push(capacity - len(ring))  # full: no second byte before a drain
+            assert _pending_wakes(read) == 0
+            assert len(drain_ring(ring, capacity)) == capacity, lap
+        ring.reset()
+        assert ring.wake_fd == -1  # reset forgets the drainer (as after fork)
+        push(capacity)
+        assert _pending_wakes(read) == 0
+    finally:
+        os.close(read)
+        os.close(write)
+    with pytest.raises(ValueError, match="wake_fd"):
+        ring.wake_fd = -2
 
 
 def test_ring_push_rejects_out_of_range_fields(impl):

@@ -331,3 +331,92 @@ def test_a_batch_the_aggregator_rejects_is_counted_not_lost():
     RUNTIME.record(2_000_000, None, 0, 0, 1000, -1)  # a key nobody interned: internal misuse
     snap = inferscope.snapshot()
     assert snap.dropped["aggregation_failed"] == before + 1
+
+
+#: A minute between drains, and a small ring: only a producer's wake-up can have the ring drained
+#: within the tests' waits. ``call(model)`` records one inference of ``model``; ``aggregated(model)``
+#: is what the drainer has folded of it.
+_WAKE_PRELUDE = """
+from inferscope import _pipeline
+inferscope.configure(drain_interval_millis=60000, ring_capacity=1024, recorder="off")
+_models = {}
+
+def call(model):
+    if model not in _models:
+        _models[model] = inferscope.track_inference(model=model)(lambda: 1)
+    return _models[model]()
+
+def aggregated(model):
+    return sum(s.duration.count for s in _pipeline.AGGREGATOR.view().series if s.info.model == model)
+
+def drained(model, at_least):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and aggregated(model) < at_least:
+        time.sleep(0.01)
+    return aggregated(model)
+"""
+
+
+def test_a_ring_half_full_is_drained_long_before_the_interval_ends():
+    report = run(
+        _WAKE_PRELUDE
+        + """
+for _ in range(700):  # more than half of the ring, well short of full
+    call("wake")
+done = drained("wake", 512)
+left = len(_pipeline.RUNTIME.ring)
+
+# Records in the ring, below half: the drainer sleeps until the interval ends; it never polls.
+drainer = next(t for t in threading.enumerate() if t.name == "inferscope-drainer")
+
+def sleeps():
+    with open(f"/proc/self/task/{drainer.native_id}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches"))
+
+for _ in range(10):
+    call("wake")
+before = sleeps()
+time.sleep(1.0)
+print(json.dumps({
+    "left": left,
+    "aggregated": done,
+    "dropped": _pipeline.AGGREGATOR.view().dropped.get("ring_full", 0),
+    "sleeps": sleeps() - before,
+    "total": aggregated("wake") + len(_pipeline.RUNTIME.ring) - 10,
+}))
+"""
+    )
+    assert report["left"] < 512, report
+    assert report["aggregated"] >= 512 and report["total"] == 700, report
+    assert report["dropped"] == 0, report
+    assert report["sleeps"] <= 2, report  # a poll every 10 ms would be ~100
+
+
+def test_a_forked_child_wakes_its_own_drainer_not_its_parents():
+    report = run(
+        _WAKE_PRELUDE
+        + """
+call("parent")
+parent_wake = _pipeline.RUNTIME.ring.wake_fd
+parent_pipe = os.fstat(parent_wake).st_ino
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    for _ in range(700):
+        call("child")
+    done = drained("child", 512)
+    own_pipe = os.fstat(_pipeline.RUNTIME.ring.wake_fd).st_ino
+    os.write(write, json.dumps({"own_pipe": own_pipe, "aggregated": done}).encode())
+    os._exit(0)
+os.close(write)
+_, status = os.waitpid(pid, 0)
+child = json.loads(os.read(read, 4096))
+print(json.dumps({"status": status, "parent_pipe": parent_pipe, "child": child,
+                  "parent_wake": _pipeline.RUNTIME.ring.wake_fd}))
+"""
+    )
+    assert report["status"] == 0, report
+    assert report["parent_wake"] >= 0, report
+    child = report["child"]
+    assert child["own_pipe"] != report["parent_pipe"], report  # a pipe of its own
+    assert child["aggregated"] >= 512, report  # woken through it

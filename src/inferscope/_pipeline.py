@@ -11,7 +11,9 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
+import select
 import socket
 import sys
 import threading
@@ -73,9 +75,6 @@ from .windows import WINDOWS
 
 _logger = logging.getLogger("inferscope")
 
-#: How often the drainer looks at the ring's fill level between full drains while records arrive;
-#: while the ring stays empty it looks less and less often, down to once per drain interval.
-_POLL_MILLIS = 10
 _DRAIN_BATCH = 16384
 #: shutdown() waits at most this long for exporters when nothing was configured.
 _EXIT_TIMEOUT_MILLIS = 5000
@@ -86,13 +85,21 @@ _T = TypeVar("_T")
 
 class Drainer:
     """Moves records from the ring into the aggregator: every ``interval_millis`` from a daemon
-    thread, sooner when the ring is half full, and on demand (``drain()``) before any read."""
+    thread, sooner when the ring is half full, and on demand (``drain()``) before any read.
+
+    The thread sleeps in ``poll()`` on a pipe until the interval ends or a producer finds the ring
+    half full and writes a byte to the pipe (``Ring.wake_fd``): no polling, so an idle process
+    sees one wake-up per interval, and a burst is drained as soon as the thread gets the GIL.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffer = empty_records(_DRAIN_BATCH)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: The wake-up pipe (read end, write end), made on the first start; never closed in the
+        #: process that made it, so that a producer of a retired ring never writes to a reused fd.
+        self._wake: tuple[int, int] | None = None
         self._retired_ring_drops = 0
         self._unaggregated = 0
         self.interval_millis = 100
@@ -178,6 +185,11 @@ class Drainer:
     def start(self, interval_millis: int) -> None:
         self.stop()
         self.interval_millis = interval_millis
+        if self._wake is None:
+            try:
+                self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                report_error("inferscope: no pipe for the drainer's wake-ups; it drains every interval only")
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(self._stop,), name="inferscope-drainer", daemon=True
@@ -187,20 +199,40 @@ class Drainer:
     def stop(self, timeout_millis: float = 5000) -> None:
         thread, self._thread = self._thread, None
         self._stop.set()
+        self._wake_up()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_millis / 1e3)
 
+    def _wake_up(self) -> None:
+        if self._wake is not None:
+            with contextlib.suppress(OSError):  # full: a wake-up is pending already
+                os.write(self._wake[1], b"\x01")
+
     def _run(self, stop: threading.Event) -> None:
-        next_due = time.monotonic() + self.interval_millis / 1e3
-        busy_poll = min(_POLL_MILLIS, self.interval_millis) / 1e3
-        poll = busy_poll
-        while not stop.wait(poll):
+        interval = self.interval_millis / 1e3
+        next_due = time.monotonic() + interval
+        wake = self._wake
+        poller = select.poll()
+        if wake is not None:
+            poller.register(wake[0], select.POLLIN)
+        while True:
             ring = RUNTIME.ring
-            # Idle, the thread sleeps: each empty look doubles the wait, up to the drain interval.
-            poll = min(poll * 2, self.interval_millis / 1e3) if not len(ring) else busy_poll
+            timeout = max(next_due - time.monotonic(), 0.0)
+            if wake is None:
+                if stop.wait(timeout):
+                    return
+            else:
+                if ring.wake_fd != wake[1]:
+                    ring.wake_fd = wake[1]  # at start, and after a reset of the ring
+                if poller.poll(math.ceil(timeout * 1e3)):
+                    with contextlib.suppress(OSError):
+                        os.read(wake[0], 4096)
+                if stop.is_set():
+                    return
+            ring = RUNTIME.ring
             if time.monotonic() < next_due and len(ring) < ring.capacity // 2:
                 continue
-            next_due = time.monotonic() + self.interval_millis / 1e3
+            next_due = time.monotonic() + interval
             try:
                 aggregated = self.drain()
                 WINDOWS.tick()  # closes a window every window_seconds; never raises
@@ -216,6 +248,14 @@ class Drainer:
         self.traces = None
         self._thread = None
         self._stop = threading.Event()
+        # The parent's pipe: the child's producers stop writing to it before its ends are closed,
+        # and the child's drainer makes its own when it starts.
+        RUNTIME.ring.wake_fd = -1
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            for fd in wake:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 #: The GIL switch interval while the drainer aggregates (the default is 5 ms).

@@ -14,6 +14,7 @@ Differences in mechanism (not in behaviour) from the C backend:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import operator
@@ -121,12 +122,28 @@ class Ring:
                 f"Ring capacity must be a power of two from 2 to {_MAX_CAPACITY}, got {capacity}"
             )
         self._capacity = capacity
+        self._half = capacity // 2
         self._queue: deque[tuple[Any, ...]] = deque()
         self._dropped = _ThreadCounter()
+        self._wake_fd = -1
+        self._wake_sent = False
 
     @property
     def capacity(self) -> int:
         return self._capacity
+
+    @property
+    def wake_fd(self) -> int:
+        """A non-blocking pipe's write end: one byte is written to it once the ring is half full,
+        once per drain (-1: nobody to wake)."""
+        return self._wake_fd
+
+    @wake_fd.setter
+    def wake_fd(self, fd: int) -> None:
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < -1:
+            raise ValueError(f"wake_fd must be a file descriptor or -1, got {fd!r}")
+        self._wake_sent = False
+        self._wake_fd = fd
 
     @property
     def dropped(self) -> int:
@@ -141,10 +158,15 @@ class Ring:
         return self._push((key, error, flags, start_ns, wall_ns, cpu_ns))
 
     def _push(self, record: tuple[Any, ...]) -> bool:
-        if len(self._queue) >= self._capacity:
+        queue = self._queue
+        if len(queue) >= self._capacity:
             self._dropped.add()
             return False
-        self._queue.append(record)
+        queue.append(record)
+        if len(queue) >= self._half and not self._wake_sent and self._wake_fd >= 0:
+            self._wake_sent = True
+            with contextlib.suppress(OSError):  # a full pipe already means a wake-up is pending
+                os.write(self._wake_fd, b"\x01")
         return True
 
     def drain(self, out: Any, /) -> int:
@@ -152,6 +174,7 @@ class Ring:
         if view.dtype != RECORD_DTYPE:
             view = view.view(RECORD_DTYPE)
         popleft = self._queue.popleft
+        self._wake_sent = False
         batch = []
         try:
             for _ in range(len(view)):
@@ -187,6 +210,8 @@ class Ring:
     def reset(self) -> None:
         self._queue.clear()
         self._dropped.reset()
+        self._wake_fd = -1
+        self._wake_sent = False
 
 
 # An open inference or stage is a list, not an object: building a list is several times cheaper

@@ -1,7 +1,10 @@
 #define _GNU_SOURCE
 /* Several pthread producers and one consumer hammer the ring; built with -fsanitize=thread by
  * tests/test_ring_tsan.py. Checks that every record arrives exactly once or is counted as dropped,
- * and that each producer's records arrive in the order it pushed them. Exit status 0 = correct. */
+ * and that each producer's records arrive in the order it pushed them. The producers wake the
+ * consumer through a pipe (wake_fd) as the drainer is woken; the consumer reads the bytes and checks
+ * that some came. Exit status 0 = correct. */
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <sched.h>
@@ -73,6 +76,13 @@ int main(void)
         fprintf(stderr, "allocation failed\n");
         return 2;
     }
+    int wake[2];
+    if (pipe(wake) != 0 || fcntl(wake[0], F_SETFL, O_NONBLOCK) != 0 || fcntl(wake[1], F_SETFL, O_NONBLOCK) != 0) {
+        fprintf(stderr, "no pipe\n");
+        return 2;
+    }
+    atomic_store(&ring.wake_fd, wake[1]);
+    uint64_t wakes = 0;
     pthread_t threads[PRODUCERS];
     for (uintptr_t i = 0; i < PRODUCERS; i++) {
         pthread_create(&threads[i], NULL, produce, (void *)i);
@@ -86,6 +96,9 @@ int main(void)
     int failures = small_failures;
     for (;;) {
         int done = atomic_load_explicit(&producers_done, memory_order_acquire) == PRODUCERS;
+        char bytes[64];
+        ssize_t woken = read(wake[0], bytes, sizeof bytes);
+        wakes += woken > 0 ? (uint64_t)woken : 0;
         size_t n = inferscope_ring_drain(&ring, batch, 256);
         for (size_t j = 0; j < n; j++) {
             inferscope_record *r = &batch[j];
@@ -120,13 +133,19 @@ int main(void)
         total_accepted += atomic_load(&accepted[i]);
     }
     uint64_t dropped = atomic_load(&ring.dropped);
+    if (dropped > 0 && wakes == 0) {
+        fprintf(stderr, "the ring filled up but never woke its consumer\n");
+        failures++;
+    }
+    close(wake[0]);
+    close(wake[1]);
     if (total_accepted + dropped != (uint64_t)PRODUCERS * PER_PRODUCER) {
         fprintf(stderr, "accepted %llu + dropped %llu != pushed %llu\n", (unsigned long long)total_accepted,
                 (unsigned long long)dropped, (unsigned long long)PRODUCERS * PER_PRODUCER);
         failures++;
     }
-    printf("received=%llu dropped=%llu failures=%d\n", (unsigned long long)total_received,
-           (unsigned long long)dropped, failures);
+    printf("received=%llu dropped=%llu wakes=%llu failures=%d\n", (unsigned long long)total_received,
+           (unsigned long long)dropped, (unsigned long long)wakes, failures);
     inferscope_ring_free(&ring);
     return failures == 0 ? 0 : 1;
 }

@@ -222,6 +222,36 @@ static PyObject *Ring_get_dropped(RingObject *self, void *closure)
     return PyLong_FromUnsignedLongLong(atomic_load_explicit(&self->core->dropped, memory_order_relaxed));
 }
 
+static PyObject *Ring_get_wake_fd(RingObject *self, void *closure)
+{
+    if (!ring_ready(self)) {
+        return NULL;
+    }
+    return PyLong_FromLong(atomic_load_explicit(&self->core->wake_fd, memory_order_relaxed));
+}
+
+static int Ring_set_wake_fd(RingObject *self, PyObject *value, void *closure)
+{
+    if (!ring_ready(self)) {
+        return -1;
+    }
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "wake_fd cannot be deleted (set it to -1)");
+        return -1;
+    }
+    long fd = PyLong_AsLong(value);
+    if (fd == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (fd < -1 || fd > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "wake_fd must be a file descriptor or -1, got %ld", fd);
+        return -1;
+    }
+    atomic_store_explicit(&self->core->wake_sent, 0, memory_order_relaxed);
+    atomic_store_explicit(&self->core->wake_fd, (int)fd, memory_order_relaxed);
+    return 0;
+}
+
 static PyMethodDef Ring_methods[] = {
     {"push", (PyCFunction)(void (*)(void))Ring_push, METH_FASTCALL,
      "push(key, error, flags, start_ns, wall_ns, cpu_ns) -> bool: queue one record; False if full"},
@@ -233,6 +263,9 @@ static PyMethodDef Ring_methods[] = {
 static PyGetSetDef Ring_getset[] = {
     {"capacity", (getter)Ring_get_capacity, NULL, "slots in the ring", NULL},
     {"dropped", (getter)Ring_get_dropped, NULL, "records dropped because the ring was full", NULL},
+    {"wake_fd", (getter)Ring_get_wake_fd, (setter)Ring_set_wake_fd,
+     "a non-blocking pipe's write end: one byte is written to it once the ring is half full (-1: none)",
+     NULL},
     {NULL}};
 
 static PySequenceMethods Ring_as_sequence = {.sq_length = (lenfunc)Ring_len};

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define INFERSCOPE_COUNTER_SLOTS 13
 
@@ -65,6 +66,12 @@ typedef struct {
     _Atomic int consumer_busy;
     _Atomic uint64_t dropped;
     uint64_t mask;
+    /* Waking the consumer: once the ring is half full, a producer writes one byte to `wake_fd` (a
+     * non-blocking pipe the consumer polls; -1: nobody to wake). Producers look only at every
+     * `wake_check_mask + 1`-th position, and `wake_sent` keeps it to one byte per drain. */
+    _Atomic int wake_fd;
+    _Atomic int wake_sent;
+    uint64_t wake_check_mask;
     inferscope_slot *slots;
 } inferscope_ring;
 
@@ -76,6 +83,8 @@ static inline void inferscope_ring_clear(inferscope_ring *r)
     atomic_store_explicit(&r->tail, 0, memory_order_relaxed);
     atomic_store_explicit(&r->head, 0, memory_order_relaxed);
     atomic_store_explicit(&r->dropped, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->wake_fd, -1, memory_order_relaxed);
+    atomic_store_explicit(&r->wake_sent, 0, memory_order_relaxed);
     atomic_store_explicit(&r->consumer_busy, 0, memory_order_release);
 }
 
@@ -88,8 +97,26 @@ static inline int inferscope_ring_init(inferscope_ring *r, uint64_t capacity)
     }
     memset(r->slots, 0, capacity * sizeof(inferscope_slot));
     r->mask = capacity - 1;
+    r->wake_check_mask = capacity >= 8 ? capacity / 8 - 1 : 0;
     inferscope_ring_clear(r);
     return 1;
+}
+
+/* After the record at `pos` was published: wake the consumer if the ring is at least half full
+ * and no byte was sent since the last drain. A full pipe already means a wake-up is pending. */
+static inline void inferscope_ring_maybe_wake(inferscope_ring *r, uint64_t pos)
+{
+    int fd = atomic_load_explicit(&r->wake_fd, memory_order_relaxed);
+    if (fd < 0) {
+        return;
+    }
+    int64_t held = (int64_t)(pos + 1 - atomic_load_explicit(&r->head, memory_order_relaxed));
+    if (held < (int64_t)((r->mask + 1) / 2) || atomic_exchange_explicit(&r->wake_sent, 1, memory_order_relaxed)) {
+        return;
+    }
+    char byte = 1;
+    ssize_t written = write(fd, &byte, 1);
+    (void)written;
 }
 
 static inline void inferscope_ring_free(inferscope_ring *r)
@@ -112,6 +139,9 @@ static inline int inferscope_ring_push(inferscope_ring *r, const inferscope_reco
                                                       memory_order_relaxed)) {
                 slot->rec = *rec;
                 atomic_store_explicit(&slot->seq, pos + 1, memory_order_release);
+                if ((pos & r->wake_check_mask) == 0) {
+                    inferscope_ring_maybe_wake(r, pos);
+                }
                 return 1;
             }
         }
@@ -150,6 +180,7 @@ static inline size_t inferscope_ring_drain(inferscope_ring *r, inferscope_record
         pos++;
     }
     atomic_store_explicit(&r->head, pos, memory_order_relaxed);
+    atomic_store_explicit(&r->wake_sent, 0, memory_order_relaxed);
     atomic_store_explicit(&r->consumer_busy, 0, memory_order_release);
     return n;
 }
