@@ -77,6 +77,26 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"rep_{report.when}", report)
 
 
+#: For code run by :func:`run_python`: ``hold(lock)`` starts a thread that takes ``lock`` and keeps
+#: it until ``release.set()``, as a thread in the middle of a write or a patch keeps its lock while
+#: the process forks. It returns the thread once the lock is held.
+HOLD_A_LOCK = """
+import threading
+held, release = threading.Event(), threading.Event()
+
+def hold(lock):
+    def holding():
+        with lock:
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holding)
+    thread.start()
+    held.wait(30)
+    return thread
+"""
+
+
 def run_python(
     code: str, *, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

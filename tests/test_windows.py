@@ -8,6 +8,7 @@ import logging
 import math
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -22,7 +23,7 @@ from inferscope._process_cpu import ProcessCpuSharer
 from inferscope._records import empty_records
 from inferscope.windows import WINDOWS, Window
 
-from .conftest import run_python
+from .conftest import HOLD_A_LOCK, run_python
 
 
 @pytest.fixture
@@ -336,6 +337,64 @@ def test_fork_child_starts_fresh_windows(tmp_path) -> None:
     # wait for it is kept and written with the next. Nothing else may fail, and nothing is lost.
     assert set(report["failures"]) <= {"locked"}, (report, result.stderr)
     assert report["stored"] == 200, (report, result.stderr)
+
+
+def test_a_child_forked_during_a_write_leaves_the_file_alone_and_says_so(tmp_path) -> None:
+    code = """
+        import faulthandler, json, os, threading, time, inferscope
+        from inferscope.windows import WINDOWS
+        inferscope.configure(window_seconds=0.2)
+
+        @inferscope.track_inference(model="m")
+        def call():
+            return 1
+
+        def stored():
+            return sum(r.window.count for r in WINDOWS.recorder().key_windows("m", stage=None))
+
+        call()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and stored() < 1:  # the parent's connection is open
+            time.sleep(0.05)
+        thread = hold(WINDOWS.recorder()._lock)  # a write in progress, longer than fork() waits for it
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.dump_traceback_later(60, exit=True)  # a hang says where
+            def in_memory():
+                return sum(k.count for w in inferscope.recent_windows() for k in w.keys if k.model == "m")
+
+            for _ in range(20):
+                call()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (not WINDOWS.recorder().failures or in_memory() < 20):
+                time.sleep(0.05)
+            report = {"failures": WINDOWS.recorder().failures, "in_memory": in_memory()}
+            os.write(write, json.dumps(report).encode())
+            os._exit(0)
+        release.set()
+        thread.join()
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        child = json.loads(os.read(read, 4096))
+        before = stored()
+        call()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and stored() <= before:  # the parent writes on
+            time.sleep(0.05)
+        print(json.dumps({"status": status, "child": child, "parent_grew": stored() > before,
+                          "parent_failures": WINDOWS.recorder().failures}))
+    """
+    result = run_python(
+        HOLD_A_LOCK + textwrap.dedent(code), env={"INFERSCOPE_RECORDER": str(tmp_path / "r.sqlite")}
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["status"] == 0, report
+    assert report["child"]["failures"] == {"fork": 1}, report
+    assert report["child"]["in_memory"] == 20, report  # kept in memory
+    assert result.stderr.count("forked while its parent was writing") == 1, result.stderr
+    assert report["parent_grew"] and report["parent_failures"] == {}, report
 
 
 _HOLD_THE_WRITE_LOCK = """

@@ -142,6 +142,16 @@ CREATE INDEX IF NOT EXISTS profiles_by_key ON profiles (service, model, started_
 #: Connections left open on purpose in a forked child: closing one there could checkpoint and
 #: delete the parent's WAL file, which the parent still uses.
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
+#: In a forked child: the files whose connection another thread of the parent was using when the
+#: process forked. SQLite's per-file lock bookkeeping came along with it, so a new connection of
+#: the child's to such a file would find it locked for good: the child leaves them alone.
+_IN_USE_AT_FORK: set[str] = set()
+#: How long fork() waits for a write to the flight recorder in progress in another thread.
+_FORK_WAIT_SECONDS = 10.0
+
+
+class _InUseAtFork(sqlite3.OperationalError):
+    """This process was forked while another thread of its parent was writing to the file."""
 
 
 def histogram_to_json(hist: Histogram) -> str:
@@ -237,7 +247,9 @@ class RecordedProcessWindow:
 
 
 def _failure_kind(error: BaseException) -> str:
-    """``disk_full``, ``read_only``, ``locked``, ``corrupt``, ``io_error`` or ``other``."""
+    """``disk_full``, ``read_only``, ``locked``, ``corrupt``, ``io_error``, ``fork`` or ``other``."""
+    if isinstance(error, _InUseAtFork):
+        return "fork"
     name = getattr(error, "sqlite_errorname", "") or ""
     text = str(error).lower()
     code = getattr(error, "errno", None)
@@ -316,6 +328,8 @@ class FlightRecorder:
         self.rows_read = 0
         self._logged: set[str] = set()
         self._lock = threading.Lock()
+        #: Set while fork() waits for this recorder: a writer with more to write lets it go first.
+        self.fork_waiting = False
         self._connection: sqlite3.Connection | None = None
         self._retry_at = 0.0
         self._maintenance_at = time.monotonic() + _MAINTENANCE_SECONDS
@@ -330,6 +344,11 @@ class FlightRecorder:
         if time.monotonic() < self._retry_at:
             return None
         try:
+            if self.path in _IN_USE_AT_FORK:
+                raise _InUseAtFork(
+                    "this process was forked while its parent was writing to the file, so SQLite's "
+                    "locks on it cannot be taken here"
+                )
             connection = self._open()
         except (sqlite3.Error, OSError) as error:
             self._failed(error, "opening")
@@ -407,6 +426,12 @@ class FlightRecorder:
         # Any other failure (a full disk, a read-only directory...) waits retry_seconds.
         transient = kind == "locked"
         self._retry_at = 0.0 if transient else time.monotonic() + self.retry_seconds
+        if transient:
+            then = "another process held it past the wait, and the file is tried again on the next write"
+        elif kind == "fork":
+            then = "windows are kept in memory only in this process"
+        else:
+            then = "the file is tried again every minute"
         connection, self._connection = self._connection, None
         if connection is not None:
             with suppress(sqlite3.Error):
@@ -420,9 +445,7 @@ class FlightRecorder:
                 kind.replace("_", " "),
                 doing,
                 error,
-                "another process held it past the wait, and the file is tried again on the next write"
-                if transient
-                else "the file is tried again every minute",
+                then,
                 kind,
             )
 
@@ -472,13 +495,22 @@ class FlightRecorder:
                     connection.close()
 
     def before_fork(self) -> None:
-        """Before fork(): wait (at most the busy timeout and a second) until no thread is inside
-        SQLite through this recorder, so that the child never inherits one of SQLite's mutexes
-        held by a thread it does not have, and close the connection (the next use reopens it).
-        A child that inherits an open connection shares SQLite's per-file lock bookkeeping with
-        it: its own connection to the same file then finds the file locked, however long it
-        waits. ``after_fork_in_parent`` lets go."""
-        self._held_for_fork = self._lock.acquire(timeout=self.busy_timeout_seconds + 1.0)
+        """Before fork(): wait (at most ``_FORK_WAIT_SECONDS``, or the busy timeout and a second
+        if longer) until no thread is inside SQLite through this recorder, so that the child never
+        inherits one of SQLite's mutexes held by a thread it does not have, and close the
+        connection (the next use reopens it). A child that inherits an open connection shares
+        SQLite's per-file lock bookkeeping with it: its own connection to the same file would find
+        the file locked, however long it waited. So if a write is still going on when the wait
+        ends, the child leaves the file alone (failure kind ``fork``, logged once) and keeps its
+        windows in memory. ``after_fork_in_parent`` lets go."""
+        self.fork_waiting = True
+        try:
+            self._held_for_fork = self._lock.acquire(
+                timeout=max(_FORK_WAIT_SECONDS, self.busy_timeout_seconds + 1.0)
+            )
+        finally:
+            self.fork_waiting = False
+        self._open_at_fork = not self._held_for_fork and self._connection is not None
         if self._held_for_fork and self._connection is not None:
             connection, self._connection = self._connection, None
             with suppress(sqlite3.Error):
@@ -494,6 +526,8 @@ class FlightRecorder:
         new one on next use."""
         self._held_for_fork = False
         self._lock = threading.Lock()
+        if getattr(self, "_open_at_fork", False):
+            _IN_USE_AT_FORK.add(self.path)
         if self._connection is not None:
             _INHERITED_CONNECTIONS.append(self._connection)
             self._connection = None

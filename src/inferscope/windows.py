@@ -596,6 +596,8 @@ class WindowBuilder:
             if not recorder.save_window(oldest):
                 break  # kept for the next window's try (the recorder counts the failure)
             waiting.popleft()
+            if recorder.fork_waiting:
+                break  # fork() waits for the recorder: the rest goes with the next window
         if len(waiting) > UNRECORDED_WINDOWS:
             while len(waiting) > UNRECORDED_WINDOWS:
                 waiting.popleft()

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.conftest import HOLD_A_LOCK
 from tests.instrumentation import require
 
 _REPO = Path(__file__).parents[2]
@@ -139,21 +140,14 @@ def test_a_framework_that_cannot_be_patched_never_breaks_the_applications_import
 def test_a_child_forked_while_another_thread_patches_can_instrument() -> None:
     require("sklearn")
     report, _ = _run(
-        """
-        import faulthandler, json, os, threading
+        HOLD_A_LOCK
+        + textwrap.dedent(
+            """
+        import faulthandler, json, os
         from inferscope import instrumentation
         from inferscope.instrumentation.sklearn import SklearnInstrumentor
 
-        held, release = threading.Event(), threading.Event()
-
-        def patching():  # as an import hook does while the framework is patched
-            with instrumentation._ATTACH_LOCK:
-                held.set()
-                release.wait(30)
-
-        thread = threading.Thread(target=patching)
-        thread.start()
-        held.wait(30)
+        thread = hold(instrumentation._ATTACH_LOCK)  # as an import hook does while it patches
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -170,5 +164,6 @@ def test_a_child_forked_while_another_thread_patches_can_instrument() -> None:
         os.close(write)
         print(json.dumps({"child": json.loads(os.read(read, 1024) or b"null"), "status": status}))
         """
+        )
     )
     assert report == {"child": {"patched": True}, "status": 0}
