@@ -147,7 +147,7 @@ def test_a_child_forked_while_another_thread_patches_can_instrument() -> None:
         from inferscope import instrumentation
         from inferscope.instrumentation.sklearn import SklearnInstrumentor
 
-        thread = hold(instrumentation._ATTACH_LOCK)  # as an import hook does while it patches
+        thread = hold(instrumentation.attach_lock(SklearnInstrumentor))  # as an import hook does
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:

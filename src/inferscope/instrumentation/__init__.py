@@ -657,19 +657,24 @@ def report_internal_error(message: str) -> None:
     report_error(message, logger=_logger)
 
 
-#: Held while an instrumentor patches its framework, and while it is instrumented or uninstrumented,
-#: so that the application's import of the framework in one thread and ``uninstrument()`` in
-#: another never interleave. Reentrant: patching one framework may import another (transformers
-#: imports torch), whose own hook then runs in the same thread.
-_ATTACH_LOCK = threading.RLock()
+#: Per instrumentor class: held while its framework is patched from the import hook, and while it
+#: is instrumented or uninstrumented, so that the application's import of the framework in one
+#: thread and ``uninstrument()`` in another never interleave. One lock per instrumentor, never held
+#: while ``instrument()`` imports anything: a thread importing a framework holds that module's
+#: import lock while the hook runs, and a lock shared with another import could close a cycle.
+_ATTACH_LOCKS: dict[type, threading.RLock] = {}
 
 
-def _fresh_attach_lock() -> None:
-    global _ATTACH_LOCK
-    _ATTACH_LOCK = threading.RLock()  # the forking thread's; a thread that held it is gone
+def attach_lock(instrumentor: type) -> threading.RLock:
+    """The lock of ``instrumentor`` (a class), made on first use."""
+    return _ATTACH_LOCKS.setdefault(instrumentor, threading.RLock())
 
 
-os.register_at_fork(after_in_child=_fresh_attach_lock)
+def _fresh_attach_locks() -> None:
+    _ATTACH_LOCKS.clear()  # the forking thread's; a thread that held one is gone
+
+
+os.register_at_fork(after_in_child=_fresh_attach_locks)
 
 
 class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -737,21 +742,24 @@ class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 _logger.debug(message)
             return
         patches = Patches()
-        with _ATTACH_LOCK:
-            if self._module in sys.modules:
-                try:
-                    self._state = self._apply(patches, options, extra)
-                except BaseException:
-                    patches.restore()
-                    self._state = None
-                    raise
-                self._patches = patches
-                return
+        lock = attach_lock(type(self))
+        if self._module in sys.modules:
+            # Patched here, without the lock: patching may import (sklearn.pipeline, say), and the
+            # import may wait for a thread that is importing the framework and waits for the lock.
+            try:
+                state = self._apply(patches, options, extra)
+            except BaseException:
+                patches.restore()
+                raise
+            with lock:
+                self._state, self._patches = state, patches
+            return
+        with lock:
             self._patches = patches  # active: the wrappers go in when the framework is imported
             self._waiting = waiting = object()
 
         def attach_when_imported(module: Any) -> None:
-            with _ATTACH_LOCK:
+            with lock:
                 if self._waiting is not waiting:
                     return  # uninstrumented (and maybe instrumented again) since
                 self._waiting = None
@@ -769,7 +777,7 @@ class InferscopeInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrapt.register_post_import_hook(attach_when_imported, self._module)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        with _ATTACH_LOCK:
+        with attach_lock(type(self)):
             self._waiting = None
             patches, self._patches = self._patches, None
             state, self._state = self._state, None
