@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +96,32 @@ def hold(lock):
     held.wait(30)
     return thread
 """
+
+
+#: The test modules where the backend decides the outcome, marked ``backend``: CI runs them on the
+#: pure-Python backend of every Python it covers (``-m "backend and not expensive"``), and the whole
+#: suite on both backends of the default Python.
+BACKEND_TESTS = (
+    "test_tracking.py",
+    "test_tracking_edges.py",
+    "test_backends.py",
+    "test_backend_parity.py",
+    "test_contract.py",
+    "test_lifecycle.py",
+    "test_windows.py",
+    "test_counters.py",
+    "test_tracing.py",
+    "test_aggregate.py",
+    "instrumentation",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = Path(__file__).parent
+    for item in items:
+        relative = Path(item.path).relative_to(tests) if Path(item.path).is_relative_to(tests) else None
+        if relative is not None and relative.parts[0] in BACKEND_TESTS:
+            item.add_marker(pytest.mark.backend)
 
 
 def run_python(
