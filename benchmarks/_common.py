@@ -214,6 +214,18 @@ class MachineLoad:
         }
 
 
+def finish(
+    data: dict[str, Any], report: Callable[[dict[str, Any]], str], load: MachineLoad, json_path: str | None
+) -> int:
+    """The end of a benchmark's ``main``: the machine's load into ``data``, the report and the load
+    line printed, ``data`` written as JSON when asked; returns the exit status."""
+    data["machine_load"] = load.summary()
+    print(report(data))
+    print(load_line(data["machine_load"]))
+    write_json(json_path, data)
+    return 0
+
+
 def load_line(load: Mapping[str, float]) -> str:
     return (
         f"machine during the run ({load['seconds']:.0f} s): this benchmark {load['own_cpus']:.2f} CPUs, "

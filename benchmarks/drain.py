@@ -335,11 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {"environment": _common.environment()}
     data["folds"] = fold_rates(repeats)
     data["gil"] = gil_share(seconds)
-    data["machine_load"] = load.summary()
-    print(report(data))
-    print(_common.load_line(data["machine_load"]))
-    _common.write_json(args.json, data)
-    return 0
+    return _common.finish(data, report, load, args.json)
 
 
 if __name__ == "__main__":

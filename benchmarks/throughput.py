@@ -554,11 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {"environment": _common.environment(), "seconds": seconds}
     data["producers"] = producer_runs(seconds)
     data["drain"] = drain_runs(args.quick)
-    data["machine_load"] = load.summary()
-    print(report(data))
-    print(_common.load_line(data["machine_load"]))
-    _common.write_json(args.json, data)
-    return 0
+    return _common.finish(data, report, load, args.json)
 
 
 if __name__ == "__main__":
