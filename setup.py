@@ -32,6 +32,8 @@ setup(
                 "src/inferscope/_native/ringcore.h",
                 "src/inferscope/_native/counters.h",
                 "src/inferscope/_native/fold.h",
+                "src/inferscope/_native/collector.h",
+                "src/inferscope/_native/share.h",
             ],
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,

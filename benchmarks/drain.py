@@ -25,6 +25,15 @@ while the main thread aggregates a stream of 4,096-record batches (``default`` c
 alone (the mean of one run just before and one just after), and as the counter's time lost per million
 records aggregated (the C fold gets through more records in the same time). With the default
 switch interval (5 ms) and with the drainer's (0.5 ms, ``_pipeline._DRAIN_SWITCH_INTERVAL_S``).
+
+Part 3, the native drainer from a pre-filled ring (``_native.Collector``, collector.h): the default
+pipeline with a 524,288-slot ring, its drainer stopped, is filled by 262,144 calls of a tracked
+function with one stage (524,288 real records of the counter set), outside the timed region. Timed:
+- (e) ``Collector.collect()``: the ring drained and folded into histograms, the GIL released;
+- (f) ``Drainer.drain()``: the same, and the merge into the aggregator, end to end;
+- (g) the plain C fold of the same number of records from an array (``fold_records`` in one call,
+  the records drained from a ring filled the same way beforehand): the floor (e) is held to.
+Records/s, medians over the repeats, the cases interleaved; the ratio (e)/(g) (target >= 1/1.5).
 """
 
 from __future__ import annotations
@@ -242,6 +251,65 @@ def gil_share(seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
+NATIVE_RING = 1 << 19
+NATIVE_CALLS = NATIVE_RING // 2  # a tracked call with one stage: two records
+
+
+def native_drain_rates(repeats: int) -> list[dict[str, Any]]:
+    from inferscope import _pipeline
+    from inferscope._native import fold_records
+
+    below, next_start = _sub_bucket_tables(SCALE)
+    rows = []
+    for counters in COUNTER_SETS:
+        inferscope.configure(
+            counters=counters, ring_capacity=NATIVE_RING, metrics_exporters="none", recorder="off"
+        )
+        _pipeline.DRAINER.stop()  # nothing drains but the timed calls
+
+        @inferscope.track_inference(model=f"bench.drain.native.{counters}")
+        def call() -> None:
+            with inferscope.stage("step"):
+                pass
+
+        def fill() -> None:
+            for _ in range(NATIVE_CALLS):
+                call()
+            if len(_pipeline.RUNTIME.ring) != 2 * NATIVE_CALLS:
+                raise RuntimeError(f"the ring holds {len(_pipeline.RUNTIME.ring)} records")
+
+        collector = _pipeline.DRAINER._native_collector()
+        samples: dict[str, list[float]] = {"collect": [], "drain": [], "fold": []}
+        for repeat in range(repeats + 1):  # the first is a warm-up
+            _common.progress(f"drain.py: the native drainer, counters={counters}, repeat {repeat}/{repeats}")
+            fill()
+            t0 = time.perf_counter()
+            collector.collect()
+            collect = time.perf_counter() - t0
+            fill()
+            t0 = time.perf_counter()
+            _pipeline.DRAINER.drain()
+            drain = time.perf_counter() - t0
+            fill()
+            records = empty_records(2 * NATIVE_CALLS)
+            _pipeline.RUNTIME.ring.drain(records)
+            t0 = time.perf_counter()
+            fold_records(records, SCALE, below, next_start)
+            fold = time.perf_counter() - t0
+            if repeat:
+                for name, seconds in (("collect", collect), ("drain", drain), ("fold", fold)):
+                    samples[name].append(2 * NATIVE_CALLS / seconds)
+        rows.append(
+            {
+                "counters": counters,
+                "records_per_second": {name: _common.median(v) for name, v in samples.items()},
+                "samples_records_per_second": samples,
+            }
+        )
+    inferscope.configure()
+    return rows
+
+
 def report(data: dict[str, Any]) -> str:
     rate_rows, ratio_rows = [], []
     for case in data["folds"]:
@@ -319,6 +387,30 @@ def report(data: dict[str, Any]) -> str:
             left=2,
         ),
     ]
+    native = data.get("native")
+    if native:
+        native_rows = []
+        for case in native:
+            r = case["records_per_second"]
+            ratio = r["collect"] / r["fold"]
+            native_rows.append(
+                (
+                    case["counters"],
+                    _common.rate(r["collect"]),
+                    _common.rate(r["drain"]),
+                    _common.rate(r["fold"]),
+                    f"{ratio:.2f} {_common.verdict(ratio >= 1 / 1.5)}",
+                )
+            )
+        lines += [
+            "",
+            f"The native drainer from a pre-filled ring of {2 * NATIVE_CALLS:,} real records, median of "
+            f"{len(native[0]['samples_records_per_second']['collect'])} (target: (e)/(g) >= 0.67)",
+            _common.table(
+                ("counters", "(e) collect()", "(f) Drainer.drain()", "(g) plain C fold", "(e)/(g)"),
+                native_rows,
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -335,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {"environment": _common.environment()}
     data["folds"] = fold_rates(repeats)
     data["gil"] = gil_share(seconds)
+    data["native"] = native_drain_rates(repeats)
     return _common.finish(data, report, load, args.json)
 
 

@@ -91,6 +91,9 @@ class KeyRegistry:
         #: Called once, outside the lock, after the first key is made: the pipeline configured
         #: from the environment starts there (the first tracked function or stage), not at import.
         self.on_first_key: Callable[[], None] | None = None
+        #: Called with each new inference key, before it is returned (so before any record of it):
+        #: the native drainer keeps those records' timings for the process-CPU sharer.
+        self.on_inference_key: Callable[[int], None] | None = None
         os.register_at_fork(after_in_child=self._reinit_lock_in_child)
 
     def _reinit_lock_in_child(self) -> None:
@@ -128,6 +131,8 @@ class KeyRegistry:
                 )
                 if key != OVERFLOW_KEY:
                     self._inference_keys[ident] = key
+                    if self.on_inference_key is not None:
+                        self.on_inference_key(key)
         if self.on_first_key is not None:
             self._first_key_made()
         return key

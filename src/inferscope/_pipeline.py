@@ -36,6 +36,7 @@ from opentelemetry.sdk.resources import Resource
 from . import _otel_compat
 from ._backend import BACKEND
 from ._backend import monotonic_ns as _monotonic_ns
+from ._process_cpu import NativeCpuSharer, ProcessCpuSharer
 from ._records import (
     COUNTER_CUDA_MEMORY,
     COUNTER_PY_HEAP,
@@ -43,11 +44,12 @@ from ._records import (
     DROP_GPU_TIMING_BACKLOG,
     DROP_RING_FULL,
     DROP_STACK_DEPTH,
+    RECORD_DTYPE,
     empty_records,
 )
 from ._runtime import REGISTRY, RUNTIME
 from ._selflog import ERRORS, exporting_quietly, quiet_exporter_loggers, redact, report_error
-from .aggregator import AggregateView, Aggregator
+from .aggregator import AggregateView, Aggregator, batch_fold_of_native
 from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
 from .counters.cuda import DEVICE_TIMER, install_cuda_reader
@@ -61,6 +63,7 @@ from .export.sdk import (
     wrap_meter_provider,
 )
 from .export.traces import (
+    DROP_DRAIN_BACKLOG,
     EXEMPLARS,
     SLOW_QUANTILES,
     BoundedBatchSpanProcessor,
@@ -69,6 +72,7 @@ from .export.traces import (
     install_runtime_context,
     uninstall_runtime_context,
 )
+from .histogram import SCALE, _sub_bucket_tables
 from .snapshots import Snapshot, build_snapshot
 from .system import check_oversubscription, install_import_hook, register_system_metrics, resource_attributes
 from .windows import WINDOWS
@@ -83,23 +87,47 @@ AGGREGATOR = Aggregator(REGISTRY)
 _T = TypeVar("_T")
 
 
-class Drainer:
-    """Moves records from the ring into the aggregator: every ``interval_millis`` from a daemon
-    thread, sooner when the ring is half full, and on demand (``drain()``) before any read.
+#: How long a read waits for the native drainer's thread to finish folding, at most.
+_COLLECT_TIMEOUT_MILLIS = 10_000
+#: The native path's Python thread sleeps at most this long between two looks at its work.
+_NATIVE_LONGEST_WAIT_S = 10.0
 
-    The thread sleeps in ``poll()`` on a pipe until the interval ends or a producer finds the ring
-    half full and writes a byte to the pipe (``Ring.wake_fd``): no polling, so an idle process
-    sees one wake-up per interval, and a burst is drained as soon as the thread gets the GIL.
+
+class Drainer:
+    """Moves records from the ring into the aggregator: every ``interval_millis``, sooner when the
+    ring is half full, and on demand (``drain()``) before any read.
+
+    On the C backend the records never pass through Python. A thread of the extension
+    (``_native.Collector``, see ``_native/collector.h``) drains the ring once per interval and
+    whenever a producer finds it half full, folds the records into histograms and shares the
+    process CPU out to inferences, without the GIL. Python takes that fold (draining the rest of the
+    ring first, the GIL released) and merges it into the aggregator only when something reads:
+    ``snapshot()``, an export, a window's close; and every interval while tracing is on, to build
+    spans. The GIL is held for a few rows per read, never per record, and the switch interval is
+    left alone. The Python thread wakes only when the canary, a window or those are due.
+
+    The pure-Python backend's drainer is a Python thread that sleeps in ``poll()`` on a pipe that
+    producers write to at half full, and folds with numpy every interval. Either way an idle
+    process sees about one wake-up per interval.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._buffer = empty_records(_DRAIN_BATCH)
+        self._buffer: np.ndarray | None = None  # the pure-Python drain's buffer, made on first use
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        #: The wake-up pipe (read end, write end), made on the first start; never closed in the
-        #: process that made it, so that a producer of a retired ring never writes to a reused fd.
+        #: The pure-Python backend's wake-up pipe (read end, write end), made on the first start;
+        #: never closed in the process that made it, so that a producer of a retired ring never
+        #: writes to a reused fd.
         self._wake: tuple[int, int] | None = None
+        #: Whether the native drainer is in use: the C backend's. (False runs the Python drain on the
+        #: C backend too, as benchmarks/drainer_load.py does to compare the two.)
+        self.native = BACKEND == "c"
+        #: The native drainer, made on first use; nothing starts at import.
+        self._collector: Any = None
+        self._collected = 0  # the collector's cumulative count of records folded, at the last take
+        self._ticked = 0  # the same, at the Python thread's last tick
+        self._native_counts = (0, 0, 0, 0, 0)  # the collector's (folded, failed, traced_dropped, ...)
         self._retired_ring_drops = 0
         self._unaggregated = 0
         self.interval_millis = 100
@@ -117,7 +145,7 @@ class Drainer:
         with self._lock:
             # Device times first: the spans of the stages drained next can then carry theirs.
             self._collect_device_times()
-            total = self._drain_into_aggregator(RUNTIME.ring)
+            total = self._take_native() if self.native else self._drain_into_aggregator(RUNTIME.ring)
             self._publish_counts(RUNTIME.ring)
         return total
 
@@ -136,9 +164,66 @@ class Drainer:
     def retire_ring(self, old_ring: Any) -> None:
         """Drain a ring that the runtime no longer writes to, and keep its drop count."""
         with self._lock:
-            self._drain_into_aggregator(old_ring)
+            if self.native:
+                self._native_collector().set_ring(RUNTIME.ring)  # drains the old one whole first
+                self._take_native()
+            else:
+                self._drain_into_aggregator(old_ring)
             self._retired_ring_drops += old_ring.dropped
             self._publish_counts(RUNTIME.ring)
+
+    # --- the native drainer (C backend) ------------------------------------------------------
+
+    def _native_collector(self) -> Any:
+        # Caller holds self._lock.
+        collector = self._collector
+        if collector is None:
+            from ._native import Collector
+
+            below, next_start = _sub_bucket_tables(SCALE)
+            collector = Collector(SCALE, below, next_start)
+            REGISTRY.on_inference_key = self._mark_inference
+            for info in REGISTRY.infos():  # after the hook is set: no key is missed
+                if info.kind == "inference" and info.model is not None:
+                    collector.mark_inference(info.key)
+            self._collector = collector
+            WINDOWS.sharer = NativeCpuSharer(collector)
+        if collector.ring is not RUNTIME.ring:
+            collector.set_ring(RUNTIME.ring)
+        return collector
+
+    def _mark_inference(self, key: int) -> None:
+        collector = self._collector
+        if collector is not None:
+            try:
+                collector.mark_inference(key)
+            except Exception:
+                report_error("inferscope: marking an inference key for the native drainer failed")
+
+    def _take_native(self) -> int:
+        # Caller holds self._lock. The collector drains what the ring holds now, GIL released.
+        fold, traced, counts = self._native_collector().collect(_COLLECT_TIMEOUT_MILLIS)
+        self._native_counts = counts
+        folded = int(counts[0]) - self._collected
+        self._collected = counts[0]
+        if fold is not None:
+            batch = batch_fold_of_native(fold)
+            try:
+                AGGREGATOR.add_fold(batch)
+            except Exception:
+                # Out of the ring already: count it, never lose it silently.
+                self._unaggregated += int(batch.duration.value_count.sum())
+                folded = 0
+                report_error("inferscope: aggregating a batch of records failed")
+        traces = self.traces
+        if traces is not None and traced:
+            try:
+                traces.add(np.frombuffer(traced, RECORD_DTYPE))
+            except Exception:
+                report_error("inferscope: building spans from a batch of records failed")
+        return folded
+
+    # --- the pure-Python backend's drain -------------------------------------------------------
 
     def _drain_into_aggregator(self, ring: Any) -> int:
         # Caller holds self._lock: the ring has a single consumer. Only what the ring held when the
@@ -148,13 +233,16 @@ class Drainer:
         left = len(ring)
         if not left:
             return 0
+        if self._buffer is None:
+            self._buffer = empty_records(_DRAIN_BATCH)
+        buffer = self._buffer
         with _short_switch_interval():
             while left > 0:
-                n = ring.drain(self._buffer[: min(left, len(self._buffer))])
+                n = ring.drain(buffer[: min(left, len(buffer))])
                 left -= n
                 if n:
                     try:
-                        AGGREGATOR.add(self._buffer[:n])
+                        AGGREGATOR.add(buffer[:n])
                         total += n
                     except Exception:
                         # The batch is out of the ring already: count it, never lose it silently.
@@ -163,10 +251,10 @@ class Drainer:
                     traces = self.traces
                     if traces is not None:
                         try:
-                            traces.add(self._buffer[:n])
+                            traces.add(buffer[:n])
                         except Exception:
                             report_error("inferscope: building spans from a batch of records failed")
-                    WINDOWS.add_records(self._buffer[:n])  # never raises
+                    WINDOWS.add_records(buffer[:n])  # never raises
                 if n == 0:
                     break
         return total
@@ -174,18 +262,34 @@ class Drainer:
     def _publish_counts(self, ring: Any) -> None:
         AGGREGATOR.set_dropped(DROP_RING_FULL, self._retired_ring_drops + ring.dropped)
         AGGREGATOR.set_dropped(DROP_STACK_DEPTH, RUNTIME.depth_dropped)
-        if self._unaggregated:
-            AGGREGATOR.set_dropped(DROP_AGGREGATION_FAILED, self._unaggregated)
+        unaggregated = self._unaggregated + self._native_counts[1]
+        if unaggregated:
+            AGGREGATOR.set_dropped(DROP_AGGREGATION_FAILED, unaggregated)
         if DEVICE_TIMER.dropped:
             AGGREGATOR.set_dropped(DROP_GPU_TIMING_BACKLOG, DEVICE_TIMER.dropped)
         if self.traces is not None:
-            AGGREGATOR.set_spans_dropped(self.traces.all_spans_dropped())
+            spans_dropped = dict(self.traces.all_spans_dropped())
+            if self._native_counts[2]:
+                spans_dropped[DROP_DRAIN_BACKLOG] = self._native_counts[2]
+            AGGREGATOR.set_spans_dropped(spans_dropped)
         AGGREGATOR.set_internal_errors(RUNTIME.internal_errors + ERRORS.value + DEVICE_TIMER.errors)
+
+    # --- the thread ------------------------------------------------------------------------------
 
     def start(self, interval_millis: int) -> None:
         self.stop()
         self.interval_millis = interval_millis
-        if self._wake is None:
+        if self.native:
+            try:
+                with self._lock:
+                    self._native_collector().start(interval_millis)
+            except Exception:
+                report_error(
+                    "inferscope: the native drainer did not start; records are drained on reads only"
+                )
+        elif isinstance(WINDOWS.sharer, NativeCpuSharer):
+            WINDOWS.sharer = ProcessCpuSharer(REGISTRY)  # the Python drain on the C backend (benchmarks)
+        if not self.native and self._wake is None:
             try:
                 self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
@@ -200,6 +304,9 @@ class Drainer:
         thread, self._thread = self._thread, None
         self._stop.set()
         self._wake_up()
+        collector = self._collector
+        if collector is not None and collector.running and not collector.stop(int(timeout_millis)):
+            report_error("inferscope: the native drainer's thread did not stop in time")
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_millis / 1e3)
 
@@ -209,6 +316,35 @@ class Drainer:
                 os.write(self._wake[1], b"\x01")
 
     def _run(self, stop: threading.Event) -> None:
+        if self.native:
+            self._run_native(stop)
+        else:
+            self._run_python(stop)
+
+    def _run_native(self, stop: threading.Event) -> None:
+        # The native thread drains, folds and shares process CPU on its own; this one wakes only
+        # when Python has work: the canary, a window's close, the multiprocess publication, and
+        # spans while tracing is on (every interval).
+        interval = self.interval_millis / 1e3
+        while True:
+            if self.traces is not None or PUBLISHER.enabled:
+                wait = interval
+            else:
+                wait = min(max(interval, WINDOWS.seconds_until_due()), _NATIVE_LONGEST_WAIT_S)
+            if stop.wait(wait):
+                return
+            try:
+                if self.traces is not None:
+                    self.drain()
+                collector = self._collector
+                folded = 0 if collector is None else collector.folded
+                aggregated, self._ticked = max(folded - self._ticked, 0), folded
+                WINDOWS.tick()  # closes a window every window_seconds; never raises
+                PUBLISHER.tick(aggregated)  # multiprocess: publishes for the shared /metrics; never raises
+            except Exception:
+                report_error("inferscope: draining the ring failed")
+
+    def _run_python(self, stop: threading.Event) -> None:
         interval = self.interval_millis / 1e3
         next_due = time.monotonic() + interval
         wake = self._wake
@@ -245,9 +381,15 @@ class Drainer:
         self._lock = threading.Lock()
         self._retired_ring_drops = 0
         self._unaggregated = 0
+        self._collected = 0
+        self._ticked = 0
+        self._native_counts = (0, 0, 0, 0, 0)
         self.traces = None
         self._thread = None
         self._stop = threading.Event()
+        if self._collector is not None:
+            # No thread, no pipe and nothing folded: the parent exports what it folded.
+            self._collector.after_fork_in_child()
         # The parent's pipe: the child's producers stop writing to it before its ends are closed,
         # and the child's drainer makes its own when it starts.
         RUNTIME.ring.wake_fd = -1

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Any
 
 import numpy as np
 
 from ._keys import KeyRegistry
 
-__all__ = ["ProcessCpuSharer"]
+__all__ = ["NativeCpuSharer", "ProcessCpuSharer"]
 
 #: Intervals kept after they are shared out, for inferences that end late (a 100 ms drain: ~7 min).
 _MAX_INTERVALS = 4096
@@ -168,3 +169,40 @@ class ProcessCpuSharer:
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         self._reset()
+
+
+class NativeCpuSharer:
+    """The same sharing, done by the native drainer (``_native/share.h``) on the C backend.
+
+    Its thread samples the process CPU clock once per interval and feeds every inference record
+    it drains to the sharer, without the GIL; so ``sample()`` and ``add_records()`` have nothing to
+    do here, and ``take()`` and ``flush()`` read the credits from it.
+    """
+
+    def __init__(self, collector: Any) -> None:
+        self.collector = collector
+        self._pending: dict[int, float] = {}  # flushed, not taken yet
+
+    def sample(self, now_ns: int, process_cpu_seconds: float) -> None:
+        """Nothing: the native drainer samples the clock itself."""
+
+    def add_records(self, records: np.ndarray) -> None:
+        """Nothing: the native drainer sees every inference record itself."""
+
+    def flush(self) -> None:
+        """Share out every closed interval now (at shutdown); ``take()`` returns the credits."""
+        self._merge(self.collector.take_credits(True))
+
+    def take(self) -> dict[int, float]:
+        """Process CPU seconds credited per inference key since the last ``take()``."""
+        self._merge(self.collector.take_credits())
+        credits, self._pending = self._pending, {}
+        return credits
+
+    def _merge(self, credits: dict[int, float]) -> None:
+        for key, seconds in credits.items():
+            self._pending[key] = self._pending.get(key, 0.0) + seconds
+
+    def after_fork_in_child(self) -> None:
+        """The drainer starts the collector over; nothing flushed here belongs to the child."""
+        self._pending = {}

@@ -265,9 +265,13 @@ def _fold_batch_native(records: np.ndarray) -> _BatchFold:
         # calls any address aligned for RECORD_DTYPE, whose alignment is 1, but the int64 fields want 8).
         records = records.copy()
     below, next_start = _sub_bucket_tables(SCALE)
-    series_ids, duration, cpu, cpu_wall, abandoned, counter_sums = fold_records(
-        records, SCALE, below, next_start
-    )
+    return batch_fold_of_native(fold_records(records, SCALE, below, next_start))
+
+
+def batch_fold_of_native(fold: tuple) -> _BatchFold:  # type: ignore[type-arg]
+    """A fold as the C extension hands it over (``fold_records``, ``Collector.collect``): bytes
+    per field, read in place."""
+    series_ids, duration, cpu, cpu_wall, abandoned, counter_sums = fold
 
     def histograms(fields: tuple[bytes, ...]) -> _BatchHistograms:
         return _BatchHistograms(
@@ -364,8 +368,15 @@ class Aggregator:
                         series.gpu = Histogram.empty()
                     gpu.merge_row_into(row, series.gpu)
 
+    def add_fold(self, batch: _BatchFold) -> None:
+        """Merge a batch folded already (by the native drainer, ``batch_fold_of_native``)."""
+        with self._add_lock:
+            self._merge(batch)
+
     def _add(self, records: np.ndarray) -> None:
-        batch = _fold_batch_native(records) if self._native_fold else _fold_batch(records, self._scratch)
+        self._merge(_fold_batch_native(records) if self._native_fold else _fold_batch(records, self._scratch))
+
+    def _merge(self, batch: _BatchFold) -> None:
         fresh = self._fresh_series(batch.series_ids)
         duration, cpu, cpu_wall = batch.duration, batch.cpu, batch.cpu_wall
         with self._lock:

@@ -563,8 +563,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
         ("INFERSCOPE_DRAIN_INTERVAL_MILLIS",),
         "100",
         "an integer from 1 to 60000",
-        "How often the drainer thread moves records from the ring into the aggregates; "
-        "it drains sooner when the ring is half full.",
+        "How often the drainer moves records from the ring into the aggregates; it drains sooner "
+        "when the ring is half full (on the C backend, a native thread that folds without the GIL), "
+        "and before every read.",
         _int_check(1, 60_000),
         _int_text,
     ),

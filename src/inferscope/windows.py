@@ -27,7 +27,7 @@ import numpy as np
 
 from ._backend import monotonic_ns
 from ._keys import KeyRegistry
-from ._process_cpu import ProcessCpuSharer
+from ._process_cpu import NativeCpuSharer, ProcessCpuSharer
 from ._records import (
     COUNTER_SLOTS,
     SLOT_CUDA_ALLOCATED_DELTA,
@@ -307,7 +307,7 @@ class WindowBuilder:
 
     def __init__(self, registry: KeyRegistry, current_key: Callable[[], int]) -> None:
         self._registry = registry
-        self.sharer = ProcessCpuSharer(registry)
+        self.sharer: ProcessCpuSharer | NativeCpuSharer = ProcessCpuSharer(registry)
         self.canary = Canary()
         self.sizes = InputSizes(registry, current_key)
         self._close_lock = threading.Lock()
@@ -342,6 +342,17 @@ class WindowBuilder:
             self.sharer.add_records(records)
         except Exception:
             self._failed("inferscope: sharing process CPU out to inferences failed")
+
+    def seconds_until_due(self) -> float:
+        """How long until ``tick()`` has work: the canary's next run or the window's close (0 before
+        the first tick)."""
+        settings = self._settings
+        if settings is None:
+            return 0.0
+        due = self._next_close_unix - time.time()
+        if settings.canary:
+            due = min(due, self.canary.seconds_until_due())
+        return max(due, 0.0)
 
     def tick(self, settings: Any = None) -> None:
         """Sample the process CPU, run the canary when due, close the window when due."""

@@ -3,6 +3,7 @@
 from ._ringbuf import (
     MAX_STACK_DEPTH,
     RECORD_SIZE,
+    Collector,
     Frame,
     Ring,
     Runtime,
@@ -18,6 +19,7 @@ from ._ringbuf import (
 __all__ = [
     "MAX_STACK_DEPTH",
     "RECORD_SIZE",
+    "Collector",
     "Frame",
     "Ring",
     "Runtime",

@@ -202,9 +202,9 @@ static void fold_result_free(fold_result *r)
     memset(r, 0, sizeof *r);
 }
 
-/* The per-row fields of one histogram from the accumulators, and its zeroed buckets. */
-static fold_status fold_histograms_init(fold_histograms *h, const fold_series *series, size_t rows, int of_cpu,
-                                        int scale, const int64_t *below, const int64_t *next_start)
+/* The per-row arrays of a histogram of `rows` rows (not its buckets); FOLD_NO_MEMORY leaves what
+ * was allocated for fold_histograms_free. */
+static fold_status fold_histograms_alloc(fold_histograms *h, size_t rows)
 {
     size_t n = rows ? rows : 1; /* malloc(0) may return NULL */
     h->value_count = malloc(n * sizeof(int64_t));
@@ -215,8 +215,17 @@ static fold_status fold_histograms_init(fold_histograms *h, const fold_series *s
     h->low_index = malloc(n * sizeof(int64_t));
     h->start = malloc(n * sizeof(int64_t));
     h->span = malloc(n * sizeof(int64_t));
-    if (!h->value_count || !h->value_sum || !h->zero_count || !h->min_positive || !h->max_positive ||
-        !h->low_index || !h->start || !h->span) {
+    return h->value_count && h->value_sum && h->zero_count && h->min_positive && h->max_positive && h->low_index &&
+                   h->start && h->span
+               ? FOLD_OK
+               : FOLD_NO_MEMORY;
+}
+
+/* The per-row fields of one histogram from the accumulators, and its zeroed buckets. */
+static fold_status fold_histograms_init(fold_histograms *h, const fold_series *series, size_t rows, int of_cpu,
+                                        int scale, const int64_t *below, const int64_t *next_start)
+{
+    if (fold_histograms_alloc(h, rows) != FOLD_OK) {
         return FOLD_NO_MEMORY;
     }
     size_t slots = 0;
@@ -260,12 +269,13 @@ static inline fold_status fold_count(fold_histograms *h, size_t row, int64_t ind
 }
 
 /* Fold `count` records into `out`, which the caller zeroed and frees with fold_result_free
- * whatever the status. `below` and `next_start` are histogram._sub_bucket_tables(scale), 1 << 12
+ * whatever the status. Record i is at `(const char *)records + i * stride`: an array of records
+ * (stride sizeof(inferscope_record)), or the ring's slots read in place (collector.h). `below` and `next_start` are histogram._sub_bucket_tables(scale), 1 << 12
  * cells each, 1 <= scale <= 10. Two passes: the first reads the records once, finds the series,
  * sums and extremes (which fix each row's bucket range) and keeps each record's row and bucket
  * indices; the second counts the buckets from those. */
-static fold_status fold_records(const inferscope_record *records, size_t count, int scale, const int64_t *below,
-                                const int64_t *next_start, fold_result *out)
+static fold_status fold_records(const inferscope_record *records, size_t stride, size_t count, int scale,
+                                const int64_t *below, const int64_t *next_start, fold_result *out)
 {
     fold_status status = FOLD_NO_MEMORY;
     fold_table table = {0};
@@ -286,7 +296,7 @@ static fold_status fold_records(const inferscope_record *records, size_t count, 
     uint64_t last_id = FOLD_EMPTY;
     int32_t row = -1;
     for (size_t i = 0; i < count; i++) {
-        const inferscope_record *rec = &records[i];
+        const inferscope_record *rec = (const inferscope_record *)((const char *)records + i * stride);
         uint64_t id = ((uint64_t)rec->key << FOLD_ERROR_BITS) | rec->error;
         if (id != last_id) { /* runs of one series are common: skip the table for them */
             size_t slot = fold_slot(&table, id);

@@ -5,6 +5,8 @@
  *   Tracked   a sync callable wrapper for @track_inference (vectorcall, method descriptor)
  *   Stage     `with stage("x")`: one shared object per name; its state lives in the frame
  *   fold_records   the drainer's fold of a drained batch into per-series histograms (fold.h)
+ *   Collector      the native drainer: a thread that drains the ring and folds without the GIL
+ *                  (collector.h)
  *
  * The hot path (Tracked.__call__, Stage.__enter__/__exit__) reads clocks, pushes onto a fixed
  * stack in the current frame, and pushes one fixed-size record into the ring. It never takes a
@@ -31,9 +33,11 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "collector.h"
 #include "counters.h"
 #include "fold.h"
 #include "ringcore.h"
+#include "share.h"
 
 #define MAX_STACK_DEPTH 32
 #define MAX_STAGE_NAME_LENGTH 256 /* as in _records.py */
@@ -171,6 +175,35 @@ static PyObject *Ring_push(RingObject *self, PyObject *const *args, Py_ssize_t n
     return PyBool_FromLong(inferscope_ring_push(self->core, &rec));
 }
 
+/* push_records(records) -> int: push each record of a RECORD_DTYPE array whole (counters and trace
+ * linkage included), as the hot path would; returns how many the ring took. */
+static PyObject *Ring_push_records(RingObject *self, PyObject *records)
+{
+    if (!ring_ready(self)) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(records, &view, PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    if (view.ndim != 1 || view.itemsize != (Py_ssize_t)sizeof(inferscope_record) ||
+        (uintptr_t)view.buf % _Alignof(inferscope_record) != 0) {
+        PyErr_Format(PyExc_TypeError,
+                     "push_records: records must be a 1-D contiguous, %zu-byte aligned array of RECORD_DTYPE "
+                     "(%zu-byte records), got %d dimension(s) of %zd-byte items",
+                     _Alignof(inferscope_record), sizeof(inferscope_record), view.ndim, view.itemsize);
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const inferscope_record *recs = view.buf;
+    size_t count = (size_t)view.len / sizeof(inferscope_record), pushed = 0;
+    for (size_t i = 0; i < count; i++) {
+        pushed += (size_t)inferscope_ring_push(self->core, &recs[i]);
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSize_t(pushed);
+}
+
 static PyObject *Ring_drain(RingObject *self, PyObject *out)
 {
     if (!ring_ready(self)) {
@@ -255,6 +288,8 @@ static int Ring_set_wake_fd(RingObject *self, PyObject *value, void *closure)
 static PyMethodDef Ring_methods[] = {
     {"push", (PyCFunction)(void (*)(void))Ring_push, METH_FASTCALL,
      "push(key, error, flags, start_ns, wall_ns, cpu_ns) -> bool: queue one record; False if full"},
+    {"push_records", (PyCFunction)Ring_push_records, METH_O,
+     "push_records(records) -> int: queue each record of a RECORD_DTYPE array whole; how many fit"},
     {"drain", (PyCFunction)Ring_drain, METH_O,
      "drain(out) -> int: move up to len(out) records into a writable RECORD_DTYPE buffer"},
     {"reset", (PyCFunction)Ring_reset, METH_NOARGS, "reset(): discard every record and zero the drop count"},
@@ -2242,6 +2277,25 @@ static PyObject *histograms_tuple(const fold_histograms *h, size_t rows)
                          (Py_ssize_t)(h->bucket_slots * 8));
 }
 
+/* A fold as fold_records returns it (see below). */
+static PyObject *fold_result_tuple(const fold_result *result)
+{
+    size_t rows = result->rows;
+    PyObject *out = NULL;
+    PyObject *duration = histograms_tuple(&result->duration, rows);
+    PyObject *cpu = result->has_cpu ? histograms_tuple(&result->cpu, rows) : Py_NewRef(Py_None);
+    if (duration != NULL && cpu != NULL) {
+        out = Py_BuildValue("(y#OOy#y#y#)", (const char *)result->series_ids, (Py_ssize_t)(rows * 8), duration, cpu,
+                            result->has_cpu ? (const char *)result->cpu_wall : NULL, (Py_ssize_t)(rows * 8),
+                            result->has_abandoned ? (const char *)result->abandoned : NULL, (Py_ssize_t)(rows * 8),
+                            result->has_counters ? (const char *)result->counter_sums : NULL,
+                            (Py_ssize_t)(rows * INFERSCOPE_COUNTER_SLOTS * 8));
+    }
+    Py_XDECREF(duration);
+    Py_XDECREF(cpu);
+    return out;
+}
+
 /* fold_records(records, scale, below, next_start, /) -> (series_ids, duration, cpu, cpu_wall,
  *                                                        abandoned, counter_sums)
  *
@@ -2307,8 +2361,8 @@ static PyObject *mod_fold_records(PyObject *module, PyObject *const *args, Py_ss
     fold_result result = {0};
     fold_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = fold_records(records.buf, (size_t)(records.len / records.itemsize), (int)scale, below.buf,
-                          next_start.buf, &result);
+    status = fold_records(records.buf, sizeof(inferscope_record), (size_t)(records.len / records.itemsize),
+                          (int)scale, below.buf, next_start.buf, &result);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&records);
     PyBuffer_Release(&below);
@@ -2322,23 +2376,371 @@ static PyObject *mod_fold_records(PyObject *module, PyObject *const *args, Py_ss
                         "fold_records: the tables put a value outside its row's bucket range: "
                         "not histogram._sub_bucket_tables(scale)");
     } else {
-        size_t rows = result.rows;
-        PyObject *duration = histograms_tuple(&result.duration, rows);
-        PyObject *cpu = result.has_cpu ? histograms_tuple(&result.cpu, rows) : Py_NewRef(Py_None);
-        if (duration != NULL && cpu != NULL) {
-            out = Py_BuildValue(
-                "(y#OOy#y#y#)", (const char *)result.series_ids, (Py_ssize_t)(rows * 8), duration, cpu,
-                result.has_cpu ? (const char *)result.cpu_wall : NULL, (Py_ssize_t)(rows * 8),
-                result.has_abandoned ? (const char *)result.abandoned : NULL, (Py_ssize_t)(rows * 8),
-                result.has_counters ? (const char *)result.counter_sums : NULL,
-                (Py_ssize_t)(rows * INFERSCOPE_COUNTER_SLOTS * 8));
-        }
-        Py_XDECREF(duration);
-        Py_XDECREF(cpu);
+        out = fold_result_tuple(&result);
     }
     fold_result_free(&result);
     return out;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Collector: the native drainer (collector.h)                                                */
+
+typedef struct {
+    PyObject_HEAD
+    /* NULL until __init__. Left allocated for good if its thread would not stop in time: that thread
+     * may still read it. */
+    inferscope_collector *core;
+    PyObject *ring; /* the Ring drained, or NULL */
+} CollectorObject;
+
+static PyTypeObject Collector_Type;
+
+static int Collector_init(CollectorObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"scale", "below", "next_start", NULL};
+    int scale;
+    PyObject *below_obj, *next_start_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOO:Collector", kwlist, &scale, &below_obj, &next_start_obj)) {
+        return -1;
+    }
+    if (self->core != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Collector is already initialised");
+        return -1;
+    }
+    if (scale < 1 || scale > 10) {
+        PyErr_Format(PyExc_ValueError, "Collector: scale must be from 1 to 10 (the table scales), got %d", scale);
+        return -1;
+    }
+    Py_buffer below, next_start;
+    if (!table_buffer(below_obj, "below", (int64_t)1 << scale, &below)) {
+        return -1;
+    }
+    if (!table_buffer(next_start_obj, "next_start", (int64_t)1 << FOLD_FRACTION_BITS, &next_start)) {
+        PyBuffer_Release(&below);
+        return -1;
+    }
+    inferscope_collector *core = malloc(sizeof *core);
+    int ok = core != NULL && collector_init(core, scale, below.buf, next_start.buf);
+    PyBuffer_Release(&below);
+    PyBuffer_Release(&next_start);
+    if (!ok) {
+        free(core);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->core = core;
+    return 0;
+}
+
+static int collector_ready(CollectorObject *self)
+{
+    if (self->core == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Collector was not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static long timeout_argument(PyObject *const *args, Py_ssize_t nargs, const char *name)
+{
+    if (nargs == 0) {
+        return 5000;
+    }
+    long millis = PyLong_AsLong(args[0]);
+    if (millis == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (nargs > 1 || millis < 0 || millis > 3600000) {
+        PyErr_Format(PyExc_ValueError, "%s(timeout_millis=5000): timeout_millis must be from 0 to 3600000",
+                     name);
+        return -1;
+    }
+    return millis;
+}
+
+static void Collector_dealloc(CollectorObject *self)
+{
+    if (self->core != NULL) {
+        int stopped;
+        Py_BEGIN_ALLOW_THREADS
+        stopped = collector_stop(self->core, 5000);
+        if (stopped) {
+            collector_set_ring(self->core, NULL, 5000);
+        }
+        Py_END_ALLOW_THREADS
+        if (stopped) {
+            collector_free(self->core);
+            free(self->core);
+        }
+        self->core = NULL;
+    }
+    Py_CLEAR(self->ring);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* set_ring(ring): drain the current ring whole, then drain `ring` (a Ring, or None) from now on. */
+static PyObject *Collector_set_ring(CollectorObject *self, PyObject *ring)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    if (ring != Py_None && !PyObject_TypeCheck(ring, &Ring_Type)) {
+        PyErr_Format(PyExc_TypeError, "set_ring: expected a Ring or None, got %s", Py_TYPE(ring)->tp_name);
+        return NULL;
+    }
+    if (ring != Py_None && !ring_ready((RingObject *)ring)) {
+        return NULL;
+    }
+    inferscope_ring *core = ring == Py_None ? NULL : ((RingObject *)ring)->core;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = collector_set_ring(self->core, core, 10000);
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        PyErr_SetString(PyExc_TimeoutError, "set_ring: the collector stayed busy for 10 s");
+        return NULL;
+    }
+    PyObject *old = self->ring;
+    self->ring = ring == Py_None ? NULL : Py_NewRef(ring);
+    Py_XDECREF(old); /* after the switch: the core never reads a freed ring */
+    Py_RETURN_NONE;
+}
+
+static PyObject *Collector_start(CollectorObject *self, PyObject *arg)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    long interval = PyLong_AsLong(arg);
+    if (interval == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (interval < 1 || interval > 3600000) {
+        PyErr_Format(PyExc_ValueError, "start: interval_millis must be from 1 to 3600000, got %ld", interval);
+        return NULL;
+    }
+    if (!collector_start(self->core, interval)) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Collector_stop(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    long millis = timeout_argument(args, nargs, "stop");
+    if (millis < 0) {
+        return NULL;
+    }
+    int stopped;
+    Py_BEGIN_ALLOW_THREADS
+    stopped = collector_stop(self->core, millis);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(stopped);
+}
+
+/* collect(timeout_millis=5000) -> (fold, traced, counts); see the type's doc. */
+static PyObject *Collector_collect(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    long millis = timeout_argument(args, nargs, "collect");
+    if (millis < 0) {
+        return NULL;
+    }
+    collector_taken taken;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = collector_take(self->core, millis, &taken);
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        PyErr_Format(PyExc_TimeoutError, "collect: the collector stayed busy for %ld ms", millis);
+        return NULL;
+    }
+    PyObject *fold = taken.has_fold ? fold_result_tuple(&taken.fold) : Py_NewRef(Py_None);
+    PyObject *out = NULL;
+    if (fold != NULL) {
+        /* Empty bytes, not None, when nothing was kept (y# turns NULL into None). */
+        out = Py_BuildValue("(Ny#(KKKKK))", fold, taken.traced ? (const char *)taken.traced : "",
+                            (Py_ssize_t)(taken.traced_len * sizeof(inferscope_record)),
+                            (unsigned long long)taken.folded, (unsigned long long)taken.failed,
+                            (unsigned long long)taken.traced_dropped, (unsigned long long)taken.missed,
+                            (unsigned long long)taken.passes);
+    }
+    collector_taken_free(&taken);
+    return out;
+}
+
+/* take_credits(flush=False, timeout_millis=5000) -> {key: seconds}: the process CPU credited per
+ * inference key since the last call (share.h); `flush` shares out every closed interval first. */
+static PyObject *Collector_take_credits(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    int flush = nargs > 0 ? PyObject_IsTrue(args[0]) : 0;
+    if (flush < 0) {
+        return NULL;
+    }
+    long millis = timeout_argument(args + (nargs > 0), nargs > 0 ? nargs - 1 : 0, "take_credits");
+    if (millis < 0) {
+        return NULL;
+    }
+    uint32_t *keys;
+    double *seconds;
+    size_t count;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = collector_take_credits(self->core, millis, flush, &keys, &seconds, &count);
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        free(keys);
+        free(seconds);
+        PyErr_Format(PyExc_TimeoutError, "take_credits: the collector stayed busy for %ld ms, or memory ran out",
+                     millis);
+        return NULL;
+    }
+    PyObject *out = PyDict_New();
+    for (size_t i = 0; out != NULL && i < count; i++) {
+        PyObject *key = PyLong_FromUnsignedLong(keys[i]);
+        PyObject *value = PyFloat_FromDouble(seconds[i]);
+        if (key == NULL || value == NULL || PyDict_SetItem(out, key, value) < 0) {
+            Py_CLEAR(out);
+        }
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+    }
+    free(keys);
+    free(seconds);
+    return out;
+}
+
+/* sample(now_ns, process_cpu_seconds): close the sharer's interval as the thread does each interval
+ * (for tests: the thread reads the clocks itself). */
+static PyObject *Collector_sample(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "sample(now_ns, process_cpu_seconds) takes 2 arguments");
+        return NULL;
+    }
+    long long now = PyLong_AsLongLong(args[0]);
+    double cpu = PyFloat_AsDouble(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = collector_lock(self->core, 10000);
+    if (ok) {
+        ok = share_sample(&self->core->share, (int64_t)now, cpu) ? 1 : 2;
+        pthread_mutex_unlock(&self->core->lock);
+    }
+    Py_END_ALLOW_THREADS
+    if (ok != 1) {
+        return ok == 0 ? PyErr_Format(PyExc_TimeoutError, "sample: the collector stayed busy for 10 s")
+                       : PyErr_NoMemory();
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Collector_get_folded(CollectorObject *self, void *closure)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(atomic_load_explicit(&self->core->folded, memory_order_relaxed));
+}
+
+static PyObject *Collector_mark_inference(CollectorObject *self, PyObject *arg)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    unsigned long key = PyLong_AsUnsignedLong(arg);
+    if (key == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (key >= COLLECTOR_KEYS) {
+        PyErr_Format(PyExc_OverflowError, "mark_inference: key must be below %d, got %lu", COLLECTOR_KEYS, key);
+        return NULL;
+    }
+    collector_mark_inference(self->core, (uint32_t)key);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Collector_after_fork_in_child(CollectorObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    collector_after_fork_in_child(self->core);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Collector_get_running(CollectorObject *self, void *closure)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    return PyBool_FromLong(self->core->running);
+}
+
+static PyObject *Collector_get_ring(CollectorObject *self, void *closure)
+{
+    return Py_NewRef(self->ring != NULL ? self->ring : Py_None);
+}
+
+static PyMethodDef Collector_methods[] = {
+    {"set_ring", (PyCFunction)Collector_set_ring, METH_O,
+     "set_ring(ring): drain the current ring whole, then drain `ring` (None: no ring) from now on"},
+    {"start", (PyCFunction)Collector_start, METH_O,
+     "start(interval_millis): start the thread, which drains, folds and samples the process CPU once per "
+     "interval, and drains at once whenever a producer finds the ring half full"},
+    {"stop", (PyCFunction)(void (*)(void))Collector_stop, METH_FASTCALL,
+     "stop(timeout_millis=5000) -> bool: stop the thread; False if it did not end in time"},
+    {"collect", (PyCFunction)(void (*)(void))Collector_collect, METH_FASTCALL,
+     "collect(timeout_millis=5000) -> (fold, traced, (folded, failed, traced_dropped, missed, passes)): "
+     "drain what the ring holds now, then take everything folded since the last collect, with the GIL "
+     "released"},
+    {"take_credits", (PyCFunction)(void (*)(void))Collector_take_credits, METH_FASTCALL,
+     "take_credits(flush=False, timeout_millis=5000) -> {key: seconds}: process CPU per inference key "
+     "since the last call"},
+    {"sample", (PyCFunction)(void (*)(void))Collector_sample, METH_FASTCALL,
+     "sample(now_ns, process_cpu_seconds): close the sharer's interval (the thread does it itself)"},
+    {"mark_inference", (PyCFunction)Collector_mark_inference, METH_O,
+     "mark_inference(key): share the process CPU out to this key's records (an inference key)"},
+    {"after_fork_in_child", (PyCFunction)Collector_after_fork_in_child, METH_NOARGS,
+     "after_fork_in_child(): start over with no thread, no pipe and nothing folded"},
+    {NULL}};
+
+static PyGetSetDef Collector_getset[] = {
+    {"running", (getter)Collector_get_running, NULL, "whether the thread runs", NULL},
+    {"folded", (getter)Collector_get_folded, NULL, "records folded so far (read without waiting)", NULL},
+    {"ring", (getter)Collector_get_ring, NULL, "the Ring drained, or None", NULL},
+    {NULL}};
+
+static PyTypeObject Collector_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "inferscope._native.Collector",
+    .tp_basicsize = sizeof(CollectorObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Collector(scale, below, next_start): the native drainer (collector.h).\n\n"
+              "A thread of its own drains the ring once per interval and whenever a producer finds it\n"
+              "half full, folds its records into per-series histograms at `scale` and shares the process\n"
+              "CPU out to inferences (share.h), without the GIL. collect() drains the rest and hands over\n"
+              "the fold (as fold_records returns it, or None when nothing was folded), the traced\n"
+              "records (RECORD_DTYPE bytes) and cumulative counts; take_credits() the process CPU.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Collector_init,
+    .tp_dealloc = (destructor)Collector_dealloc,
+    .tp_methods = Collector_methods,
+    .tp_getset = Collector_getset,
+};
 
 /* ------------------------------------------------------------------------------------------ */
 /* Module                                                                                     */
@@ -2413,7 +2815,7 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__ringbuf(void)
 {
-    PyTypeObject *types[] = {&Ring_Type, &Runtime_Type, &Tracked_Type, &Stage_Type, &Frame_Type};
+    PyTypeObject *types[] = {&Ring_Type, &Runtime_Type, &Tracked_Type, &Stage_Type, &Frame_Type, &Collector_Type};
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
         if (PyType_Ready(types[i]) < 0) {
             return NULL;
@@ -2423,7 +2825,7 @@ PyMODINIT_FUNC PyInit__ringbuf(void)
     if (m == NULL) {
         return NULL;
     }
-    const char *names[] = {"Ring", "Runtime", "Tracked", "Stage", "Frame"};
+    const char *names[] = {"Ring", "Runtime", "Tracked", "Stage", "Frame", "Collector"};
     for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
         if (PyModule_AddObjectRef(m, names[i], (PyObject *)types[i]) < 0) {
             Py_DECREF(m);

@@ -185,6 +185,50 @@ static inline size_t inferscope_ring_drain(inferscope_ring *r, inferscope_record
     return n;
 }
 
+/* The drain without a copy: up to `max` published records from the head, contiguous in the slot
+ * array (never across its end). Returns how many, and points `*first` at the first slot. The caller
+ * reads them in place, then hands the slots back with inferscope_ring_release(r, n) (only when n >
+ * 0). Single consumer, as inferscope_ring_drain: a concurrent caller of either gets 0. */
+static inline size_t inferscope_ring_claim(inferscope_ring *r, size_t max, inferscope_slot **first)
+{
+    int expected = 0;
+    if (!atomic_compare_exchange_strong_explicit(&r->consumer_busy, &expected, 1, memory_order_acquire,
+                                                 memory_order_relaxed)) {
+        return 0;
+    }
+    uint64_t pos = atomic_load_explicit(&r->head, memory_order_relaxed);
+    uint64_t to_end = r->mask + 1 - (pos & r->mask);
+    if (max > to_end) {
+        max = (size_t)to_end;
+    }
+    size_t n = 0;
+    while (n < max) {
+        uint64_t seq = atomic_load_explicit(&r->slots[(pos + n) & r->mask].seq, memory_order_acquire);
+        if ((int64_t)(seq - (pos + n + 1)) < 0) {
+            break;
+        }
+        n++;
+    }
+    if (n == 0) {
+        atomic_store_explicit(&r->consumer_busy, 0, memory_order_release);
+        return 0;
+    }
+    *first = &r->slots[pos & r->mask];
+    return n;
+}
+
+/* Hand back the `n` slots of the last inferscope_ring_claim, read: producers may reuse them. */
+static inline void inferscope_ring_release(inferscope_ring *r, size_t n)
+{
+    uint64_t pos = atomic_load_explicit(&r->head, memory_order_relaxed);
+    for (size_t i = 0; i < n; i++) {
+        atomic_store_explicit(&r->slots[(pos + i) & r->mask].seq, pos + i + r->mask + 1, memory_order_release);
+    }
+    atomic_store_explicit(&r->head, pos + n, memory_order_relaxed);
+    atomic_store_explicit(&r->wake_sent, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->consumer_busy, 0, memory_order_release);
+}
+
 /* Records claimed but not yet drained (approximate while producers run). */
 static inline uint64_t inferscope_ring_len(inferscope_ring *r)
 {

@@ -120,6 +120,9 @@ EXEMPLARS_PER_KEY = 4
 
 DROP_RATE_LIMIT = "rate_limit"
 DROP_UNRESOLVED = "unresolved"
+#: Traced records past what the native drainer keeps for Python between two of its passes
+#: (_native/collector.h): aggregated, but no span is built from them. Counted by the drainer.
+DROP_DRAIN_BACKLOG = "drain_backlog"
 #: Spans that found the export queue full, or whose export failed (a collector down or too slow).
 DROP_QUEUE_FULL = "queue_full"
 DROP_EXPORT_FAILED = "export_failed"

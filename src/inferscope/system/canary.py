@@ -84,6 +84,10 @@ class Canary:
         cpu = time.thread_time_ns() - cpu_start
         return wall / 1e9, cpu / 1e9
 
+    def seconds_until_due(self) -> float:
+        """How long until ``maybe_run()`` runs again (0 when it is due)."""
+        return max(self._next_due - time.monotonic(), 0.0)
+
     def maybe_run(self, now_monotonic: float | None = None) -> bool:
         """Run once if ``interval_seconds`` passed since the last run; True when it ran."""
         now = time.monotonic() if now_monotonic is None else now_monotonic
