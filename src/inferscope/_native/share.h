@@ -188,6 +188,9 @@ static int share_sample(share_state *s, int64_t now_ns, double process_cpu_secon
 /* The last bound <= t (side="right" less one), or -1 when t is before every bound. */
 static inline int64_t share_find(share_state *s, int64_t t)
 {
+    if (s->count > 0 && share_at(s, s->count - 1)->bound_ns <= t) {
+        return (int64_t)s->count - 1; /* the common case: in the open interval */
+    }
     size_t low = 0, high = s->count; /* first bound > t lies in [low, high] */
     while (low < high) {
         size_t mid = (low + high) / 2;
