@@ -985,7 +985,7 @@ def _apply(settings: Settings, *, strict: bool) -> None:
     # whenever one of those libraries is imported later.
     check_oversubscription()
     install_import_hook()
-    PUBLISHER.configure(settings, AGGREGATOR.view, EXEMPLARS)
+    PUBLISHER.configure(settings, collect_view, EXEMPLARS)  # drains first: the native drainer merges on reads
     exports.activate()
     DRAINER.traces = exports.traces
     install_detector(settings)  # the regression detector reads every window as it closes
