@@ -203,6 +203,12 @@ static inline size_t inferscope_ring_claim(inferscope_ring *r, size_t max, infer
     }
     size_t n = 0;
     while (n < max) {
+        if (n + 8 < max) { /* the claimed records are read next: have them on their way */
+            const char *ahead = (const char *)&r->slots[(pos + n + 8) & r->mask];
+            __builtin_prefetch(ahead);
+            __builtin_prefetch(ahead + 64);
+            __builtin_prefetch(ahead + 128);
+        }
         uint64_t seq = atomic_load_explicit(&r->slots[(pos + n) & r->mask].seq, memory_order_acquire);
         if ((int64_t)(seq - (pos + n + 1)) < 0) {
             break;
