@@ -557,3 +557,37 @@ def test_the_merged_scrape_carries_the_workers_exemplars_in_openmetrics(tmp_path
     labels = 'inferscope_model_name="ex",inferscope_model_version="1"'
     assert f"inferscope_inference_duration_seconds_count{{{labels}}} 2.0" in text
     assert "trace_id" not in text  # the Prometheus text format has no exemplars
+
+
+def test_a_worker_whose_server_is_gone_stops_publishing_and_starts_no_reaper(tmp_path: Path) -> None:
+    """A worker that outlives its server (a master killed with SIGKILL) and finds the shared
+    directory gone does not make it again: before, it started one reaper per publication, each of
+    which exited at once and stayed a zombie."""
+    result = run_python(
+        f"""
+import json, subprocess, sys, time
+import inferscope
+from inferscope.export import multiworker
+
+server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+gone = multiworker.ServerId.of(server.pid)
+server.wait()
+inferscope.configure(
+    multiprocess=True, multiprocess_dir={str(tmp_path)!r}, multiprocess_publish_millis=60000,
+    recorder="off", canary=False,
+)
+multiworker.PUBLISHER.server = gone  # this worker's server: gone
+predict = inferscope.track_inference(model="orphan")(lambda: 1)
+predict()
+published = [multiworker.PUBLISHER.publish() for _ in range(5)]
+print(json.dumps({{
+    "published": published,
+    "reapers": len(multiworker._reapers),
+    "directory": multiworker.PUBLISHER.directory.exists(),
+}}))
+"""
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"published": [False] * 5, "reapers": 0, "directory": False}, report
+    assert result.stderr.count("is gone; this worker stops publishing") == 1

@@ -378,6 +378,7 @@ class Publisher:
         #: Called before each publication (the pipeline's endpoint takeover); never raises.
         self.on_tick: Callable[[], None] | None = None
         self.failures = 0
+        self._orphan_logged = False  # the server gone: said once
         os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def configure(
@@ -498,6 +499,18 @@ class Publisher:
             return None
         if self.slot is not None and directory.is_dir():
             return directory
+        if self.server is not None and not self.server.alive():
+            # The server is gone (a master killed, say) and this worker lives on: nobody serves
+            # the shared endpoint, and its reaper removes the directory. Making it again would
+            # start a reaper per publication, each one finding the server gone at once.
+            if not self._orphan_logged:
+                self._orphan_logged = True
+                self._log.warning(
+                    "inferscope: the server process %d is gone; this worker stops publishing to "
+                    "the shared /metrics",
+                    self.server.pid,
+                )
+            return None
         self._release()
         self._make_directory(directory)
         for slot in range(MAX_SLOTS):
@@ -571,6 +584,8 @@ _reapers: list[subprocess.Popen[bytes]] = []
 
 def _start_reaper(directory: Path, server: ServerId) -> None:
     """Start the process that deletes ``directory`` once ``server`` is gone (``_shm_reaper.py``)."""
+    # Those that ended are waited for: never a zombie left per reaper started.
+    _reapers[:] = [reaper for reaper in _reapers if reaper.poll() is None]
     script = Path(__file__).with_name("_shm_reaper.py")
     try:
         reaper = subprocess.Popen(
