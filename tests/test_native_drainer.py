@@ -359,3 +359,33 @@ def test_stop_leaves_no_thread_and_the_drainer_still_reads(monkeypatch):
     _pipeline.DRAINER.start(100)
     assert fold_threads() == 1
     assert threading.active_count() >= 1
+
+
+def test_an_idle_process_wakes_the_native_drainer_once_a_second_not_every_interval():
+    if inferscope.backend() != "c":
+        pytest.skip("the native drainer runs on the C backend")
+    result = run_python(
+        """
+import json, os, time
+import inferscope
+inferscope.configure(drain_interval_millis=10, recorder="off", canary=False)
+inferscope.track_inference(model="idle")(lambda: 1)()
+
+def fold_thread_sleeps():
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as comm:
+            if comm.read().strip() == "inferscope-fold":
+                with open(f"/proc/self/task/{task}/status") as status:
+                    return next(int(l.split()[1]) for l in status if l.startswith("voluntary_ctxt_switches"))
+
+time.sleep(1.5)  # the call's records are drained; from here on nothing arrives
+before = fold_thread_sleeps()
+time.sleep(3.0)
+print(json.dumps({"sleeps": fold_thread_sleeps() - before}))
+"""
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    sleeps = json.loads(result.stdout.strip().splitlines()[-1])["sleeps"]
+    assert sleeps <= 6, sleeps  # every 10 ms would be ~300
