@@ -23,8 +23,8 @@
  *             the credits when a window closes.
  *
  * Waits. The thread sleeps in poll() on its pipe until the interval ends: one wake-up per
- * interval, without the GIL, and one a second while nothing arrives. Every lock wait has a
- * deadline.
+ * interval, without the GIL, and one a second once nothing has arrived for 5 s. Every lock
+ * wait has a deadline.
  */
 #ifndef INFERSCOPE_COLLECTOR_H
 #define INFERSCOPE_COLLECTOR_H
@@ -47,7 +47,8 @@
 #define COLLECTOR_MAX_TRACED 16384        /* traced records kept between two takes */
 #define COLLECTOR_KEYS (1 << 15)          /* the bitmap covers keys below this (max_keys is 20,000) */
 #define COLLECTOR_LOCK_MILLIS 10000       /* the thread's wait for the lock, at most */
-#define COLLECTOR_IDLE_NS 1000000000LL    /* between two passes while nothing arrives */
+#define COLLECTOR_IDLE_NS 1000000000LL    /* between two passes while nothing arrives... */
+#define COLLECTOR_IDLE_AFTER_NS 5000000000LL /* ...once nothing has arrived for this long */
 #define COLLECTOR_SHARE_HORIZON_NS 1000000000LL /* _process_cpu.ProcessCpuSharer's horizon_seconds */
 #define COLLECTOR_FLAG_TRACED 2
 #define COLLECTOR_THREAD_NAME "inferscope-fold" /* at most 15 characters */
@@ -421,7 +422,8 @@ static void *collector_main(void *arg)
     inferscope_collector *c = arg;
     struct pollfd wake = {.fd = c->wake[0], .events = POLLIN};
     int64_t next_sample = collector_clock_ns(CLOCK_MONOTONIC);
-    uint64_t folded_at_sample = UINT64_MAX; /* the first pass is never idle */
+    uint64_t folded_at_sample = 0;
+    int64_t active_at = next_sample; /* when records were last folded */
     while (!atomic_load_explicit(&c->stop, memory_order_acquire)) {
         int64_t left = next_sample - collector_clock_ns(CLOCK_MONOTONIC);
         int timeout = left > 0 ? (int)((left + 999999) / 1000000) : 0;
@@ -442,13 +444,17 @@ static void *collector_main(void *arg)
         int64_t now = collector_clock_ns(CLOCK_MONOTONIC);
         if (now >= next_sample) {
             collector_sample(c);
-            /* Idle (nothing folded since the last sample, by this thread or a take): pass again
-             * in COLLECTOR_IDLE_NS, not every interval. The first records after an idle spell
-             * then wait for that pass or a half-full ring, and their interval of the sharer is the
-             * idle spell's; an idle process's CPU is small. */
+            /* Idle (nothing folded, by this thread or a take, for COLLECTOR_IDLE_AFTER_NS): pass
+             * again in COLLECTOR_IDLE_NS, not every interval. Not sooner: a service with a few
+             * calls a second keeps its intervals short, so that the CPU of the gaps between its
+             * calls stays the process's own. The first records after an idle spell wait for that
+             * pass or a half-full ring; their interval of the sharer spans the idle spell. */
             uint64_t folded = atomic_load_explicit(&c->folded, memory_order_relaxed);
-            int idle = folded == folded_at_sample;
-            folded_at_sample = folded;
+            if (folded != folded_at_sample) {
+                folded_at_sample = folded;
+                active_at = now;
+            }
+            int idle = now - active_at >= COLLECTOR_IDLE_AFTER_NS;
             int64_t wait = c->interval_ns;
             if (idle && wait < COLLECTOR_IDLE_NS) {
                 wait = COLLECTOR_IDLE_NS;
