@@ -390,3 +390,29 @@ print(json.dumps({"sleeps": fold_thread_sleeps() - before}))
 
     sleeps = json.loads(result.stdout.strip().splitlines()[-1])["sleeps"]
     assert sleeps <= 6, sleeps  # every 10 ms would be ~300
+
+
+def test_the_native_drainer_runs_below_the_serving_threads():
+    """Its nice value is its creator's plus 10 (at most 19): on a busy machine the scheduler runs the
+    serving threads first, and the few milliseconds a second it needs still come."""
+    if inferscope.backend() != "c":
+        pytest.skip("the native drainer runs on the C backend")
+    result = run_python(
+        """
+import json, os, time
+import inferscope
+inferscope.track_inference(model="nice")(lambda: 1)()
+time.sleep(0.3)
+for task in os.listdir("/proc/self/task"):
+    with open(f"/proc/self/task/{task}/comm") as comm:
+        if comm.read().strip() == "inferscope-fold":
+            with open(f"/proc/self/task/{task}/stat") as stat:
+                nice = int(stat.read().rsplit(")", 1)[1].split()[16])
+print(json.dumps({"fold": nice, "process": os.getpriority(os.PRIO_PROCESS, 0)}))
+"""
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["fold"] == min(report["process"] + 10, 19), report

@@ -34,6 +34,8 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -47,6 +49,7 @@
 #define COLLECTOR_MAX_TRACED 16384        /* traced records kept between two takes */
 #define COLLECTOR_KEYS (1 << 15)          /* the bitmap covers keys below this (max_keys is 20,000) */
 #define COLLECTOR_LOCK_MILLIS 10000       /* the thread's wait for the lock, at most */
+#define COLLECTOR_NICE 10                 /* the thread's nice value above its creator's (at most 19) */
 #define COLLECTOR_IDLE_NS 1000000000LL    /* between two passes while nothing arrives... */
 #define COLLECTOR_IDLE_AFTER_NS 5000000000LL /* ...once nothing has arrived for this long */
 #define COLLECTOR_SHARE_HORIZON_NS 1000000000LL /* _process_cpu.ProcessCpuSharer's horizon_seconds */
@@ -420,6 +423,17 @@ static void collector_sample(inferscope_collector *c)
 static void *collector_main(void *arg)
 {
     inferscope_collector *c = arg;
+    /* Below the serving threads: on a busy machine the scheduler runs them first, and the thread
+     * still gets its few milliseconds a second (Linux: the nice value of this thread alone). */
+    id_t tid = (id_t)syscall(SYS_gettid);
+    errno = 0;
+    int niceness = getpriority(PRIO_PROCESS, tid);
+    if (errno == 0) {
+        niceness = niceness + COLLECTOR_NICE < 19 ? niceness + COLLECTOR_NICE : 19;
+        if (setpriority(PRIO_PROCESS, tid, niceness) != 0) {
+            /* not allowed (a seccomp profile, say): it runs at the process's priority */
+        }
+    }
     struct pollfd wake = {.fd = c->wake[0], .events = POLLIN};
     int64_t next_sample = collector_clock_ns(CLOCK_MONOTONIC);
     uint64_t folded_at_sample = 0;
