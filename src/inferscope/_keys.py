@@ -92,7 +92,7 @@ class KeyRegistry:
         #: from the environment starts there (the first tracked function or stage), not at import.
         self.on_first_key: Callable[[], None] | None = None
         #: Called with each new inference key, before it is returned (so before any record of it):
-        #: the native drainer keeps those records' timings for the process-CPU sharer.
+        #: the native drainer shares process CPU out to those records (_native/share.h).
         self.on_inference_key: Callable[[int], None] | None = None
         os.register_at_fork(after_in_child=self._reinit_lock_in_child)
 

@@ -22,7 +22,7 @@ import tracemalloc
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from opentelemetry.sdk.metrics import MeterProvider
@@ -77,6 +77,9 @@ from .snapshots import Snapshot, build_snapshot
 from .system import check_oversubscription, install_import_hook, register_system_metrics, resource_attributes
 from .windows import WINDOWS
 
+if TYPE_CHECKING:
+    from ._native import Collector
+
 _logger = logging.getLogger("inferscope")
 
 _DRAIN_BATCH = 16384
@@ -124,7 +127,7 @@ class Drainer:
         #: C backend too, as benchmarks/drainer_load.py does to compare the two.)
         self.native = BACKEND == "c"
         #: The native drainer, made on first use; nothing starts at import.
-        self._collector: Any = None
+        self._collector: Collector | None = None
         self._collected = 0  # the collector's cumulative count of records folded, at the last take
         self._ticked = 0  # the same, at the Python thread's last tick
         self._native_counts = (0, 0, 0, 0, 0)  # the collector's (folded, failed, traced_dropped, ...)
@@ -174,7 +177,7 @@ class Drainer:
 
     # --- the native drainer (C backend) ------------------------------------------------------
 
-    def _native_collector(self) -> Any:
+    def _native_collector(self) -> Collector:
         # Caller holds self._lock.
         collector = self._collector
         if collector is None:
@@ -187,7 +190,8 @@ class Drainer:
                 if info.kind == "inference" and info.model is not None:
                     collector.mark_inference(info.key)
             self._collector = collector
-            WINDOWS.sharer = NativeCpuSharer(collector)
+        if not isinstance(WINDOWS.sharer, NativeCpuSharer):
+            WINDOWS.sharer = NativeCpuSharer(collector)  # the windows' process CPU comes from it
         if collector.ring is not RUNTIME.ring:
             collector.set_ring(RUNTIME.ring)
         return collector

@@ -1,8 +1,8 @@
 /* The native drainer: a pthread that empties the record ring and folds the records into per-series
  * histograms, and shares the process CPU out to inferences, without ever taking the GIL.
  *
- * This header has no Python dependency, like ringcore.h and fold.h, so that tests/c/ring_stress.c
- * can run it against pthread producers under ThreadSanitizer. ringbuf.c wraps it as
+ * This header has no Python dependency, like ringcore.h and fold.h, so that
+ * tests/c/collector_stress.c can run it against pthread producers under ThreadSanitizer. ringbuf.c wraps it as
  * _native.Collector; the Python drainer (_pipeline.Drainer) owns one on the C backend.
  *
  * Who drains. The ring has a single consumer: whoever holds `lock`. That is the collector's thread,
@@ -240,24 +240,23 @@ static inline int collector_is_inference(inferscope_collector *c, uint32_t key)
            (atomic_load_explicit(&c->inference[key / 8], memory_order_relaxed) >> (key % 8)) & 1;
 }
 
-/* Append `rec` to a bounded array that grows by doubling; 0 when it is full or memory ran out. */
-static int collector_keep(void **items, size_t *len, size_t *cap, size_t most, size_t size, const void *item)
+/* Keep a traced record for Python; 0 when COLLECTOR_MAX_TRACED wait already or memory ran out. */
+static int collector_keep_traced(inferscope_collector *c, const inferscope_record *rec)
 {
-    if (*len == *cap) {
-        size_t bigger = *cap ? 2 * *cap : 256;
-        if (*cap >= most) {
+    if (c->traced_len == c->traced_cap) {
+        if (c->traced_cap >= COLLECTOR_MAX_TRACED) {
             return 0;
         }
-        bigger = bigger < most ? bigger : most;
-        void *grown = realloc(*items, bigger * size);
+        size_t bigger = c->traced_cap ? 2 * c->traced_cap : 256;
+        bigger = bigger < COLLECTOR_MAX_TRACED ? bigger : COLLECTOR_MAX_TRACED;
+        inferscope_record *grown = realloc(c->traced, bigger * sizeof *grown);
         if (grown == NULL) {
             return 0;
         }
-        *items = grown;
-        *cap = bigger;
+        c->traced = grown;
+        c->traced_cap = bigger;
     }
-    memcpy((char *)*items + *len * size, item, size);
-    (*len)++;
+    c->traced[c->traced_len++] = *rec;
     return 1;
 }
 
@@ -267,9 +266,7 @@ static void collector_fold(inferscope_collector *c, const inferscope_record *rec
 {
     for (size_t i = 0; i < n; i++) {
         const inferscope_record *rec = (const inferscope_record *)((const char *)records + i * stride);
-        if ((rec->flags & COLLECTOR_FLAG_TRACED) &&
-            !collector_keep((void **)&c->traced, &c->traced_len, &c->traced_cap, COLLECTOR_MAX_TRACED,
-                            sizeof *rec, rec)) {
+        if ((rec->flags & COLLECTOR_FLAG_TRACED) && !collector_keep_traced(c, rec)) {
             c->traced_dropped++;
         }
         if (collector_is_inference(c, rec->key) && !share_add(&c->share, rec->key, rec->start_ns, rec->wall_ns)) {
@@ -528,21 +525,10 @@ static int collector_start(inferscope_collector *c, long interval_millis)
     }
     c->interval_ns = (int64_t)interval_millis * 1000000;
     if (c->wake[0] < 0) {
-        int fds[2];
-        if (pipe(fds) != 0) {
+        if (pipe2(c->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
+            c->wake[0] = c->wake[1] = -1;
             return 0;
         }
-        for (int i = 0; i < 2; i++) {
-            if (fcntl(fds[i], F_SETFL, O_NONBLOCK) != 0 || fcntl(fds[i], F_SETFD, FD_CLOEXEC) != 0) {
-                int saved = errno;
-                close(fds[0]);
-                close(fds[1]);
-                errno = saved;
-                return 0;
-            }
-        }
-        c->wake[0] = fds[0];
-        c->wake[1] = fds[1];
     }
     atomic_store_explicit(&c->stop, 0, memory_order_release);
     /* The thread takes no signal: the application's handlers run where the application expects. */
