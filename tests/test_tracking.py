@@ -505,6 +505,9 @@ def test_stack_deeper_than_the_limit_is_dropped_and_counted_not_raised():
 
 
 def test_threads_record_exact_counts():
+    # The drop counter is the process's: earlier tests may have filled a small ring on purpose.
+    dropped_before = inferscope.snapshot().dropped.get("ring_full", 0)
+
     @inferscope.track_inference(model="threaded")
     def predict(x):
         with inferscope.stage("infer"):
@@ -522,7 +525,7 @@ def test_threads_record_exact_counts():
     snap = inferscope.snapshot()
     assert snap.row("threaded").count == 8000
     assert snap.row("threaded", "infer").count == 8000
-    assert snap.dropped.get("ring_full", 0) == 0
+    assert snap.dropped.get("ring_full", 0) == dropped_before
 
 
 def test_bind_carries_inference_and_stage_into_worker_threads():

@@ -183,6 +183,61 @@ def test_input_size_from_the_arguments(windows) -> None:
     assert sizes["sized-broken"] == (0.0, 0)
 
 
+def test_a_busy_stage_window_keeps_how_many_calls_had_their_cpu_read(windows) -> None:
+    """A busy stage's CPU is read on a sample of its entries: the window keeps the count of those
+    reads, and its CPU per call is the mean over them, whatever the unread calls waited."""
+    from inferscope._runtime import RUNTIME
+    from inferscope.baseline import KeyFigures
+    from inferscope.windows import CPU_READ_CALLS
+
+    RUNTIME.cpu_sample_every = 8
+    try:
+        _calls(400)
+        before = inferscope.snapshot()
+        windows.close()
+        _calls(400)
+        after = inferscope.snapshot()
+        window = windows.close()
+    finally:
+        RUNTIME.cpu_sample_every = 64
+    assert window is not None
+    for stage in ("preprocess", "infer"):
+        key = _key(window, stage)
+        row_before, row_after = before.row("win-model", stage), after.row("win-model", stage)
+        reads = row_after.cpu_sampled_count - row_before.cpu_sampled_count
+        assert key.counters[CPU_READ_CALLS] == reads
+        assert 0 < reads < key.count  # a sample (the first entry and 1 in 8 at random, or a pause)
+        figures = KeyFigures.pool([(key, window.seconds)])
+        assert figures.cpu_per_call == pytest.approx(key.cpu_seconds / reads)
+        assert figures.off_cpu_per_call == pytest.approx(
+            max(0.0, key.wall_seconds / key.count - key.cpu_seconds / reads)
+        )
+    inference = _key(window, None)
+    assert inference.counters[CPU_READ_CALLS] == inference.count == 400  # every inference is read
+
+
+def test_windows_recorded_without_the_read_count_fall_back_to_cpu_over_wall(windows) -> None:
+    """A window recorded before the read count existed (or pooled with one) gives CPU per call as
+    CPU/wall over the calls read times the mean wall time, as it did then."""
+    from dataclasses import replace
+
+    from inferscope.baseline import KeyFigures
+    from inferscope.windows import CPU_READ_CALLS
+
+    _calls(100)
+    window = windows.close()
+    assert window is not None
+    key = _key(window, "infer")
+    older = replace(key, counters={k: v for k, v in key.counters.items() if k != CPU_READ_CALLS})
+    for pairs in ([(older, 1.0)], [(key, 1.0), (older, 1.0)]):
+        figures = KeyFigures.pool(pairs)
+        assert CPU_READ_CALLS not in figures.counters
+        assert figures.cpu_per_call == pytest.approx(figures.cpu_ratio * figures.mean_seconds)
+    assert (
+        KeyFigures.pool([(key, 1.0), (key, 1.0)]).counters[CPU_READ_CALLS] == 2 * key.counters[CPU_READ_CALLS]
+    )
+
+
 def test_process_cpu_is_shared_by_overlap() -> None:
     registry = KeyRegistry()
     a, b = registry.inference_key("a"), registry.inference_key("b")

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .histogram import Histogram
-from .windows import SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
+from .windows import CPU_READ_CALLS, SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
 
 __all__ = [
     "BASELINE_FORMAT",
@@ -117,6 +117,7 @@ class KeyFigures:
         cpu: float | None = None
         process_cpu: float | None = None
         counters: dict[str, float] = {}
+        unread_count = False
         for kw, length in windows:
             count += kw.count
             errors += kw.errors
@@ -130,8 +131,12 @@ class KeyFigures:
                 process_cpu = (process_cpu or 0.0) + kw.process_cpu_seconds
             for name, value in kw.counters.items():
                 counters[name] = counters.get(name, 0.0) + float(value)
+            if kw.cpu_seconds is not None and CPU_READ_CALLS not in kw.counters:
+                unread_count = True
             size_sum += kw.size_sum
             size_count += kw.size_count
+        if unread_count:
+            counters.pop(CPU_READ_CALLS, None)  # a window without the count: no mean over reads
         return cls(
             count, errors, seconds, hist, wall, cpu, cpu_wall, process_cpu, counters, size_sum, size_count
         )
@@ -152,17 +157,26 @@ class KeyFigures:
 
     @property
     def cpu_per_call(self) -> float | None:
-        """Calling-thread CPU seconds per call (the ratio times the mean wall time, so that calls
-        measured without CPU, such as the entries of a busy stage left out of the CPU sample
-        (docs/counters.md), do not dilute it)."""
+        """Calling-thread CPU seconds per call: the mean over the calls whose CPU was read (all of
+        an inference's, a random sample of a busy stage's: docs/counters.md), so that the calls
+        left out neither dilute it nor move it.
+
+        Windows recorded without the count of calls read fall back to CPU/wall over those calls
+        times the mean wall time of all calls. That estimate rises with any wait of the calls left
+        out of the sample (a preemption the sample missed reads as more work), which is why the
+        count is kept."""
+        reads = self.counters.get(CPU_READ_CALLS)
+        if reads is not None and self.cpu_seconds is not None:
+            return _ratio(self.cpu_seconds, reads)
         ratio, mean = self.cpu_ratio, self.mean_seconds
         return None if ratio is None or mean is None else ratio * mean
 
     @property
     def off_cpu_per_call(self) -> float | None:
-        """Wall seconds per call that the calling thread spent off the CPU (waiting or preempted)."""
-        ratio, mean = self.cpu_ratio, self.mean_seconds
-        return None if ratio is None or mean is None else max(0.0, 1.0 - ratio) * mean
+        """Wall seconds per call that the calling thread spent off the CPU (waiting or preempted):
+        the mean wall time of all calls less their CPU per call."""
+        cpu, mean = self.cpu_per_call, self.mean_seconds
+        return None if cpu is None or mean is None else max(0.0, mean - cpu)
 
     @property
     def process_cpu_per_call(self) -> float | None:
@@ -498,7 +512,7 @@ def _stage_baseline(path: str | None, pairs: Sequence[tuple[KeyWindow, float]], 
     counters = {
         name: value / pooled.count
         for name, value in pooled.counters.items()
-        if pooled.count and name != "gpu_seconds"
+        if pooled.count and name not in ("gpu_seconds", CPU_READ_CALLS)
     }
     return StageBaseline(
         stage=path,

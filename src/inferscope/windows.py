@@ -57,6 +57,10 @@ SCHEMA_VERSION = 1
 #: The layout of the flight recorder's file. 2: histograms as binary blobs (1 held them as JSON;
 #: rows of a version 1 file stay readable). A file of a higher version is never written to.
 RECORDER_SCHEMA_VERSION = 2
+#: The counter that holds how many calls had their CPU read (``cpu_seconds`` is their sum): every
+#: call of an inference, a sample of a busy stage's (docs/counters.md). Windows recorded before it
+#: existed lack it.
+CPU_READ_CALLS = "cpu_read_calls"
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class KeyWindow:
     process_cpu_seconds: float | None = None
     #: Counter sums by metric-free name: ``voluntary_switches``, ``involuntary_switches``,
     #: ``minor_faults``, ``major_faults``, ``rss_change_bytes``, ``py_heap_change_bytes``,
-    #: ``gpu_seconds``... Only the counters that were read.
+    #: ``gpu_seconds``, ``cpu_read_calls`` (``CPU_READ_CALLS``)... Only the counters that were read.
     counters: Mapping[str, float] = field(default_factory=dict)
     #: Input size (items, tokens, bytes) summed over the calls that reported one, and their count.
     size_sum: float = 0.0
@@ -269,6 +273,7 @@ class _Accumulator:
     wall_seconds: float = 0.0
     cpu_seconds: float | None = None
     cpu_wall_seconds: float = 0.0
+    cpu_read_calls: int = 0
     counters: np.ndarray = field(default_factory=lambda: np.zeros(COUNTER_SLOTS, np.int64))
     gpu_seconds: float | None = None
     kind: str = "inference"
@@ -444,6 +449,9 @@ class WindowBuilder:
                 acc.cpu_wall_seconds += series.cpu_wall_seconds - (
                     earlier.cpu_wall_seconds if earlier is not None else 0.0
                 )
+                acc.cpu_read_calls += max(
+                    series.cpu.count - (earlier_cpu.count if earlier_cpu is not None else 0), 0
+                )
             acc.counters += series.counters - (earlier.counters if earlier is not None else 0)
             if series.gpu is not None:
                 earlier_gpu = earlier.gpu if earlier is not None else None
@@ -474,6 +482,8 @@ class WindowBuilder:
             }
             if acc.gpu_seconds is not None:
                 counters["gpu_seconds"] = acc.gpu_seconds
+            if acc.cpu_seconds is not None:
+                counters[CPU_READ_CALLS] = float(acc.cpu_read_calls)
             size_sum, size_count = sizes.pop(name, (0.0, 0))
             keys.append(
                 KeyWindow(

@@ -260,21 +260,32 @@ static int collector_keep_traced(inferscope_collector *c, const inferscope_recor
     return 1;
 }
 
-/* Fold `n` records (record i at `records + i * stride`) into the running fold and keep what
- * Python needs of them. Caller holds the lock. */
-static void collector_fold(inferscope_collector *c, const inferscope_record *records, size_t stride, size_t n)
+/* One record read in place from the ring: folded, kept if traced, its wall time given to the
+ * sharer if it is an inference's. Caller holds the lock (inferscope_ring_consume's visitor). */
+typedef struct {
+    inferscope_collector *c;
+    fold_batch batch;
+} collector_pass;
+
+static void collector_visit(void *ctx, const inferscope_record *rec, size_t i)
 {
-    for (size_t i = 0; i < n; i++) {
-        const inferscope_record *rec = (const inferscope_record *)((const char *)records + i * stride);
-        if ((rec->flags & COLLECTOR_FLAG_TRACED) && !collector_keep_traced(c, rec)) {
-            c->traced_dropped++;
-        }
-        if (collector_is_inference(c, rec->key) && !share_add(&c->share, rec->key, rec->start_ns, rec->wall_ns)) {
-            c->share_failed++;
-        }
+    collector_pass *pass = ctx;
+    inferscope_collector *c = pass->c;
+    (void)i;
+    if ((rec->flags & COLLECTOR_FLAG_TRACED) && !collector_keep_traced(c, rec)) {
+        c->traced_dropped++;
     }
+    if (collector_is_inference(c, rec->key) && !share_add(&c->share, rec->key, rec->start_ns, rec->wall_ns)) {
+        c->share_failed++;
+    }
+    fold_batch_add(&pass->batch, rec);
+}
+
+/* Merge the pass's `n` folded records into the running fold. Caller holds the lock. */
+static void collector_merge(inferscope_collector *c, fold_batch *done, size_t n)
+{
     fold_result batch = {0};
-    fold_status status = fold_records(records, stride, n, c->scale, c->below, c->next_start, &batch);
+    fold_status status = fold_batch_finish(done, &batch);
     if (status == FOLD_OK && !c->has_acc) {
         c->acc = batch;
         c->has_acc = 1;
@@ -300,21 +311,34 @@ static void collector_fold(inferscope_collector *c, const inferscope_record *rec
 }
 
 /* Drain at most `limit` records (what the ring held when the caller began, so that producers that
- * never pause cannot keep the drain going) and fold them where they lie in the ring, without a
- * copy: their slots go back to the producers once folded. Caller holds the lock. */
+ * never pause cannot keep the drain going), COLLECTOR_BATCH at a time, each in one pass over its
+ * slots (inferscope_ring_consume): read in place, without a copy, and handed back to the producers
+ * one by one. Caller holds the lock. */
 static void collector_drain(inferscope_collector *c, uint64_t limit)
 {
     if (c->ring == NULL) {
         return;
     }
     while (limit > 0) {
-        inferscope_slot *first;
-        size_t n = inferscope_ring_claim(c->ring, limit < COLLECTOR_BATCH ? limit : COLLECTOR_BATCH, &first);
+        size_t max = limit < COLLECTOR_BATCH ? (size_t)limit : COLLECTOR_BATCH;
+        collector_pass pass = {.c = c};
+        size_t n;
+        if (fold_batch_init(&pass.batch, max, c->scale, c->below, c->next_start) == FOLD_OK) {
+            n = inferscope_ring_consume(c->ring, max, collector_visit, &pass);
+            if (n > 0) {
+                collector_merge(c, &pass.batch, n);
+            }
+        }
+        else {
+            /* No memory for the fold: the records still leave the ring, counted as lost. */
+            pass.batch.failed = 1;
+            n = inferscope_ring_consume(c->ring, max, collector_visit, &pass);
+            c->failed += n;
+        }
+        fold_batch_free(&pass.batch);
         if (n == 0) {
             break;
         }
-        collector_fold(c, &first->rec, sizeof(inferscope_slot), n);
-        inferscope_ring_release(c->ring, n);
         limit -= n;
     }
 }

@@ -268,97 +268,154 @@ static inline fold_status fold_count(fold_histograms *h, size_t row, int64_t ind
     return FOLD_OK;
 }
 
-/* Fold `count` records into `out`, which the caller zeroed and frees with fold_result_free
- * whatever the status. Record i is at `(const char *)records + i * stride`: an array of records
- * (stride sizeof(inferscope_record)), or the ring's slots read in place (collector.h). `below` and `next_start` are histogram._sub_bucket_tables(scale), 1 << 12
- * cells each, 1 <= scale <= 10. Two passes: the first reads the records once, finds the series,
- * sums and extremes (which fix each row's bucket range) and keeps each record's row and bucket
- * indices; the second counts the buckets from those. */
-static fold_status fold_records(const inferscope_record *records, size_t stride, size_t count, int scale,
-                                const int64_t *below, const int64_t *next_start, fold_result *out)
-{
-    fold_status status = FOLD_NO_MEMORY;
-    fold_table table = {0};
-    size_t capacity = 16, rows = 0;
-    size_t n = count ? count : 1; /* malloc(0) may return NULL */
-    fold_series *series = malloc(capacity * sizeof *series);
-    int32_t *row_of = malloc(n * sizeof *row_of);
-    int32_t *final_row = NULL;
+/* A fold in progress: the first pass's state. fold_batch_init sizes it for at most `max` records;
+ * fold_batch_add reads each record once (in any memory: an array, or the ring's slots in place),
+ * finds its series, sums and extremes (which fix each row's bucket range) and keeps its row and
+ * bucket indices; fold_batch_finish counts the buckets from those into a fold_result. */
+typedef struct {
+    fold_table table;
+    fold_series *series;
+    size_t capacity, rows, count;
+    int32_t *row_of;
     /* The bucket index of each record's wall and CPU seconds, FOLD_NO_INDEX where not positive.
      * Any positive double's index at scale 10 lies within +-1.1 M, far inside int32. */
-    int32_t *wall_index = malloc(n * sizeof *wall_index);
-    int32_t *cpu_index = malloc(n * sizeof *cpu_index);
-    if (series == NULL || row_of == NULL || wall_index == NULL || cpu_index == NULL ||
-        !fold_table_init(&table, 64)) {
-        goto done;
-    }
+    int32_t *wall_index, *cpu_index;
+    uint64_t last_id;
+    int32_t row;
+    int scale;
+    const int64_t *below, *next_start;
+    int has_cpu, has_abandoned, has_counters;
+    int failed; /* memory ran out in fold_batch_add: the batch is lost */
+} fold_batch;
 
-    uint64_t last_id = FOLD_EMPTY;
-    int32_t row = -1;
-    for (size_t i = 0; i < count; i++) {
-        const inferscope_record *rec = (const inferscope_record *)((const char *)records + i * stride);
-        uint64_t id = ((uint64_t)rec->key << FOLD_ERROR_BITS) | rec->error;
-        if (id != last_id) { /* runs of one series are common: skip the table for them */
-            size_t slot = fold_slot(&table, id);
-            if (table.ids[slot] == FOLD_EMPTY) {
-                if (rows == capacity) {
-                    fold_series *grown = realloc(series, 2 * capacity * sizeof *series);
-                    if (grown == NULL) {
-                        goto done;
-                    }
-                    series = grown;
-                    capacity *= 2;
-                }
-                memset(&series[rows], 0, sizeof series[rows]);
-                series[rows].series_id = id;
-                series[rows].first_row = (int32_t)rows;
-                series[rows].wall.min_positive = series[rows].cpu.min_positive = HUGE_VAL;
-                table.ids[slot] = id;
-                table.index[slot] = (int32_t)rows++;
-                if (2 * rows > table.mask + 1 && !fold_table_grow(&table)) {
-                    goto done;
-                }
-                row = (int32_t)(rows - 1);
-            } else {
-                row = table.index[slot];
-            }
-            last_id = id;
+static void fold_batch_free(fold_batch *b)
+{
+    free(b->series);
+    free(b->row_of);
+    free(b->wall_index);
+    free(b->cpu_index);
+    free(b->table.ids);
+    free(b->table.index);
+    memset(b, 0, sizeof *b);
+}
+
+/* `below` and `next_start` are histogram._sub_bucket_tables(scale), 1 << 12 cells each,
+ * 1 <= scale <= 10. FOLD_NO_MEMORY leaves what was allocated for fold_batch_free. */
+static fold_status fold_batch_init(fold_batch *b, size_t max, int scale, const int64_t *below,
+                                   const int64_t *next_start)
+{
+    memset(b, 0, sizeof *b);
+    size_t n = max ? max : 1; /* malloc(0) may return NULL */
+    b->capacity = 16;
+    b->series = malloc(b->capacity * sizeof *b->series);
+    b->row_of = malloc(n * sizeof *b->row_of);
+    b->wall_index = malloc(n * sizeof *b->wall_index);
+    b->cpu_index = malloc(n * sizeof *b->cpu_index);
+    b->last_id = FOLD_EMPTY;
+    b->row = -1;
+    b->scale = scale;
+    b->below = below;
+    b->next_start = next_start;
+    if (b->series == NULL || b->row_of == NULL || b->wall_index == NULL || b->cpu_index == NULL ||
+        !fold_table_init(&b->table, 64)) {
+        return FOLD_NO_MEMORY;
+    }
+    return FOLD_OK;
+}
+
+/* The row of series `id`, added if new; -1 when memory ran out. */
+static int32_t fold_batch_row(fold_batch *b, uint64_t id)
+{
+    size_t slot = fold_slot(&b->table, id);
+    if (b->table.ids[slot] != FOLD_EMPTY) {
+        return b->table.index[slot];
+    }
+    if (b->rows == b->capacity) {
+        fold_series *grown = realloc(b->series, 2 * b->capacity * sizeof *b->series);
+        if (grown == NULL) {
+            return -1;
         }
-        row_of[i] = row;
-        fold_series *s = &series[row];
-        double wall = fold_wall_seconds(rec);
-        fold_acc_add(&s->wall, wall);
-        wall_index[i] = wall > 0.0 ? (int32_t)fold_bucket_index(wall, scale, below, next_start) : FOLD_NO_INDEX;
-        cpu_index[i] = FOLD_NO_INDEX;
-        if (rec->cpu_ns >= 0) {
-            double cpu = (double)rec->cpu_ns / 1e9;
-            fold_acc_add(&s->cpu, cpu);
-            s->cpu_wall += wall;
-            out->has_cpu = 1;
-            if (cpu > 0.0) {
-                cpu_index[i] = (int32_t)fold_bucket_index(cpu, scale, below, next_start);
-            }
+        b->series = grown;
+        b->capacity *= 2;
+    }
+    fold_series *s = &b->series[b->rows];
+    memset(s, 0, sizeof *s);
+    s->series_id = id;
+    s->first_row = (int32_t)b->rows;
+    s->wall.min_positive = s->cpu.min_positive = HUGE_VAL;
+    b->table.ids[slot] = id;
+    b->table.index[slot] = (int32_t)b->rows++;
+    if (2 * b->rows > b->table.mask + 1 && !fold_table_grow(&b->table)) {
+        return -1;
+    }
+    return (int32_t)(b->rows - 1);
+}
+
+/* The first pass over one record, the batch's next (at most `max` of fold_batch_init). */
+static inline void fold_batch_add(fold_batch *b, const inferscope_record *rec)
+{
+    if (b->failed) {
+        return;
+    }
+    uint64_t id = ((uint64_t)rec->key << FOLD_ERROR_BITS) | rec->error;
+    if (id != b->last_id) { /* runs of one series are common: skip the table for them */
+        b->row = fold_batch_row(b, id);
+        if (b->row < 0) {
+            b->failed = 1;
+            return;
         }
-        if (rec->flags & FOLD_FLAG_ABANDONED) {
-            s->abandoned++;
-            out->has_abandoned = 1;
-        }
-        for (int k = 0; k < INFERSCOPE_COUNTER_SLOTS; k++) {
-            s->counters[k] += (uint64_t)rec->counters[k];
-            out->has_counters |= rec->counters[k] != 0;
+        b->last_id = id;
+    }
+    size_t i = b->count++;
+    b->row_of[i] = b->row;
+    fold_series *s = &b->series[b->row];
+    double wall = fold_wall_seconds(rec);
+    fold_acc_add(&s->wall, wall);
+    b->wall_index[i] =
+        wall > 0.0 ? (int32_t)fold_bucket_index(wall, b->scale, b->below, b->next_start) : FOLD_NO_INDEX;
+    b->cpu_index[i] = FOLD_NO_INDEX;
+    if (rec->cpu_ns >= 0) {
+        double cpu = (double)rec->cpu_ns / 1e9;
+        fold_acc_add(&s->cpu, cpu);
+        s->cpu_wall += wall;
+        b->has_cpu = 1;
+        if (cpu > 0.0) {
+            b->cpu_index[i] = (int32_t)fold_bucket_index(cpu, b->scale, b->below, b->next_start);
         }
     }
+    if (rec->flags & FOLD_FLAG_ABANDONED) {
+        s->abandoned++;
+        b->has_abandoned = 1;
+    }
+    for (int k = 0; k < INFERSCOPE_COUNTER_SLOTS; k++) {
+        s->counters[k] += (uint64_t)rec->counters[k];
+        b->has_counters |= rec->counters[k] != 0;
+    }
+}
 
-    /* Rows in order of series id, as the numpy fold numbers them. */
+/* The second pass: the batch's rows in order of series id, as the numpy fold numbers them, and
+ * their buckets, into `out` (zeroed by the caller, who frees it with fold_result_free whatever the
+ * status). */
+static fold_status fold_batch_finish(fold_batch *b, fold_result *out)
+{
+    if (b->failed) {
+        return FOLD_NO_MEMORY;
+    }
+    fold_series *series = b->series;
+    size_t rows = b->rows;
+    out->has_cpu = b->has_cpu;
+    out->has_abandoned = b->has_abandoned;
+    out->has_counters = b->has_counters;
     qsort(series, rows, sizeof *series, fold_compare_ids);
     size_t r = rows ? rows : 1;
-    final_row = malloc(r * sizeof *final_row);
+    int32_t *final_row = malloc(r * sizeof *final_row);
     out->series_ids = malloc(r * sizeof(int64_t));
     out->cpu_wall = malloc(r * sizeof(double));
     out->abandoned = malloc(r * sizeof(int64_t));
     out->counter_sums = malloc(r * INFERSCOPE_COUNTER_SLOTS * sizeof(int64_t));
     if (!final_row || !out->series_ids || !out->cpu_wall || !out->abandoned || !out->counter_sums) {
-        goto done;
+        free(final_row);
+        return FOLD_NO_MEMORY;
     }
     out->rows = rows;
     for (size_t k = 0; k < rows; k++) {
@@ -371,30 +428,37 @@ static fold_status fold_records(const inferscope_record *records, size_t stride,
             out->counter_sums[k * INFERSCOPE_COUNTER_SLOTS + slot] = (int64_t)s->counters[slot];
         }
     }
-    status = fold_histograms_init(&out->duration, series, rows, 0, scale, below,
-                                  next_start);
+    fold_status status = fold_histograms_init(&out->duration, series, rows, 0, b->scale, b->below, b->next_start);
     if (status == FOLD_OK) {
-        status =
-            fold_histograms_init(&out->cpu, series, rows, 1, scale, below, next_start);
+        status = fold_histograms_init(&out->cpu, series, rows, 1, b->scale, b->below, b->next_start);
     }
-    for (size_t i = 0; i < count && status == FOLD_OK; i++) {
-        size_t k = (size_t)final_row[row_of[i]];
-        if (wall_index[i] != FOLD_NO_INDEX) {
-            status = fold_count(&out->duration, k, wall_index[i]);
+    for (size_t i = 0; i < b->count && status == FOLD_OK; i++) {
+        size_t k = (size_t)final_row[b->row_of[i]];
+        if (b->wall_index[i] != FOLD_NO_INDEX) {
+            status = fold_count(&out->duration, k, b->wall_index[i]);
         }
-        if (cpu_index[i] != FOLD_NO_INDEX && status == FOLD_OK) {
-            status = fold_count(&out->cpu, k, cpu_index[i]);
+        if (b->cpu_index[i] != FOLD_NO_INDEX && status == FOLD_OK) {
+            status = fold_count(&out->cpu, k, b->cpu_index[i]);
         }
     }
-
-done:
-    free(series);
-    free(row_of);
     free(final_row);
-    free(wall_index);
-    free(cpu_index);
-    free(table.ids);
-    free(table.index);
+    return status;
+}
+
+/* Fold `count` records of an array into `out`, which the caller zeroed and frees with
+ * fold_result_free whatever the status (tables as fold_batch_init's). */
+static inline fold_status fold_records(const inferscope_record *records, size_t count, int scale, const int64_t *below,
+                                const int64_t *next_start, fold_result *out)
+{
+    fold_batch batch;
+    fold_status status = fold_batch_init(&batch, count, scale, below, next_start);
+    if (status == FOLD_OK) {
+        for (size_t i = 0; i < count; i++) {
+            fold_batch_add(&batch, &records[i]);
+        }
+        status = fold_batch_finish(&batch, out);
+    }
+    fold_batch_free(&batch);
     return status;
 }
 

@@ -2361,7 +2361,7 @@ static PyObject *mod_fold_records(PyObject *module, PyObject *const *args, Py_ss
     fold_result result = {0};
     fold_status status;
     Py_BEGIN_ALLOW_THREADS
-    status = fold_records(records.buf, sizeof(inferscope_record), (size_t)(records.len / records.itemsize),
+    status = fold_records(records.buf, (size_t)(records.len / records.itemsize),
                           (int)scale, below.buf, next_start.buf, &result);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&records);

@@ -157,10 +157,16 @@ static inline int inferscope_ring_push(inferscope_ring *r, const inferscope_reco
     }
 }
 
-/* Copies up to `max` published records into `out`, oldest first. Single consumer: a second
- * concurrent caller gets 0 instead of corrupting the queue. Stops at the first slot that is claimed
- * but not yet published; that record is read by the next drain. */
-static inline size_t inferscope_ring_drain(inferscope_ring *r, inferscope_record *out, size_t max)
+/* Reads up to `max` published records where they lie, oldest first: `visit(ctx, record, i)` for the
+ * i-th, after which its slot goes back to the producers at once. One pass over the slots, so each
+ * record's cache lines are loaded once (the slots of the next few are prefetched). Returns how many
+ * were read. Single consumer: a second concurrent caller gets 0 instead of corrupting the queue.
+ * Stops at the first slot that is claimed but not yet published; that record is read next time.
+ * `visit` must not keep the pointer: the slot may be rewritten as soon as it returns. */
+typedef void (*inferscope_ring_visit)(void *ctx, const inferscope_record *rec, size_t i);
+
+static inline size_t inferscope_ring_consume(inferscope_ring *r, size_t max, inferscope_ring_visit visit,
+                                             void *ctx)
 {
     int expected = 0;
     if (!atomic_compare_exchange_strong_explicit(&r->consumer_busy, &expected, 1, memory_order_acquire,
@@ -169,15 +175,18 @@ static inline size_t inferscope_ring_drain(inferscope_ring *r, inferscope_record
     }
     uint64_t pos = atomic_load_explicit(&r->head, memory_order_relaxed);
     size_t n = 0;
-    while (n < max) {
+    for (; n < max; n++, pos++) {
         inferscope_slot *slot = &r->slots[pos & r->mask];
         uint64_t seq = atomic_load_explicit(&slot->seq, memory_order_acquire);
         if ((int64_t)(seq - (pos + 1)) < 0) {
             break;
         }
-        out[n++] = slot->rec;
+        const char *ahead = (const char *)&r->slots[(pos + 8) & r->mask];
+        __builtin_prefetch(ahead);
+        __builtin_prefetch(ahead + 64);
+        __builtin_prefetch(ahead + 128);
+        visit(ctx, &slot->rec, n);
         atomic_store_explicit(&slot->seq, pos + r->mask + 1, memory_order_release);
-        pos++;
     }
     atomic_store_explicit(&r->head, pos, memory_order_relaxed);
     atomic_store_explicit(&r->wake_sent, 0, memory_order_relaxed);
@@ -185,54 +194,15 @@ static inline size_t inferscope_ring_drain(inferscope_ring *r, inferscope_record
     return n;
 }
 
-/* The drain without a copy: up to `max` published records from the head, contiguous in the slot
- * array (never across its end). Returns how many, and points `*first` at the first slot. The caller
- * reads them in place, then hands the slots back with inferscope_ring_release(r, n) (only when n >
- * 0). Single consumer, as inferscope_ring_drain: a concurrent caller of either gets 0. */
-static inline size_t inferscope_ring_claim(inferscope_ring *r, size_t max, inferscope_slot **first)
+static inline void inferscope_ring_copy_out(void *out, const inferscope_record *rec, size_t i)
 {
-    int expected = 0;
-    if (!atomic_compare_exchange_strong_explicit(&r->consumer_busy, &expected, 1, memory_order_acquire,
-                                                 memory_order_relaxed)) {
-        return 0;
-    }
-    uint64_t pos = atomic_load_explicit(&r->head, memory_order_relaxed);
-    uint64_t to_end = r->mask + 1 - (pos & r->mask);
-    if (max > to_end) {
-        max = (size_t)to_end;
-    }
-    size_t n = 0;
-    while (n < max) {
-        if (n + 8 < max) { /* the claimed records are read next: have them on their way */
-            const char *ahead = (const char *)&r->slots[(pos + n + 8) & r->mask];
-            __builtin_prefetch(ahead);
-            __builtin_prefetch(ahead + 64);
-            __builtin_prefetch(ahead + 128);
-        }
-        uint64_t seq = atomic_load_explicit(&r->slots[(pos + n) & r->mask].seq, memory_order_acquire);
-        if ((int64_t)(seq - (pos + n + 1)) < 0) {
-            break;
-        }
-        n++;
-    }
-    if (n == 0) {
-        atomic_store_explicit(&r->consumer_busy, 0, memory_order_release);
-        return 0;
-    }
-    *first = &r->slots[pos & r->mask];
-    return n;
+    ((inferscope_record *)out)[i] = *rec;
 }
 
-/* Hand back the `n` slots of the last inferscope_ring_claim, read: producers may reuse them. */
-static inline void inferscope_ring_release(inferscope_ring *r, size_t n)
+/* Copies up to `max` published records into `out`, oldest first (inferscope_ring_consume). */
+static inline size_t inferscope_ring_drain(inferscope_ring *r, inferscope_record *out, size_t max)
 {
-    uint64_t pos = atomic_load_explicit(&r->head, memory_order_relaxed);
-    for (size_t i = 0; i < n; i++) {
-        atomic_store_explicit(&r->slots[(pos + i) & r->mask].seq, pos + i + r->mask + 1, memory_order_release);
-    }
-    atomic_store_explicit(&r->head, pos + n, memory_order_relaxed);
-    atomic_store_explicit(&r->wake_sent, 0, memory_order_relaxed);
-    atomic_store_explicit(&r->consumer_busy, 0, memory_order_release);
+    return inferscope_ring_consume(r, max, inferscope_ring_copy_out, out);
 }
 
 /* Records claimed but not yet drained (approximate while producers run). */
