@@ -311,7 +311,17 @@ if pid == 0:
         time.sleep(0.01)
     left = len(_pipeline.RUNTIME.ring)
     count = next(r.count for r in inferscope.snapshot().rows if r.model == "fork" and r.stage is None)
-    report = {"left": left, "count": count, "fold_threads": fold_threads()}
+    from inferscope._process_cpu import OWN_THREADS
+    clocks, ended = OWN_THREADS.clocks()
+    readable = []
+    for clock in clocks:
+        try:
+            readable.append(time.clock_gettime(clock) >= 0)
+        except OSError:
+            readable.append(False)
+    own = _pipeline.DRAINER._collector.own_cpu_seconds()
+    report = {"left": left, "count": count, "fold_threads": fold_threads(), "own_readable": readable,
+              "own_ended": ended, "own_within_process": own <= time.process_time()}
     os.write(write, json.dumps(report).encode())
     os._exit(0)
 os.close(write)
@@ -332,6 +342,9 @@ print(json.dumps({"status": status, "child": child}))
     assert child["left"] < 512, report
     assert child["count"] == 828, report
     assert child["fold_threads"] == 1, report
+    # inferscope's own threads, whose CPU the sharer leaves out: the child's alone, from zero.
+    assert all(child["own_readable"]) and child["own_ended"] == 0.0, report
+    assert child["own_within_process"], report
 
 
 def test_stop_leaves_no_thread_and_the_drainer_still_reads(monkeypatch):

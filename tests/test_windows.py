@@ -277,6 +277,23 @@ def test_process_cpu_reaches_an_inference_that_ends_late() -> None:
     assert sharer.take()[a] == pytest.approx(3.0)
 
 
+def _process_over_thread_cpu(code: str, model: str, tmp_path) -> tuple[float, dict[str, float]]:
+    """Run ``code`` (which serves ``model`` in windows) in a fresh process, then shut inferscope
+    down: the process CPU its windows credited to ``model`` over its calling thread's CPU."""
+    code = textwrap.dedent(code) + textwrap.dedent(
+        f"""
+        inferscope.shutdown()
+        keys = [k for w in inferscope.recent_windows() for k in w.keys if k.model == {model!r}]
+        print(json.dumps({{"thread_cpu": sum(k.cpu_seconds for k in keys),
+                           "process_cpu": sum(k.process_cpu_seconds for k in keys)}}))
+        """
+    )
+    result = run_python(code, env={"INFERSCOPE_RECORDER": str(tmp_path / "r.sqlite")})
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    return figures["process_cpu"] / figures["thread_cpu"], figures
+
+
 @pytest.mark.parametrize("threads", [1, 4])
 def test_process_cpu_counts_helper_threads(tmp_path, threads) -> None:
     code = f"""
@@ -303,19 +320,50 @@ def test_process_cpu_counts_helper_threads(tmp_path, threads) -> None:
             predict()
             WINDOWS.tick()
             time.sleep(0.001)
-        inferscope.shutdown()
-        keys = [k for w in inferscope.recent_windows() for k in w.keys if k.model == "pool"]
-        print(json.dumps({{"thread_cpu": sum(k.cpu_seconds for k in keys),
-                           "process_cpu": sum(k.process_cpu_seconds for k in keys)}}))
     """
-    result = run_python(code, env={"INFERSCOPE_RECORDER": str(tmp_path / "r.sqlite")})
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
-    ratio = figures["process_cpu"] / figures["thread_cpu"]
+    ratio, figures = _process_over_thread_cpu(code, "pool", tmp_path)
     if threads == 1:
         assert 0.7 < ratio < 1.6, figures
     else:
         assert ratio > 1.8, figures  # the calling thread's clock misses the helpers' CPU
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_process_cpu_leaves_out_inferscopes_own_threads(tmp_path, own) -> None:
+    """A thread of inferscope's (the drainer, the span exporter, the stack sampler...) burns CPU
+    beside the inferences: it is the observer's CPU, left out of what the inferences are credited.
+    The same thread not registered as inferscope's is the control: its CPU goes to them."""
+    code = f"""
+        import contextlib, hashlib, json, threading, time, inferscope
+        from inferscope._process_cpu import OWN_THREADS
+        inferscope.configure(window_seconds=86400, counters="default")
+        from inferscope.windows import WINDOWS
+        data = bytes(4 * 1024 * 1024)
+        stop = threading.Event()
+
+        def observer():
+            with OWN_THREADS.running() if {own} else contextlib.nullcontext():
+                while not stop.is_set():
+                    hashlib.sha256(data).digest()  # releases the GIL: it runs beside them
+
+        @inferscope.track_inference(model="served")
+        def predict():
+            hashlib.sha256(data).digest()
+
+        WINDOWS.tick(); WINDOWS.close()
+        burner = threading.Thread(target=observer)
+        burner.start()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            predict()
+            WINDOWS.tick()
+        stop.set(); burner.join()
+    """
+    ratio, figures = _process_over_thread_cpu(code, "served", tmp_path)
+    if own:
+        assert 0.7 < ratio < 1.6, figures
+    else:
+        assert ratio > 1.5, figures  # the other core's burning went to the inferences
 
 
 def test_fork_child_starts_fresh_windows(tmp_path) -> None:

@@ -36,7 +36,7 @@ from opentelemetry.sdk.resources import Resource
 from . import _otel_compat
 from ._backend import BACKEND
 from ._backend import monotonic_ns as _monotonic_ns
-from ._process_cpu import NativeCpuSharer, ProcessCpuSharer
+from ._process_cpu import OWN_THREADS, NativeCpuSharer, ProcessCpuSharer
 from ._records import (
     COUNTER_CUDA_MEMORY,
     COUNTER_PY_HEAP,
@@ -190,6 +190,9 @@ class Drainer:
                 if info.kind == "inference" and info.model is not None:
                     collector.mark_inference(info.key)
             self._collector = collector
+            # inferscope's own threads' CPU is not the inferences': the sharer leaves it out.
+            OWN_THREADS.on_change = collector.set_own_threads
+            collector.set_own_threads(*OWN_THREADS.clocks())
         if not isinstance(WINDOWS.sharer, NativeCpuSharer):
             WINDOWS.sharer = NativeCpuSharer(collector)  # the windows' process CPU comes from it
         if collector.ring is not RUNTIME.ring:
@@ -320,10 +323,11 @@ class Drainer:
                 os.write(self._wake[1], b"\x01")
 
     def _run(self, stop: threading.Event) -> None:
-        if self.native:
-            self._run_native(stop)
-        else:
-            self._run_python(stop)
+        with OWN_THREADS.running():
+            if self.native:
+                self._run_native(stop)
+            else:
+                self._run_python(stop)
 
     def _run_native(self, stop: threading.Event) -> None:
         # The native thread drains, folds and shares process CPU on its own; this one wakes only
@@ -1096,6 +1100,7 @@ def prometheus_port() -> int | None:
 
 
 def _after_fork_in_child() -> None:
+    OWN_THREADS.after_fork_in_child()
     RUNTIME.after_fork_in_child()
     AGGREGATOR.after_fork_in_child()
     DRAINER.after_fork_in_child()

@@ -11,22 +11,99 @@ which no inference ran keeps its CPU: that is the process's own, not an inferenc
 An inference longer than the horizon reaches intervals already shared out; it is credited at their
 rate (CPU per second of inference), or at the interval's whole CPU per second where nothing else
 ran, so a long inference is never free.
+
+inferscope's own threads are left out (``OWN_THREADS``): the drainer (windows, the canary, the
+detector, the flight recorder), the span exporter, the stack sampler, the Prometheus endpoint and
+the native drainer's thread. Their CPU is the observer's, not the model's: counted in, it would
+make every inference look dearer while inferscope itself did more, such as when a regression
+starts the stack sampler.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from ._keys import KeyRegistry
+from ._selflog import report_error
 
-__all__ = ["NativeCpuSharer", "ProcessCpuSharer"]
+__all__ = ["OWN_THREADS", "NativeCpuSharer", "OwnThreads", "ProcessCpuSharer"]
 
 #: Intervals kept after they are shared out, for inferences that end late (a 100 ms drain: ~7 min).
 _MAX_INTERVALS = 4096
+
+
+class OwnThreads:
+    """inferscope's own threads, whose CPU the sharers leave out of the process CPU they share.
+
+    A thread registers itself for as long as it runs (``with OWN_THREADS.running():``). The CPU of
+    one that ended stays counted, so that the process CPU less it never steps up when a thread
+    ends. ``on_change`` is called with ``clocks()`` whenever the set changes (the native drainer
+    reads the clocks itself).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clocks: dict[int, int] = {}  # thread ident -> its CPU clock id
+        self._ended = 0.0  # CPU seconds of registered threads that ended
+        self.on_change: Callable[[tuple[int, ...], float], None] | None = None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Count the calling thread's CPU as inferscope's own while the block runs."""
+        ident = threading.get_ident()
+        try:
+            clock = time.pthread_getcpuclockid(ident)
+        except (AttributeError, OSError):  # not on this platform: counted as the process's
+            yield
+            return
+        with self._lock:
+            self._clocks[ident] = clock
+        self._changed()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._clocks.pop(ident, None)
+                self._ended += time.thread_time()
+            self._changed()
+
+    def clocks(self) -> tuple[tuple[int, ...], float]:
+        """The CPU clock ids of the threads running now, and the CPU seconds of those that ended."""
+        with self._lock:
+            return tuple(self._clocks.values()), self._ended
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds inferscope's registered threads have used so far."""
+        clocks, total = self.clocks()
+        for clock in clocks:
+            with contextlib.suppress(OSError):  # ending right now: counted in `ended` once it has
+                total += time.clock_gettime(clock)
+        return total
+
+    def _changed(self) -> None:
+        listener = self.on_change
+        if listener is not None:
+            try:
+                listener(*self.clocks())
+            except Exception:  # the sharer then counts that thread's CPU as the inferences'
+                report_error("inferscope: handing inferscope's own threads to the native drainer failed")
+
+    def after_fork_in_child(self) -> None:
+        """The parent's threads do not exist in the child, and the child's clock starts at 0."""
+        self._lock = threading.Lock()
+        self._clocks = {}
+        self._ended = 0.0
+
+
+OWN_THREADS = OwnThreads()
 
 
 class ProcessCpuSharer:

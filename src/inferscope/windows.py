@@ -27,7 +27,7 @@ import numpy as np
 
 from ._backend import monotonic_ns
 from ._keys import KeyRegistry
-from ._process_cpu import NativeCpuSharer, ProcessCpuSharer
+from ._process_cpu import OWN_THREADS, NativeCpuSharer, ProcessCpuSharer
 from ._records import (
     COUNTER_SLOTS,
     SLOT_CUDA_ALLOCATED_DELTA,
@@ -368,7 +368,8 @@ class WindowBuilder:
                 return
             if settings is not self._settings:
                 self._apply(settings)
-            self.sharer.sample(monotonic_ns(), time.process_time())
+            # inferscope's own threads' CPU (this one's included) is not the inferences'.
+            self.sharer.sample(monotonic_ns(), time.process_time() - OWN_THREADS.cpu_seconds())
             if settings.canary:
                 self.canary.maybe_run()
             if time.time() >= self._next_close_unix:

@@ -5,7 +5,8 @@
  * and with -fsanitize=address,undefined. Checks that every record pushed is folded exactly once
  * (per key counts, counter sums and bucket totals), that traced records come through or are
  * counted, that process CPU is credited to the inference key alone, and that stop and the final take
- * leave nothing behind.
+ * leave nothing behind. The reader also sets and drops its clock as one of inferscope's own threads
+ * while the thread samples them.
  * Prints "folded=N dropped=N passes=N takes=N failures=N"; exit status 0 = correct. */
 #include <stdio.h>
 #include <sched.h>
@@ -114,10 +115,15 @@ static void take_credits(int flush)
 static void *read_folds(void *arg)
 {
     (void)arg;
+    clockid_t own;
+    int has_own = pthread_getcpuclockid(pthread_self(), &own) == 0;
     for (int i = 0; atomic_load_explicit(&producers_done, memory_order_acquire) < PRODUCERS; i++) {
         take();
         if (i % 8 == 0) {
             take_credits(0);
+        }
+        if (i % 16 == 0 && has_own) { /* as Python registers and drops its own threads */
+            collector_set_own(&collector, &own, (size_t)(i % 32 == 0), 0);
         }
         usleep(2000);
     }

@@ -55,6 +55,7 @@
 #define COLLECTOR_SHARE_HORIZON_NS 1000000000LL /* _process_cpu.ProcessCpuSharer's horizon_seconds */
 #define COLLECTOR_FLAG_TRACED 2
 #define COLLECTOR_THREAD_NAME "inferscope-fold" /* at most 15 characters */
+#define COLLECTOR_MAX_OWN 32 /* inferscope's own threads whose CPU the sharer leaves out */
 
 typedef struct {
     pthread_mutex_t lock; /* guards everything below up to `thread`, and makes its holder the ring's consumer */
@@ -80,6 +81,17 @@ typedef struct {
     int wake[2]; /* the pipe: read end polled by the thread, write end the ring's wake_fd */
     _Atomic int stop;
     _Atomic uint8_t inference[COLLECTOR_KEYS / 8];
+    /* inferscope's own threads (_process_cpu.OWN_THREADS), whose CPU is left out of what the
+     * sharer shares: their clocks and last readings, the CPU of those that ended, and this
+     * collector's thread. Guarded by own_lock, never held long, and never with `lock` wanted. */
+    pthread_mutex_t own_lock;
+    clockid_t own_clocks[COLLECTOR_MAX_OWN];
+    int64_t own_last[COLLECTOR_MAX_OWN];
+    size_t own_len;
+    int64_t own_ended_ns;
+    clockid_t self_clock;
+    int self_running;
+    int64_t self_ended_ns; /* this collector's threads that ended */
 } inferscope_collector;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -217,6 +229,10 @@ static int collector_init(inferscope_collector *c, int scale, const int64_t *bel
 {
     memset(c, 0, sizeof *c);
     if (pthread_mutex_init(&c->lock, NULL) != 0) {
+        return 0;
+    }
+    if (pthread_mutex_init(&c->own_lock, NULL) != 0) {
+        pthread_mutex_destroy(&c->lock);
         return 0;
     }
     c->scale = scale;
@@ -432,12 +448,55 @@ static inline int64_t collector_clock_ns(clockid_t clock)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* Close the sharer's interval now with the process CPU clock (time.process_time()). Caller holds
- * the lock. */
+/* Set inferscope's own threads: `n` CPU clock ids (at most COLLECTOR_MAX_OWN are kept) and the CPU
+ * of those that ended. */
+static void collector_set_own(inferscope_collector *c, const clockid_t *clocks, size_t n, int64_t ended_ns)
+{
+    n = n < COLLECTOR_MAX_OWN ? n : COLLECTOR_MAX_OWN;
+    pthread_mutex_lock(&c->own_lock);
+    int64_t last[COLLECTOR_MAX_OWN];
+    for (size_t i = 0; i < n; i++) {
+        last[i] = 0;
+        for (size_t j = 0; j < c->own_len; j++) {
+            if (c->own_clocks[j] == clocks[i]) {
+                last[i] = c->own_last[j];
+            }
+        }
+    }
+    memcpy(c->own_clocks, clocks, n * sizeof *clocks);
+    memcpy(c->own_last, last, n * sizeof *last);
+    c->own_len = n;
+    c->own_ended_ns = ended_ns;
+    pthread_mutex_unlock(&c->own_lock);
+}
+
+/* CPU nanoseconds that inferscope's own threads have used, this collector's thread included. A
+ * clock that cannot be read (its thread is ending) counts its last reading. */
+static int64_t collector_own_cpu_ns(inferscope_collector *c)
+{
+    pthread_mutex_lock(&c->own_lock);
+    int64_t total = c->own_ended_ns + c->self_ended_ns;
+    struct timespec ts;
+    for (size_t i = 0; i < c->own_len; i++) {
+        if (clock_gettime(c->own_clocks[i], &ts) == 0) {
+            c->own_last[i] = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+        }
+        total += c->own_last[i];
+    }
+    if (c->self_running && clock_gettime(c->self_clock, &ts) == 0) {
+        total += (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    }
+    pthread_mutex_unlock(&c->own_lock);
+    return total;
+}
+
+/* Close the sharer's interval now with the process CPU clock (time.process_time()), less what
+ * inferscope's own threads used: the observer's CPU is not the inferences'. Caller holds the lock. */
 static void collector_sample(inferscope_collector *c)
 {
     int64_t now = collector_clock_ns(CLOCK_MONOTONIC);
-    double cpu = (double)collector_clock_ns(CLOCK_PROCESS_CPUTIME_ID) / 1e9;
+    int64_t own = collector_own_cpu_ns(c);
+    double cpu = (double)(collector_clock_ns(CLOCK_PROCESS_CPUTIME_ID) - own) / 1e9;
     share_sample(&c->share, now, cpu);
 }
 
@@ -455,6 +514,9 @@ static void *collector_main(void *arg)
             /* not allowed (a seccomp profile, say): it runs at the process's priority */
         }
     }
+    pthread_mutex_lock(&c->own_lock);
+    c->self_running = pthread_getcpuclockid(pthread_self(), &c->self_clock) == 0;
+    pthread_mutex_unlock(&c->own_lock);
     struct pollfd wake = {.fd = c->wake[0], .events = POLLIN};
     int64_t next_sample = collector_clock_ns(CLOCK_MONOTONIC);
     uint64_t folded_at_sample = 0;
@@ -499,6 +561,11 @@ static void *collector_main(void *arg)
         c->passes++;
         pthread_mutex_unlock(&c->lock);
     }
+    /* Its CPU stays left out once it has ended. */
+    pthread_mutex_lock(&c->own_lock);
+    c->self_ended_ns += collector_clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    c->self_running = 0;
+    pthread_mutex_unlock(&c->own_lock);
     return NULL;
 }
 
@@ -620,6 +687,11 @@ static inline void collector_after_fork_in_child(inferscope_collector *c)
         pthread_mutex_unlock(&c->lock);
     }
     pthread_mutex_init(&c->lock, NULL);
+    /* The parent's threads do not exist here, and the child's CPU clock starts from zero. */
+    pthread_mutex_init(&c->own_lock, NULL);
+    c->own_len = 0;
+    c->own_ended_ns = c->self_ended_ns = 0;
+    c->self_running = 0;
     memset(&c->acc, 0, sizeof c->acc);
     c->has_acc = 0;
     c->traced = NULL;
@@ -655,6 +727,7 @@ static void collector_free(inferscope_collector *c)
         }
     }
     pthread_mutex_destroy(&c->lock);
+    pthread_mutex_destroy(&c->own_lock);
     memset(c, 0, sizeof *c);
 }
 

@@ -2620,6 +2620,47 @@ static PyObject *Collector_take_credits(CollectorObject *self, PyObject *const *
 
 /* sample(now_ns, process_cpu_seconds): close the sharer's interval as the thread does each interval
  * (for tests: the thread reads the clocks itself). */
+/* set_own_threads(clock_ids, ended_seconds): inferscope's own threads, whose CPU the sharer
+ * leaves out (_process_cpu.OWN_THREADS). */
+static PyObject *Collector_set_own_threads(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    if (nargs != 2 || !PyTuple_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "set_own_threads(clock_ids: tuple[int, ...], ended_seconds: float)");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(args[0]);
+    if (n > COLLECTOR_MAX_OWN) {
+        return PyErr_Format(PyExc_ValueError, "set_own_threads: %zd clocks, at most %d are kept", n,
+                            COLLECTOR_MAX_OWN);
+    }
+    clockid_t clocks[COLLECTOR_MAX_OWN];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long value = PyLong_AsLong(PyTuple_GET_ITEM(args[0], i));
+        if (value == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        clocks[i] = (clockid_t)value;
+    }
+    double ended = PyFloat_AsDouble(args[1]);
+    if (ended == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    collector_set_own(self->core, clocks, (size_t)n, (int64_t)(ended * 1e9));
+    Py_RETURN_NONE;
+}
+
+/* own_cpu_seconds(): the CPU inferscope's own threads have used (the sharer leaves it out). */
+static PyObject *Collector_own_cpu_seconds(CollectorObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!collector_ready(self)) {
+        return NULL;
+    }
+    return PyFloat_FromDouble((double)collector_own_cpu_ns(self->core) / 1e9);
+}
+
 static PyObject *Collector_sample(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (!collector_ready(self)) {
@@ -2711,6 +2752,10 @@ static PyMethodDef Collector_methods[] = {
     {"take_credits", (PyCFunction)(void (*)(void))Collector_take_credits, METH_FASTCALL,
      "take_credits(flush=False, timeout_millis=5000) -> {key: seconds}: process CPU per inference key "
      "since the last call"},
+    {"set_own_threads", (PyCFunction)(void (*)(void))Collector_set_own_threads, METH_FASTCALL,
+     "set_own_threads(clock_ids, ended_seconds): inferscope's own threads, whose CPU the sharer leaves out"},
+    {"own_cpu_seconds", (PyCFunction)Collector_own_cpu_seconds, METH_NOARGS,
+     "own_cpu_seconds(): the CPU inferscope's own threads have used, this collector's thread included"},
     {"sample", (PyCFunction)(void (*)(void))Collector_sample, METH_FASTCALL,
      "sample(now_ns, process_cpu_seconds): close the sharer's interval (the thread does it itself)"},
     {"mark_inference", (PyCFunction)Collector_mark_inference, METH_O,

@@ -37,6 +37,7 @@ from prometheus_client.metrics_core import Metric as PrometheusMetric
 from prometheus_client.samples import Exemplar as PrometheusExemplar
 from prometheus_client.utils import floatToGoString
 
+from .._process_cpu import OWN_THREADS
 from .._selflog import RateLimitedLog
 from ..counters import CounterMetric
 from . import spec as _spec
@@ -383,6 +384,11 @@ def start_prometheus_server(
 
     class Server(ThreadingWSGIServer):
         address_family = family
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            # A scrape's CPU is inferscope's own, not the inferences' (_process_cpu.OWN_THREADS).
+            with OWN_THREADS.running():
+                super().process_request_thread(request, client_address)
 
     server = make_server(
         str(sockaddr[0]), port, _metrics_only(make_wsgi_app(registry)), Server, handler_class=_QuietHandler

@@ -66,6 +66,7 @@ from opentelemetry.trace import (
 )
 
 from .. import _otel_compat
+from .._process_cpu import OWN_THREADS
 from .._records import (
     FLAG_ABANDONED,
     FLAG_PARENT_REMOTE,
@@ -604,6 +605,10 @@ class BoundedBatchSpanProcessor(SpanProcessor):
                 self._cond.notify_all()
 
     def _run(self) -> None:
+        with OWN_THREADS.running():  # encoding and sending spans is inferscope's CPU
+            self._run_batches()
+
+    def _run_batches(self) -> None:
         while True:
             with self._cond:
                 if not (

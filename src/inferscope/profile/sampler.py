@@ -250,8 +250,9 @@ class StackSampler:
         # thread is at the tick, not where it next waits (a 0.3 ms stage between two waits would
         # otherwise never be seen).
         from .._pipeline import _short_switch_interval
+        from .._process_cpu import OWN_THREADS
 
-        with _short_switch_interval():
+        with OWN_THREADS.running(), _short_switch_interval():
             self._sample_until_done(stop)
 
     def _sample_until_done(self, stop: threading.Event) -> None:
