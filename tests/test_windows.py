@@ -210,7 +210,7 @@ def test_a_busy_stage_window_keeps_how_many_calls_had_their_cpu_read(windows) ->
         figures = KeyFigures.pool([(key, window.seconds)])
         assert figures.cpu_per_call == pytest.approx(key.cpu_seconds / reads)
         assert figures.off_cpu_per_call == pytest.approx(
-            max(0.0, key.wall_seconds / key.count - key.cpu_seconds / reads)
+            max(0.0, (key.cpu_wall_seconds - key.cpu_seconds) / reads)
         )
     inference = _key(window, None)
     assert inference.counters[CPU_READ_CALLS] == inference.count == 400  # every inference is read

@@ -174,9 +174,15 @@ class KeyFigures:
     @property
     def off_cpu_per_call(self) -> float | None:
         """Wall seconds per call that the calling thread spent off the CPU (waiting or preempted):
-        the mean wall time of all calls less their CPU per call."""
-        cpu, mean = self.cpu_per_call, self.mean_seconds
-        return None if cpu is None or mean is None else max(0.0, mean - cpu)
+        the mean over the calls whose CPU was read, as ``cpu_per_call``. Both come from the same
+        calls, so a stage that never waits reads 0 and a little waiting reads as a little (the
+        mean wall time of all calls less the sample's CPU would be 0 or less as often as not)."""
+        reads = self.counters.get(CPU_READ_CALLS)
+        if reads is not None and self.cpu_seconds is not None:
+            off = _ratio(self.cpu_wall_seconds - self.cpu_seconds, reads)
+            return None if off is None else max(0.0, off)
+        ratio, mean = self.cpu_ratio, self.mean_seconds
+        return None if ratio is None or mean is None else max(0.0, 1.0 - ratio) * mean
 
     @property
     def process_cpu_per_call(self) -> float | None:

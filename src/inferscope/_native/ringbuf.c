@@ -379,6 +379,7 @@ typedef struct {
     uint64_t depth_dropped;
     uint64_t internal_errors;
     long cpu_sample_every;   /* 1: every stage entry reads the thread CPU clock */
+    uint32_t cpu_sample_below; /* UINT32_MAX / cpu_sample_every: a draw below it reads (no division) */
     int64_t *stage_entry_ns; /* per key: the coarse time of its stage's last entry */
     uint32_t stage_entry_len;
 } RuntimeObject;
@@ -855,7 +856,7 @@ static inline int stage_reads_cpu(RuntimeObject *rt, uint32_t key)
     int64_t now = coarse_ns();
     int64_t last = rt->stage_entry_ns[key];
     rt->stage_entry_ns[key] = now;
-    return now - last >= STAGE_CPU_EXACT_GAP_NS || cpu_sample_next() % (uint32_t)rt->cpu_sample_every == 0;
+    return now - last >= STAGE_CPU_EXACT_GAP_NS || cpu_sample_next() < rt->cpu_sample_below;
 }
 
 /* Whether the entry that `owner` closes next on `f` read the thread CPU clock at entry. */
@@ -1438,6 +1439,7 @@ static int Runtime_init(RuntimeObject *self, PyObject *args, PyObject *kwds)
     self->epoch++;
     if (self->cpu_sample_every == 0) {
         self->cpu_sample_every = STAGE_CPU_SAMPLE_EVERY;
+        self->cpu_sample_below = UINT32_MAX / STAGE_CPU_SAMPLE_EVERY;
     }
     return 0;
 }
@@ -2131,6 +2133,7 @@ static int Runtime_set_cpu_sample_every(RuntimeObject *self, PyObject *value, vo
         return -1;
     }
     self->cpu_sample_every = v;
+    self->cpu_sample_below = (uint32_t)(UINT32_MAX / (unsigned long)v);
     return 0;
 }
 
