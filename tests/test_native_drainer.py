@@ -255,6 +255,24 @@ def test_bad_arguments_name_what_is_accepted():
         collector.collect(-1)
     with pytest.raises(TypeError, match="RECORD_DTYPE"):
         _native.Ring(8).push_records(np.zeros(4, np.int64))
+    with pytest.raises(TypeError, match="set_own_threads"):
+        collector.set_own_threads([0], 0.0)
+
+
+def test_own_threads_cpu_counts_their_clocks_and_the_ended():
+    """The CPU the sharer leaves out: the registered threads' clocks, read when it samples, and
+    what the ended ones used. A clock that cannot be read counts its last reading."""
+    collector = make_collector()
+    collector.set_own_threads((), 5.0)
+    assert collector.own_cpu_seconds() == pytest.approx(5.0)
+    clock = time.pthread_getcpuclockid(threading.get_ident())
+    sum(range(200_000))  # some CPU of this thread's
+    collector.set_own_threads((clock,), 1.0)
+    used = time.thread_time()
+    assert collector.own_cpu_seconds() >= 1.0 + used
+    # 40 clocks: the first 32 are kept; ids that are no clock count nothing.
+    collector.set_own_threads(tuple(range(100, 140)), 0.0)
+    assert collector.own_cpu_seconds() == 0.0
 
 
 def test_the_c_backend_never_touches_the_switch_interval(monkeypatch):

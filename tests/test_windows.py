@@ -328,6 +328,34 @@ def test_process_cpu_counts_helper_threads(tmp_path, threads) -> None:
         assert ratio > 1.8, figures  # the calling thread's clock misses the helpers' CPU
 
 
+def _wait_until_own(thread: threading.Thread) -> bool:
+    from inferscope._process_cpu import OWN_THREADS
+
+    clock = time.pthread_getcpuclockid(thread.ident)
+    deadline = time.monotonic() + 10
+    while clock not in OWN_THREADS.clocks()[0] and time.monotonic() < deadline:
+        time.sleep(0.01)  # a thread registers as it starts
+    return clock in OWN_THREADS.clocks()[0]
+
+
+def test_the_drainer_and_the_span_exporter_count_as_inferscopes_own_threads() -> None:
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from inferscope._process_cpu import OWN_THREADS
+    from inferscope.export.traces import BoundedBatchSpanProcessor
+
+    inferscope.configure(recorder="off")
+    assert _pipeline.DRAINER._thread is not None and _wait_until_own(_pipeline.DRAINER._thread)
+    spans = BoundedBatchSpanProcessor(InMemorySpanExporter())
+    spans.on_end(ReadableSpan(name="s"))
+    assert spans._thread is not None and _wait_until_own(spans._thread)
+    clock = time.pthread_getcpuclockid(spans._thread.ident)
+    spans.shutdown()
+    assert clock not in OWN_THREADS.clocks()[0]  # ended: its CPU moved to the ended total
+    inferscope.configure()
+
+
 @pytest.mark.parametrize("own", [True, False])
 def test_process_cpu_leaves_out_inferscopes_own_threads(tmp_path, own) -> None:
     """A thread of inferscope's (the drainer, the span exporter, the stack sampler...) burns CPU

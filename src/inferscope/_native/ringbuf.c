@@ -2624,7 +2624,7 @@ static PyObject *Collector_take_credits(CollectorObject *self, PyObject *const *
 /* sample(now_ns, process_cpu_seconds): close the sharer's interval as the thread does each interval
  * (for tests: the thread reads the clocks itself). */
 /* set_own_threads(clock_ids, ended_seconds): inferscope's own threads, whose CPU the sharer
- * leaves out (_process_cpu.OWN_THREADS). */
+ * leaves out (_process_cpu.OWN_THREADS); the first COLLECTOR_MAX_OWN clocks are kept. */
 static PyObject *Collector_set_own_threads(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (!collector_ready(self)) {
@@ -2634,11 +2634,10 @@ static PyObject *Collector_set_own_threads(CollectorObject *self, PyObject *cons
         PyErr_SetString(PyExc_TypeError, "set_own_threads(clock_ids: tuple[int, ...], ended_seconds: float)");
         return NULL;
     }
+    /* The first COLLECTOR_MAX_OWN are kept: more (a burst of concurrent scrapes) count as the
+     * process's for as long as they run. */
     Py_ssize_t n = PyTuple_GET_SIZE(args[0]);
-    if (n > COLLECTOR_MAX_OWN) {
-        return PyErr_Format(PyExc_ValueError, "set_own_threads: %zd clocks, at most %d are kept", n,
-                            COLLECTOR_MAX_OWN);
-    }
+    n = n < COLLECTOR_MAX_OWN ? n : COLLECTOR_MAX_OWN;
     clockid_t clocks[COLLECTOR_MAX_OWN];
     for (Py_ssize_t i = 0; i < n; i++) {
         long value = PyLong_AsLong(PyTuple_GET_ITEM(args[0], i));
