@@ -205,26 +205,3 @@ def test_the_noise_of_the_contention_signals_is_kept_and_older_files_load_withou
         del document["baselines"][0]["process"][name]
     path.write_text(json.dumps(document))
     assert load_baselines(path)[0].process.cpu_pressure_noise == 0.0
-
-
-def test_a_sampled_stage_cpu_per_call_reads_neither_a_missed_wait_nor_a_rare_burst_as_work():
-    """A busy stage's CPU is read on a sample of its calls. 100 calls of 1 ms CPU, 10 of them read.
-    One estimate reads high when an unread call waited (CPU/wall of the reads times the mean wall
-    of all); the other when one read caught a rare burst (the mean over the reads). The figure is
-    neither's high reading."""
-    from inferscope.baseline import KeyFigures
-    from inferscope.windows import CPU_READ_CALLS
-
-    def stage(wall: float, cpu: float, cpu_wall: float) -> KeyFigures:
-        window = KeyWindow(
-            "m", "1", "s", 100, 0, Histogram.of([wall / 100] * 100), wall, cpu, cpu_wall,
-            counters={CPU_READ_CALLS: 10.0},
-        )  # fmt: skip
-        return KeyFigures.pool([(window, 1.0)])
-
-    # One unread call was preempted for 50 ms: the reads ran on the CPU all along.
-    waited = stage(wall=0.1 + 0.05, cpu=0.010, cpu_wall=0.010)
-    assert waited.cpu_per_call == pytest.approx(0.001)  # not 1.5 ms
-    # One read call ran a 20 ms garbage collection (in its wall time as in its CPU).
-    burst = stage(wall=0.1 + 0.02, cpu=0.010 + 0.02, cpu_wall=0.010 + 0.02)
-    assert burst.cpu_per_call == pytest.approx(0.0012)  # the burst shared over 100 calls, not 10

@@ -157,24 +157,19 @@ class KeyFigures:
 
     @property
     def cpu_per_call(self) -> float | None:
-        """Calling-thread CPU seconds per call. Exact for inferences (every call is read); for a
-        busy stage, whose CPU is read on a random sample of its calls (docs/counters.md), the
-        smaller of two estimates, each of which reads high in its own case:
+        """Calling-thread CPU seconds per call: the mean over the calls whose CPU was read (all of
+        an inference's, a random sample of a busy stage's: docs/counters.md), so that the calls
+        left out neither dilute it nor move it.
 
-        - CPU/wall over the calls read, times the mean wall time of all calls: a long wait of a
-          call left out of the sample (a preemption) raises the mean wall time, and the sample
-          that missed it reads it as CPU;
-        - the mean over the calls read (``cpu_read_calls``): one read that caught a rare long
-          burst of CPU (a garbage collection) weighs on a mean of a few dozen reads.
-
-        Windows recorded without the count of calls read give the first alone."""
-        ratio, mean = self.cpu_ratio, self.mean_seconds
-        scaled = None if ratio is None or mean is None else ratio * mean
+        Windows recorded without the count of calls read fall back to CPU/wall over those calls
+        times the mean wall time of all calls. That estimate rises with any wait of the calls left
+        out of the sample (a preemption the sample missed reads as more work), which is why the
+        count is kept."""
         reads = self.counters.get(CPU_READ_CALLS)
-        sampled = _ratio(self.cpu_seconds, reads)
-        if sampled is None or scaled is None:
-            return scaled if sampled is None else sampled
-        return min(sampled, scaled)
+        if reads is not None and self.cpu_seconds is not None:
+            return _ratio(self.cpu_seconds, reads)
+        ratio, mean = self.cpu_ratio, self.mean_seconds
+        return None if ratio is None or mean is None else ratio * mean
 
     @property
     def off_cpu_per_call(self) -> float | None:
