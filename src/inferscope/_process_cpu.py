@@ -51,6 +51,9 @@ class OwnThreads:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Held while the listener is told: two threads that change the set at once hand it over in
+        # turn, each with the set as it is then, so that the last word is never a stale set.
+        self._notify_lock = threading.Lock()
         self._clocks: dict[int, int] = {}  # thread ident -> its CPU clock id
         self._ended = 0.0  # CPU seconds of registered threads that ended
         self.on_change: Callable[[tuple[int, ...], float], None] | None = None
@@ -92,13 +95,15 @@ class OwnThreads:
         listener = self.on_change
         if listener is not None:
             try:
-                listener(*self.clocks())
+                with self._notify_lock:
+                    listener(*self.clocks())
             except Exception:  # the sharer then counts that thread's CPU as the inferences'
                 report_error("inferscope: handing inferscope's own threads to the native drainer failed")
 
     def after_fork_in_child(self) -> None:
         """The parent's threads do not exist in the child, and the child's clock starts at 0."""
         self._lock = threading.Lock()
+        self._notify_lock = threading.Lock()
         self._clocks = {}
         self._ended = 0.0
 
