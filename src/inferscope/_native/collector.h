@@ -338,18 +338,12 @@ static void collector_drain(inferscope_collector *c, uint64_t limit)
     while (limit > 0) {
         size_t max = limit < COLLECTOR_BATCH ? (size_t)limit : COLLECTOR_BATCH;
         collector_pass pass = {.c = c};
-        size_t n;
-        if (fold_batch_init(&pass.batch, max, c->scale, c->below, c->next_start) == FOLD_OK) {
-            n = inferscope_ring_consume(c->ring, max, collector_visit, &pass);
-            if (n > 0) {
-                collector_merge(c, &pass.batch, n);
-            }
+        if (fold_batch_init(&pass.batch, max, c->scale, c->below, c->next_start) != FOLD_OK) {
+            pass.batch.failed = 1; /* no memory for the fold: the records still leave the ring, lost */
         }
-        else {
-            /* No memory for the fold: the records still leave the ring, counted as lost. */
-            pass.batch.failed = 1;
-            n = inferscope_ring_consume(c->ring, max, collector_visit, &pass);
-            c->failed += n;
+        size_t n = inferscope_ring_consume(c->ring, max, collector_visit, &pass);
+        if (n > 0) {
+            collector_merge(c, &pass.batch, n); /* counts a failed batch's records in `failed` */
         }
         fold_batch_free(&pass.batch);
         if (n == 0) {

@@ -2621,8 +2621,6 @@ static PyObject *Collector_take_credits(CollectorObject *self, PyObject *const *
     return out;
 }
 
-/* sample(now_ns, process_cpu_seconds): close the sharer's interval as the thread does each interval
- * (for tests: the thread reads the clocks itself). */
 /* set_own_threads(clock_ids, ended_seconds): inferscope's own threads, whose CPU the sharer
  * leaves out (_process_cpu.OWN_THREADS); the first COLLECTOR_MAX_OWN clocks are kept. */
 static PyObject *Collector_set_own_threads(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -2663,6 +2661,8 @@ static PyObject *Collector_own_cpu_seconds(CollectorObject *self, PyObject *Py_U
     return PyFloat_FromDouble((double)collector_own_cpu_ns(self->core) / 1e9);
 }
 
+/* sample(now_ns, process_cpu_seconds): close the sharer's interval as the thread does each interval
+ * (for tests: the thread reads the clocks itself). */
 static PyObject *Collector_sample(CollectorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (!collector_ready(self)) {
