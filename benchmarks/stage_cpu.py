@@ -9,9 +9,9 @@ reads it at entry and exit pays two. Three ways to give stages a CPU time, measu
 
 - **every entry** (what ``counters="default"`` did before): two reads per stage entry, exact.
 - **(a) a sample of a key's entries** (what it does now, ``Runtime.cpu_sample_every``, 64 by
-  default): every entry of a stage that had no entry for 10 ms, and its first in each window, else
-  1 entry in 64 at random. CPU
-  per call is the sum over the entries read divided by how many were read (``cpu_sampled_count``).
+  default): every entry of a stage entered on average 10 ms apart or more (a moving average of
+  the gaps), else 1 entry in 64 at random. CPU per call is the sum over the entries read divided
+  by how many were read (``cpu_sampled_count``).
 - **(b) one read per inference, stages apportioned by wall time**: a stage costs what it costs
   without any counter (``counters="minimal"``), and its CPU is the inference's CPU times its share
   of the inference's wall time.

@@ -59,6 +59,8 @@ from ._records import (
     SLOT_RSS_SAMPLES,
     SLOT_VOLUNTARY_SWITCHES,
     STAGE_CPU_EXACT_GAP_NS,
+    STAGE_CPU_GAP_CAP_NS,
+    STAGE_CPU_GAP_WEIGHT,
     STAGE_CPU_SAMPLE_EVERY,
 )
 
@@ -317,8 +319,9 @@ def _check_field(value: int, limit: int, what: str) -> None:
 # random's generator is reseeded in a forked child, so a child never repeats its parent's ids.
 _getrandbits = random.getrandbits
 _random = random.random
-#: The time of the last stage entry of a key that never had one.
-_NEVER = -(2**62)
+#: A key's stage entries so far, for the stage CPU sample: none yet, and read on every entry until
+#: its rate says otherwise.
+_NEW_KEY_GAPS = (-(2**62), STAGE_CPU_GAP_CAP_NS)
 
 
 class Stage:
@@ -360,13 +363,16 @@ class Stage:
                     key = self._key(parent)
                 mask = rt.counters
                 if mask & COUNTER_THREAD_CPU and rt._cpu_sample_every > 1:
-                    # The stage CPU sample: read when the key had no entry for the gap, else one
-                    # entry in cpu_sample_every at random. (The C backend reads the coarse clock
-                    # for the gap: the same within a tick.)
+                    # The stage CPU sample: read while the key's mean gap between entries is
+                    # the exact gap or more, else one entry in cpu_sample_every at random (as
+                    # ringbuf.c, which reads the coarse clock for the gaps).
                     now = monotonic_ns()
-                    last = rt._stage_entry_ns.get(key, _NEVER)
-                    rt._stage_entry_ns[key] = now
-                    if now - last < STAGE_CPU_EXACT_GAP_NS and _random() * rt._cpu_sample_every >= 1.0:
+                    last, mean_gap = rt._stage_gaps.get(key, _NEW_KEY_GAPS)
+                    mean_gap += int(
+                        (min(max(now - last, 0), STAGE_CPU_GAP_CAP_NS) - mean_gap) / STAGE_CPU_GAP_WEIGHT
+                    )
+                    rt._stage_gaps[key] = (now, mean_gap)
+                    if mean_gap < STAGE_CPU_EXACT_GAP_NS and _random() * rt._cpu_sample_every >= 1.0:
                         mask &= ~COUNTER_THREAD_CPU
                 # Runtime._open(), inlined for the common case: no counters beyond the clocks.
                 if mask & _STAGE_EXTRA_COUNTERS or (top is not None and top[_DEPTH] >= MAX_STACK_DEPTH):
@@ -468,7 +474,7 @@ class Runtime:
         self._trace_var: contextvars.ContextVar[Any] | None = None
         self._span_key = ""
         self._cpu_sample_every = STAGE_CPU_SAMPLE_EVERY
-        self._stage_entry_ns: dict[int, int] = {}
+        self._stage_gaps: dict[int, tuple[int, int]] = {}  # key -> (last entry, mean gap), ns
         self._ratio_bound = 0
         self._parent_based = True
 
@@ -946,9 +952,6 @@ class Runtime:
     def active_depth(self) -> int:
         top = self._top()
         return top[_DEPTH] + top[_OVERFLOW] if top is not None else 0
-
-    def reset_cpu_sample(self) -> None:
-        self._stage_entry_ns.clear()
 
     def after_fork_in_child(self) -> None:
         self._generation += 1

@@ -76,11 +76,15 @@ SLOT_CUDA_PEAK = 12  # the inference's peak CUDA allocation above the allocation
 PERF_EVENTS = 4
 #: One entry in RSS_SAMPLE_EVERY, at random, reads the RSS (a pread of /proc/self/statm).
 RSS_SAMPLE_EVERY = 16
-#: The stage CPU sample (docs/counters.md): a stage entry reads the thread CPU clock when its key
-#: had no entry for STAGE_CPU_EXACT_GAP_NS, else one entry in ``Runtime.cpu_sample_every`` (by
-#: default STAGE_CPU_SAMPLE_EVERY), at random. Inferences always read it. Must match ringbuf.c.
+#: The stage CPU sample (docs/counters.md): a stage entry reads the thread CPU clock while its key's
+#: entries come on average STAGE_CPU_EXACT_GAP_NS apart or more (a moving average over about
+#: STAGE_CPU_GAP_WEIGHT entries, each gap counted up to STAGE_CPU_GAP_CAP_NS), else one entry in
+#: ``Runtime.cpu_sample_every`` (by default STAGE_CPU_SAMPLE_EVERY), at random. Inferences always
+#: read it. Must match ringbuf.c.
 STAGE_CPU_SAMPLE_EVERY = 64
 STAGE_CPU_EXACT_GAP_NS = 10_000_000
+STAGE_CPU_GAP_CAP_NS = 4 * STAGE_CPU_EXACT_GAP_NS
+STAGE_CPU_GAP_WEIGHT = 16
 
 #: Why a record was dropped instead of aggregated; exported as the ``reason`` attribute of
 #: ``inferscope.sdk.records.dropped``.

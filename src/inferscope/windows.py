@@ -402,9 +402,6 @@ class WindowBuilder:
                 return None
             now = time.time()
             view = collect_view()  # drains the ring first: the window holds every call up to now
-            # Every key's first stage entry in the next window reads the CPU clock, so a window
-            # never lacks a stage's CPU for want of a sample (docs/counters.md).
-            RUNTIME.reset_cpu_sample()
             window = self._build(view, settings, self._start_unix, now)
             self._start_unix = now
             self._next_close_unix = (math.floor(now / settings.window_seconds) + 1) * settings.window_seconds

@@ -63,11 +63,22 @@ static inline int64_t thread_cpu_ns(void)
 }
 
 /* The stage CPU sample (docs/counters.md): a stage entry reads the thread CPU clock (a system call
- * on many VMs, ~400-1,000 ns for the pair) when its key had no entry for STAGE_CPU_EXACT_GAP_NS,
- * else one entry in cpu_sample_every, at random. Inferences always read it. Must match
- * _records.py. The coarse clock (a few ns, no system call) is precise enough for the gap. */
+ * on many VMs, ~400-1,000 ns for the pair) while its key's entries come on average at least
+ * STAGE_CPU_EXACT_GAP_NS apart, else on one entry in cpu_sample_every, at random. The average is
+ * over the key's last STAGE_CPU_GAP_WEIGHT entries or so (an exponential moving average), each gap
+ * counted up to STAGE_CPU_GAP_CAP_NS: it follows the key's rate, never one call's pause, so the
+ * calls read of a busy key are a random sample of its calls, never the calls that came after a
+ * stall (which are slower than the rest). Inferences always read it. Must match _records.py. The
+ * coarse clock (a few ns, no system call) is precise enough for a mean gap of 10 ms. */
 #define STAGE_CPU_SAMPLE_EVERY 64
 #define STAGE_CPU_EXACT_GAP_NS 10000000LL
+#define STAGE_CPU_GAP_CAP_NS (4 * STAGE_CPU_EXACT_GAP_NS)
+#define STAGE_CPU_GAP_WEIGHT 16
+
+typedef struct {
+    int64_t last_ns;     /* coarse time of the key's last stage entry */
+    int64_t mean_gap_ns; /* moving average of the gaps between its entries */
+} stage_gap;
 
 static inline int64_t coarse_ns(void)
 {
@@ -380,7 +391,7 @@ typedef struct {
     uint64_t internal_errors;
     long cpu_sample_every;   /* 1: every stage entry reads the thread CPU clock */
     uint32_t cpu_sample_below; /* UINT32_MAX / cpu_sample_every: a draw below it reads (no division) */
-    int64_t *stage_entry_ns; /* per key: the coarse time of its stage's last entry */
+    stage_gap *stage_gaps;   /* per key: when its stage was last entered, and its mean gap */
     uint32_t stage_entry_len;
 } RuntimeObject;
 
@@ -843,20 +854,25 @@ static inline int stage_reads_cpu(RuntimeObject *rt, uint32_t key)
         while (len <= key) {
             len *= 2;
         }
-        int64_t *grown = PyMem_Realloc(rt->stage_entry_ns, sizeof(int64_t) * len);
+        stage_gap *grown = PyMem_Realloc(rt->stage_gaps, sizeof(stage_gap) * len);
         if (grown == NULL) {
             return 1; /* no state to sample with: read it */
         }
         for (uint32_t i = rt->stage_entry_len; i < len; i++) {
-            grown[i] = INT64_MIN / 2;
+            /* A new key is read on every entry until its rate says otherwise. */
+            grown[i].last_ns = INT64_MIN / 2;
+            grown[i].mean_gap_ns = STAGE_CPU_GAP_CAP_NS;
         }
-        rt->stage_entry_ns = grown;
+        rt->stage_gaps = grown;
         rt->stage_entry_len = len;
     }
+    stage_gap *g = &rt->stage_gaps[key];
     int64_t now = coarse_ns();
-    int64_t last = rt->stage_entry_ns[key];
-    rt->stage_entry_ns[key] = now;
-    return now - last >= STAGE_CPU_EXACT_GAP_NS || cpu_sample_next() < rt->cpu_sample_below;
+    int64_t gap = now - g->last_ns;
+    g->last_ns = now;
+    gap = gap < 0 ? 0 : (gap > STAGE_CPU_GAP_CAP_NS ? STAGE_CPU_GAP_CAP_NS : gap);
+    g->mean_gap_ns += (gap - g->mean_gap_ns) / STAGE_CPU_GAP_WEIGHT;
+    return g->mean_gap_ns >= STAGE_CPU_EXACT_GAP_NS || cpu_sample_next() < rt->cpu_sample_below;
 }
 
 /* Whether the entry that `owner` closes next on `f` read the thread CPU clock at entry. */
@@ -1478,7 +1494,7 @@ static void Runtime_dealloc(RuntimeObject *self)
 {
     PyObject_GC_UnTrack(self);
     Runtime_clear(self);
-    PyMem_Free(self->stage_entry_ns);
+    PyMem_Free(self->stage_gaps);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1992,15 +2008,6 @@ static PyObject *Runtime_active_depth(RuntimeObject *self, PyObject *Py_UNUSED(i
     return PyLong_FromLong(depth);
 }
 
-/* reset_cpu_sample(): every key's next stage entry reads the thread CPU clock (a window starts). */
-static PyObject *Runtime_reset_cpu_sample(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
-{
-    for (uint32_t i = 0; i < self->stage_entry_len; i++) {
-        self->stage_entry_ns[i] = INT64_MIN / 2;
-    }
-    Py_RETURN_NONE;
-}
-
 static PyObject *Runtime_after_fork_in_child(RuntimeObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (!runtime_ready(self)) {
@@ -2188,8 +2195,6 @@ static PyMethodDef Runtime_methods[] = {
     {"set_tracing", (PyCFunction)(void (*)(void))Runtime_set_tracing, METH_FASTCALL,
      "set_tracing(var, span_key, ratio_bound, parent_based) or set_tracing(None)"},
     {"active_depth", (PyCFunction)Runtime_active_depth, METH_NOARGS, "open entries in this context"},
-    {"reset_cpu_sample", (PyCFunction)Runtime_reset_cpu_sample, METH_NOARGS,
-     "reset_cpu_sample(): every key's next stage entry reads the thread CPU clock"},
     {"after_fork_in_child", (PyCFunction)Runtime_after_fork_in_child, METH_NOARGS,
      "forget everything recorded or opened before fork()"},
     {NULL}};
