@@ -20,7 +20,7 @@ from inferscope import _pipeline
 from inferscope import windows as windows_module
 from inferscope._keys import KeyRegistry
 from inferscope._process_cpu import ProcessCpuSharer
-from inferscope._records import empty_records
+from inferscope._records import STAGE_CPU_SAMPLE_EVERY, empty_records
 from inferscope.windows import WINDOWS, Window
 
 from .conftest import HOLD_A_LOCK, run_python
@@ -75,8 +75,15 @@ def test_a_window_is_the_difference_of_two_snapshots(windows) -> None:
         assert key.errors == row_after.errors - row_before.errors
         assert key.duration.count == key.count - key.errors  # successful calls only
         assert key.version == "7"
-        assert key.cpu_seconds is not None and key.cpu_seconds > 0
-        assert key.cpu_wall_seconds > 0
+        # The CPU of the calls read in the window: all of an inference's, a sample of a busy
+        # stage's (which may hold none of a window's calls: then not known, not zero).
+        reads = row_after.cpu_sampled_count - row_before.cpu_sampled_count
+        if reads:
+            assert key.cpu_seconds == pytest.approx(row_after.cpu_seconds - row_before.cpu_seconds)
+            assert key.cpu_seconds > 0 and key.cpu_wall_seconds > 0
+        else:
+            assert key.cpu_seconds is None and key.cpu_wall_seconds == 0.0
+    assert _key(second, None).cpu_seconds > 0
     assert _key(second, None).count == 53 and _key(second, None).errors == 3
     assert _key(second, "preprocess").count == 53
     # The duration histogram is the bucket delta of the aggregates.
@@ -199,7 +206,7 @@ def test_a_busy_stage_window_keeps_how_many_calls_had_their_cpu_read(windows) ->
         after = inferscope.snapshot()
         window = windows.close()
     finally:
-        RUNTIME.cpu_sample_every = 64
+        RUNTIME.cpu_sample_every = STAGE_CPU_SAMPLE_EVERY
     assert window is not None
     for stage in ("preprocess", "infer"):
         key = _key(window, stage)
@@ -216,16 +223,52 @@ def test_a_busy_stage_window_keeps_how_many_calls_had_their_cpu_read(windows) ->
     assert inference.counters[CPU_READ_CALLS] == inference.count == 400  # every inference is read
 
 
+def test_a_window_that_read_none_of_a_busy_stage_s_calls_has_no_cpu_for_it(windows) -> None:
+    """A window that holds none of a busy stage's sampled calls does not know the stage's CPU: it
+    says None (never 0.0, which would read as a stage that stopped using the CPU), and pooling
+    leaves it out of the means."""
+    from inferscope._runtime import RUNTIME
+    from inferscope.baseline import KeyFigures
+    from inferscope.windows import CPU_READ_CALLS
+
+    try:
+        RUNTIME.cpu_sample_every = 2**31 - 1  # no stage entry is drawn at random
+        _calls(100)  # a new key is read on every entry until its rate says it is busy
+        windows.close()
+        _calls(200)
+        unread = windows.close()
+        RUNTIME.cpu_sample_every = 1  # every entry read
+        _calls(200)
+        read = windows.close()
+    finally:
+        RUNTIME.cpu_sample_every = STAGE_CPU_SAMPLE_EVERY
+    assert read is not None and unread is not None
+    key = _key(unread, "infer")
+    assert key.count == 200
+    assert key.cpu_seconds is None and key.cpu_wall_seconds == 0.0
+    assert CPU_READ_CALLS not in key.counters
+    assert KeyFigures.pool([(key, unread.seconds)]).cpu_per_call is None
+    both = KeyFigures.pool([(_key(read, "infer"), read.seconds), (key, unread.seconds)])
+    alone = KeyFigures.pool([(_key(read, "infer"), read.seconds)])
+    assert both.count == 400 and both.cpu_per_call == alone.cpu_per_call is not None
+    assert _key(unread, None).cpu_seconds > 0  # every inference is still read
+
+
 def test_windows_recorded_without_the_read_count_fall_back_to_cpu_over_wall(windows) -> None:
     """A window recorded before the read count existed (or pooled with one) gives CPU per call as
     CPU/wall over the calls read times the mean wall time, as it did then."""
     from dataclasses import replace
 
+    from inferscope._runtime import RUNTIME
     from inferscope.baseline import KeyFigures
     from inferscope.windows import CPU_READ_CALLS
 
-    _calls(100)
-    window = windows.close()
+    RUNTIME.cpu_sample_every = 1  # every entry read: the window has CPU for the stage
+    try:
+        _calls(100)
+        window = windows.close()
+    finally:
+        RUNTIME.cpu_sample_every = STAGE_CPU_SAMPLE_EVERY
     assert window is not None
     key = _key(window, "infer")
     older = replace(key, counters={k: v for k, v in key.counters.items() if k != CPU_READ_CALLS})

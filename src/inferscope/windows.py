@@ -81,7 +81,9 @@ class KeyWindow:
     duration: Histogram
     #: Wall seconds of all the window's calls, failures included, as every other sum here.
     wall_seconds: float
-    #: Calling-thread CPU seconds (counters ``default`` and above); None when not measured.
+    #: Calling-thread CPU seconds of the calls whose CPU was read (counters ``default`` and above):
+    #: all of an inference's, a sample of a busy stage's. None when not measured, and for a busy
+    #: stage whose sample held none of the window's calls.
     cpu_seconds: float | None = None
     #: Wall seconds of the calls whose CPU was measured: the denominator of CPU/wall.
     cpu_wall_seconds: float = 0.0
@@ -480,7 +482,10 @@ class WindowBuilder:
             }
             if acc.gpu_seconds is not None:
                 counters["gpu_seconds"] = acc.gpu_seconds
-            if acc.cpu_seconds is not None:
+            # A busy stage's CPU is read on a sample of its calls: a window may hold none of them,
+            # and its CPU is then not known (None), not zero.
+            cpu_seconds = acc.cpu_seconds if acc.cpu_read_calls else None
+            if cpu_seconds is not None:
                 counters[CPU_READ_CALLS] = float(acc.cpu_read_calls)
             size_sum, size_count = sizes.pop(name, (0.0, 0))
             keys.append(
@@ -492,8 +497,8 @@ class WindowBuilder:
                     errors=acc.errors,
                     duration=acc.duration,
                     wall_seconds=acc.wall_seconds,
-                    cpu_seconds=acc.cpu_seconds,
-                    cpu_wall_seconds=acc.cpu_wall_seconds,
+                    cpu_seconds=cpu_seconds,
+                    cpu_wall_seconds=acc.cpu_wall_seconds if cpu_seconds is not None else 0.0,
                     process_cpu_seconds=process_cpu.pop(name, 0.0) if acc.kind == "inference" else None,
                     counters=counters,
                     size_sum=size_sum,
