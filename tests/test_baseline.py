@@ -12,12 +12,13 @@ from inferscope.baseline import (
     BASELINE_FORMAT,
     Baseline,
     BaselineFormatError,
+    KeyFigures,
     load_baselines,
     mad_noise,
     save_baselines,
 )
 from inferscope.histogram import Histogram
-from inferscope.windows import SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
+from inferscope.windows import CPU_READ_CALLS, SCHEMA_VERSION, KeyWindow, ProcessWindow, Window
 
 
 def windows(count: int = 6, seed: int = 0) -> list[Window]:
@@ -77,6 +78,38 @@ def test_figures_pool_every_window_of_the_model():
     assert base.process.throttled_fraction == pytest.approx(0.1)
     assert base.process.canary_wall_seconds == pytest.approx(1.025e-4)
     assert base.fingerprint == "abcd" and base.environment == {"fingerprint": "abcd", "packages": {}}
+
+
+def test_a_busy_stage_s_cpu_and_off_cpu_per_call_are_at_most_the_mean_wall_time_of_all_its_calls():
+    """A sample of a busy stage's calls that caught a long pause has a mean above what every call
+    says together: a call's CPU and its time off the CPU are each at most its wall time."""
+    rng = np.random.default_rng(1)
+    walls = rng.lognormal(np.log(50e-6), 0.2, 1000)  # 1,000 calls of ~50 us
+
+    def stage(read_cpu: list[float], read_wall: list[float]) -> KeyFigures:
+        window = KeyWindow(
+            "m",
+            None,
+            "postprocess",
+            len(walls),
+            0,
+            Histogram.of(walls),
+            float(walls.sum()),
+            cpu_seconds=sum(read_cpu),
+            cpu_wall_seconds=sum(read_wall),
+            counters={CPU_READ_CALLS: float(len(read_cpu))},
+        )
+        return KeyFigures.pool([(window, 1.0)])
+
+    mean_wall = float(walls.mean())
+    typical = [float(w) for w in walls[:16]]
+    # 16 calls read, one of which ran a 10 ms garbage collection, another waited 10 ms for the GIL.
+    unlucky = stage([*typical[:14], 0.01, typical[15]], [*typical[:14], 0.01, typical[15] + 0.01])
+    assert unlucky.cpu_per_call == unlucky.off_cpu_per_call == pytest.approx(mean_wall)
+    # A sample like the calls keeps its own means, below the bound.
+    lucky = stage([0.9 * w for w in typical], typical)
+    assert lucky.cpu_per_call == pytest.approx(0.9 * sum(typical) / 16)
+    assert lucky.off_cpu_per_call == pytest.approx(0.1 * sum(typical) / 16)
 
 
 def test_environment_of_another_fingerprint_is_not_kept():

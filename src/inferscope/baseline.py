@@ -92,6 +92,19 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def _at_most_wall(per_call: float | None, wall_per_call: float | None) -> float | None:
+    """A mean over the calls read, no larger than the mean wall time of all calls.
+
+    A call's thread CPU time and its time off the CPU are each at most its wall time, so their means
+    over all calls are at most the mean wall time, which every call gives exactly. A random sample
+    of a few dozen calls that caught one long pause (a garbage collection, a long wait for the GIL)
+    can have a mean several times that: it is then surely too high, and the bound is nearer the
+    truth. Below the bound, the mean over the calls read stands."""
+    if per_call is None or wall_per_call is None:
+        return per_call
+    return min(per_call, wall_per_call)
+
+
 @dataclass(frozen=True)
 class KeyFigures:
     """The figures of one key (an inference or a stage) pooled over some windows."""
@@ -167,7 +180,7 @@ class KeyFigures:
         count is kept."""
         reads = self.counters.get(CPU_READ_CALLS)
         if reads is not None and self.cpu_seconds is not None:
-            return _ratio(self.cpu_seconds, reads)
+            return _at_most_wall(_ratio(self.cpu_seconds, reads), self.mean_seconds)
         ratio, mean = self.cpu_ratio, self.mean_seconds
         return None if ratio is None or mean is None else ratio * mean
 
@@ -180,7 +193,7 @@ class KeyFigures:
         reads = self.counters.get(CPU_READ_CALLS)
         if reads is not None and self.cpu_seconds is not None:
             off = _ratio(self.cpu_wall_seconds - self.cpu_seconds, reads)
-            return None if off is None else max(0.0, off)
+            return None if off is None else _at_most_wall(max(0.0, off), self.mean_seconds)
         ratio, mean = self.cpu_ratio, self.mean_seconds
         return None if ratio is None or mean is None else max(0.0, 1.0 - ratio) * mean
 
