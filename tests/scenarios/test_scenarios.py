@@ -98,6 +98,16 @@ def judged(
     pytest.fail("every run had a busy neighbour:\n" + "\n".join(failures))
 
 
+def named(found: list[dict[str, Any]]) -> str:
+    """What the detector named, one regression a line: an assertion's message, so that a failed
+    run says it even where only the test summary is kept."""
+    return "; ".join(
+        f"{r['cause']} {r['stage'] or '(inference)'} {r['metric']} {r['change']:+.0%}: "
+        f"{r['evidence'].get('why')}"
+        for r in found
+    )
+
+
 def opened(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The regressions that opened once the cause was injected."""
     return [r for r in result["regressions"] if r["since"] >= result["injected_unix"] - 1.5]
@@ -107,28 +117,32 @@ def test_a_steady_service_raises_nothing_but_contention_from_its_neighbours(isol
     result = run_service("control", isolated_recorder, "--inject-seconds", "15")
     # Nothing changed in the service: no cause of its own. The machine is shared, so a neighbour's
     # load may show as contention, with the figures that prove it.
-    assert {r["cause"] for r in result["regressions"]} <= {"contention"}
-    assert all(r["evidence"]["contention"] for r in result["regressions"])
+    assert {r["cause"] for r in result["regressions"]} <= {"contention"}, named(result["regressions"])
+    assert all(r["evidence"]["contention"] for r in result["regressions"]), named(result["regressions"])
 
 
 def test_cpu_hogs_beside_openblas_are_contention(isolated_recorder):
     # OpenBLAS with its default threads (one per core): they spin while they wait for a core.
     result = run_service("contention", isolated_recorder, "--blas-threads", "0", "--inject-seconds", "15")
     found = opened(result)
-    assert found and {r["cause"] for r in found} == {"contention"}
-    assert all(r["evidence"]["contention"] for r in found)
+    assert found and {r["cause"] for r in found} == {"contention"}, named(result["regressions"])
+    assert all(r["evidence"]["contention"] for r in found), named(found)
     # The OpenBLAS stage is never blamed for work of its own, whenever its rise began.
-    assert {r["cause"] for r in result["regressions"] if r["stage"] == "infer"} <= {"contention"}
+    infer = [r for r in result["regressions"] if r["stage"] == "infer"]
+    assert {r["cause"] for r in infer} <= {"contention"}, named(infer)
 
 
 def test_a_slower_library_path_is_more_work_in_infer(isolated_recorder):
     found = opened(run_service("slower_library", isolated_recorder))
     # CPU per call is the figure that preemption cannot move: it says the stage does more work.
-    (cpu,) = [r for r in found if r["stage"] == "infer" and r["metric"] == "cpu"]
-    assert cpu["cause"] == "more_work" and cpu["change"] > 0.5
+    cpus = [r for r in found if r["stage"] == "infer" and r["metric"] == "cpu"]
+    assert len(cpus) == 1, named(found)
+    assert cpus[0]["cause"] == "more_work" and cpus[0]["change"] > 0.5, named(found)
     # The other stages did no more work: any rise of theirs (preempted by infer's extra CPU on a
     # loaded machine) must not be blamed on their code.
-    assert not [r for r in found if r["stage"] not in ("infer", None) and r["cause"] == "more_work"]
+    assert not [r for r in found if r["stage"] not in ("infer", None) and r["cause"] == "more_work"], named(
+        found
+    )
 
 
 #: A rise under this is one of the small effects that belong to benchmarks/detector.py: the
@@ -165,18 +179,18 @@ def test_larger_inputs_are_data_growth(isolated_recorder):
     grown = [r for r in found if r["cause"] == "data_growth"]
     # The rows went from 16 to 64: a regression whose span began before the change pooled both
     # sizes, so it is the largest growth that shows the 4x.
-    assert (
-        grown
-        and max(r["evidence"]["size_per_call"][1] / r["evidence"]["size_per_call"][0] for r in grown) >= 3
+    assert grown, named(found)
+    assert max(r["evidence"]["size_per_call"][1] / r["evidence"]["size_per_call"][0] for r in grown) >= 3, (
+        named(grown)
     )
     # Larger inputs are no more work per item anywhere (a neighbour's load may show as contention).
-    assert {r["cause"] for r in found} <= {"data_growth", "contention"}
+    assert {r["cause"] for r in found} <= {"data_growth", "contention"}, named(found)
 
 
 def test_a_leak_is_memory_growth_charged_to_postprocess(isolated_recorder):
     found = run_service("leak", isolated_recorder)["regressions"]
     memory = {r["metric"]: r for r in found if r["cause"] == "memory_growth"}
-    assert {"rss", "py_heap"} <= set(memory)
+    assert {"rss", "py_heap"} <= set(memory), named(found)
     assert memory["rss"]["stage"] is None
     assert memory["py_heap"]["stage"] == "postprocess"
     assert memory["rss"]["evidence"]["slope_mb_per_hour"] > 1000
