@@ -252,6 +252,7 @@ def test_one_scrape_counts_every_call_of_every_worker(
     durations_ms = [seeded_random.uniform(2.0, 25.0) for _ in range(calls_total)]
     calls = Calls()
     scraped_during: list[float] = []
+    scrape_lock = threading.Lock()
     killed: dict[str, int] = {}
 
     def one(index: int) -> None:
@@ -265,9 +266,12 @@ def test_one_scrape_counts_every_call_of_every_worker(
             calls.inner.append(answer[2])
             done = len(calls.pids)
         if done % (calls_total // 6) == 0:
-            scrape = _scrape(server.metrics_url)
-            if scrape is not None:
-                scraped_during.append(scrape.count)
+            # One scrape at a time, kept in the order taken: two threads that scrape at once could
+            # otherwise keep the later count first.
+            with scrape_lock:
+                scrape = _scrape(server.metrics_url)
+                if scrape is not None:
+                    scraped_during.append(scrape.count)
         if done == calls_total // 2 and not killed:
             # A worker that is serving calls right now: what it published so far stays counted.
             victim = next(pid for pid in reversed(calls.pids) if pid in server.workers())
