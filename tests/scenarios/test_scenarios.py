@@ -125,12 +125,21 @@ def test_a_steady_service_raises_no_cause_of_its_own(isolated_recorder):
     # load may show as contention, with the figures that prove it.
     contention = [r for r in found if r["cause"] == "contention"]
     assert all(r["evidence"]["contention"] for r in contention), named(contention)
+
     # These VMs also drift in speed with no sign the canary or the kernel's counters show (an OTel
     # histogram.record took 6.5 us in one minute and 11.5 us in the next here): the same code
     # then costs more CPU per call, which is more work as far as any figure can tell. Such a drift
-    # stays under the scenarios' material change; a cause of the service's own never appears.
-    drift = [r for r in found if r["cause"] == "more_work" and r["change"] < MATERIAL_CHANGE]
-    assert len(contention) + len(drift) == len(found), named(found)
+    # stays under the scenarios' material change in the calling thread's own CPU per call. (The
+    # process CPU per inference, the inference's "cpu" figure, has also risen by more in a control
+    # run with that thread's CPU flat: other threads' CPU shared out to the inferences; see
+    # docs/regressions.md.)
+    def drift(r: dict[str, Any]) -> bool:
+        then, now = r["evidence"]["cpu_per_call_ms"]
+        return r["cause"] == "more_work" and (
+            r["change"] < MATERIAL_CHANGE or (then and now and now < (1 + MATERIAL_CHANGE) * then)
+        )
+
+    assert all(r in contention or drift(r) for r in found), named(found)
 
 
 def test_cpu_hogs_beside_openblas_are_contention(isolated_recorder):
