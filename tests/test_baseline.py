@@ -112,6 +112,26 @@ def test_a_busy_stage_s_cpu_and_off_cpu_per_call_are_at_most_the_mean_wall_time_
     assert lucky.off_cpu_per_call == pytest.approx(0.1 * sum(typical) / 16)
 
 
+def test_process_cpu_per_inference_leaves_out_windows_not_yet_given_any():
+    """The process CPU of an interval reaches the inferences a second late: the first window after
+    a start is given none although its calls ran. It must not count as calls that cost nothing."""
+
+    def inference(calls: int, process_cpu: float | None) -> KeyWindow:
+        walls = np.full(calls, 1e-3)
+        total = float(walls.sum())
+        return KeyWindow("m", None, None, calls, 0, Histogram.of(walls), total, total, total, process_cpu)
+
+    first, later = inference(100, 0.0), inference(300, 0.3)
+    assert KeyFigures.pool([(first, 1.0)]).process_cpu_per_call is None
+    pooled = KeyFigures.pool([(first, 1.0), (later, 1.0)])
+    assert pooled.count == 400 and pooled.process_cpu_calls == 300
+    assert pooled.process_cpu_per_call == pytest.approx(1e-3)  # not 0.3 s / 400 calls
+    # Windows without the figure at all (stages, older records) are left out the same way.
+    assert KeyFigures.pool([(inference(50, None), 1.0), (later, 1.0)]).process_cpu_per_call == pytest.approx(
+        1e-3
+    )
+
+
 def test_environment_of_another_fingerprint_is_not_kept():
     base = Baseline.from_windows("fraud", windows(), environment={"fingerprint": "other"})
     assert base.environment is None

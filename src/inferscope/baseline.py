@@ -120,12 +120,14 @@ class KeyFigures:
     counters: Mapping[str, float]
     size_sum: float
     size_count: int
+    #: The calls of the windows that were given process CPU (see ``process_cpu_per_call``).
+    process_cpu_calls: int = 0
 
     @classmethod
     def pool(cls, windows: Iterable[tuple[KeyWindow, float]]) -> KeyFigures:
         """Pool (key window, window length in seconds) pairs of one key."""
         hist = Histogram.empty()
-        count = errors = size_count = 0
+        count = errors = size_count = process_cpu_calls = 0
         seconds = wall = cpu_wall = size_sum = 0.0
         cpu: float | None = None
         process_cpu: float | None = None
@@ -140,8 +142,9 @@ class KeyFigures:
             if kw.cpu_seconds is not None:
                 cpu = (cpu or 0.0) + kw.cpu_seconds
                 cpu_wall += kw.cpu_wall_seconds
-            if kw.process_cpu_seconds is not None:
+            if kw.process_cpu_seconds:  # 0.0: its intervals were not shared out yet (see below)
                 process_cpu = (process_cpu or 0.0) + kw.process_cpu_seconds
+                process_cpu_calls += kw.count
             for name, value in kw.counters.items():
                 counters[name] = counters.get(name, 0.0) + float(value)
             if kw.cpu_seconds is not None and CPU_READ_CALLS not in kw.counters:
@@ -151,7 +154,18 @@ class KeyFigures:
         if unread_count:
             counters.pop(CPU_READ_CALLS, None)  # a window without the count: no mean over reads
         return cls(
-            count, errors, seconds, hist, wall, cpu, cpu_wall, process_cpu, counters, size_sum, size_count
+            count,
+            errors,
+            seconds,
+            hist,
+            wall,
+            cpu,
+            cpu_wall,
+            process_cpu,
+            counters,
+            size_sum,
+            size_count,
+            process_cpu_calls,
         )
 
     def quantile(self, q: float) -> float | None:
@@ -199,8 +213,11 @@ class KeyFigures:
 
     @property
     def process_cpu_per_call(self) -> float | None:
-        """Process CPU seconds per inference, helper threads included."""
-        return _ratio(self.process_cpu_seconds, self.count)
+        """Process CPU seconds per inference, helper threads included: over the windows that were
+        given process CPU. An interval's CPU is shared out to the inferences a second after it ends
+        (docs/regressions.md), so the first window after a start is given none while its
+        inferences ran: counted as 0, it made every baseline that holds it too low."""
+        return _ratio(self.process_cpu_seconds, self.process_cpu_calls)
 
     def counter_per_call(self, name: str) -> float | None:
         """A counter's sum per call, None when it was not read."""

@@ -130,9 +130,8 @@ def test_a_steady_service_raises_no_cause_of_its_own(isolated_recorder):
     # histogram.record took 6.5 us in one minute and 11.5 us in the next here): the same code
     # then costs more CPU per call, which is more work as far as any figure can tell. Such a drift
     # stays under the scenarios' material change in the calling thread's own CPU per call. (The
-    # process CPU per inference, the inference's "cpu" figure, has also risen by more in a control
-    # run with that thread's CPU flat: other threads' CPU shared out to the inferences; see
-    # docs/regressions.md.)
+    # inference's "cpu" figure is the process CPU per inference, which also holds the caller's work
+    # between calls: it moves more from window to window than the calling thread's.)
     def drift(r: dict[str, Any]) -> bool:
         then, now = r["evidence"]["cpu_per_call_ms"]
         return r["cause"] == "more_work" and (
