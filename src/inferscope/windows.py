@@ -498,7 +498,7 @@ class WindowBuilder:
                     duration=acc.duration,
                     wall_seconds=acc.wall_seconds,
                     cpu_seconds=cpu_seconds,
-                    cpu_wall_seconds=acc.cpu_wall_seconds if cpu_seconds is not None else 0.0,
+                    cpu_wall_seconds=acc.cpu_wall_seconds,  # 0.0 when no call was read
                     process_cpu_seconds=process_cpu.pop(name, 0.0) if acc.kind == "inference" else None,
                     counters=counters,
                     size_sum=size_sum,

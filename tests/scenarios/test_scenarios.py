@@ -44,9 +44,7 @@ def run_service(
     assert result["errors"] == 0
     print(f"\n{cause}: {result['windows']} windows")
     for r in result["regressions"]:
-        where = r["stage"] or "(inference)"
-        why = r["evidence"].get("why")
-        print(f"  {r['cause']:<18} {where:<12} {r['metric']:<8} {r['change']:+.0%} {r['shape']}: {why}")
+        print("  " + said(r))
         if os.environ.get("INFERSCOPE_SCENARIO_EVIDENCE"):
             print("    " + json.dumps({k: v for k, v in r["evidence"].items() if k != "candidates"}))
     return result
@@ -98,14 +96,16 @@ def judged(
     pytest.fail("every run had a busy neighbour:\n" + "\n".join(failures))
 
 
+def said(r: dict[str, Any]) -> str:
+    """One regression as the detector named it: cause, key, metric, change, shape and why."""
+    where, why = r["stage"] or "(inference)", r["evidence"].get("why")
+    return f"{r['cause']:<18} {where:<12} {r['metric']:<8} {r['change']:+.0%} {r['shape']}: {why}"
+
+
 def named(found: list[dict[str, Any]]) -> str:
-    """What the detector named, one regression a line: an assertion's message, so that a failed
-    run says it even where only the test summary is kept."""
-    return "; ".join(
-        f"{r['cause']} {r['stage'] or '(inference)'} {r['metric']} {r['change']:+.0%}: "
-        f"{r['evidence'].get('why')}"
-        for r in found
-    )
+    """What the detector named, as an assertion's message, so that a failed run says it even where
+    only the test summary is kept."""
+    return "; ".join(" ".join(said(r).split()) for r in found)
 
 
 def opened(result: dict[str, Any]) -> list[dict[str, Any]]:
