@@ -24,7 +24,11 @@ raw_env = ["INFERSCOPE_MULTIPROCESS=true"]
 
 
 def when_ready(server):
-    """In the master, once it listens: serve every worker's metrics, merged, on one port."""
+    """In the master, once it listens: serve every worker's metrics, merged, on one port.
+
+    The master exports no OTLP itself: a worker forked while it had an OTLP/gRPC export in flight
+    could not use gRPC (docs/deploy.md). The workers export their own, from the environment.
+    """
     import inferscope
 
     inferscope.configure(

@@ -157,15 +157,18 @@ def test_a_baseline_of_another_machine_is_compared_on_cpu_per_item_over_the_cana
     # The same code on a machine 1.6 times slower: the canary slows as much as the calls. (These
     # are the baseline's own timings, scaled: two real runs of 0.3 s can differ by more than the
     # tolerance on a loaded machine, and it is the normalisation that is under test here.)
+    # The tolerance (+50%) is under the machine's +60%, so only the canary's correction passes it,
+    # and far above the noise of one run's rounds: the interval of the same run, scaled, reached
+    # [-24%, +31%] on a loaded CI machine.
     elsewhere = scaled(base, 1.6, 1.6, fingerprint="production")
-    verdict = compare(elsewhere, stored(base), max_increase=0.25)
+    verdict = compare(elsewhere, stored(base), max_increase=0.5)
     assert verdict.cross_machine and verdict.canary_corrected
     assert verdict.metric == "cpu_per_item"
     assert verdict.outcome == PASS, verdict.message
     assert "another environment" in verdict.message and "CPU per item" in verdict.message
-    # Twice the work there, on that slower machine: still a regression.
-    slower = scaled(timed_run(2), 1.6, 1.6, fingerprint="production")
-    assert compare(slower, stored(base), max_increase=0.25).outcome == REGRESSION
+    # Four times the work there, on that slower machine: still a regression.
+    slower = scaled(timed_run(4), 1.6, 1.6, fingerprint="production")
+    assert compare(slower, stored(base), max_increase=0.5).outcome == REGRESSION
 
 
 def _under_pressure(run: BenchRun, pressure: float) -> BenchRun:

@@ -190,6 +190,93 @@ def test_children_forked_under_recording_threads_all_run(backend, exporter, trac
     assert out == {"hung": 0, "failed": 0, "codes": []}, stderr[-3000:]
 
 
+GRPC_FORK = """
+from inferscope import _pipeline
+from inferscope.export.grpc_fork import GRPC_CALLS
+inferscope.configure(
+    otlp_endpoint=f"http://127.0.0.1:{port}", otlp_protocol="grpc", trace_sampler="always_on",
+    export_interval_millis=3_600_000, export_timeout_millis=30_000, shutdown_timeout_millis=2000,
+)
+
+def state(exports=None, queues=None):
+    exports = exports or _pipeline._exports
+    queues = queues if queues is not None else exports.traces.queues if exports.traces else []
+    return dict(
+        usable=GRPC_CALLS.usable,
+        metrics=[type(w.delegate).__name__ for w in exports.own_wrappers],
+        spans=[type(q.exporter).__name__ for q in queues],
+        failed_exports=sum(w.failed_exports for w in exports.own_wrappers),
+        spans_failed=sum(q.failed for q in queues),
+    )
+
+def fork(body):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            report = body()
+        except BaseException as exc:
+            report = dict(error=repr(exc))
+        os.write(write, json.dumps(report).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        report = json.loads(pipe.read() or "{{}}")
+    _, status = os.waitpid(pid, 0)
+    report["code"] = os.waitstatus_to_exitcode(status)
+    return report
+
+def exported_in_child():
+    for _ in range(3):
+        predict()
+    exports = _pipeline._exports
+    queues = list(exports.traces.queues)
+    inferscope.shutdown(timeout_millis=5000)  # one last export of each signal: both fail
+    return state(exports, queues)
+
+# Nothing in flight (no span yet, no export due for an hour): the child's gRPC is usable.
+idle = fork(state)
+# An export in flight to a collector that never answers: the fork cannot wait it out.
+threading.Thread(
+    target=_pipeline._exports.meter_provider.force_flush, kwargs=dict(timeout_millis=30_000), daemon=True
+).start()
+deadline = time.monotonic() + 30
+while GRPC_CALLS.active == 0 and time.monotonic() < deadline:
+    time.sleep(0.01)
+in_flight = GRPC_CALLS.active
+busy = fork(exported_in_child)
+# Its own children inherit a gRPC that cannot be used.
+grandchild = fork(lambda: fork(state))
+result(idle=idle, in_flight=in_flight, busy=busy, grandchild=grandchild, parent=state())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("backend", BACKEND_ENVS)
+def test_a_child_forked_during_a_grpc_export_never_uses_grpc_and_counts_what_it_drops(
+    backend, silent_collector
+) -> None:
+    out, stderr = scenario(GRPC_FORK.format(port=silent_collector), env=backend, timeout=300)
+    gated = {"usable": True, "metrics": ["OTLPMetricExporter"], "spans": ["OTLPSpanExporter"]}
+    assert out["idle"] == {**gated, "failed_exports": 0, "spans_failed": 0, "code": 0}, stderr[-3000:]
+    assert out["in_flight"] == 1
+    # The child made no channel: every export failed, and was counted.
+    busy = out["busy"]
+    assert busy["usable"] is False and busy["code"] == 0, (busy, stderr[-3000:])
+    assert busy["metrics"] == ["UnusableMetricExporter"] and busy["spans"] == ["UnusableSpanExporter"]
+    assert busy["failed_exports"] >= 1 and busy["spans_failed"] >= 3, busy
+    grandchild = out["grandchild"]
+    assert grandchild["code"] == 0 and grandchild["usable"] is False
+    assert grandchild["metrics"] == ["UnusableMetricExporter"]
+    # The parent's gRPC carries on.
+    assert {k: out["parent"][k] for k in gated} == gated
+    # One line in each process that cannot use gRPC says why, and what to do; the others say nothing.
+    assert stderr.count("was forked while an OTLP/gRPC export was in flight") == 3, stderr[-3000:]
+    assert "post_fork" in stderr and "http/protobuf" in stderr
+
+
 # --- 2. one shutdown budget, a dead collector ------------------------------------------------------
 
 DEAD_COLLECTOR = """

@@ -32,11 +32,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 __all__ = [
+    "GRPC_RECONNECT",
     "PRIVATE_ATTRIBUTES",
     "SPAN_KEY",
     "RuntimeContextBase",
     "active_span_processor",
     "exporter_preferences",
+    "gate_grpc_exporter",
     "missing_attributes",
     "provider_readers",
     "provider_resource",
@@ -67,6 +69,13 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str, str], ...] = (
     ("MetricExporter", "_preferred_aggregation", "the same"),
     ("TracerProvider", "_active_span_processor", "sending inferscope's spans through the app's processors"),
     ("SynchronousMultiSpanProcessor", "_span_processors", "telling an SDK with no span exporter"),
+    ("OTLP gRPC exporter", "_client", "holding OTLP/gRPC exports off while the process forks"),
+    ("OTLP gRPC exporter", "_channel", "the same"),
+    (
+        "OTLP gRPC exporter",
+        "_initialize_channel_and_stub",
+        "the same, for the channel made after UNAVAILABLE",
+    ),
     ("opentelemetry.context", "_RUNTIME_CONTEXT", "linking entries to the current span on the hot path"),
     ("ContextVarsRuntimeContext", "_current_context", "the ContextVar the hot path reads"),
 )
@@ -166,6 +175,20 @@ def exporter_preferences(exporter: Any) -> tuple[dict[type, Any] | None, dict[ty
     )
 
 
+#: The method of an OTLP gRPC exporter that makes its channel and stub again (after UNAVAILABLE).
+GRPC_RECONNECT = "_initialize_channel_and_stub"
+
+
+def gate_grpc_exporter(exporter: Any, wrap: Callable[[Any], Any]) -> None:
+    """Replace the gRPC channel and stub of an OTLP gRPC exporter with ``wrap(each)``."""
+    for name in ("_client", "_channel"):
+        target = getattr(exporter, name, None)
+        if target is None:
+            warn_once("holding OTLP/gRPC exports off while the process forks", name)
+            continue
+        setattr(exporter, name, wrap(target))
+
+
 # --- traces ----------------------------------------------------------------------------------------
 
 
@@ -207,6 +230,7 @@ def missing_attributes() -> list[str]:
     """The private attributes above that the installed OpenTelemetry no longer has, as
     ``"Owner.attribute"``; empty on a supported SDK. Builds throwaway SDK objects, off the hot path."""
     from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics.export import (
         ConsoleMetricExporter,
         InMemoryMetricReader,
@@ -215,6 +239,7 @@ def missing_attributes() -> list[str]:
     from opentelemetry.sdk.trace import TracerProvider
 
     exporter = ConsoleMetricExporter()
+    grpc_exporter = OTLPMetricExporter(endpoint="http://127.0.0.1:4317", insecure=True)
     push = PeriodicExportingMetricReader(exporter, export_interval_millis=float("inf"))
     pull = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[push, pull], shutdown_on_exit=False)
@@ -230,6 +255,7 @@ def missing_attributes() -> list[str]:
             "SynchronousMultiSpanProcessor": getattr(tracer_provider, "_active_span_processor", None),
             "opentelemetry.context": _otel_context,
             "ContextVarsRuntimeContext": ContextVarsRuntimeContext(),
+            "OTLP gRPC exporter": grpc_exporter,
         }
         missing = [
             f"{owner}.{attribute}"
@@ -247,3 +273,4 @@ def missing_attributes() -> list[str]:
     finally:
         provider.shutdown()
         tracer_provider.shutdown()
+        grpc_exporter.shutdown()

@@ -54,6 +54,7 @@ from .config import TRACE_SAMPLERS, ConfigError, Settings, load_settings
 from .counters import counter_metrics
 from .counters.cuda import DEVICE_TIMER, install_cuda_reader
 from .detector import install as install_detector
+from .export.grpc_fork import GRPC_CALLS, UnusableMetricExporter, UnusableSpanExporter, gated
 from .export.multiworker import PUBLISHER, merged_collector
 from .export.prometheus import PrometheusCollector, PrometheusServer, start_prometheus_server
 from .export.sdk import (
@@ -898,11 +899,13 @@ def _make_exporter(name: str, settings: Settings) -> MetricExporter:
             endpoint = endpoint.rstrip("/") + "/v1/metrics"
         exporter: MetricExporter = _quiet(HttpExporter)(endpoint=endpoint, timeout=timeout_s)
         return exporter
+    if not GRPC_CALLS.usable:
+        return UnusableMetricExporter()  # forked while a gRPC call was in flight (export/grpc_fork.py)
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
     endpoint = settings.otlp_endpoint
     insecure = None if endpoint is None else endpoint.startswith("http://")
-    exporter = _quiet(GrpcExporter)(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
+    exporter = _quiet(gated(GrpcExporter))(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
     return exporter
 
 
@@ -920,10 +923,12 @@ def _make_span_exporter(name: str, settings: Settings) -> Any:
         if endpoint is not None and not endpoint.rstrip("/").endswith("/v1/traces"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
         return _quiet(HttpExporter)(endpoint=endpoint, timeout=timeout_s)
+    if not GRPC_CALLS.usable:
+        return UnusableSpanExporter()  # forked while a gRPC call was in flight (export/grpc_fork.py)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
     insecure = None if endpoint is None else endpoint.startswith("http://")
-    return _quiet(GrpcExporter)(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
+    return _quiet(gated(GrpcExporter))(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
 
 
 def _trace_policy(settings: Settings) -> TracePolicy:
@@ -947,6 +952,8 @@ _providers_with_system_metrics: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.RLock()
 _settings: Settings | None = None
 _exports: Exports | None = None
+#: The pipelines of the processes this one was forked from: used no more, and never freed here.
+_inherited_exports: list[Exports] = []
 #: Settings read from the environment at import, applied on the first key (the first tracked
 #: function or stage) or the first read: importing inferscope starts no thread.
 _deferred: Settings | None = None
@@ -1122,6 +1129,8 @@ def _after_fork_in_child() -> None:
         resource = None
         if exports is not None:
             exports.detach_after_fork()
+            # Kept: freeing the parent's gRPC channels would call into gRPC (export/grpc_fork.py).
+            _inherited_exports.append(exports)
             resource = exports.resource.merge(
                 Resource({"process.pid": os.getpid(), "service.instance.id": str(uuid.uuid4())})
             )
