@@ -614,3 +614,18 @@ def test_a_newer_schema_is_not_written_to(tmp_path) -> None:
     assert not recorder.save_window(_window(time.time()))
     assert sum(recorder.failures.values()) == 1
     recorder.close()
+
+
+def test_an_io_error_is_named_counted_and_tried_again_on_the_next_write(tmp_path, caplog) -> None:
+    # A disk that answers EIO cannot be made here: the error is SQLite's, as it raises one.
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorname = "SQLITE_IOERR_SHORT_READ"  # type: ignore[attr-defined]
+    recorder = FlightRecorder(tmp_path / "r.sqlite", retry_seconds=3600.0)
+    with caplog.at_level(logging.WARNING, logger="inferscope"), recorder._lock:
+        recorder._failed(error, "writing")
+    assert recorder.failures == {"io_error": 1}
+    assert "disk I/O error [SQLITE_IOERR_SHORT_READ]" in caplog.text
+    assert "tried again on the next write" in caplog.text
+    # Not left alone for retry_seconds: the next window is written.
+    assert recorder.save_window(_window(time.time()))
+    assert [w.window.count for w in recorder.key_windows("fraud", stage=None)] == [11]

@@ -265,6 +265,8 @@ def _failure_kind(error: BaseException) -> str:
         return "read_only"
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text or "busy" in text:
         return "locked"
+    if name.startswith("SQLITE_IOERR") or "disk i/o error" in text:
+        return "io_error"
     if (
         name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
         or "malformed" in text
@@ -272,6 +274,12 @@ def _failure_kind(error: BaseException) -> str:
     ):
         return "corrupt"
     return "other"
+
+
+def _described(error: BaseException) -> str:
+    """The error, with SQLite's extended code where it gives one (``disk I/O error`` says no more)."""
+    name = getattr(error, "sqlite_errorname", None)
+    return f"{error} [{name}]" if name else str(error)
 
 
 def _name(value: str | None) -> str:
@@ -422,11 +430,14 @@ class FlightRecorder:
         # Caller holds the lock.
         kind = _failure_kind(error)
         self.failures[kind] = self.failures.get(kind, 0) + 1
-        # A file that another writer held past the wait is free again soon: the next use tries it.
-        # Any other failure (a full disk, a read-only directory...) waits retry_seconds.
-        transient = kind == "locked"
+        # A file that another writer held past the wait is free again soon, and an I/O error may
+        # be a moment's (one was met once, by a forked child beside its parent's writes): the next
+        # use tries it. Any other failure (a full disk, a read-only directory...) waits retry_seconds.
+        transient = kind in ("locked", "io_error")
         self._retry_at = 0.0 if transient else time.monotonic() + self.retry_seconds
-        if transient:
+        if kind == "io_error":
+            then = "the file is tried again on the next write"
+        elif transient:
             then = "another process held it past the wait, and the file is tried again on the next write"
         elif kind == "fork":
             then = "windows are kept in memory only in this process"
@@ -444,7 +455,7 @@ class FlightRecorder:
                 self.path,
                 kind.replace("_", " "),
                 doing,
-                error,
+                _described(error),
                 then,
                 kind,
             )
