@@ -259,21 +259,22 @@ def test_a_child_forked_during_a_grpc_export_never_uses_grpc_and_counts_what_it_
     backend, silent_collector
 ) -> None:
     out, stderr = scenario(GRPC_FORK.format(port=silent_collector), env=backend, timeout=300)
+    said = f"{out}\n{stderr[-3000:]}"  # a string, so that pytest prints it whole
     gated = {"usable": True, "metrics": ["OTLPMetricExporter"], "spans": ["OTLPSpanExporter"]}
-    assert out["idle"] == {**gated, "failed_exports": 0, "spans_failed": 0, "code": 0}, stderr[-3000:]
-    assert out["in_flight"] == 1
+    assert out["idle"] == {**gated, "failed_exports": 0, "spans_failed": 0, "code": 0}, said
+    assert out["in_flight"] == 1, said
     # The child made no channel: every export failed, and was counted.
     busy = out["busy"]
-    assert busy["usable"] is False and busy["code"] == 0, (busy, stderr[-3000:])
-    assert busy["metrics"] == ["UnusableMetricExporter"] and busy["spans"] == ["UnusableSpanExporter"]
-    assert busy["failed_exports"] >= 1 and busy["spans_failed"] >= 3, busy
+    assert busy["usable"] is False and busy["code"] == 0, said
+    assert busy["metrics"] == ["UnusableMetricExporter"] and busy["spans"] == ["UnusableSpanExporter"], said
+    assert busy["failed_exports"] >= 1 and busy["spans_failed"] >= 3, said
     grandchild = out["grandchild"]
-    assert grandchild["code"] == 0 and grandchild["usable"] is False
-    assert grandchild["metrics"] == ["UnusableMetricExporter"]
+    assert grandchild["code"] == 0 and grandchild["usable"] is False, said
+    assert grandchild["metrics"] == ["UnusableMetricExporter"], said
     # The parent's gRPC carries on.
-    assert {k: out["parent"][k] for k in gated} == gated
+    assert {k: out["parent"][k] for k in gated} == gated, said
     # One line in each process that cannot use gRPC says why, and what to do; the others say nothing.
-    assert stderr.count("was forked while an OTLP/gRPC export was in flight") == 3, stderr[-3000:]
+    assert stderr.count("was forked while an OTLP/gRPC export was in flight") == 3, said
     assert "post_fork" in stderr and "http/protobuf" in stderr
 
 
