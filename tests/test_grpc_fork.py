@@ -41,6 +41,28 @@ def test_a_raising_call_is_counted_out() -> None:
     assert calls.active == 0
 
 
+def test_a_call_that_starts_while_the_process_forks_waits_until_the_fork_is_done() -> None:
+    calls = GrpcCalls(call_wait_s=3600.0)  # no give-up while the test looks
+    calls.before_fork()  # what os.fork() runs first: nothing in flight, so it returns at once
+    entered = threading.Event()
+
+    def export() -> None:
+        with calls.call():
+            entered.set()
+
+    thread = threading.Thread(target=export)
+    thread.start()
+    try:
+        # A gate that let it in would set this at once; a slow machine could only delay it.
+        assert not entered.wait(0.3)
+        assert calls.active == 0
+    finally:
+        calls.after_fork_in_parent()
+    assert entered.wait(30)
+    thread.join(30)
+    assert calls.active == 0
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_child_forked_while_a_call_is_in_flight_marks_grpc_unusable() -> None:

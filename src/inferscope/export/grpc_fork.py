@@ -70,7 +70,9 @@ class GrpcCalls:
     the process forks. Reentrant: a call made inside another (the exporter's constructor makes its
     channel) counts once."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fork_wait_s: float = FORK_WAIT_S, call_wait_s: float = CALL_WAIT_S) -> None:
+        self.fork_wait_s = fork_wait_s
+        self.call_wait_s = call_wait_s
         self._cond = threading.Condition(threading.Lock())
         self._depth = threading.local()
         self._active = 0
@@ -90,7 +92,7 @@ class GrpcCalls:
         if depth == 0:
             with self._cond:
                 if self._forking:
-                    self._cond.wait_for(lambda: not self._forking, CALL_WAIT_S)
+                    self._cond.wait_for(lambda: not self._forking, self.call_wait_s)
                 self._active += 1
         self._depth.value = depth + 1
         try:
@@ -107,7 +109,7 @@ class GrpcCalls:
             self._forking = True
             # A fork from inside a call (the forking thread's own) cannot wait for that one.
             own = 1 if getattr(self._depth, "value", 0) else 0
-            self._cond.wait_for(lambda: self._active <= own, FORK_WAIT_S)
+            self._cond.wait_for(lambda: self._active <= own, self.fork_wait_s)
             self._active_at_fork = self._active - own
 
     def after_fork_in_parent(self) -> None:
