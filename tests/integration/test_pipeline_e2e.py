@@ -119,6 +119,63 @@ def test_otlp_http_configured_in_code(rotel: Rotel):
     assert all(p.explicit_bounds == [0.0005, 0.002, 0.01] for p in explicit)
 
 
+FORKED_WORKERS = """
+import os, threading, time, inferscope
+
+@inferscope.track_inference(model=MODEL + "-parent")
+def parent_call():
+    time.sleep(0.0005)
+
+stop = threading.Event()
+def serve():
+    while not stop.is_set():
+        parent_call()
+# The parent exports over gRPC every 100 ms while it forks, so its calls are often in flight.
+thread = threading.Thread(target=serve)
+thread.start()
+time.sleep(0.5)
+codes = []
+for worker in range(3):
+    pid = os.fork()
+    if pid == 0:
+        MODEL = f"{MODEL}-worker{worker}"
+        exec(SERVICE)
+        inferscope.shutdown()  # the worker's own channel flushes its points
+        os._exit(0)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+stop.set()
+thread.join()
+print(codes)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_forked_workers_export_over_grpc_on_channels_of_their_own(rotel: Rotel):
+    # A pre-fork server whose master exports over gRPC: each worker makes its own channel after
+    # fork(); gRPC's fork handlers ran, since fork() waited for the master's exports in flight.
+    model = f"forked-{uuid.uuid4().hex[:8]}"
+    result = run_service(
+        f"MODEL = {model!r}\nSERVICE = {SERVICE!r}\n" + FORKED_WORKERS,
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{rotel.grpc_endpoint}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_SERVICE_NAME": "e2e-forked",
+            "OTEL_METRIC_EXPORT_INTERVAL": "100",
+        },
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[0, 0, 0]", result.stderr
+    assert "was forked while an OTLP/gRPC export was in flight" not in result.stderr
+    pids = set()
+    for worker in range(3):
+        _assert_service_points(rotel, f"{model}-worker{worker}", "e2e-forked")
+        pids |= {
+            p.resource.get("process.pid")
+            for p in rotel.points()
+            if p.attributes.get("inferscope.model.name") == f"{model}-worker{worker}"
+        }
+    assert len(pids) == 3  # one process each
+
+
 def test_down_backend_never_blocks_the_service_for_long_or_raises():
     started = time.monotonic()
     result = run_service(
