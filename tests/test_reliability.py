@@ -195,7 +195,7 @@ from inferscope import _pipeline
 from inferscope.export.grpc_fork import GRPC_CALLS
 inferscope.configure(
     otlp_endpoint=f"http://127.0.0.1:{port}", otlp_protocol="grpc", trace_sampler="always_on",
-    export_interval_millis=3_600_000, export_timeout_millis=30_000, shutdown_timeout_millis=2000,
+    export_interval_millis=3_600_000, export_timeout_millis=120_000, shutdown_timeout_millis=2000,
 )
 
 def state(exports=None, queues=None):
@@ -232,14 +232,16 @@ def exported_in_child():
         predict()
     exports = _pipeline._exports
     queues = list(exports.traces.queues)
-    inferscope.shutdown(timeout_millis=5000)  # one last export of each signal: both fail
+    # One last export of each signal: both fail at once (a budget ample on a loaded machine).
+    inferscope.shutdown(timeout_millis=60_000)
     return state(exports, queues)
 
 # Nothing in flight (no span yet, no export due for an hour): the child's gRPC is usable.
 idle = fork(state)
-# An export in flight to a collector that never answers: the fork cannot wait it out.
+# An export in flight to a collector that never answers (for 120 s, longer than this script):
+# the fork cannot wait it out.
 threading.Thread(
-    target=_pipeline._exports.meter_provider.force_flush, kwargs=dict(timeout_millis=30_000), daemon=True
+    target=_pipeline._exports.meter_provider.force_flush, kwargs=dict(timeout_millis=120_000), daemon=True
 ).start()
 deadline = time.monotonic() + 30
 while GRPC_CALLS.active == 0 and time.monotonic() < deadline:
