@@ -121,6 +121,11 @@ def test_otlp_http_configured_in_code(rotel: Rotel):
 
 FORKED_WORKERS = """
 import os, threading, time, inferscope
+from inferscope.export.grpc_fork import GRPC_CALLS
+
+# Under test: the workers' own channels. How long a fork waits for an export in flight (0.5 s) is
+# not, and a loaded machine could stretch an export past it: each fork waits for the export out.
+GRPC_CALLS.fork_wait_s = 60.0
 
 @inferscope.track_inference(model=MODEL + "-parent")
 def parent_call():
